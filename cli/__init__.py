@@ -1,0 +1,1 @@
+"""The `expert-hub` command line: thin Typer commands over the `expert_hub` library."""

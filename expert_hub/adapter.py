@@ -1,0 +1,252 @@
+"""`ExpertAdapter`: a task's experts as a directory that can be saved, shared and applied to a base model.
+
+Layout of an adapter directory:
+- `expert_cfg.json` — the selection, in the reference schema;
+- `*.safetensors` — the experts' weights under per-expert checkpoint keys
+  (`model.layers.{L}.mlp.experts.{E}.{gate,up,down}_proj.weight`), plus shared-expert or non-expert tensors
+  under their model keys when those were trained. The published `deepseek-ai/ESFT-*-lite` adapters use the
+  same keys (some with a legacy `layers.` prefix), so they load as they are;
+- `expert_hub.json` — metadata, including a fingerprint of the base weights the experts replace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import AdapterMismatchError, InvalidInputError
+from .families import PROJECTIONS, expert_views, moe_layers, read_expert, split_parameters
+from .io import read_json, write_json_atomic
+from .selection import ExpertSelection
+
+CONFIG_FILE = "expert_cfg.json"
+WEIGHTS_FILE = "experts.safetensors"
+METADATA_FILE = "expert_hub.json"
+
+_EXPERT_KEY = re.compile(r"(?P<prefix>.+)\.experts\.(?P<expert>\d+)\.(?P<tensor>\w+\.(weight|bias))")
+
+
+def _library_versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("expert-hub", "torch", "transformers")}
+
+
+@dataclass
+class AdapterMetadata:
+    """Where the experts came from. Every field is optional: published adapters carry none of it."""
+
+    task: str | None = None
+    method: str | None = None
+    score_function: str | None = None
+    top_p: float | None = None
+    base_model: str | None = None
+    base_revision: str | None = None
+    base_fingerprint: str | None = None
+    created: str | None = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    versions: dict[str, str] = field(default_factory=_library_versions)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict) -> AdapterMetadata:
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+@dataclass
+class ExpertAdapter:
+    """A selection, the tensors it replaces in the base model (by checkpoint key), and metadata."""
+
+    selection: ExpertSelection
+    tensors: dict[str, torch.Tensor]
+    metadata: AdapterMetadata = field(default_factory=AdapterMetadata)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(tensor.numel() * tensor.element_size() for tensor in self.tensors.values())
+
+    @classmethod
+    def from_model(cls, model: nn.Module, selection: ExpertSelection, base: nn.Module | None = None,
+                   **metadata) -> ExpertAdapter:
+        """Take the selected experts (and shared / non-expert tensors, when selected) out of `model`.
+
+        `base`, the untrained model (default: `model` itself), is fingerprinted so the adapter is later
+        applied only to the weights it was trained from.
+        """
+        tensors = {key: view.detach().contiguous().clone() for key, view in _selected_views(model, selection).items()}
+        fingerprint = base_fingerprint(base if base is not None else model, tensors)
+        metadata.setdefault("base_model", getattr(model.config, "_name_or_path", None) or None)
+        metadata.setdefault("base_revision", getattr(model.config, "_commit_hash", None))
+        return cls(selection, tensors, AdapterMetadata(base_fingerprint=fingerprint, **metadata))
+
+    def save(self, directory: str | Path, overwrite: bool = False) -> Path:
+        """Write the adapter atomically: readers see no directory or a complete one."""
+        directory = Path(directory)
+        if directory.exists() and any(directory.iterdir()) and not overwrite:
+            raise InvalidInputError(f"{directory} already exists and is not empty; remove it or choose another path")
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+        try:
+            self.selection.save(staging / CONFIG_FILE)
+            save_file(self.tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
+            write_json_atomic(staging / METADATA_FILE, asdict(self.metadata))
+            _replace_directory(staging, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ExpertAdapter:
+        """Read an adapter directory, ours or a published ESFT one (any `*.safetensors` shards)."""
+        directory = Path(directory)
+        if not (directory / CONFIG_FILE).is_file():
+            raise InvalidInputError(f"{directory} is not an expert adapter: it has no {CONFIG_FILE}")
+        selection = ExpertSelection.load(directory / CONFIG_FILE)
+        shards = sorted(directory.glob("*.safetensors"))
+        if not shards:
+            raise InvalidInputError(f"{directory} has no .safetensors weights")
+        tensors = {}
+        for shard in shards:
+            try:
+                loaded = load_file(shard)
+            except (SafetensorError, OSError) as error:
+                raise InvalidInputError(f"cannot read {shard}: {error}") from None
+            tensors |= {_canonical_key(key): tensor for key, tensor in loaded.items()}
+        metadata_path = directory / METADATA_FILE
+        metadata = AdapterMetadata.from_json(read_json(metadata_path)) if metadata_path.is_file() else AdapterMetadata(
+            created=None, versions={}
+        )
+        adapter = cls(selection, tensors, metadata)
+        adapter.check_consistent(origin=str(directory))
+        return adapter
+
+    def check_consistent(self, origin: str = "adapter") -> None:
+        """The routed-expert tensors are exactly those of the selected experts."""
+        held = {}
+        for key in self.tensors:
+            if match := _EXPERT_KEY.fullmatch(key):
+                layer = re.search(r"layers\.(\d+)\.", match["prefix"])
+                if layer:
+                    held.setdefault((int(layer.group(1)), int(match["expert"])), set()).add(match["tensor"])
+        selected = set(self.selection.pairs)
+        if extra := sorted(set(held) - selected):
+            raise InvalidInputError(f"{origin} holds weights for experts {CONFIG_FILE} does not select: {extra[:5]}")
+        for pair in sorted(selected):
+            projections = {name.split(".")[0] for name in held.get(pair, ())}
+            if projections != set(PROJECTIONS):
+                raise InvalidInputError(f"{origin} lacks weights for selected expert {pair[1]} of layer {pair[0]}")
+
+    def apply(self, model: nn.Module, force: bool = False) -> nn.Module:
+        """Copy the adapter's tensors into `model` in place.
+
+        Refused when a key has no place in the model, a shape differs, or (unless `force`) the base
+        weights being replaced are not the ones the adapter was trained from.
+        """
+        views = _tensor_views(model, self.tensors)
+        for key, tensor in self.tensors.items():
+            if views[key].shape != tensor.shape:
+                raise AdapterMismatchError(
+                    f"adapter tensor {key} has shape {tuple(tensor.shape)}, the base model {tuple(views[key].shape)}"
+                )
+        expected = self.metadata.base_fingerprint
+        if expected and not force and (actual := base_fingerprint(model, views)) != expected:
+            raise AdapterMismatchError(
+                f"the base model's weights differ from those the adapter was trained on (fingerprint {actual[:12]} "
+                f"!= {expected[:12]}); use the adapter's base model ({self.metadata.base_model}) or force it"
+            )
+        with torch.no_grad():
+            for key, tensor in self.tensors.items():
+                views[key].copy_(tensor)
+        return model
+
+
+def base_fingerprint(model: nn.Module, keys) -> str:
+    """sha256 of the model's tensors at `keys` (names, shapes and values rounded to bfloat16).
+
+    Rounding to bfloat16 makes the fingerprint independent of the dtype the base was loaded in.
+    """
+    views = _tensor_views(model, keys)
+    digest = hashlib.sha256()
+    for key in sorted(views):
+        value = views[key].detach().to(torch.bfloat16).contiguous()
+        digest.update(f"{key}:{tuple(value.shape)};".encode())
+        digest.update(value.view(torch.int16).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_model(base: str, adapter: str | Path | ExpertAdapter | None = None, force: bool = False,
+               **from_pretrained_kwargs) -> nn.Module:
+    """Load a base MoE model with a task's experts in place.
+
+    `adapter` is an adapter directory (ours or a published ESFT one) or an `ExpertAdapter`. `force` skips the
+    base-fingerprint check only; keys and shapes are always checked.
+    """
+    from .models import load_base
+
+    model = load_base(base, **from_pretrained_kwargs)
+    if adapter is not None:
+        if not isinstance(adapter, ExpertAdapter):
+            adapter = ExpertAdapter.load(adapter)
+        adapter.apply(model, force=force)
+    return model
+
+
+def _selected_views(model: nn.Module, selection: ExpertSelection) -> dict[str, torch.Tensor]:
+    layers = {layer.index: layer for layer in moe_layers(model)}
+    views = {}
+    for layer_index, expert in selection.pairs:
+        layer = layers.get(layer_index)
+        if layer is None or expert >= layer.num_experts:
+            raise AdapterMismatchError(f"the model has no routed expert {expert} in layer {layer_index}")
+        views |= {layer.expert_key(expert, name): view for name, view in expert_views(layer.experts, expert).items()}
+    groups = split_parameters(model)
+    parameters = dict(model.named_parameters())
+    for group, wanted in (("shared", selection.shared_experts), ("non_expert", selection.non_expert_modules)):
+        if wanted:
+            views |= {name: parameters[name] for name in groups[group]}
+    return views
+
+
+def _tensor_views(model: nn.Module, keys) -> dict[str, torch.Tensor]:
+    """The model tensors that checkpoint keys name; routed-expert keys resolve into the fused Parameters."""
+    layers = {layer.prefix: layer for layer in moe_layers(model)}
+    named = dict(model.named_parameters()) | dict(model.named_buffers())
+    views = {}
+    for key in keys:
+        match = _EXPERT_KEY.fullmatch(key)
+        if match and match["prefix"] in layers:
+            layer, expert = layers[match["prefix"]], int(match["expert"])
+            view = expert_views(layer.experts, expert).get(match["tensor"]) if expert < layer.num_experts else None
+        else:
+            view = named.get(key)
+        if view is None:
+            raise AdapterMismatchError(f"adapter tensor {key} has no counterpart in the base model")
+        views[key] = view
+    return views
+
+
+def _canonical_key(key: str) -> str:
+    """Published ESFT adapters sometimes drop the leading `model.`."""
+    return f"model.{key}" if key.startswith("layers.") else key
+
+
+def _replace_directory(staging: Path, directory: Path) -> None:
+    """Move `staging` to `directory`, swapping out any old one so no reader sees a mix of both."""
+    if directory.exists():
+        retired = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
+        os.replace(directory, retired / directory.name)
+        os.replace(staging, directory)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, directory)

@@ -1,0 +1,136 @@
+"""The Mixture-of-Experts families expert-hub supports, and where each keeps its routers and experts.
+
+Everything family-specific lives here; the rest of the package asks `moe_layers(model)` and works on
+`MoELayer`s. The fused expert tensors' layout is read from the experts module itself (see `layout.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from .layout import PROJECTIONS, expert_views, read_expert, write_expert
+
+__all__ = [
+    "FAMILIES",
+    "PROJECTIONS",
+    "MoEFamily",
+    "MoELayer",
+    "expert_views",
+    "family_of",
+    "moe_layers",
+    "read_expert",
+    "split_parameters",
+    "write_expert",
+]
+
+
+@dataclass(frozen=True)
+class MoEFamily:
+    """Where one family's MoE block keeps its parts (attribute names on `model.layers[i].mlp`)."""
+
+    model_type: str
+    router: str = "gate"
+    shared_experts: tuple[str, ...] = ()
+    # The router attribute its top-k weights were multiplied by; dividing it out makes the Average Gate
+    # Score the router's probability, comparable across families (DeepSeek-V3 scales by 2.5).
+    gate_scale: str | None = None
+
+
+_DEEPSEEK = {"shared_experts": ("shared_experts",), "gate_scale": "routed_scaling_factor"}
+
+FAMILIES: dict[str, MoEFamily] = {
+    family.model_type: family
+    for family in (
+        MoEFamily("deepseek_v2", **_DEEPSEEK),
+        MoEFamily("deepseek_v3", **_DEEPSEEK),
+        MoEFamily("qwen2_moe", shared_experts=("shared_expert", "shared_expert_gate")),
+        MoEFamily("qwen3_moe"),
+        MoEFamily("olmoe"),
+        MoEFamily("mixtral"),
+        MoEFamily("gpt_oss", router="router"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class MoELayer:
+    """One decoder layer's MoE block. `prefix` is the block's state-dict name, e.g. `model.layers.3.mlp`."""
+
+    index: int
+    prefix: str
+    block: nn.Module
+    router: nn.Module
+    experts: nn.Module
+    family: MoEFamily
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.gate_up_proj.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.router.top_k
+
+    @property
+    def gate_scale(self) -> float:
+        return float(getattr(self.router, self.family.gate_scale)) if self.family.gate_scale else 1.0
+
+    def expert_key(self, expert: int, tensor: str) -> str:
+        """The per-expert checkpoint key, e.g. `model.layers.3.mlp.experts.5.gate_proj.weight`."""
+        return f"{self.prefix}.experts.{expert}.{tensor}"
+
+    def shared_expert_modules(self) -> dict[str, nn.Module]:
+        return {f"{self.prefix}.{name}": getattr(self.block, name) for name in self.family.shared_experts}
+
+
+def family_of(config) -> MoEFamily:
+    """The family spec for a transformers config; a clear error for dense or unknown models."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        supported = ", ".join(sorted(FAMILIES))
+        raise UnsupportedModelError(
+            f"model type {model_type!r} is not a supported Mixture-of-Experts family (supported: {supported})"
+        )
+    return FAMILIES[model_type]
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    """Every MoE layer of a transformers causal LM, in layer order (dense layers are skipped)."""
+    family = family_of(model.config)
+    names = {id(module): name for name, module in model.named_modules()}
+    layers = []
+    for index, decoder_layer in enumerate(model.base_model.layers):
+        block = decoder_layer.mlp
+        if not hasattr(block, "experts"):
+            continue
+        layers.append(
+            MoELayer(
+                index=index,
+                prefix=names[id(block)],
+                block=block,
+                router=getattr(block, family.router),
+                experts=block.experts,
+                family=family,
+            )
+        )
+    if not layers:
+        raise UnsupportedModelError(f"{type(model).__name__} has no MoE layers")
+    return layers
+
+
+def split_parameters(model: nn.Module) -> dict[str, list[str]]:
+    """Parameter names grouped the way ESFT sees them: `routed` experts, `shared` experts, `non_expert`.
+
+    Routers count as non-expert modules, as in the reference code.
+    """
+    layers = moe_layers(model)
+    routed = tuple(f"{layer.prefix}.experts." for layer in layers)
+    shared = tuple(f"{name}." for layer in layers for name in layer.shared_expert_modules())
+    groups: dict[str, list[str]] = {"routed": [], "shared": [], "non_expert": []}
+    for name, _ in model.named_parameters():
+        group = "routed" if name.startswith(routed) else "shared" if name.startswith(shared) else "non_expert"
+        groups[group].append(name)
+    return groups

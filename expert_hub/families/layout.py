@@ -1,0 +1,59 @@
+"""One expert's weights inside transformers' fused expert tensors.
+
+transformers 5 keeps all routed experts of a layer in two fused Parameters. Everything outside this module
+sees an expert as the per-expert checkpoint tensors (`gate_proj.weight`, `up_proj.weight`, `down_proj.weight`
+and, for gpt_oss, their biases), laid out like `nn.Linear` weights: `[out_features, in_features]`.
+The experts module itself declares its layout (`use_experts_implementation` sets `is_concatenated`,
+`is_transposed`, `has_bias`), so reading those flags covers every family, gpt_oss' interleaved one included.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def expert_views(experts: nn.Module, expert: int) -> dict[str, torch.Tensor]:
+    """Views into the fused Parameters for one expert, keyed like its checkpoint tensors.
+
+    Writing into a view writes into the fused Parameter, so reading and writing share this one mapping.
+    """
+    if not getattr(experts, "has_gate", True) or not hasattr(experts, "gate_up_proj"):
+        raise UnsupportedModelError(f"{type(experts).__name__} has no fused gate_up_proj; expert-hub cannot edit it")
+    gate_up = experts.gate_up_proj[expert]
+    down = experts.down_proj[expert]
+    if experts.is_transposed:  # stored [in, out]; checkpoint tensors are [out, in]
+        gate_up, down = gate_up.T, down.T
+    gate, up = _split_gate_up(gate_up, experts.is_concatenated)
+    views = {"gate_proj.weight": gate, "up_proj.weight": up, "down_proj.weight": down}
+    if experts.has_bias:
+        gate_bias, up_bias = _split_gate_up(experts.gate_up_proj_bias[expert], experts.is_concatenated)
+        views |= {
+            "gate_proj.bias": gate_bias,
+            "up_proj.bias": up_bias,
+            "down_proj.bias": experts.down_proj_bias[expert],
+        }
+    return views
+
+
+def _split_gate_up(gate_up: torch.Tensor, concatenated: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if concatenated:  # [gate rows; up rows]
+        return gate_up.chunk(2, dim=0)
+    return gate_up[0::2], gate_up[1::2]  # gate and up rows interleaved
+
+
+def read_expert(experts: nn.Module, expert: int) -> dict[str, torch.Tensor]:
+    """A contiguous copy of one expert's checkpoint tensors."""
+    return {name: view.detach().contiguous().clone() for name, view in expert_views(experts, expert).items()}
+
+
+@torch.no_grad()
+def write_expert(experts: nn.Module, expert: int, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy checkpoint tensors into one expert's rows; the caller has checked names and shapes."""
+    views = expert_views(experts, expert)
+    for name, tensor in tensors.items():
+        views[name].copy_(tensor)

@@ -1,0 +1,70 @@
+"""Loading base models and describing them, with errors that say what to do."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from .errors import InvalidInputError
+from .families import expert_views, family_of, moe_layers
+
+
+def load_config(base: str, trust_remote_code: bool = False, **kwargs):
+    """The model's config, checked to be a supported MoE family before any weights are read."""
+    try:
+        config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as error:
+        raise InvalidInputError(f"cannot load model {base!r}: {_first_line(error)}") from None
+    family_of(config)
+    return config
+
+
+def load_base(base: str, **from_pretrained_kwargs) -> PreTrainedModel:
+    """A supported MoE causal LM from a local directory or Hub id (`trust_remote_code` only when asked)."""
+    config = load_config(
+        base,
+        trust_remote_code=from_pretrained_kwargs.get("trust_remote_code", False),
+        revision=from_pretrained_kwargs.get("revision"),
+    )
+    try:
+        return AutoModelForCausalLM.from_pretrained(base, config=config, **from_pretrained_kwargs)
+    except (OSError, ValueError) as error:
+        raise InvalidInputError(f"cannot load model {base!r}: {_first_line(error)}") from None
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """What `expert-hub inspect` shows for a model."""
+
+    family: str
+    num_layers: int
+    moe_layers: list[int]
+    num_experts: int
+    top_k: int
+    shared_experts: bool
+    expert_parameters: int  # one routed expert's parameter count
+
+
+def describe_model(base: str, trust_remote_code: bool = False) -> ModelSummary:
+    """Summarise a model from its config alone: the layers are built on the meta device, no weights read."""
+    config = load_config(base, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    layers = moe_layers(model)
+    first = layers[0]
+    return ModelSummary(
+        family=config.model_type,
+        num_layers=len(model.base_model.layers),
+        moe_layers=[layer.index for layer in layers],
+        num_experts=first.num_experts,
+        top_k=first.top_k,
+        shared_experts=bool(first.shared_expert_modules()),
+        expert_parameters=sum(view.numel() for view in expert_views(first.experts, 0).values()),
+    )
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

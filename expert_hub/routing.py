@@ -1,0 +1,130 @@
+"""Recording which experts the routers really choose, and scoring a model on task data.
+
+Forward hooks on each MoE layer's router read the top-k indices and weights it returns — the real
+selection, which for DeepSeek-V3 (score bias, group limits) is not the argmax of the logits. Counts
+accumulate in fixed-size tensors, so memory does not grow with the number of tokens scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .data import Message, render_reference
+from .families import moe_layers
+from .scores import ExpertScores, LayerCounts
+
+
+class RoutingRecorder:
+    """Context manager that counts every router's choices while the model runs.
+
+    Set `token_mask` (a `[batch, seq]` bool tensor) before a padded forward so padding is not counted.
+    Hooks return None, so the model's outputs are unchanged.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.layers = moe_layers(model)
+        device = self.layers[0].router.weight.device
+        self.token_mask: torch.Tensor | None = None
+        self.tokens = [0] * len(self.layers)
+        self.selections = [torch.zeros(layer.num_experts, dtype=torch.int64, device=device) for layer in self.layers]
+        self.gate_sums = [torch.zeros(layer.num_experts, dtype=torch.float64, device=device) for layer in self.layers]
+        self._handles: list = []
+
+    def __enter__(self) -> RoutingRecorder:
+        self._handles = [
+            layer.router.register_forward_hook(self._hook(position)) for position, layer in enumerate(self.layers)
+        ]
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, position: int) -> Callable:
+        layer = self.layers[position]
+        scale = layer.gate_scale
+
+        def record(module, inputs, output) -> None:
+            _, weights, indices = output
+            if self.token_mask is not None:
+                keep = self.token_mask.reshape(-1)
+                weights, indices = weights[keep], indices[keep]
+            self.tokens[position] += indices.shape[0]
+            flat = indices.reshape(-1)
+            self.selections[position] += torch.bincount(flat, minlength=layer.num_experts)
+            self.gate_sums[position].index_add_(0, flat, weights.reshape(-1).to(torch.float64) / scale)
+
+        return record
+
+    def scores(self, source: dict | None = None) -> ExpertScores:
+        counts = {
+            layer.index: LayerCounts(
+                tokens=self.tokens[position],
+                selections=self.selections[position].tolist(),
+                gate_sums=self.gate_sums[position].tolist(),
+            )
+            for position, layer in enumerate(self.layers)
+        }
+        return ExpertScores.from_counts(counts, top_k=self.layers[0].top_k, source=source)
+
+
+def token_sequences(
+    conversations: Iterable[list[Message]], tokenizer, max_tokens: int, max_length: int
+) -> Iterator[list[int]]:
+    """Tokenized conversations, each cut to `max_length`, stopping once `max_tokens` are yielded."""
+    remaining = max_tokens
+    for messages in conversations:
+        if remaining <= 0:
+            return
+        text = render_reference(messages, tokenizer.eos_token or "")
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"][: min(max_length, remaining)]
+        if ids:
+            remaining -= len(ids)
+            yield ids
+
+
+@torch.inference_mode()
+def score_model(
+    model: nn.Module,
+    sequences: Iterable[list[int]],
+    batch_size: int = 8,
+    source: dict | None = None,
+    on_tokens: Callable[[int], None] | None = None,
+) -> ExpertScores:
+    """Run the frozen model over token sequences and score every routed expert of every MoE layer."""
+    model.eval()
+    device = next(model.parameters()).device
+    with RoutingRecorder(model) as recorder:
+        for batch in _batches(sequences, batch_size):
+            input_ids, attention_mask = pad_batch(batch, device)
+            recorder.token_mask = attention_mask.bool() if not attention_mask.all() else None
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            if on_tokens:
+                on_tokens(sum(len(ids) for ids in batch))
+    return recorder.scores(source)
+
+
+def _batches(sequences: Iterable[list[int]], size: int) -> Iterator[list[list[int]]]:
+    batch = []
+    for ids in sequences:
+        batch.append(ids)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def pad_batch(batch: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad with token 0; the attention mask (and the recorder's token mask) hide the padding."""
+    length = max(len(ids) for ids in batch)
+    input_ids = torch.zeros(len(batch), length, dtype=torch.long)
+    attention_mask = torch.zeros(len(batch), length, dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids.to(device), attention_mask.to(device)

@@ -1,0 +1,87 @@
+"""`ExpertSelection` (the reference `expert_cfg.json`) and ESFT's top-p rule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InvalidInputError
+from .io import read_json, write_json_atomic
+from .scores import ExpertScores, ScoreFunction
+
+DEFAULT_TOP_P: dict[str, float] = {"token": 0.2, "gate": 0.1}  # the paper's choices
+
+
+@dataclass
+class ExpertSelection:
+    """Which routed experts a task trains and ships, per layer (keys are the model's layer indices).
+
+    `shared_experts` / `non_expert_modules` say whether those are trained too, as in the reference schema.
+    """
+
+    experts: dict[int, list[int]]
+    shared_experts: bool = False
+    non_expert_modules: bool = False
+
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        """Every selected expert as `(layer, expert_id)`, in layer order."""
+        return [(layer, expert) for layer in sorted(self.experts) for expert in self.experts[layer]]
+
+    def to_json(self) -> dict:
+        return {
+            "experts": {str(layer): list(ids) for layer, ids in sorted(self.experts.items())},
+            "shared_experts": self.shared_experts,
+            "non_expert_modules": self.non_expert_modules,
+        }
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(path, self.to_json())
+
+    @classmethod
+    def from_json(cls, data: dict, origin: str = "expert config") -> ExpertSelection:
+        try:
+            experts = {int(layer): [int(e) for e in ids] for layer, ids in data["experts"].items()}
+            shared, non_expert = data.get("shared_experts", False), data.get("non_expert_modules", False)
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise InvalidInputError(
+                f'{origin} is not an expert config: expected {{"experts": {{"<layer>": [ids]}}, ...}}'
+            ) from None
+        if not isinstance(shared, bool) or not isinstance(non_expert, bool):
+            raise InvalidInputError(f"{origin}: shared_experts and non_expert_modules must be true or false")
+        for layer, ids in experts.items():
+            if len(set(ids)) != len(ids) or min(ids, default=0) < 0:
+                raise InvalidInputError(f"{origin}: layer {layer} lists a negative or repeated expert id")
+        return cls(experts, shared, non_expert)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExpertSelection:
+        return cls.from_json(read_json(path), origin=str(path))
+
+
+def select_experts(
+    scores: ExpertScores,
+    by: ScoreFunction = "token",
+    top_p: float | None = None,
+    shared_experts: bool = False,
+    non_expert_modules: bool = False,
+) -> ExpertSelection:
+    """Per layer, take experts by descending score until their running sum reaches `top_p`.
+
+    The expert whose score carries the sum past `top_p` is included, as in the paper and reference code;
+    ties keep the scores' order. Default `top_p`: 0.2 for token scores, 0.1 for gate scores.
+    """
+    layer_scores = scores.by(by)
+    top_p = DEFAULT_TOP_P[by] if top_p is None else top_p
+    if not 0 < top_p <= 1:
+        raise InvalidInputError(f"top-p must be in (0, 1], got {top_p}")
+    experts = {}
+    for layer, expert_scores in layer_scores.items():
+        chosen, total = [], 0.0
+        for expert, score in sorted(expert_scores.items(), key=lambda item: item[1], reverse=True):
+            chosen.append(expert)
+            total += score
+            if total >= top_p:
+                break
+        experts[layer] = chosen
+    return ExpertSelection(experts, shared_experts, non_expert_modules)

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random models of every supported family, built once per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub; fail fast instead of retrying
+
+from expert_hub.testing import TINY_FAMILIES, build_tiny_model  # noqa: E402
+
+ESFT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "esft"
+
+
+@pytest.fixture(scope="session")
+def esft_data() -> Path:
+    if not ESFT_DATA.is_dir():
+        pytest.fail(f"the ESFT reference data is expected at {ESFT_DATA}")
+    return ESFT_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {family: build_tiny_model(family, root / family) for family in TINY_FAMILIES}
+
+
+@pytest.fixture(params=TINY_FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """Run the `expert-hub` entry point in-process; returns (exit code, stdout, stderr)."""
+    from expert_hub.cli.main import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["expert-hub", *map(str, args)])
+        monkeypatch.setenv("COLUMNS", "200")
+        capsys.readouterr()  # drop what earlier steps printed
+        try:
+            main()
+            code = 0
+        except SystemExit as done:
+            code = done.code or 0
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -1,0 +1,168 @@
+"""Expert adapters: select -> adapter -> load_model puts exactly the selected experts in place."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from expert_hub import ExpertAdapter, ExpertSelection, load_model
+from expert_hub.adapter import METADATA_FILE
+from expert_hub.errors import AdapterMismatchError, InvalidInputError
+from expert_hub.families import moe_layers, read_expert, split_parameters
+from expert_hub.models import load_base
+
+
+def _trained_adapter(base_dir, selection: ExpertSelection, seed: int = 1) -> ExpertAdapter:
+    """An adapter whose tensors differ from the base, as training would leave them."""
+    base = load_base(str(base_dir))
+    adapter = ExpertAdapter.from_model(base, selection, task="law", method="esft-token")
+    generator = torch.Generator().manual_seed(seed)
+    adapter.tensors = {k: torch.randn(v.shape, generator=generator) for k, v in adapter.tensors.items()}
+    return adapter
+
+
+def _selection(model_dir) -> ExpertSelection:
+    layers = moe_layers(load_base(str(model_dir)))
+    return ExpertSelection({layers[0].index: [3, 0], layers[-1].index: [7]})
+
+
+def _assert_only_adapter_changed(base, loaded, adapter: ExpertAdapter) -> None:
+    selected = set(adapter.selection.pairs)
+    for base_layer, layer in zip(moe_layers(base), moe_layers(loaded)):
+        for expert in range(layer.num_experts):
+            got = read_expert(layer.experts, expert)
+            if (layer.index, expert) in selected:
+                want = {name: adapter.tensors[layer.expert_key(expert, name)] for name in got}
+            else:
+                want = read_expert(base_layer.experts, expert)
+            assert all(torch.equal(got[name], want[name]) for name in got), (layer.index, expert)
+    routed = set(split_parameters(loaded)["routed"])
+    base_tensors = dict(base.named_parameters()) | dict(base.named_buffers())
+    for name, tensor in [*loaded.named_parameters(), *loaded.named_buffers()]:
+        if name not in routed:
+            assert torch.equal(tensor, base_tensors[name]), name
+
+
+def test_load_model_puts_exactly_the_selected_experts_in_place(tiny_models, family, tmp_path):
+    adapter = _trained_adapter(tiny_models[family], _selection(tiny_models[family]))
+    adapter.save(tmp_path / "law")
+    loaded = load_model(str(tiny_models[family]), tmp_path / "law")
+    _assert_only_adapter_changed(load_base(str(tiny_models[family])), loaded, adapter)
+
+
+def test_saved_adapter_gives_the_same_logits_as_the_model_it_came_from(tiny_models, tmp_path):
+    base_dir = tiny_models["qwen3_moe"]
+    adapter = _trained_adapter(base_dir, _selection(base_dir))
+    in_memory = adapter.apply(load_base(str(base_dir)))
+    adapter.save(tmp_path / "law")
+    reloaded = load_model(str(base_dir), str(tmp_path / "law"))
+    input_ids = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        assert torch.equal(in_memory(input_ids).logits, reloaded(input_ids).logits)
+        assert not torch.equal(load_base(str(base_dir))(input_ids).logits, reloaded(input_ids).logits)
+
+
+def test_adapter_files_and_metadata(tiny_models, tmp_path):
+    adapter = _trained_adapter(tiny_models["deepseek_v2"], ExpertSelection({1: [2], 3: [0, 5]}))
+    adapter.save(tmp_path / "law")
+    assert sorted(p.name for p in (tmp_path / "law").iterdir()) == ["expert_cfg.json", "expert_hub.json", "experts.safetensors"]
+    assert sorted(adapter.tensors) == sorted(
+        f"model.layers.{layer}.mlp.experts.{e}.{p}_proj.weight" for layer, e in [(1, 2), (3, 0), (3, 5)]
+        for p in ("gate", "up", "down")
+    )
+    metadata = json.loads((tmp_path / "law" / METADATA_FILE).read_text())
+    assert metadata["task"] == "law" and metadata["base_model"] == str(tiny_models["deepseek_v2"])
+    assert len(metadata["base_fingerprint"]) == 64 and "transformers" in metadata["versions"]
+    assert adapter.nbytes == 3 * 3 * 32 * 64 * 4
+    assert ExpertAdapter.load(tmp_path / "law").metadata == adapter.metadata
+
+
+def test_wrong_base_is_refused_unless_forced(tiny_models, tmp_path):
+    from expert_hub.testing import build_tiny_model
+
+    other = build_tiny_model("qwen3_moe", tmp_path / "other", seed=7)
+    adapter = _trained_adapter(tiny_models["qwen3_moe"], _selection(tiny_models["qwen3_moe"]))
+    adapter.save(tmp_path / "law")
+    with pytest.raises(AdapterMismatchError, match="fingerprint"):
+        load_model(str(other), tmp_path / "law")
+    forced = load_model(str(other), tmp_path / "law", force=True)
+    _assert_only_adapter_changed(load_base(str(other)), forced, adapter)
+
+
+def test_fingerprint_does_not_depend_on_the_load_dtype(tiny_models, tmp_path):
+    _trained_adapter(tiny_models["mixtral"], _selection(tiny_models["mixtral"])).save(tmp_path / "law")
+    model = load_model(str(tiny_models["mixtral"]), tmp_path / "law", dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+
+
+def test_keys_and_shapes_must_match_even_when_forced(tiny_models, tmp_path):
+    adapter = _trained_adapter(tiny_models["qwen3_moe"], _selection(tiny_models["qwen3_moe"]))
+    other_family = load_base(str(tiny_models["deepseek_v2"]))  # layer 0 is dense there
+    with pytest.raises(AdapterMismatchError, match="model.layers.0.mlp.experts.3.gate_proj.weight"):
+        adapter.apply(other_family, force=True)
+    key = next(iter(adapter.tensors))
+    adapter.tensors[key] = adapter.tensors[key][:-1]
+    with pytest.raises(AdapterMismatchError, match="shape"):
+        adapter.apply(load_base(str(tiny_models["qwen3_moe"])), force=True)
+    out_of_range = ExpertAdapter(ExpertSelection({1: [8]}), {f"model.layers.1.mlp.experts.8.{p}_proj.weight": torch.zeros(1) for p in ("gate", "up", "down")})
+    with pytest.raises(AdapterMismatchError, match="experts.8"):
+        out_of_range.apply(load_base(str(tiny_models["qwen3_moe"])), force=True)
+
+
+def test_tensors_must_agree_with_the_selection(tiny_models, tmp_path):
+    adapter = _trained_adapter(tiny_models["olmoe"], ExpertSelection({0: [1, 2]}))
+    adapter.selection = ExpertSelection({0: [1]})
+    adapter.save(tmp_path / "extra")
+    with pytest.raises(InvalidInputError, match="does not select"):
+        ExpertAdapter.load(tmp_path / "extra")
+    adapter.selection = ExpertSelection({0: [1, 2, 4]})
+    adapter.save(tmp_path / "missing")
+    with pytest.raises(InvalidInputError, match="lacks weights for selected expert 4 of layer 0"):
+        ExpertAdapter.load(tmp_path / "missing")
+
+
+def test_shared_experts_travel_with_the_adapter(tiny_models, tmp_path):
+    base_dir = tiny_models["qwen2_moe"]
+    adapter = _trained_adapter(base_dir, ExpertSelection({1: [0]}, shared_experts=True))
+    assert {"model.layers.1.mlp.shared_expert.gate_proj.weight", "model.layers.3.mlp.shared_expert_gate.weight"} <= set(adapter.tensors)
+    adapter.save(tmp_path / "law")
+    loaded = load_model(str(base_dir), tmp_path / "law")
+    params = dict(loaded.named_parameters())
+    for key in ("model.layers.1.mlp.shared_expert.gate_proj.weight", "model.layers.3.mlp.shared_expert_gate.weight"):
+        assert torch.equal(params[key], adapter.tensors[key])
+    assert torch.equal(params["model.layers.1.self_attn.q_proj.weight"],
+                       dict(load_base(str(base_dir)).named_parameters())["model.layers.1.self_attn.q_proj.weight"])
+
+
+def test_published_deepseek_layout_loads(tiny_models, tmp_path):
+    """Sharded safetensors in bfloat16, no metadata, some keys with the legacy `layers.` prefix."""
+    base_dir = tiny_models["deepseek_v2"]
+    selection = ExpertSelection({1: [4, 6], 2: [0], 3: [7, 1]})
+    adapter = _trained_adapter(base_dir, selection)
+    published = tmp_path / "ESFT-token-law-lite"
+    published.mkdir()
+    keys = sorted(adapter.tensors)
+    half = len(keys) // 2
+    save_file({k: adapter.tensors[k].to(torch.bfloat16) for k in keys[:half]}, published / "model-00001-of-00002.safetensors")
+    save_file({k.removeprefix("model."): adapter.tensors[k].to(torch.bfloat16) for k in keys[half:]},
+              published / "model-00002-of-00002.safetensors")
+    (published / "expert_cfg.json").write_text(json.dumps(
+        {"experts": {"1": [4, 6], "2": [0], "3": [7, 1]}, "shared_experts": False, "non_expert_modules": False}))
+    (published / "config.json").write_text((base_dir / "config.json").read_text())
+    loaded = load_model(str(base_dir), published)
+    expected = ExpertAdapter(selection, {k: v.to(torch.bfloat16).float() for k, v in adapter.tensors.items()})
+    _assert_only_adapter_changed(load_base(str(base_dir)), loaded, expected)
+
+
+def test_saving_over_an_existing_adapter_needs_overwrite(tiny_models, tmp_path):
+    first = _trained_adapter(tiny_models["mixtral"], ExpertSelection({0: [1]}), seed=1)
+    second = _trained_adapter(tiny_models["mixtral"], ExpertSelection({2: [3]}), seed=2)
+    first.save(tmp_path / "law")
+    with pytest.raises(InvalidInputError, match="not empty"):
+        second.save(tmp_path / "law")
+    second.save(tmp_path / "law", overwrite=True)
+    assert ExpertAdapter.load(tmp_path / "law").selection == second.selection
+    assert [p.name for p in tmp_path.iterdir()] == ["law"]

@@ -1,0 +1,97 @@
+"""The `expert-hub` command line: the happy paths, and one clear line with a non-zero exit on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from expert_hub.scores import ExpertScores
+from expert_hub.selection import ExpertSelection
+
+
+def test_score_routing_logs_then_select(run_cli, tmp_path, esft_data):
+    code, out, _ = run_cli("score", "--routing-logs", esft_data / "routing_logs/law", "--top-k", 6, "-o", tmp_path / "s.json")
+    assert code == 0 and "8,327 tokens over 3 MoE layers" in out
+    published = json.loads((esft_data / "expert_scores/law/summary.json").read_text())
+    scores = ExpertScores.load(tmp_path / "s.json")
+    assert {str(e): round(v, 4) for e, v in scores.gate_scores[13].items()} == published["gate_scores"]["13"]
+
+    code, out, _ = run_cli("select", esft_data / "expert_scores/law/summary.json", "--by", "token", "--top-p", 0.2, "-o", tmp_path / "cfg.json")
+    assert code == 0 and "153 experts over 26 layers" in out
+    assert json.loads((tmp_path / "cfg.json").read_text()) == json.loads((esft_data / "expert_configs/law.json").read_text())
+
+
+def test_score_a_model_on_task_data_then_select_and_inspect(run_cli, tmp_path, tiny_models, esft_data):
+    model = tiny_models["deepseek_v3"]
+    code, out, err = run_cli("score", "--base", model, "--data", esft_data / "datasets/train/law.jsonl",
+                             "--tokens", 1500, "--seq-len", 256, "-o", tmp_path / "s.json")
+    assert code == 0, err
+    scores = ExpertScores.load(tmp_path / "s.json")
+    assert scores.source["model"] == str(model) and scores.top_k == 2
+    assert {c.tokens for c in scores.counts.values()} == {1500}
+
+    code, out, _ = run_cli("select", tmp_path / "s.json", "--by", "gate", "-o", tmp_path / "cfg.json", "--shared-experts")
+    selection = ExpertSelection.load(tmp_path / "cfg.json")
+    assert code == 0 and selection.shared_experts and sorted(selection.experts) == [1, 2, 3]
+
+    code, out, _ = run_cli("inspect", model)
+    assert code == 0 and "deepseek_v3" in out and "4 (3 MoE: 1-3)" in out
+    code, out, _ = run_cli("inspect", model, "--json")
+    assert json.loads(out)["moe_layers"] == [1, 2, 3]
+
+
+def test_inspect_an_adapter(run_cli, tmp_path, tiny_models):
+    from expert_hub import ExpertAdapter
+    from expert_hub.models import load_base
+
+    adapter = ExpertAdapter.from_model(load_base(str(tiny_models["gpt_oss"])), ExpertSelection({0: [1, 2], 3: [5]}), task="law")
+    adapter.save(tmp_path / "law")
+    code, out, _ = run_cli("inspect", tmp_path / "law")
+    assert code == 0 and "3 experts" in out and "law" in out
+    code, out, _ = run_cli("inspect", tmp_path / "law", "--json")
+    assert json.loads(out)["bytes"] == adapter.nbytes and json.loads(out)["experts"]["experts"] == {"0": [1, 2], "3": [5]}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["select", "{tmp}/missing.json", "-o", "{tmp}/c.json"], "file not found"),
+        (["select", "{summary}", "--top-p", "1.5", "-o", "{tmp}/c.json"], "--top-p must be in (0, 1]"),
+        (["select", "{summary}", "--top-p", "0", "-o", "{tmp}/c.json"], "--top-p must be in (0, 1]"),
+        (["select", "{summary}", "--by", "loss", "-o", "{tmp}/c.json"], "'loss' is not one of"),
+        (["select", "{bad_json}", "-o", "{tmp}/c.json"], "not valid JSON"),
+        (["score", "--base", "{model}", "--data", "{tmp}/missing.jsonl", "-o", "{tmp}/s.json"], "data file not found"),
+        (["score", "--base", "{model}", "--data", "{bad_jsonl}", "-o", "{tmp}/s.json"], "bad.jsonl:2:"),
+        (["score", "--base", "{tmp}", "--data", "{good_jsonl}", "-o", "{tmp}/s.json"], "cannot load model"),
+        (["score", "--routing-logs", "{tmp}", "-o", "{tmp}/s.json"], "needs --top-k"),
+        (["score", "-o", "{tmp}/s.json"], "give --base and --data"),
+        (["score", "--tokens", "0", "-o", "{tmp}/s.json"], "--tokens"),
+        (["inspect", "{tmp}/no-such-model"], "cannot load model"),
+        (["select", "--frobnicate"], "No such option"),
+    ],
+)
+def test_bad_input_exits_non_zero_with_one_line(run_cli, tmp_path, tiny_models, esft_data, args, message):
+    (tmp_path / "bad.json").write_text("{")
+    (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}]}\n{"messages": 5}\n')
+    (tmp_path / "good.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}]}\n')
+    values = {"tmp": tmp_path, "summary": esft_data / "expert_scores/law/summary.json", "model": tiny_models["olmoe"],
+              "bad_json": tmp_path / "bad.json", "bad_jsonl": tmp_path / "bad.jsonl", "good_jsonl": tmp_path / "good.jsonl"}
+    code, out, err = run_cli(*[arg.format(**values) for arg in args])
+    assert code != 0
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err and "Traceback" not in out + err
+
+
+def test_installed_console_script():
+    script = Path(sys.executable).with_name("expert-hub")
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for command in ("score", "select", "inspect"):
+        assert command in result.stdout
+    result = subprocess.run([sys.executable, "-m", "expert_hub.cli", "select", "--top-p", "2"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr == "error: Missing argument 'SCORES.json'.\n"
