@@ -143,8 +143,6 @@ def select(
     from expert_hub.scores import ExpertScores
     from expert_hub.selection import select_experts
 
-    if top_p is not None and not 0 < top_p <= 1:
-        raise InvalidInputError(f"--top-p must be in (0, 1], got {top_p}")
     selection = select_experts(
         ExpertScores.load(scores_file), by=by.value, top_p=top_p,
         shared_experts=shared_experts, non_expert_modules=non_expert_modules,

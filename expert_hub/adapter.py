@@ -160,7 +160,7 @@ class ExpertAdapter:
                     f"adapter tensor {key} has shape {tuple(tensor.shape)}, the base model {tuple(views[key].shape)}"
                 )
         expected = self.metadata.base_fingerprint
-        if expected and not force and (actual := base_fingerprint(model, views)) != expected:
+        if expected and not force and (actual := _fingerprint(views)) != expected:
             raise AdapterMismatchError(
                 f"the base model's weights differ from those the adapter was trained on (fingerprint {actual[:12]} "
                 f"!= {expected[:12]}); use the adapter's base model ({self.metadata.base_model}) or force it"
@@ -176,7 +176,10 @@ def base_fingerprint(model: nn.Module, keys) -> str:
 
     Rounding to bfloat16 makes the fingerprint independent of the dtype the base was loaded in.
     """
-    views = _tensor_views(model, keys)
+    return _fingerprint(_tensor_views(model, keys))
+
+
+def _fingerprint(views: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for key in sorted(views):
         value = views[key].detach().to(torch.bfloat16).contiguous()

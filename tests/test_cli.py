@@ -60,8 +60,8 @@ def test_inspect_an_adapter(run_cli, tmp_path, tiny_models):
     ("args", "message"),
     [
         (["select", "{tmp}/missing.json", "-o", "{tmp}/c.json"], "file not found"),
-        (["select", "{summary}", "--top-p", "1.5", "-o", "{tmp}/c.json"], "--top-p must be in (0, 1]"),
-        (["select", "{summary}", "--top-p", "0", "-o", "{tmp}/c.json"], "--top-p must be in (0, 1]"),
+        (["select", "{summary}", "--top-p", "1.5", "-o", "{tmp}/c.json"], "top-p must be in (0, 1]"),
+        (["select", "{summary}", "--top-p", "0", "-o", "{tmp}/c.json"], "top-p must be in (0, 1]"),
         (["select", "{summary}", "--by", "loss", "-o", "{tmp}/c.json"], "'loss' is not one of"),
         (["select", "{bad_json}", "-o", "{tmp}/c.json"], "not valid JSON"),
         (["score", "--base", "{model}", "--data", "{tmp}/missing.jsonl", "-o", "{tmp}/s.json"], "data file not found"),
