@@ -44,14 +44,16 @@ def main() -> None:
         shape["intermediate_size"] = shape["moe_intermediate_size"]
     with tempfile.TemporaryDirectory() as directory:
         model = load_base(str(build_tiny_model(args.family, directory, **shape)), dtype=torch.float32).eval()
-    sequences = [torch.randint(0, 256, (args.seq_len,)).tolist() for _ in range(args.batch_size * args.batches)]
-    tokens = len(sequences) * args.seq_len
+    # Lengths vary as real conversations do, so batches are padded and the recorder's token mask is exercised.
+    lengths = torch.randint(args.seq_len // 2, args.seq_len + 1, (args.batch_size * args.batches,)).tolist()
+    sequences = [torch.randint(0, 256, (length,)).tolist() for length in lengths]
+    tokens = sum(lengths)
 
     def plain() -> None:
         with torch.inference_mode():
             for start in range(0, len(sequences), args.batch_size):
                 input_ids, attention_mask = pad_batch(sequences[start : start + args.batch_size], torch.device("cpu"))
-                model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
     def hooked() -> None:
         score_model(model, sequences, batch_size=args.batch_size)

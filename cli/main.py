@@ -1,232 +1,19 @@
-"""`expert-hub` commands. Each parses its options, calls one library function and prints with rich."""
+"""`expert-hub` entry point: registers every command module and turns expected errors into one line."""
 
 from __future__ import annotations
 
 import sys
-from enum import Enum
-from pathlib import Path
-from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
-from expert_hub.errors import ExpertHubError, InvalidInputError
+from expert_hub.errors import ExpertHubError
 
-app = typer.Typer(
-    name="expert-hub",
-    help="Expert-Specialized Fine-Tuning (ESFT) for Mixture-of-Experts models: score, select, train and share "
-    "the routed experts a task uses.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-console = Console()
-
-
-class ScoreFunction(str, Enum):
-    token = "token"
-    gate = "gate"
-
-
-class DType(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
-@app.command()
-def score(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the scores JSON.")],
-    base: Annotated[Optional[str], typer.Option(help="Base MoE model: a local directory or a Hub id.")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="Task data: JSONL of {\"messages\": [...]} lines.")] = None,
-    tokens: Annotated[int, typer.Option(min=1, help="How many tokens of the data to score (paper: 2^17).")] = 131072,
-    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 8,
-    seq_len: Annotated[int, typer.Option(min=1, help="Longest sequence; longer conversations are cut.")] = 4096,
-    dtype: Annotated[DType, typer.Option(help="Weights dtype to load the model in.")] = DType.auto,
-    device: Annotated[Optional[str], typer.Option(help="torch device (default: cuda when available).")] = None,
-    trust_remote_code: Annotated[bool, typer.Option(help="Run the model repo's own code (only if you trust it).")] = False,
-    routing_logs: Annotated[
-        Optional[Path], typer.Option(help="Score the reference repo's raw logs (expert_weights_<layer>.txt) instead.")
-    ] = None,
-    top_k: Annotated[Optional[int], typer.Option(min=1, help="Experts per token in the routing logs.")] = None,
-    num_experts: Annotated[Optional[int], typer.Option(min=1, help="Routed experts per layer in the logs.")] = None,
-) -> None:
-    """Score every routed expert on task data: Token Selection Ratio and Average Gate Score per layer."""
-    from expert_hub.scores import scores_from_routing_logs
-
-    if routing_logs is not None:
-        if base or data:
-            raise InvalidInputError("use either --routing-logs or --base with --data, not both")
-        if top_k is None:
-            raise InvalidInputError("--routing-logs needs --top-k (experts per token, 6 for DeepSeek-V2-Lite)")
-        scores = scores_from_routing_logs(routing_logs, top_k=top_k, num_experts=num_experts)
-    elif base and data:
-        scores = _score_model(base, data, tokens, batch_size, seq_len, dtype.value, device, trust_remote_code)
-    else:
-        raise InvalidInputError("give --base and --data (or --routing-logs with --top-k)")
-    scores.save(output)
-    tokens_seen = max(c.tokens for c in scores.counts.values())
-    console.print(f"Scored {tokens_seen:,} tokens over {len(scores.token_scores)} MoE layers -> {output}")
-
-
-def _score_model(base, data, tokens, batch_size, seq_len, dtype, device, trust_remote_code):
-    import torch
-
-    from expert_hub.data import read_conversations
-    from expert_hub.models import load_base
-    from expert_hub.routing import score_model, token_sequences
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    conversations = read_conversations(data)
-    first = next(conversations, None)  # fail on a missing or malformed file before loading weights
-    if first is None:
-        raise InvalidInputError(f"{data} holds no conversations")
-    with console.status(f"Loading {base}"):
-        model = load_base(base, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
-        tokenizer = _load_tokenizer(base, trust_remote_code)
-    sequences = token_sequences(_chain(first, conversations), tokenizer, max_tokens=tokens, max_length=seq_len)
-    with _progress() as progress:
-        task = progress.add_task("Scoring", total=tokens)
-        scores = score_model(
-            model,
-            sequences,
-            batch_size=batch_size,
-            source={"model": base, "data": str(data), "tokens_requested": tokens, "seq_len": seq_len},
-            on_tokens=lambda n: progress.advance(task, n),
-        )
-        progress.update(task, total=progress.tasks[0].completed)
-    return scores
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
-
-
-def _load_tokenizer(base: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise InvalidInputError(f"cannot load the tokenizer of {base!r}: {str(error).splitlines()[0]}") from None
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("tokens"),
-        TimeRemainingColumn(),
-        console=console,
-    )
-
-
-@app.command()
-def select(
-    scores_file: Annotated[Path, typer.Argument(metavar="SCORES.json", help="Scores from `expert-hub score` or a published summary.json.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write expert_cfg.json.")],
-    by: Annotated[ScoreFunction, typer.Option(help="Score to rank experts by.")] = ScoreFunction.token,
-    top_p: Annotated[
-        Optional[float], typer.Option(help="Cumulative score to reach per layer, in (0, 1]; default 0.2 token / 0.1 gate.")
-    ] = None,
-    shared_experts: Annotated[bool, typer.Option("--shared-experts", help="Also train the shared experts.")] = False,
-    non_expert_modules: Annotated[
-        bool, typer.Option("--non-expert-modules", help="Also train every non-expert module.")
-    ] = False,
-) -> None:
-    """Pick each layer's top experts until their scores sum to top-p (ESFT-Token / ESFT-Gate)."""
-    from expert_hub.scores import ExpertScores
-    from expert_hub.selection import select_experts
-
-    selection = select_experts(
-        ExpertScores.load(scores_file), by=by.value, top_p=top_p,
-        shared_experts=shared_experts, non_expert_modules=non_expert_modules,
-    )
-    selection.save(output)
-    table = Table("layer", "experts", "ids", title=f"Selected by {by.value} scores")
-    for layer, ids in sorted(selection.experts.items()):
-        table.add_row(str(layer), str(len(ids)), " ".join(map(str, ids)))
-    console.print(table)
-    console.print(f"{len(selection.pairs)} experts over {len(selection.experts)} layers -> {output}")
-
-
-@app.command()
-def inspect(
-    target: Annotated[str, typer.Argument(metavar="MODEL_OR_ADAPTER", help="A model (directory or Hub id) or an adapter directory.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    trust_remote_code: Annotated[bool, typer.Option(help="Run the model repo's own code (only if you trust it).")] = False,
-) -> None:
-    """Show a model's MoE layout (family, layers, experts, top-k) or an adapter's experts and size."""
-    from expert_hub.adapter import CONFIG_FILE
-
-    if (Path(target) / CONFIG_FILE).is_file():
-        _inspect_adapter(Path(target), as_json)
-    else:
-        _inspect_model(target, as_json, trust_remote_code)
-
-
-def _inspect_model(target: str, as_json: bool, trust_remote_code: bool) -> None:
-    from dataclasses import asdict
-
-    from expert_hub.models import describe_model
-
-    summary = describe_model(target, trust_remote_code=trust_remote_code)
-    if as_json:
-        console.print_json(data=asdict(summary))
-        return
-    table = Table(show_header=False, title=target)
-    table.add_row("family", summary.family)
-    table.add_row("layers", f"{summary.num_layers} ({len(summary.moe_layers)} MoE: {_ranges(summary.moe_layers)})")
-    table.add_row("routed experts per layer", str(summary.num_experts))
-    table.add_row("experts per token (top-k)", str(summary.top_k))
-    table.add_row("shared experts", "yes" if summary.shared_experts else "no")
-    table.add_row("parameters per expert", f"{summary.expert_parameters:,}")
-    console.print(table)
-
-
-def _inspect_adapter(directory: Path, as_json: bool) -> None:
-    from dataclasses import asdict
-
-    from expert_hub.adapter import ExpertAdapter
-
-    adapter = ExpertAdapter.load(directory)
-    if as_json:
-        console.print_json(data={
-            "experts": adapter.selection.to_json(), "num_experts": len(adapter.selection.pairs),
-            "bytes": adapter.nbytes, "metadata": asdict(adapter.metadata),
-        })
-        return
-    meta = adapter.metadata
-    table = Table("layer", "experts", "ids", title=f"{directory} ({meta.task or 'untitled task'})")
-    for layer, ids in sorted(adapter.selection.experts.items()):
-        table.add_row(str(layer), str(len(ids)), " ".join(map(str, ids)))
-    console.print(table)
-    console.print(
-        f"{len(adapter.selection.pairs)} experts, {adapter.nbytes / 2**20:.1f} MiB; "
-        f"shared experts: {adapter.selection.shared_experts}, non-expert modules: {adapter.selection.non_expert_modules}"
-    )
-    if meta.base_model:
-        console.print(f"base: {meta.base_model}  method: {meta.method or '-'}  fingerprint: {(meta.base_fingerprint or '-')[:12]}")
-
-
-def _ranges(values: list[int]) -> str:
-    """[1, 2, 3, 5] -> '1-3, 5'."""
-    spans, start = [], None
-    for i, value in enumerate(values):
-        start = value if start is None else start
-        if i + 1 == len(values) or values[i + 1] != value + 1:
-            spans.append(f"{start}-{value}" if value != start else str(value))
-            start = None
-    return ", ".join(spans)
+from . import analysis  # noqa: F401  (registers its commands)
+from .app import app
 
 
 def main() -> None:
-    """Entry point: expected errors become one line on stderr and a non-zero exit, never a traceback."""
+    """Expected errors become one line on stderr and a non-zero exit, never a traceback."""
     from huggingface_hub.utils import logging as huggingface_hub_logging
     from transformers.utils import logging as transformers_logging
 
@@ -249,5 +36,8 @@ def main() -> None:
             print(f"error: {message}", file=sys.stderr)
         sys.exit(error.exit_code)
     except ExpertHubError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as error:  # disk full, permission denied, ...: say which file, not where in the code
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

@@ -4,7 +4,7 @@ Score how much a task uses each routed expert, select the top ones per layer, tr
 them as a small adapter that `load_model` puts back into the base model.
 """
 
-from .adapter import AdapterMetadata, ExpertAdapter, base_fingerprint, load_model
+from .adapter import AdapterMetadata, ExpertAdapter, fingerprint_selection, load_model
 from .errors import AdapterMismatchError, ExpertHubError, InvalidInputError, UnsupportedModelError
 from .families import FAMILIES, moe_layers
 from .routing import RoutingRecorder, score_model, token_sequences
@@ -23,7 +23,7 @@ __all__ = [
     "LayerCounts",
     "RoutingRecorder",
     "UnsupportedModelError",
-    "base_fingerprint",
+    "fingerprint_selection",
     "load_model",
     "moe_layers",
     "score_model",

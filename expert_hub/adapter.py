@@ -12,10 +12,7 @@ Layout of an adapter directory:
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +24,7 @@ from torch import nn
 
 from .errors import AdapterMismatchError, InvalidInputError
 from .families import PROJECTIONS, expert_views, moe_layers, read_expert, split_parameters
-from .io import read_json, write_json_atomic
+from .io import atomic_directory, read_json, write_json_atomic
 from .selection import ExpertSelection
 
 CONFIG_FILE = "expert_cfg.json"
@@ -38,9 +35,15 @@ _EXPERT_KEY = re.compile(r"(?P<prefix>.+)\.experts\.(?P<expert>\d+)\.(?P<tensor>
 
 
 def _library_versions() -> dict[str, str]:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {name: version(name) for name in ("expert-hub", "torch", "transformers")}
+    versions = {}
+    for name in ("expert-hub", "torch", "transformers"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return versions
 
 
 @dataclass
@@ -57,11 +60,15 @@ class AdapterMetadata:
     created: str | None = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     versions: dict[str, str] = field(default_factory=_library_versions)
     metrics: dict[str, float] = field(default_factory=dict)
+    training: dict = field(default_factory=dict)  # the training config, data, steps and time
 
     @classmethod
-    def from_json(cls, data: dict) -> AdapterMetadata:
+    def from_json(cls, data, origin: str = METADATA_FILE) -> AdapterMetadata:
+        """Metadata as stored; fields it lacks stay empty rather than taking today's values."""
+        if not isinstance(data, dict) or not isinstance(data.get("base_fingerprint") or "", str):
+            raise InvalidInputError(f"{origin} is not expert-hub adapter metadata")
         known = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in data.items() if key in known})
+        return cls(**({"created": None, "versions": {}} | {k: v for k, v in data.items() if k in known}))
 
 
 @dataclass
@@ -77,34 +84,27 @@ class ExpertAdapter:
         return sum(tensor.numel() * tensor.element_size() for tensor in self.tensors.values())
 
     @classmethod
-    def from_model(cls, model: nn.Module, selection: ExpertSelection, base: nn.Module | None = None,
+    def from_model(cls, model: nn.Module, selection: ExpertSelection, base_fingerprint: str | None = None,
                    **metadata) -> ExpertAdapter:
         """Take the selected experts (and shared / non-expert tensors, when selected) out of `model`.
 
-        `base`, the untrained model (default: `model` itself), is fingerprinted so the adapter is later
-        applied only to the weights it was trained from.
+        `base_fingerprint` is `fingerprint_selection(base, selection)` taken before training; without it
+        `model` itself is taken to be the base.
         """
-        tensors = {key: view.detach().contiguous().clone() for key, view in _selected_views(model, selection).items()}
-        fingerprint = base_fingerprint(base if base is not None else model, tensors)
+        views = _selected_views(model, selection)
+        tensors = {key: view.detach().contiguous().clone() for key, view in views.items()}
         metadata.setdefault("base_model", getattr(model.config, "_name_or_path", None) or None)
         metadata.setdefault("base_revision", getattr(model.config, "_commit_hash", None))
+        fingerprint = base_fingerprint or _fingerprint(views)
         return cls(selection, tensors, AdapterMetadata(base_fingerprint=fingerprint, **metadata))
 
     def save(self, directory: str | Path, overwrite: bool = False) -> Path:
         """Write the adapter atomically: readers see no directory or a complete one."""
-        directory = Path(directory)
-        if directory.exists() and any(directory.iterdir()) and not overwrite:
-            raise InvalidInputError(f"{directory} already exists and is not empty; remove it or choose another path")
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
-        try:
+        with atomic_directory(directory, overwrite) as staging:
             self.selection.save(staging / CONFIG_FILE)
             save_file(self.tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
             write_json_atomic(staging / METADATA_FILE, asdict(self.metadata))
-            _replace_directory(staging, directory)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return directory
+        return Path(directory)
 
     @classmethod
     def load(cls, directory: str | Path) -> ExpertAdapter:
@@ -122,11 +122,13 @@ class ExpertAdapter:
                 loaded = load_file(shard)
             except (SafetensorError, OSError) as error:
                 raise InvalidInputError(f"cannot read {shard}: {error}") from None
-            tensors |= {_canonical_key(key): tensor for key, tensor in loaded.items()}
+            for key, tensor in loaded.items():
+                if (canonical := _canonical_key(key)) in tensors:
+                    raise InvalidInputError(f"{directory} holds {canonical} twice (in {shard.name} as {key})")
+                tensors[canonical] = tensor
         metadata_path = directory / METADATA_FILE
-        metadata = AdapterMetadata.from_json(read_json(metadata_path)) if metadata_path.is_file() else AdapterMetadata(
-            created=None, versions={}
-        )
+        metadata = AdapterMetadata.from_json(read_json(metadata_path) if metadata_path.is_file() else {},
+                                             origin=str(metadata_path))
         adapter = cls(selection, tensors, metadata)
         adapter.check_consistent(origin=str(directory))
         return adapter
@@ -154,6 +156,8 @@ class ExpertAdapter:
         weights being replaced are not the ones the adapter was trained from.
         """
         views = _tensor_views(model, self.tensors)
+        if missing := sorted(set(_selected_views(model, self.selection)) - set(self.tensors)):
+            raise AdapterMismatchError(f"the adapter lacks {missing[0]}, which its selection replaces in this model")
         for key, tensor in self.tensors.items():
             if views[key].shape != tensor.shape:
                 raise AdapterMismatchError(
@@ -171,15 +175,16 @@ class ExpertAdapter:
         return model
 
 
-def base_fingerprint(model: nn.Module, keys) -> str:
-    """sha256 of the model's tensors at `keys` (names, shapes and values rounded to bfloat16).
-
-    Rounding to bfloat16 makes the fingerprint independent of the dtype the base was loaded in.
-    """
-    return _fingerprint(_tensor_views(model, keys))
+def fingerprint_selection(model: nn.Module, selection: ExpertSelection) -> str:
+    """The fingerprint an adapter of `selection` trained from `model` records (see `_fingerprint`)."""
+    return _fingerprint(_selected_views(model, selection))
 
 
 def _fingerprint(views: dict[str, torch.Tensor]) -> str:
+    """sha256 of tensors by checkpoint key: names, shapes and values rounded to bfloat16.
+
+    Rounding to bfloat16 makes the fingerprint independent of the dtype the base was loaded in.
+    """
     digest = hashlib.sha256()
     for key in sorted(views):
         value = views[key].detach().to(torch.bfloat16).contiguous()
@@ -242,14 +247,3 @@ def _tensor_views(model: nn.Module, keys) -> dict[str, torch.Tensor]:
 def _canonical_key(key: str) -> str:
     """Published ESFT adapters sometimes drop the leading `model.`."""
     return f"model.{key}" if key.startswith("layers.") else key
-
-
-def _replace_directory(staging: Path, directory: Path) -> None:
-    """Move `staging` to `directory`, swapping out any old one so no reader sees a mix of both."""
-    if directory.exists():
-        retired = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
-        os.replace(directory, retired / directory.name)
-        os.replace(staging, directory)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, directory)

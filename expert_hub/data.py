@@ -1,38 +1,64 @@
-"""Task data: conversations read from JSONL and rendered with the reference prompt format.
+"""Task data: conversations from JSONL files or Hugging Face datasets, tokenized with loss masks, packed.
 
-Accepted lines are the ESFT reference format `{"messages": [{"role": "user", "content": ...},
+Accepted records are the ESFT reference format `{"messages": [{"role": "user", "content": ...},
 {"role": "assistant", "content": ...}]}` and OpenAI chat fine-tuning lines, which add `system` turns.
-Files are read lazily, so scoring a 2^17-token sample of a huge file reads only what it needs.
+JSONL files are read lazily, so scoring a 2^17-token sample of a huge file reads only what it needs.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import random
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .errors import InvalidInputError
+from .io import numbered_lines
 
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
+IGNORE_INDEX = -100  # label of tokens that carry no loss
 
 
 def read_conversations(path: str | Path) -> Iterator[list[Message]]:
-    """Yield each line's messages; a malformed line raises with `file:line` and what is wrong."""
+    """Yield each JSONL line's messages; a malformed line raises with `file:line` and what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise InvalidInputError(f"data file not found: {path}")
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield _parse_messages(json.loads(line))
-            except (json.JSONDecodeError, ValueError) as error:
-                raise InvalidInputError(f"{path}:{number}: {error}") from None
+    for number, line in numbered_lines(path):
+        try:
+            yield parse_messages(json.loads(line))
+        except (json.JSONDecodeError, ValueError) as error:
+            raise InvalidInputError(f"{path}:{number}: {error}") from None
 
 
-def _parse_messages(record) -> list[Message]:
+
+def load_conversations(data: str | Path, split: str = "train") -> Iterator[list[Message]]:
+    """Conversations from a JSONL file, or from a Hugging Face dataset (a saved directory or a Hub name)."""
+    path = Path(data)
+    if path.is_file() or path.suffix in (".jsonl", ".json"):
+        yield from read_conversations(path)
+        return
+    for number, record in enumerate(_load_dataset(str(data), split)):
+        try:
+            yield parse_messages(record)
+        except ValueError as error:
+            raise InvalidInputError(f"{data} [{split}] row {number}: {error}") from None
+
+
+def _load_dataset(name: str, split: str):
+    import datasets
+
+    try:
+        if (Path(name) / "dataset_info.json").is_file() or (Path(name) / "state.json").is_file():
+            loaded = datasets.load_from_disk(name)
+            return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        return datasets.load_dataset(name, split=split)
+    except (FileNotFoundError, ValueError, KeyError, ConnectionError) as error:
+        raise InvalidInputError(f"cannot load dataset {name!r} split {split!r}: {error}") from None
+
+
+def parse_messages(record) -> list[Message]:
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list) or not record["messages"]:
         raise ValueError('expected an object with a non-empty "messages" list')
     messages = []
@@ -45,18 +71,121 @@ def _parse_messages(record) -> list[Message]:
     return messages
 
 
-def render_reference(messages: list[Message], eos_token: str) -> str:
-    """The reference repo's prompt format: `User: {q}\\n\\nAssistant: {a}<eos>` per turn.
+def reference_segments(messages: list[Message]) -> list[tuple[str, bool]]:
+    """The reference repo's prompt format as (text, is_answer) pieces: `User: {q}\\n\\nAssistant:` then ` {a}`.
 
     A system message, which the reference format has no slot for, goes first as a plain paragraph.
     """
-    parts = []
+    segments = []
     for message in messages:
         role, content = message["role"], message["content"]
         if role == "system":
-            parts.append(f"{content}\n\n")
+            segments.append((f"{content}\n\n", False))
         elif role == "user":
-            parts.append(f"User: {content}\n\nAssistant:")
+            segments.append((f"User: {content}\n\nAssistant:", False))
         else:
-            parts.append(f" {content}{eos_token}")
-    return "".join(parts)
+            segments.append((f" {content}", True))
+    return segments
+
+
+def tokenize_conversation(messages: list[Message], tokenizer, chat_template: bool = False) -> tuple[list[int], list[int]]:
+    """Token ids and labels; only assistant tokens (and the EOS closing each answer) carry loss.
+
+    The default is the reference format with BOS first and EOS after each answer, each piece tokenized on its
+    own as the reference does. `chat_template=True` uses the tokenizer's own template instead, labelling the
+    tokens each assistant turn adds to the rendered conversation.
+    """
+    if chat_template:
+        return _tokenize_with_chat_template(messages, tokenizer)
+    input_ids, labels = [], []
+    if tokenizer.bos_token_id is not None:
+        input_ids.append(tokenizer.bos_token_id)
+        labels.append(IGNORE_INDEX)
+    for text, is_answer in reference_segments(messages):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if is_answer and tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+        input_ids.extend(ids)
+        labels.extend(ids if is_answer else [IGNORE_INDEX] * len(ids))
+    return input_ids, labels
+
+
+def _tokenize_with_chat_template(messages: list[Message], tokenizer) -> tuple[list[int], list[int]]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidInputError("the tokenizer has no chat template; drop --chat-template to use the reference format")
+    input_ids, labels = [], []
+    for end, message in enumerate(messages, start=1):
+        rendered = tokenizer.apply_chat_template(
+            messages[:end], tokenize=False, add_generation_prompt=message["role"] != "assistant"
+        )
+        ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        new = ids[len(input_ids):]
+        input_ids = ids
+        labels.extend(new if message["role"] == "assistant" else [IGNORE_INDEX] * len(new))
+    return input_ids, labels
+
+
+def render_prompt(messages: list[Message], tokenizer, chat_template: bool = False) -> str:
+    """The text a model sees before it answers the last user turn (for generation)."""
+    if chat_template:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(text for text, _ in reference_segments(messages))
+
+
+def pack(
+    examples: Iterable[tuple[list[int], list[int]]], seq_len: int, pad_token_id: int, random_concat_ratio: float,
+    seed: int,
+) -> list[tuple[list[int], list[int]]]:
+    """Concatenate examples into blocks of exactly `seq_len`, as the reference's `get_examples_from_buffer_pad`.
+
+    An example that does not fit the space left in a block keeps only its last tokens; an example joined to a
+    non-empty block loses its first token (the BOS) with probability `random_concat_ratio`; the last block is
+    padded with labels ignored.
+    """
+    rng = random.Random(seed)
+    blocks, ids, labels = [], [], []
+    for example_ids, example_labels in examples:
+        space = seq_len - len(ids)
+        if len(example_ids) > space:
+            example_ids, example_labels = example_ids[-space:], example_labels[-space:]
+        if ids and rng.random() < random_concat_ratio:
+            example_ids, example_labels = example_ids[1:], example_labels[1:]
+        ids, labels = ids + example_ids, labels + example_labels
+        if len(ids) == seq_len:
+            blocks.append((ids, labels))
+            ids, labels = [], []
+    if ids:
+        padding = seq_len - len(ids)
+        blocks.append((ids + [pad_token_id] * padding, labels + [IGNORE_INDEX] * padding))
+    return blocks
+
+
+def read_eval_records(data: str | Path, split: str = "test") -> list[dict]:
+    """Evaluation records `{"prompt": str, "answers": [str], "messages": [...] | None}`.
+
+    Reads the reference eval files (`prompt` already formatted, `raw_answers`) and conversations, whose last
+    assistant turn is the answer and everything before it the prompt.
+    """
+    path = Path(data)
+    if path.is_file():
+        first = next(numbered_lines(path), (0, ""))[1]
+        if '"raw_answers"' in first:
+            return list(_read_reference_eval(path))
+    records = []
+    for messages in load_conversations(data, split):
+        if messages[-1]["role"] != "assistant":
+            raise InvalidInputError(f"{data}: every conversation needs a final assistant answer to evaluate against")
+        records.append({"prompt": None, "answers": [messages[-1]["content"]], "messages": messages})
+    return records
+
+
+def _read_reference_eval(path: Path) -> Iterator[dict]:
+    for number, line in numbered_lines(path):
+        try:
+            record = json.loads(line)
+            prompt, answers = record["prompt"], record["raw_answers"]
+            if not isinstance(prompt, str) or not isinstance(answers, list) or not answers:
+                raise ValueError
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise InvalidInputError(f'{path}:{number}: expected {{"prompt": str, "raw_answers": [str, ...]}}') from None
+        yield {"prompt": prompt, "answers": [str(answer) for answer in answers], "messages": None}

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +17,55 @@ from .errors import InvalidInputError
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON so readers see the old file or the new one, never half of one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        json.dump(data, handle, indent=2, ensure_ascii=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, path)
+    if path.is_dir():
+        raise InvalidInputError(f"{path} is a directory; give a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False)
+    except OSError as error:
+        raise InvalidInputError(f"cannot write {path}: {error.strerror}") from None
+    try:
+        with handle:
+            json.dump(data, handle, indent=2, ensure_ascii=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(handle.name, 0o666 & ~_umask())  # mkstemp makes files private; match a plain open()
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+def publish_permissions(directory: Path) -> None:
+    """Give a staged tree the modes a plain mkdir/open would (mkdtemp and some writers make them private)."""
+    mask = _umask()
+    for path in [directory, *directory.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def numbered_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """Non-blank lines of a text file with their 1-based numbers; a line that is not UTF-8 is reported."""
+    with Path(path).open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidInputError(f"{path}:{number}: not UTF-8 text") from None
+            if line.strip():
+                yield number, line
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, for one-line error reports."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def read_json(path: str | Path) -> Any:
@@ -31,3 +76,30 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InvalidInputError(f"{path} is not valid JSON: {error}") from None
+
+
+@contextmanager
+def atomic_directory(directory: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a staging directory that replaces `directory` in one rename when the block succeeds.
+
+    Readers see the old directory or the complete new one, never a mix; on an error nothing changes.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise InvalidInputError(f"{directory} is a file; give a directory path")
+    if directory.exists() and any(directory.iterdir()) and not overwrite:
+        raise InvalidInputError(f"{directory} already exists and is not empty; remove it or choose another path")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    try:
+        yield staging
+        publish_permissions(staging)
+        if directory.exists():
+            retired = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
+            os.replace(directory, retired / directory.name)
+            os.replace(staging, directory)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -8,30 +8,53 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .errors import InvalidInputError
+from .io import first_line
 from .families import expert_views, family_of, moe_layers
 
 
-def load_config(base: str, trust_remote_code: bool = False, **kwargs):
+# from_pretrained options that also decide where the config comes from
+_HUB_OPTIONS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code")
+
+
+def load_config(base: str, **hub_options):
     """The model's config, checked to be a supported MoE family before any weights are read."""
     try:
-        config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code, **kwargs)
+        config = AutoConfig.from_pretrained(base, **hub_options)
     except (OSError, ValueError) as error:
-        raise InvalidInputError(f"cannot load model {base!r}: {_first_line(error)}") from None
+        raise InvalidInputError(f"cannot load model {base!r}: {first_line(error)}") from None
     family_of(config)
     return config
 
 
 def load_base(base: str, **from_pretrained_kwargs) -> PreTrainedModel:
     """A supported MoE causal LM from a local directory or Hub id (`trust_remote_code` only when asked)."""
-    config = load_config(
-        base,
-        trust_remote_code=from_pretrained_kwargs.get("trust_remote_code", False),
-        revision=from_pretrained_kwargs.get("revision"),
-    )
+    hub_options = {key: value for key, value in from_pretrained_kwargs.items() if key in _HUB_OPTIONS}
+    config = load_config(base, **hub_options)
     try:
         return AutoModelForCausalLM.from_pretrained(base, config=config, **from_pretrained_kwargs)
     except (OSError, ValueError) as error:
-        raise InvalidInputError(f"cannot load model {base!r}: {_first_line(error)}") from None
+        raise InvalidInputError(f"cannot load model {base!r}: {first_line(error)}") from None
+
+
+def load_tokenizer(base: str, **hub_options):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(base, **hub_options)
+    except (OSError, ValueError) as error:
+        raise InvalidInputError(f"cannot load the tokenizer of {base!r}: {first_line(error)}") from None
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """A usable torch device: `name`, or CUDA when available, else the CPU."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise InvalidInputError(f"device {name!r} is not usable here: {first_line(error)}") from None
+    return device
 
 
 @dataclass(frozen=True)
@@ -63,8 +86,3 @@ def describe_model(base: str, trust_remote_code: bool = False) -> ModelSummary:
         shared_experts=bool(first.shared_expert_modules()),
         expert_parameters=sum(view.numel() for view in expert_views(first.experts, 0).values()),
     )
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from .data import Message, render_reference
+from .data import Message, tokenize_conversation
 from .families import moe_layers
 from .scores import ExpertScores, LayerCounts
 
@@ -21,16 +21,20 @@ class RoutingRecorder:
     """Context manager that counts every router's choices while the model runs.
 
     Set `token_mask` (a `[batch, seq]` bool tensor) before a padded forward so padding is not counted.
-    Hooks return None, so the model's outputs are unchanged.
+    Hooks return None, so the model's outputs are unchanged. Counters live on each router's device and are
+    updated with `index_add_` only, so recording never waits for the accelerator.
     """
 
     def __init__(self, model: nn.Module):
         self.layers = moe_layers(model)
-        device = self.layers[0].router.weight.device
         self.token_mask: torch.Tensor | None = None
-        self.tokens = [0] * len(self.layers)
-        self.selections = [torch.zeros(layer.num_experts, dtype=torch.int64, device=device) for layer in self.layers]
-        self.gate_sums = [torch.zeros(layer.num_experts, dtype=torch.float64, device=device) for layer in self.layers]
+
+        def zeros(layer, size, dtype):
+            return torch.zeros(size, dtype=dtype, device=layer.router.weight.device)
+
+        self.tokens = [zeros(layer, (), torch.int64) for layer in self.layers]
+        self.selections = [zeros(layer, layer.num_experts, torch.int64) for layer in self.layers]
+        self.gate_sums = [zeros(layer, layer.num_experts, torch.float64) for layer in self.layers]
         self._handles: list = []
 
     def __enter__(self) -> RoutingRecorder:
@@ -50,20 +54,25 @@ class RoutingRecorder:
 
         def record(module, inputs, output) -> None:
             _, weights, indices = output
-            if self.token_mask is not None:
-                keep = self.token_mask.reshape(-1)
-                weights, indices = weights[keep], indices[keep]
-            self.tokens[position] += indices.shape[0]
             flat = indices.reshape(-1)
-            self.selections[position] += torch.bincount(flat, minlength=layer.num_experts)
-            self.gate_sums[position].index_add_(0, flat, weights.reshape(-1).to(torch.float64) / scale)
+            weights = weights.reshape(-1).to(torch.float64) / scale
+            if self.token_mask is None:
+                self.tokens[position] += indices.shape[0]
+                counts = torch.ones_like(flat)
+            else:  # padding tokens count 0 and weigh 0
+                keep = self.token_mask.to(flat.device).reshape(-1, 1)
+                self.tokens[position] += keep.sum()
+                counts = keep.expand_as(indices).reshape(-1).to(torch.int64)
+                weights = weights * counts
+            self.selections[position].index_add_(0, flat, counts)
+            self.gate_sums[position].index_add_(0, flat, weights)
 
         return record
 
     def scores(self, source: dict | None = None) -> ExpertScores:
         counts = {
             layer.index: LayerCounts(
-                tokens=self.tokens[position],
+                tokens=int(self.tokens[position]),
                 selections=self.selections[position].tolist(),
                 gate_sums=self.gate_sums[position].tolist(),
             )
@@ -80,8 +89,7 @@ def token_sequences(
     for messages in conversations:
         if remaining <= 0:
             return
-        text = render_reference(messages, tokenizer.eos_token or "")
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"][: min(max_length, remaining)]
+        ids = tokenize_conversation(messages, tokenizer)[0][: min(max_length, remaining)]
         if ids:
             remaining -= len(ids)
             yield ids
@@ -95,14 +103,17 @@ def score_model(
     source: dict | None = None,
     on_tokens: Callable[[int], None] | None = None,
 ) -> ExpertScores:
-    """Run the frozen model over token sequences and score every routed expert of every MoE layer."""
+    """Run the frozen model over token sequences and score every routed expert of every MoE layer.
+
+    Only the decoder runs: the LM head's logits (batch x length x vocabulary) are never needed.
+    """
     model.eval()
     device = next(model.parameters()).device
     with RoutingRecorder(model) as recorder:
         for batch in _batches(sequences, batch_size):
             input_ids, attention_mask = pad_batch(batch, device)
-            recorder.token_mask = attention_mask.bool() if not attention_mask.all() else None
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            recorder.token_mask = attention_mask.bool() if len({len(ids) for ids in batch}) > 1 else None
+            model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             if on_tokens:
                 on_tokens(sum(len(ids) for ids in batch))
     return recorder.scores(source)

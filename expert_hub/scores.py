@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import InvalidInputError
-from .io import read_json, write_json_atomic
+from .io import numbered_lines, read_json, write_json_atomic
 
 ScoreFunction = Literal["token", "gate"]
 SCORE_FUNCTIONS: tuple[str, ...] = ("token", "gate")
@@ -114,20 +114,20 @@ def scores_from_routing_logs(directory: str | Path, top_k: int, num_experts: int
     """Scores from the reference repo's raw routing logs (`expert_weights_{layer}.txt`).
 
     Each line is one sequence: the top-k expert ids of every token, flattened and tab-separated, a double
-    tab, then the matching gate weights. Files are streamed line by line. Without `num_experts`, the
-    largest id seen decides it.
+    tab, then the matching gate weights. Files are streamed line by line; the reference writes one folder per
+    rank (`rank_*/expert_weights_{layer}.txt`), and a layer's files in all subfolders are added up. Without
+    `num_experts`, the largest id seen decides it.
     """
     directory = Path(directory)
     if top_k < 1:
         raise InvalidInputError(f"--top-k must be at least 1, got {top_k}")
-    logs = sorted(
-        (int(match.group(1)), path)
-        for path in (directory.iterdir() if directory.is_dir() else [])
-        if (match := _LOG_NAME.fullmatch(path.name))
-    )
+    logs: dict[int, list[Path]] = {}
+    for path in sorted(directory.rglob("expert_weights_*.txt")) if directory.is_dir() else []:
+        if match := _LOG_NAME.fullmatch(path.name):
+            logs.setdefault(int(match.group(1)), []).append(path)
     if not logs:
         raise InvalidInputError(f"no expert_weights_<layer>.txt files in {directory}")
-    raw = {layer: _read_routing_log(path, top_k) for layer, path in logs}
+    raw = {layer: _read_routing_logs(paths, top_k) for layer, paths in sorted(logs.items())}
     seen = max(max(selections, default=-1) for _, selections, _ in raw.values()) + 1
     num_experts = num_experts or seen
     if seen > num_experts:
@@ -143,12 +143,10 @@ def scores_from_routing_logs(directory: str | Path, top_k: int, num_experts: int
     return ExpertScores.from_counts(counts, top_k, source={"routing_logs": str(directory)})
 
 
-def _read_routing_log(path: Path, top_k: int) -> tuple[int, dict[int, int], dict[int, float]]:
+def _read_routing_logs(paths: list[Path], top_k: int) -> tuple[int, dict[int, int], dict[int, float]]:
     tokens, selections, gate_sums = 0, {}, {}
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
+    for path in paths:
+        for number, line in numbered_lines(path):
             try:
                 ids_part, weights_part = line.rstrip("\n").split("\t\t")
                 ids = [int(value) for value in ids_part.split("\t")]

@@ -41,11 +41,13 @@ class ExpertSelection:
     @classmethod
     def from_json(cls, data: dict, origin: str = "expert config") -> ExpertSelection:
         try:
-            experts = {int(layer): [int(e) for e in ids] for layer, ids in data["experts"].items()}
+            experts = {int(layer): ids for layer, ids in data["experts"].items()}
             shared, non_expert = data.get("shared_experts", False), data.get("non_expert_modules", False)
+            if not all(isinstance(ids, list) and all(type(e) is int for e in ids) for ids in experts.values()):
+                raise TypeError
         except (AttributeError, KeyError, TypeError, ValueError):
             raise InvalidInputError(
-                f'{origin} is not an expert config: expected {{"experts": {{"<layer>": [ids]}}, ...}}'
+                f'{origin} is not an expert config: expected {{"experts": {{"<layer>": [integer ids]}}, ...}}'
             ) from None
         if not isinstance(shared, bool) or not isinstance(non_expert, bool):
             raise InvalidInputError(f"{origin}: shared_experts and non_expert_modules must be true or false")
@@ -75,8 +77,12 @@ def select_experts(
     top_p = DEFAULT_TOP_P[by] if top_p is None else top_p
     if not 0 < top_p <= 1:
         raise InvalidInputError(f"top-p must be in (0, 1], got {top_p}")
+    if not layer_scores:
+        raise InvalidInputError("the scores hold no layers")
     experts = {}
     for layer, expert_scores in layer_scores.items():
+        if not any(expert_scores.values()):
+            raise InvalidInputError(f"layer {layer} has no scores (were any tokens scored?)")
         chosen, total = [], 0.0
         for expert, score in sorted(expert_scores.items(), key=lambda item: item[1], reverse=True):
             chosen.append(expert)

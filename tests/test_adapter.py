@@ -166,3 +166,44 @@ def test_saving_over_an_existing_adapter_needs_overwrite(tiny_models, tmp_path):
     second.save(tmp_path / "law", overwrite=True)
     assert ExpertAdapter.load(tmp_path / "law").selection == second.selection
     assert [p.name for p in tmp_path.iterdir()] == ["law"]
+
+
+def test_written_files_follow_the_umask(tiny_models, tmp_path):
+    """Temporary files are private by default; the adapter others will serve must not be."""
+    _trained_adapter(tiny_models["olmoe"], ExpertSelection({0: [1]})).save(tmp_path / "law")
+    assert (tmp_path / "law").stat().st_mode & 0o777 == 0o777 & ~_umask()
+    for path in (tmp_path / "law").iterdir():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~_umask(), path
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_an_adapter_missing_part_of_an_expert_is_refused(tiny_models, tmp_path):
+    """gpt_oss experts have biases: weights alone would silently mix trained and base tensors."""
+    adapter = _trained_adapter(tiny_models["gpt_oss"], ExpertSelection({1: [2]}))
+    del adapter.tensors["model.layers.1.mlp.experts.2.up_proj.bias"]
+    with pytest.raises(AdapterMismatchError, match="lacks model.layers.1.mlp.experts.2.up_proj.bias"):
+        adapter.apply(load_base(str(tiny_models["gpt_oss"])))
+
+
+def test_a_key_given_twice_across_shards_is_refused(tiny_models, tmp_path):
+    adapter = _trained_adapter(tiny_models["deepseek_v2"], ExpertSelection({1: [2]}))
+    adapter.save(tmp_path / "law")
+    key = "model.layers.1.mlp.experts.2.gate_proj.weight"
+    save_file({key.removeprefix("model."): adapter.tensors[key]}, tmp_path / "law" / "legacy.safetensors")
+    with pytest.raises(InvalidInputError, match="holds model.layers.1.mlp.experts.2.gate_proj.weight twice"):
+        ExpertAdapter.load(tmp_path / "law")
+
+
+def test_malformed_metadata_is_refused(tiny_models, tmp_path):
+    _trained_adapter(tiny_models["olmoe"], ExpertSelection({0: [1]})).save(tmp_path / "law")
+    for bad in ("[1, 2]", '{"base_fingerprint": 7}'):
+        (tmp_path / "law" / METADATA_FILE).write_text(bad)
+        with pytest.raises(InvalidInputError, match="not expert-hub adapter metadata"):
+            ExpertAdapter.load(tmp_path / "law")

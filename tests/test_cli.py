@@ -72,14 +72,21 @@ def test_inspect_an_adapter(run_cli, tmp_path, tiny_models):
         (["score", "--tokens", "0", "-o", "{tmp}/s.json"], "--tokens"),
         (["inspect", "{tmp}/no-such-model"], "cannot load model"),
         (["select", "--frobnicate"], "No such option"),
+        (["select", "{summary}", "-o", "{tmp}"], "is a directory"),
+        (["select", "{summary}", "-o", "{tmp}/bad.json/c.json"], "not a writable directory"),
+        (["score", "--base", "{model}", "--data", "{latin1}", "-o", "{tmp}/s.json"], "latin1.jsonl:2: not UTF-8"),
+        (["score", "--base", "{model}", "--data", "{good_jsonl}", "--device", "tpu9", "-o", "{tmp}/s.json"], "device 'tpu9'"),
+        (["score", "--routing-logs", "{tmp}", "--top-k", "2", "-o", "{tmp}/s.json"], "no expert_weights"),
     ],
 )
 def test_bad_input_exits_non_zero_with_one_line(run_cli, tmp_path, tiny_models, esft_data, args, message):
     (tmp_path / "bad.json").write_text("{")
     (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}]}\n{"messages": 5}\n')
     (tmp_path / "good.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}]}\n')
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"messages": [{"role": "user", "content": "q"}]}\n{"x": "\xe9"}\n')
     values = {"tmp": tmp_path, "summary": esft_data / "expert_scores/law/summary.json", "model": tiny_models["olmoe"],
-              "bad_json": tmp_path / "bad.json", "bad_jsonl": tmp_path / "bad.jsonl", "good_jsonl": tmp_path / "good.jsonl"}
+              "bad_json": tmp_path / "bad.json", "bad_jsonl": tmp_path / "bad.jsonl", "good_jsonl": tmp_path / "good.jsonl",
+              "latin1": tmp_path / "latin1.jsonl"}
     code, out, err = run_cli(*[arg.format(**values) for arg in args])
     assert code != 0
     assert err.startswith("error: ") and err.count("\n") == 1, err

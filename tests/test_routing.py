@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from expert_hub.data import read_conversations, render_reference
+from expert_hub.data import read_conversations, tokenize_conversation
 from expert_hub.errors import InvalidInputError
 from expert_hub.families import moe_layers
 from expert_hub.models import load_base
@@ -127,10 +127,26 @@ def test_malformed_data_lines_name_file_and_line(tmp_path, line, problem):
         list(read_conversations(path))
 
 
-def test_reference_prompt_format():
+def test_reference_prompt_format_masks_everything_but_the_answers(tiny_models):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["qwen3_moe"])
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Q?"},
         {"role": "assistant", "content": "A."},
     ]
-    assert render_reference(messages, "<eos>") == "Be brief.\n\nUser: Q?\n\nAssistant: A.<eos>"
+    ids, labels = tokenize_conversation(messages, tokenizer)
+    assert tokenizer.decode(ids) == "<bos>Be brief.\n\nUser: Q?\n\nAssistant: A.<eos>"
+    answer = [i for i, label in zip(ids, labels) if label != -100]
+    assert tokenizer.decode(answer) == " A.<eos>"
+
+
+def test_routing_logs_in_rank_folders_are_added_up(tmp_path, esft_data):
+    """The reference writes rank_*/expert_weights_{layer}.txt; two ranks of the same log count twice."""
+    for rank in ("rank_0", "rank_1"):
+        (tmp_path / rank).mkdir()
+        (tmp_path / rank / "expert_weights_13.txt").write_text((esft_data / "routing_logs/law/expert_weights_13.txt").read_text())
+    doubled = scores_from_routing_logs(tmp_path, top_k=6)
+    single = scores_from_routing_logs(esft_data / "routing_logs/law", top_k=6)
+    assert doubled.counts[13].tokens == 2 * single.counts[13].tokens
+    assert doubled.counts[13].selections == [2 * c for c in single.counts[13].selections]
+    assert doubled.token_scores[13] == single.token_scores[13]

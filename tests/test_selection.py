@@ -58,3 +58,17 @@ def test_selection_round_trips_and_validates(tmp_path):
         (tmp_path / "bad.json").write_text(json.dumps(bad))
         with pytest.raises(InvalidInputError):
             ExpertSelection.load(tmp_path / "bad.json")
+
+
+def test_empty_scores_are_refused():
+    with pytest.raises(InvalidInputError, match="no layers"):
+        select_experts(ExpertScores(token_scores={}, gate_scores={}))
+    with pytest.raises(InvalidInputError, match="layer 5 has no scores"):
+        select_experts(_scores({0: 0.0, 1: 0.0}))
+
+
+@pytest.mark.parametrize("ids", ['"12"', "[1.5]", "[true]"])
+def test_expert_ids_must_be_integers(tmp_path, ids):
+    (tmp_path / "cfg.json").write_text('{"experts": {"1": %s}}' % ids)
+    with pytest.raises(InvalidInputError, match="integer ids"):
+        ExpertSelection.load(tmp_path / "cfg.json")

@@ -34,8 +34,9 @@ class MoEFamily:
     model_type: str
     router: str = "gate"
     shared_experts: tuple[str, ...] = ()
-    # The router attribute its top-k weights were multiplied by; dividing it out makes the Average Gate
-    # Score the router's probability, comparable across families (DeepSeek-V3 scales by 2.5).
+    # The router attribute its top-k weights were multiplied by (DeepSeek-V3: 2.5). The Average Gate Score
+    # divides it out, so it is the router's own weight. Routers that renormalise the top-k (norm_topk_prob,
+    # mixtral, gpt_oss) give gate scores summing to 1 per layer; DeepSeek-V2-Lite's do not (about 0.35-0.40).
     gate_scale: str | None = None
 
 
@@ -106,6 +107,11 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
         block = decoder_layer.mlp
         if not hasattr(block, "experts"):
             continue
+        if not hasattr(block.experts, "gate_up_proj"):
+            raise UnsupportedModelError(
+                f"{type(block.experts).__name__} does not hold fused expert tensors: expert-hub needs the "
+                "transformers implementation of this family (drop trust_remote_code)"
+            )
         layers.append(
             MoELayer(
                 index=index,
