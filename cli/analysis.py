@@ -11,7 +11,7 @@ from rich.table import Table
 
 from expert_hub.errors import InvalidInputError
 
-from .app import DType, ScoreFunction, app, check_output_file, console, progress_bar
+from .app import DType, ScoreFunction, app, check_output_file, console, progress_bar, status_console
 
 
 @app.command()
@@ -60,7 +60,7 @@ def _score_model(base, data, tokens, batch_size, seq_len, dtype, device, trust_r
     first = next(conversations, None)  # fail on a missing or malformed file before loading weights
     if first is None:
         raise InvalidInputError(f"{data} holds no conversations")
-    with console.status(f"Loading {base}"):
+    with status_console.status(f"Loading {base}"):
         model = load_base(base, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
         tokenizer = load_tokenizer(base, trust_remote_code=trust_remote_code)
     sequences = token_sequences(chain([first], conversations), tokenizer, max_tokens=tokens, max_length=seq_len)

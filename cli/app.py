@@ -21,7 +21,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+console = Console()  # results
+status_console = Console(stderr=True)  # progress and status, so `--json` output stays clean
 
 ScoreFunction = Enum("ScoreFunction", {name: name for name in SCORE_FUNCTIONS}, type=str)
 
@@ -50,5 +51,5 @@ def progress_bar(unit: str) -> Progress:
         MofNCompleteColumn(),
         TextColumn(unit),
         TimeRemainingColumn(),
-        console=console,
+        console=status_console,
     )

@@ -197,17 +197,22 @@ def load_model(base: str, adapter: str | Path | ExpertAdapter | None = None, for
                **from_pretrained_kwargs) -> nn.Module:
     """Load a base MoE model with a task's experts in place.
 
-    `adapter` is an adapter directory (ours or a published ESFT one) or an `ExpertAdapter`. `force` skips the
+    `adapter` is an expert adapter directory (ours or a published ESFT one), an `ExpertAdapter`, or a PEFT
+    adapter directory (the LoRA baseline), which comes back as a `PeftModel`. `force` skips the
     base-fingerprint check only; keys and shapes are always checked.
     """
     from .models import load_base
 
     model = load_base(base, **from_pretrained_kwargs)
-    if adapter is not None:
-        if not isinstance(adapter, ExpertAdapter):
-            adapter = ExpertAdapter.load(adapter)
-        adapter.apply(model, force=force)
-    return model
+    if adapter is None:
+        return model
+    if not isinstance(adapter, ExpertAdapter):
+        if not (Path(adapter) / CONFIG_FILE).is_file() and (Path(adapter) / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            return PeftModel.from_pretrained(model, str(adapter))
+        adapter = ExpertAdapter.load(adapter)
+    return adapter.apply(model, force=force)
 
 
 def _selected_views(model: nn.Module, selection: ExpertSelection) -> dict[str, torch.Tensor]:

@@ -1,0 +1,144 @@
+"""Training commands: `train` a task's experts (or a baseline), `eval` a model with or without an adapter."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from expert_hub.evaluation import METRICS
+from expert_hub.training.config import METHODS
+
+from .app import DType, app, console, progress_bar, status_console
+
+Method = Enum("Method", {name.replace("-", "_"): name for name in METHODS}, type=str)
+Metric = Enum("Metric", {name: name for name in METRICS}, type=str)
+
+
+@app.command()
+def train(
+    task: Annotated[str, typer.Option(help="Task name, e.g. law; names the output and the adapter.")],
+    base: Annotated[str, typer.Option(help="Base MoE model: a local directory or a Hub id.")],
+    data: Annotated[str, typer.Option(help="Training data: JSONL of {\"messages\": [...]} lines, or a Hugging Face dataset (saved directory or name).")],
+    method: Annotated[Method, typer.Option(help="esft-token / esft-gate (score, select, train), esft (with --experts), or the baselines full / lora.")] = Method.esft_token,
+    experts: Annotated[Optional[Path], typer.Option(help="expert_cfg.json for --method esft.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output directory (default runs/TASK-METHOD); rerunning on it resumes.")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 500,
+    split: Annotated[str, typer.Option(help="Split of a Hugging Face dataset.")] = "train",
+    chat_template: Annotated[bool, typer.Option("--chat-template", help="Use the tokenizer's chat template instead of the reference `User: …\\n\\nAssistant:` format.")] = False,
+    score_tokens: Annotated[int, typer.Option(min=1, help="Task tokens scored to select experts (esft-token / esft-gate).")] = 131072,
+    top_p: Annotated[Optional[float], typer.Option(help="Selection threshold; default 0.2 (token) / 0.1 (gate).")] = None,
+    lora_rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 8,
+    lora_alpha: Annotated[int, typer.Option(min=1, help="LoRA alpha.")] = 16,
+    lora_targets: Annotated[str, typer.Option(help="Comma-separated LoRA target modules ('all-linear': every linear layer but lm_head).")] = "all-linear",
+    lora_experts: Annotated[bool, typer.Option(help="Also put LoRA on the fused routed-expert tensors.")] = True,
+    batch_size: Annotated[int, typer.Option(min=1, help="Packed sequences per micro-batch.")] = 1,
+    grad_accumulation: Annotated[int, typer.Option(min=1, help="Micro-batches per optimizer step.")] = 16,
+    seq_len: Annotated[int, typer.Option(min=8, help="Packed sequence length.")] = 4096,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate; default 1e-5 (ESFT, full), 1e-4 (LoRA).")] = None,
+    beta1: Annotated[float, typer.Option(help="AdamW beta1.")] = 0.9,
+    beta2: Annotated[float, typer.Option(help="AdamW beta2.")] = 0.95,
+    weight_decay: Annotated[float, typer.Option(min=0, help="AdamW weight decay.")] = 0.1,
+    clip_grad_norm: Annotated[float, typer.Option(min=0, help="Gradient-norm clip.")] = 1.0,
+    random_concat_ratio: Annotated[float, typer.Option(min=0, max=1, help="Chance a packed example drops its BOS (reference packing).")] = 0.2,
+    eval_fraction: Annotated[float, typer.Option(min=0, max=0.99, help="Share of packed sequences held out for eval loss.")] = 0.02,
+    dtype: Annotated[DType, typer.Option(help="Weights dtype; auto = bfloat16 on GPUs that support it, else float32.")] = DType.auto,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward to save memory.")] = True,
+    seed: Annotated[int, typer.Option(help="Seed for packing, data order and initialisation.")] = 5934875,
+    save_every: Annotated[int, typer.Option(min=1, help="Checkpoint every N steps.")] = 100,
+    eval_every: Annotated[int, typer.Option(min=1, help="Eval loss every N steps.")] = 100,
+    keep_checkpoints: Annotated[int, typer.Option(min=1, help="Checkpoints kept.")] = 2,
+    trust_remote_code: Annotated[bool, typer.Option(help="Run the model repo's own code (only if you trust it).")] = False,
+) -> None:
+    """Train a task's experts with ESFT (or a full / LoRA baseline); resumable, with checkpoints."""
+    from expert_hub.training import TrainingConfig
+    from expert_hub.training import train as run_training
+
+    config = TrainingConfig(
+        task=task, base=base, data=data, out=str(out or Path("runs") / f"{task}-{method.value}"), method=method.value,
+        experts=str(experts) if experts else None, split=split, chat_template=chat_template, score_tokens=score_tokens,
+        top_p=top_p, lora_rank=lora_rank, lora_alpha=lora_alpha,
+        lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()], lora_experts=lora_experts,
+        steps=steps, batch_size=batch_size, grad_accumulation=grad_accumulation, seq_len=seq_len, learning_rate=lr,
+        betas=(beta1, beta2), weight_decay=weight_decay, clip_grad_norm=clip_grad_norm,
+        random_concat_ratio=random_concat_ratio, eval_fraction=eval_fraction, dtype=dtype.value,
+        gradient_checkpointing=gradient_checkpointing, seed=seed, save_every=save_every, eval_every=eval_every,
+        keep_checkpoints=keep_checkpoints, trust_remote_code=trust_remote_code,
+    )
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("eval {task.fields[eval_loss]}"),
+        TextColumn("{task.fields[tokens_per_second]} tok/s"), TimeRemainingColumn(), console=status_console,
+    )
+    bar = progress.add_task(f"Training {task} ({method.value})", total=steps, loss="-", eval_loss="-",
+                            tokens_per_second="-")
+
+    def on_status(message: str) -> None:  # the bar appears with the first news: bad input fails without one
+        progress.start()
+        progress.console.print(message)
+
+    def on_step(report) -> None:
+        progress.update(bar, completed=report.step, loss=f"{report.loss:.4f}",
+                        eval_loss="-" if report.eval_loss is None else f"{report.eval_loss:.4f}",
+                        tokens_per_second=f"{report.tokens_per_second:,.0f}")
+
+    try:
+        result = run_training(config, on_step=on_step, on_status=on_status)
+        progress.update(bar, completed=steps)
+    finally:
+        if progress.live.is_started:
+            progress.stop()
+    if not result.main_process:
+        return
+    losses = ", ".join(f"{name} {value:.4f}" for name, value in (("train loss", result.train_loss),
+                                                              ("eval loss", result.eval_loss)) if value is not None)
+    resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
+    console.print(f"Trained {result.steps} steps in {result.seconds:.1f}s{resumed}; {losses} -> {result.artifact}")
+
+
+@app.command(name="eval")
+def evaluate(
+    base: Annotated[str, typer.Option(help="Base model (a directory or Hub id), or a full fine-tuned checkpoint.")],
+    data: Annotated[str, typer.Option(help="Eval data: the reference eval JSONL (prompt / raw_answers), conversations, or a Hugging Face dataset.")],
+    adapter: Annotated[Optional[Path], typer.Option(help="An expert adapter or a PEFT (LoRA) adapter directory.")] = None,
+    metric: Annotated[Metric, typer.Option(help="loss (and perplexity), exact match, intent (JSON intent + slots) or bleu.")] = Metric.loss,
+    split: Annotated[str, typer.Option(help="Split of a Hugging Face dataset.")] = "test",
+    chat_template: Annotated[bool, typer.Option("--chat-template", help="Render conversations with the tokenizer's chat template.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest generated answer.")] = 128,
+    batch_size: Annotated[int, typer.Option(min=1, help="Records per forward / generate call.")] = 8,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate only the first N records.")] = None,
+    dtype: Annotated[DType, typer.Option(help="Weights dtype.")] = DType.auto,
+    device: Annotated[Optional[str], typer.Option(help="torch device (default: cuda when available).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Apply an expert adapter even if the base fingerprint differs.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Run the model repo's own code (only if you trust it).")] = False,
+) -> None:
+    """Evaluate a base model, optionally with an adapter, on task data."""
+    from expert_hub.adapter import load_model
+    from expert_hub.evaluation import evaluate as run_evaluation
+    from expert_hub.models import load_tokenizer, resolve_device
+
+    device = resolve_device(device)
+    with status_console.status(f"Loading {base}" + (f" with {adapter}" if adapter else "")):
+        model = load_model(base, adapter, force=force, dtype=dtype.value, trust_remote_code=trust_remote_code).to(device)
+        tokenizer = load_tokenizer(base, trust_remote_code=trust_remote_code)
+    with progress_bar("records") as progress:
+        bar = progress.add_task(f"Evaluating ({metric.value})", total=None)
+        result = run_evaluation(model, tokenizer, data, metric.value, split=split, chat_template=chat_template,
+                                max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit,
+                                on_records=lambda done, total: progress.update(bar, advance=done, total=total))
+    result |= {"base": base, "adapter": str(adapter) if adapter else None, "data": data}
+    if as_json:
+        console.print_json(data=result)
+        return
+    table = Table(show_header=False)
+    for key in ("value", "perplexity", "tokens", "count", "base", "adapter", "data"):
+        if result.get(key) is not None:
+            value = result[key]
+            table.add_row(metric.value if key == "value" else key,
+                          f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)

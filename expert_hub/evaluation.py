@@ -1,0 +1,151 @@
+"""Evaluating a model on task data: loss / perplexity, and greedy generation scored against answers.
+
+Metrics:
+- `loss`: mean loss per answer token (the assistant turns), and its perplexity.
+- `exact`: the generated answer equals one of the reference answers (after trimming whitespace).
+- `intent`: the reference repo's intent metric: the generated JSON's `intent` and `slots` equal the answer's.
+- `bleu`: corpus BLEU (sacrebleu; Chinese tokenization when the references contain CJK text).
+Works on conversations and on the reference eval files (`{"prompt", "raw_answers"}`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .data import IGNORE_INDEX, read_eval_records, render_prompt, tokenize_conversation
+from .errors import InvalidInputError
+
+METRICS = ("loss", "exact", "intent", "bleu")
+
+
+def evaluate(model: nn.Module, tokenizer, data: str, metric: str = "loss", split: str = "test",
+             chat_template: bool = False, max_new_tokens: int = 128, batch_size: int = 8, seq_len: int = 4096,
+             limit: int | None = None, on_records: Callable[[int, int], None] | None = None) -> dict:
+    """Evaluate `model` on `data` with one metric; returns `{"metric", "value", "count", ...}`.
+
+    `on_records(done, total)` is called as records are scored.
+    """
+    if metric not in METRICS:
+        raise InvalidInputError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+    records = read_eval_records(data, split)[:limit]
+    if not records:
+        raise InvalidInputError(f"{data} holds no records to evaluate")
+    model.eval()
+    progress = (lambda done: on_records(done, len(records))) if on_records else None
+    if metric == "loss":
+        examples = [_loss_example(record, tokenizer, chat_template) for record in records]
+        return _loss(model, examples, batch_size, seq_len, progress)
+    prompts = [record["prompt"] or render_prompt(record["messages"][:-1], tokenizer, chat_template) for record in records]
+    predictions = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
+    answers = [record["answers"] for record in records]
+    result = {"metric": metric, "count": len(records), "value": SCORERS[metric](predictions, answers)}
+    result["examples"] = [{"prompt": p[-200:], "prediction": y, "answers": a[:3]}
+                          for p, y, a in list(zip(prompts, predictions, answers))[:3]]
+    return result
+
+
+def _loss_example(record: dict, tokenizer, chat_template: bool) -> tuple[list[int], list[int]]:
+    if record["messages"] is not None:
+        return tokenize_conversation(record["messages"], tokenizer, chat_template)
+    prompt = tokenizer.encode(record["prompt"], add_special_tokens=False)
+    answer = tokenizer.encode(f" {record['answers'][0]}", add_special_tokens=False) + [tokenizer.eos_token_id]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + prompt + answer, [IGNORE_INDEX] * (len(bos) + len(prompt)) + answer
+
+
+@torch.no_grad()
+def _loss(model, examples, batch_size, seq_len, on_records) -> dict:
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = [(ids[-seq_len:], labels[-seq_len:]) for ids, labels in examples[start : start + batch_size]]
+        length = max(len(ids) for ids, _ in batch)
+        input_ids = torch.zeros(len(batch), length, dtype=torch.long)
+        labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros(len(batch), length, dtype=torch.long)
+        for row, (ids, target) in enumerate(batch):
+            input_ids[row, : len(ids)], labels[row, : len(ids)], attention_mask[row, : len(ids)] = (
+                torch.tensor(ids), torch.tensor(target), 1)
+        items = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        if items:
+            output = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                           labels=labels.to(device), num_items_in_batch=items)
+            total += output.loss.item() * items
+            tokens += items
+        if on_records:
+            on_records(len(batch))
+    if not tokens:
+        raise InvalidInputError("the evaluation data has no answer tokens to score")
+    loss = total / tokens
+    return {"metric": "loss", "value": loss, "perplexity": math.exp(min(loss, 700)), "tokens": tokens,
+            "count": len(examples)}
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+             on_records: Callable[[int], None] | None = None) -> list[str]:
+    """Greedy completions, batched with left padding, cut at EOS."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    outputs = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = [tokenizer.encode(prompt, add_special_tokens=True) for prompt in prompts[start : start + batch_size]]
+        length = max(len(ids) for ids in encoded)
+        input_ids = torch.full((len(encoded), length), pad, dtype=torch.long)
+        attention_mask = torch.zeros(len(encoded), length, dtype=torch.long)
+        for row, ids in enumerate(encoded):
+            input_ids[row, length - len(ids):], attention_mask[row, length - len(ids):] = torch.tensor(ids), 1
+        generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                   max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                   eos_token_id=tokenizer.eos_token_id)
+        outputs += tokenizer.batch_decode(generated[:, length:], skip_special_tokens=True)
+        if on_records:
+            on_records(len(encoded))
+    return [output.strip() for output in outputs]
+
+
+def exact_match(predictions: list[str], answers: list[list[str]]) -> float:
+    return sum(p.strip() in {a.strip() for a in refs} for p, refs in zip(predictions, answers)) / len(predictions)
+
+
+def intent_match(predictions: list[str], answers: list[list[str]]) -> float:
+    """Share of predictions whose JSON `intent` and `slots` equal those of the first answer."""
+    hits = 0
+    for prediction, refs in zip(predictions, answers):
+        predicted, expected = _first_json_object(prediction), _first_json_object(refs[0])
+        hits += (predicted is not None and expected is not None
+                 and predicted.get("intent") == expected.get("intent")
+                 and predicted.get("slots", {}) == expected.get("slots", {}))
+    return hits / len(predictions)
+
+
+def bleu(predictions: list[str], answers: list[list[str]]) -> float:
+    import sacrebleu
+
+    references = [refs[0] for refs in answers]
+    cjk = any(re.search(r"[\u3400-\u9fff]", ref) for ref in references)
+    return sacrebleu.corpus_bleu(predictions, [references], tokenize="zh" if cjk else "13a").score
+
+
+def _first_json_object(text: str) -> dict | None:
+    start = text.find("{")
+    while start != -1:
+        try:
+            value, _ = json.JSONDecoder().raw_decode(text[start:])
+            if isinstance(value, dict):
+                return value
+        except json.JSONDecodeError:
+            pass
+        start = text.find("{", start + 1)
+    return None
+
+
+SCORERS: dict[str, Callable[[list[str], list[list[str]]], float]] = {
+    "exact": exact_match, "intent": intent_match, "bleu": bleu,
+}

@@ -1,0 +1,275 @@
+"""`train(config)`: one training run, top to bottom, resumable from its last checkpoint.
+
+1. Load the base; for ESFT, score the task data and select experts (or read --experts), fingerprint the base.
+2. Make only what the method trains trainable (see `methods.py`).
+3. Tokenize and pack the data; hold out a split for eval loss.
+4. AdamW steps with gradient accumulation; every `save_every` steps an atomic checkpoint.
+5. Write the artifact: an expert adapter (ESFT), a PEFT adapter (lora) or a full checkpoint (full).
+
+Data order is a pure function of the seed and the step, so a resumed run sees exactly the batches an
+uninterrupted one would. Launched by `torchrun` / `accelerate launch`, it trains data-parallel through accelerate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+
+from ..adapter import fingerprint_selection
+from ..data import load_conversations, pack, tokenize_conversation
+from ..errors import InvalidInputError
+from ..io import read_json, write_json_atomic
+from ..models import load_base, load_config, load_tokenizer
+from ..routing import score_model, token_sequences
+from ..selection import ExpertSelection, select_experts
+from .artifacts import write_artifact
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .config import ESFT_METHODS, TrainingConfig
+from .methods import merge_esft, prepare_esft, prepare_full, prepare_lora, trainable_parameters
+
+CONFIG_FILE = "train_config.json"
+LOG_FILE = "log.jsonl"
+
+
+@dataclass
+class StepReport:
+    """What the loop tells its caller after each step (the CLI draws a progress bar from it)."""
+
+    step: int
+    steps: int
+    loss: float
+    tokens_per_second: float
+    eval_loss: float | None = None
+
+
+@dataclass
+class TrainingResult:
+    model: torch.nn.Module  # the trained model (ESFT: rows merged back into the fused tensors)
+    artifact: Path
+    steps: int
+    train_loss: float | None
+    eval_loss: float | None
+    seconds: float
+    resumed_from: int
+    main_process: bool = True  # False on the other ranks of a data-parallel run
+
+
+def train(config: TrainingConfig, on_step: Callable[[StepReport], None] | None = None,
+          on_status: Callable[[str], None] | None = None) -> TrainingResult:
+    out = Path(config.out)
+    _check_output(out, config)  # cheap checks first: bad input fails before any weights load
+    if next(load_conversations(config.data, config.split), None) is None:
+        raise InvalidInputError(f"{config.data} holds no conversations")
+    load_config(config.base, trust_remote_code=config.trust_remote_code)
+    # Selected experts that see no token in a micro-batch get no gradient: DDP must expect unused parameters.
+    # cpu=True lets torchrun / accelerate launch train data-parallel over gloo on machines without GPUs.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    main_process = accelerator.is_main_process  # the one that reports and writes files
+    status = on_status if on_status and main_process else (lambda message: None)
+    torch.manual_seed(config.seed)
+
+    status(f"Loading {config.base}")
+    tokenizer = load_tokenizer(config.base, trust_remote_code=config.trust_remote_code)
+    model = load_base(config.base, dtype=_dtype(config.dtype), trust_remote_code=config.trust_remote_code)
+    model.to(accelerator.device)
+    model.config.use_cache = False
+
+    selection = fingerprint = None
+    if config.method in ESFT_METHODS:
+        selection = _selection(config, model, tokenizer, out, status, write=main_process)
+        fingerprint = fingerprint_selection(model, selection)
+        model = prepare_esft(model, selection)
+    elif config.method == "lora":
+        model = prepare_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_experts)
+    else:
+        model = prepare_full(model)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    status("Tokenizing and packing the data")
+    train_blocks, eval_blocks = _packed_data(config, tokenizer)
+    if main_process:
+        write_json_atomic(out / CONFIG_FILE, config.to_json())  # from here on, rerunning resumes this run
+    trainable = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(_param_groups(trainable, config.weight_decay), lr=config.lr, betas=config.betas)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    start_step, elapsed, train_loss = 0, 0.0, None
+    if checkpoints := list_checkpoints(out / "checkpoints"):
+        progress = load_checkpoint(checkpoints[-1], trainable, optimizer)
+        start_step, elapsed, train_loss = progress["step"], progress["seconds"], progress.get("loss")
+        status(f"Resuming from step {start_step}")
+    if main_process:
+        _truncate_log(out / LOG_FILE, start_step)
+
+    order = _DataOrder(len(train_blocks), config.seed)
+    micro_batches = config.grad_accumulation
+    eval_loss = None
+    for step in range(start_step, config.steps):
+        model.train()
+        started = time.perf_counter()
+        positions = [
+            ((step * micro_batches + micro) * accelerator.num_processes + accelerator.process_index) * config.batch_size
+            for micro in range(micro_batches)
+        ]
+        batches = [_batch(train_blocks, order.take(p, config.batch_size), accelerator.device) for p in positions]
+        target_tokens = sum(int((labels[:, 1:] != -100).sum()) for _, labels in batches)
+        train_loss = 0.0
+        for micro, (input_ids, labels) in enumerate(batches):
+            syncing = micro == micro_batches - 1
+            with nullcontext() if syncing else accelerator.no_sync(model):
+                loss = model(input_ids=input_ids, labels=labels, num_items_in_batch=max(target_tokens, 1)).loss
+                accelerator.backward(loss)
+            train_loss += loss.detach()
+        train_loss = accelerator.reduce(train_loss, reduction="mean").item()  # the same figure on every rank
+        accelerator.clip_grad_norm_(list(trainable.values()), config.clip_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - started
+        elapsed += seconds
+        done = step + 1
+        if eval_blocks and (done % config.eval_every == 0 or done == config.steps):
+            eval_loss = evaluate_loss(model, eval_blocks, config.batch_size, accelerator.device)
+        report = StepReport(done, config.steps, train_loss, sum(ids.numel() for ids, _ in batches) / seconds, eval_loss)
+        if main_process:
+            _append_log(out / LOG_FILE, report)
+            if done % config.save_every == 0 or done == config.steps:
+                save_checkpoint(out / "checkpoints", done, trainable, optimizer,
+                                {"seconds": elapsed, "loss": train_loss}, config.keep_checkpoints)
+        if on_step and main_process:
+            on_step(report)
+        accelerator.wait_for_everyone()
+
+    if eval_blocks and eval_loss is None:
+        eval_loss = evaluate_loss(model, eval_blocks, config.batch_size, accelerator.device)
+    artifact = out / ("model" if config.method == "full" else "adapter")
+    model = accelerator.unwrap_model(model)
+    if selection is not None:
+        model = merge_esft(model)
+    if main_process:
+        status(f"Writing {artifact}")
+        summary = {"steps": config.steps, "train_loss": train_loss, "eval_loss": eval_loss, "seconds": round(elapsed, 3),
+                   "train_blocks": len(train_blocks), "eval_blocks": len(eval_blocks)}
+        write_artifact(model, config, artifact, selection, fingerprint, tokenizer, summary)
+    accelerator.wait_for_everyone()
+    return TrainingResult(model, artifact, config.steps, train_loss, eval_loss, elapsed, start_step, main_process)
+
+
+@torch.no_grad()
+def evaluate_loss(model, blocks: list[tuple[list[int], list[int]]], batch_size: int, device) -> float:
+    """Mean loss per target token over packed blocks."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        input_ids, labels = _batch(blocks, range(start, min(start + batch_size, len(blocks))), device)
+        items = int((labels[:, 1:] != -100).sum())
+        if items:
+            total += model(input_ids=input_ids, labels=labels, num_items_in_batch=items).loss.item() * items
+            count += items
+    model.train()
+    return total / count if count else math.nan
+
+
+def _check_output(out: Path, config: TrainingConfig) -> None:
+    """`out` is new, or holds this very run (which then resumes)."""
+    saved = out / CONFIG_FILE
+    if saved.is_file():
+        config.check_resumable_from(read_json(saved), str(out))
+    elif out.exists() and any(path.name not in ("expert_cfg.json", "scores.json") for path in out.iterdir()):
+        raise InvalidInputError(f"{out} is not empty and holds no expert-hub run; choose another --out")
+
+
+def _selection(config: TrainingConfig, model, tokenizer, out: Path, status, write: bool) -> ExpertSelection:
+    """The experts to train: given (--experts), or scored and selected once, then kept in `out` for resumes.
+
+    Every rank scores (the result is deterministic); only the one that `write`s saves it.
+    """
+    chosen = out / "expert_cfg.json"
+    if config.method == "esft":
+        selection = ExpertSelection.load(config.experts)
+    elif chosen.is_file():
+        selection = ExpertSelection.load(chosen)
+    else:
+        status(f"Scoring experts on {config.score_tokens:,} task tokens")
+        sequences = token_sequences(load_conversations(config.data, config.split), tokenizer,
+                                    max_tokens=config.score_tokens, max_length=config.seq_len)
+        scores = score_model(model, sequences, source={"model": config.base, "data": config.data})
+        selection = select_experts(scores, by=config.score_function, top_p=config.top_p)
+        if write:
+            scores.save(out / "scores.json")
+    if write:
+        selection.save(chosen)
+    return selection
+
+
+def _packed_data(config: TrainingConfig, tokenizer):
+    examples = [tokenize_conversation(messages, tokenizer, config.chat_template)
+                for messages in load_conversations(config.data, config.split)]
+    if not examples:
+        raise InvalidInputError(f"{config.data} holds no conversations")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    blocks = pack(examples, config.seq_len, pad, config.random_concat_ratio, config.seed)
+    held_out = int(len(blocks) * config.eval_fraction)
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    train_blocks = [blocks[i] for i in order[held_out:]]
+    if not train_blocks:
+        raise InvalidInputError(f"{config.data} packs into {len(blocks)} blocks; none are left to train on")
+    return train_blocks, [blocks[i] for i in order[:held_out]]
+
+
+class _DataOrder:
+    """Sample i of the run is block `permutation(epoch)[i % n]`: a pure function of the seed and i."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self._epochs = size, seed, {}
+
+    def take(self, start: int, count: int) -> list[int]:
+        return [self._permutation(i // self.size)[i % self.size] for i in range(start, start + count)]
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if epoch not in self._epochs:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._epochs = {epoch: torch.randperm(self.size, generator=generator).tolist()}
+        return self._epochs[epoch]
+
+
+def _batch(blocks, indices, device) -> tuple[torch.Tensor, torch.Tensor]:
+    chosen = [blocks[i] for i in indices]
+    input_ids = torch.tensor([ids for ids, _ in chosen], dtype=torch.long, device=device)
+    labels = torch.tensor([labels for _, labels in chosen], dtype=torch.long, device=device)
+    return input_ids, labels
+
+
+def _param_groups(trainable: dict[str, torch.nn.Parameter], weight_decay: float) -> list[dict]:
+    """Decay weights, not biases or norms (as the reference's Hugging Face Trainer does)."""
+    exempt = {name for name, p in trainable.items() if "bias" in name or "norm" in name.lower() or p.ndim < 2}
+    decay = [p for name, p in trainable.items() if name not in exempt]
+    no_decay = [p for name, p in trainable.items() if name in exempt]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def _append_log(path: Path, report: StepReport) -> None:
+    with path.open("a", encoding="utf-8") as log:
+        log.write(json.dumps(asdict(report)) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """After a resume, forget log lines of steps that will run again."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(f"{line}\n" for line in kept))

@@ -1,0 +1,69 @@
+"""Training data: reference packing, loss masks, chat templates, Hugging Face datasets, eval records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from expert_hub.data import IGNORE_INDEX, load_conversations, pack, read_eval_records, tokenize_conversation
+from expert_hub.errors import InvalidInputError
+
+
+def _example(start: int, length: int) -> tuple[list[int], list[int]]:
+    ids = list(range(start, start + length))
+    return ids, [IGNORE_INDEX] + ids[1:]
+
+
+def test_packing_follows_the_reference():
+    examples = [_example(100, 4), _example(200, 5), _example(300, 3), _example(400, 2)]
+    blocks = pack(examples, seq_len=6, pad_token_id=0, random_concat_ratio=0.0, seed=0)
+    # 4 tokens, then the last 2 of the 5-token example fill the block; 3 + 2 then padding
+    assert [ids for ids, _ in blocks] == [[100, 101, 102, 103, 203, 204], [300, 301, 302, 400, 401, 0]]
+    assert blocks[1][1] == [IGNORE_INDEX, 301, 302, IGNORE_INDEX, 401, IGNORE_INDEX]
+    dropped = pack(examples, seq_len=6, pad_token_id=0, random_concat_ratio=1.0, seed=0)
+    # joined examples lose their first token (the BOS) when the coin says so, after being cut to the space
+    # left, so a block can end short, exactly as in the reference; block starts keep theirs
+    assert [ids for ids, _ in dropped] == [[100, 101, 102, 103, 204, 0]]
+    assert pack(examples, 6, 0, 0.5, seed=1) == pack(examples, 6, 0, 0.5, seed=1)
+
+
+def test_chat_template_labels_only_the_assistant_turns(tiny_models):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["qwen3_moe"])
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<eos>{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    ids, labels = tokenize_conversation(messages, tokenizer, chat_template=True)
+    assert tokenizer.decode(ids) == "<|user|>hi<eos><|assistant|>yo<eos><|user|>q<eos><|assistant|>a<eos>"
+    learned = tokenizer.decode([i for i, label in zip(ids, labels) if label != IGNORE_INDEX])
+    assert learned == "yo<eos>a<eos>"
+    del tokenizer.chat_template
+    with pytest.raises(InvalidInputError, match="no chat template"):
+        tokenize_conversation(messages, tokenizer, chat_template=True)
+
+
+def test_hugging_face_datasets_are_read(tmp_path):
+    import datasets
+
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(3)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(tmp_path / "saved")
+    assert list(load_conversations(tmp_path / "saved", "train")) == [row["messages"] for row in rows]
+    with pytest.raises(InvalidInputError, match="split 'test'"):
+        list(load_conversations(tmp_path / "saved", "test"))
+    (tmp_path / "parquet").mkdir()
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "parquet" / "train.parquet"))
+    assert len(list(load_conversations(str(tmp_path / "parquet"), "train"))) == 3
+
+
+def test_eval_records_from_reference_files_and_conversations(tmp_path, esft_data):
+    records = read_eval_records(esft_data / "datasets/eval/intent.jsonl")
+    assert len(records) == 500 and records[0]["prompt"].endswith("\n\nAssistant:")
+    assert json.loads(records[0]["answers"][0])["intent"] == "Alarm-Update"
+    conversations = read_eval_records(esft_data / "datasets/train/law.jsonl")
+    assert conversations[0]["prompt"] is None and conversations[0]["answers"][0].startswith("双方达成调解")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x", "raw_answers": []}\n')
+    with pytest.raises(InvalidInputError, match="bad.jsonl:1"):
+        read_eval_records(tmp_path / "bad.jsonl")

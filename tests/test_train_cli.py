@@ -1,0 +1,123 @@
+"""`expert-hub train` and `expert-hub eval` end to end, including a run killed with SIGKILL and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from expert_hub import ExpertAdapter
+
+SMALL_RUN = ["--steps", "4", "--seq-len", "64", "--batch-size", "2", "--grad-accumulation", "2", "--score-tokens",
+             "1500", "--save-every", "2", "--eval-every", "2", "--lr", "1e-3", "--no-gradient-checkpointing"]
+
+
+@pytest.mark.parametrize("method", ["esft-token", "esft-gate", "full", "lora"])
+def test_every_method_trains_and_its_output_evaluates(run_cli, tmp_path, tiny_models, esft_data, method):
+    base = tiny_models["qwen2_moe"]
+    code, out, err = run_cli("train", "--task", "law", "--base", base, "--data", esft_data / "datasets/train/law.jsonl",
+                             "--method", method, "--out", tmp_path / "run", *SMALL_RUN)
+    assert code == 0, err
+    assert "Trained 4 steps" in out
+    artifact = tmp_path / "run" / ("model" if method == "full" else "adapter")
+    metadata = json.loads((artifact / "expert_hub.json").read_text())
+    assert metadata["method"] == method and metadata["training"]["steps"] == 4
+    if method == "full":
+        eval_args = ["--base", artifact]
+    else:
+        eval_args = ["--base", base, "--adapter", artifact]
+    code, out, err = run_cli("eval", *eval_args, "--data", esft_data / "datasets/eval/law.jsonl", "--limit", 3, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["metric"] == "loss" and result["count"] == 3 and result["value"] > 0
+    code, out, err = run_cli("eval", *eval_args, "--data", esft_data / "datasets/eval/intent.jsonl", "--metric", "intent",
+                             "--limit", 2, "--max-new-tokens", 4, "--json")
+    assert code == 0 and json.loads(out)["count"] == 2, err
+
+
+def test_eval_tells_adapters_apart(run_cli, tmp_path, tiny_models, esft_data):
+    """The base alone and base + adapter score differently on the same data."""
+    base = tiny_models["olmoe"]
+    code, _, err = run_cli("train", "--task", "law", "--base", base, "--data", esft_data / "datasets/train/law.jsonl",
+                           "--out", tmp_path / "run", *SMALL_RUN)
+    assert code == 0, err
+    losses = []
+    for extra in ([], ["--adapter", tmp_path / "run" / "adapter"]):
+        code, out, _ = run_cli("eval", "--base", base, *extra, "--data", esft_data / "datasets/eval/law.jsonl",
+                               "--limit", 4, "--json")
+        losses.append(json.loads(out)["value"])
+    assert losses[0] != losses[1]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "esft"], "--method esft needs --experts"),
+        (["--method", "sgd"], "'sgd' is not one of"),
+        (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (["--data", "{tmp}/missing.jsonl"], "data file not found"),
+        (["--base", "{tmp}/no-model"], "cannot load model"),
+    ],
+)
+def test_train_bad_input_is_one_line(run_cli, tmp_path, tiny_models, esft_data, args, message):
+    values = {"tmp": tmp_path}
+    defaults = {"--base": str(tiny_models["olmoe"]), "--data": str(esft_data / "datasets/train/law.jsonl")}
+    args = [arg.format(**values) for arg in args]
+    for flag, value in defaults.items():
+        if flag not in args:
+            args += [flag, value]
+    code, out, err = run_cli("train", "--task", "law", "--out", tmp_path / "run", *args, *SMALL_RUN)
+    assert code != 0 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err
+
+
+def test_sigkill_mid_run_then_the_same_command_resumes(tmp_path, tiny_models, esft_data):
+    """kill -9 after a checkpoint: the rerun resumes there and ends with the weights of an uninterrupted run."""
+    script = Path(sys.executable).with_name("expert-hub")
+    def command(out):
+        return [str(script), "train", "--task", "law", "--base", str(tiny_models["deepseek_v3"]), "--data",
+                str(esft_data / "datasets/train/law.jsonl"), "--out", str(out), "--steps", "40", "--seq-len", "256",
+                "--batch-size", "2", "--grad-accumulation", "4", "--score-tokens", "1500", "--save-every", "5",
+                "--lr", "1e-3", "--no-gradient-checkpointing"]
+
+    environment = os.environ | {"HF_HUB_OFFLINE": "1"}
+    subprocess.run(command(tmp_path / "whole"), check=True, capture_output=True, env=environment, timeout=600)
+    victim = subprocess.Popen(command(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=environment)
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not (checkpoints / "step-000010").exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "killed" / "adapter").exists(), "the run finished before it could be killed"
+    killed_at = max(int(p.name.split("-")[1]) for p in checkpoints.glob("step-*"))
+    rerun = subprocess.run(command(tmp_path / "killed"), capture_output=True, text=True, env=environment, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resumed at step {killed_at}" in rerun.stdout
+    whole, resumed = (ExpertAdapter.load(tmp_path / run / "adapter") for run in ("whole", "killed"))
+    assert whole.tensors.keys() == resumed.tensors.keys()
+    assert all(torch.equal(whole.tensors[key], resumed.tensors[key]) for key in whole.tensors)
+
+
+def test_data_parallel_training_through_torchrun(tmp_path, tiny_models, esft_data):
+    """Two processes (gloo on the CPU) train one model; only rank 0 reports and writes."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--nproc-per-node", "2", "-m", "expert_hub.cli", "train", "--task", "law", "--base",
+               str(tiny_models["qwen3_moe"]), "--data", str(esft_data / "datasets/train/law.jsonl"),
+               "--out", str(tmp_path / "run"), *SMALL_RUN]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                              env=os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert finished.stdout.count("Trained 4 steps") == 1
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2, 3, 4]
+    adapter = ExpertAdapter.load(tmp_path / "run" / "adapter")
+    assert adapter.metadata.training["steps"] == 4 and adapter.selection.pairs

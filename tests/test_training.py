@@ -1,0 +1,126 @@
+"""Training: only the selected experts move, loss falls, adapters reproduce the trained model, runs resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from expert_hub import ExpertAdapter, ExpertSelection, load_model
+from expert_hub.errors import InvalidInputError
+from expert_hub.families import moe_layers, read_expert, split_parameters
+from expert_hub.models import load_base
+from expert_hub.training import TrainingConfig, train
+from expert_hub.training.methods import prepare_esft, trainable_parameters
+
+
+def _learnable_task(path, count=48):
+    """A task a tiny model learns in a few steps: every answer is the same short sentence."""
+    with path.open("w") as lines:
+        for i in range(count):
+            lines.write(json.dumps({"messages": [{"role": "user", "content": f"question {i}?"},
+                                                 {"role": "assistant", "content": "the answer is law."}]}) + "\n")
+    return path
+
+
+def _config(base, data, out, **overrides) -> TrainingConfig:
+    values = dict(task="law", base=str(base), data=str(data), out=str(out), method="esft-token", steps=8,
+                  seq_len=64, batch_size=2, grad_accumulation=2, learning_rate=3e-3, weight_decay=0.1,
+                  score_tokens=1500, save_every=4, eval_every=4, eval_fraction=0.1, gradient_checkpointing=False)
+    return TrainingConfig(**(values | overrides))
+
+
+def _experts_by_pair(model) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+    return {(layer.index, e): read_expert(layer.experts, e) for layer in moe_layers(model) for e in range(layer.num_experts)}
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_only_the_selected_experts_change(tiny_models, tmp_path, esft_data, family):
+    result = train(_config(tiny_models[family], esft_data / "datasets/train/law.jsonl", tmp_path / "run"))
+    adapter = ExpertAdapter.load(result.artifact)
+    selected = set(adapter.selection.pairs)
+    assert selected and adapter.metadata.method == "esft-token" and adapter.metadata.top_p == 0.2
+    base = load_base(str(tiny_models[family]))
+    trained = load_model(str(tiny_models[family]), result.artifact)
+    base_experts, trained_experts = _experts_by_pair(base), _experts_by_pair(trained)
+    for pair, tensors in trained_experts.items():
+        same = all(torch.equal(tensors[name], base_experts[pair][name]) for name in tensors)
+        assert same != (pair in selected), pair  # unselected: bit-identical; selected: changed
+    routed = set(split_parameters(trained)["routed"])
+    base_tensors = dict(base.named_parameters()) | dict(base.named_buffers())
+    for name, tensor in [*trained.named_parameters(), *trained.named_buffers()]:
+        if name not in routed:  # routers, attention, norms, embeddings, shared experts
+            assert torch.equal(tensor, base_tensors[name]), name
+
+
+def test_optimizer_state_covers_only_the_selected_rows(tiny_models):
+    model = load_base(str(tiny_models["qwen2_moe"]))
+    selection = ExpertSelection({1: [0, 5], 3: [2]})
+    prepare_esft(model, selection)
+    trainable = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2, weight_decay=0.1)
+    model(torch.randint(0, 256, (2, 16)), labels=torch.randint(0, 256, (2, 16))).loss.backward()
+    optimizer.step()
+    state_rows = sorted(state["exp_avg"].shape[0] for state in optimizer.state.values())
+    assert state_rows == [1, 1, 2, 2]  # gate_up and down rows of layer 3 (1 expert) and layer 1 (2 experts)
+    assert sum(p.numel() for p in trainable.values()) == 3 * (64 * 64 + 64 * 32)
+
+
+def test_loss_falls_and_the_adapter_reproduces_the_trained_logits(tiny_models, tmp_path):
+    data = _learnable_task(tmp_path / "task.jsonl")
+    reports = []
+    result = train(_config(tiny_models["qwen3_moe"], data, tmp_path / "run", steps=12, top_p=0.5),
+                   on_step=reports.append)
+    assert reports[-1].loss < 0.6 * reports[0].loss
+    assert result.eval_loss is not None and result.eval_loss < 0.6 * reports[0].loss
+    input_ids = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        trained = result.model.eval()(input_ids).logits
+        reloaded = load_model(str(tiny_models["qwen3_moe"]), result.artifact)(input_ids).logits
+        base = load_base(str(tiny_models["qwen3_moe"]))(input_ids).logits
+    assert torch.equal(trained, reloaded) and not torch.equal(trained, base)
+
+
+def test_an_interrupted_run_resumes_and_ends_where_an_uninterrupted_one_does(tiny_models, tmp_path, esft_data):
+    data = esft_data / "datasets/train/law.jsonl"
+    whole = train(_config(tiny_models["mixtral"], data, tmp_path / "whole", steps=10))
+
+    def interrupt(report):
+        if report.step == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tiny_models["mixtral"], data, tmp_path / "split", steps=10), on_step=interrupt)
+    assert not (tmp_path / "split" / "adapter").exists()
+    resumed = train(_config(tiny_models["mixtral"], data, tmp_path / "split", steps=10))
+    assert resumed.resumed_from == 4  # the step-6 checkpoint was never written: lost 2 steps at most
+    first, second = ExpertAdapter.load(whole.artifact), ExpertAdapter.load(resumed.artifact)
+    assert first.selection == second.selection and first.tensors.keys() == second.tensors.keys()
+    assert all(torch.equal(first.tensors[key], second.tensors[key]) for key in first.tensors)
+    log = [json.loads(line)["step"] for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert log == list(range(1, 11))
+
+
+def test_a_different_run_in_the_same_output_is_refused(tiny_models, tmp_path, esft_data):
+    data = esft_data / "datasets/train/law.jsonl"
+    train(_config(tiny_models["olmoe"], data, tmp_path / "run", steps=2))
+    with pytest.raises(InvalidInputError, match="learning_rate: 0.003 -> 0.01"):
+        train(_config(tiny_models["olmoe"], data, tmp_path / "run", steps=4, learning_rate=1e-2))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(InvalidInputError, match="holds no expert-hub run"):
+        train(_config(tiny_models["olmoe"], data, tmp_path / "other"))
+
+
+def test_given_experts_with_shared_experts_train_those_too(tiny_models, tmp_path, esft_data):
+    experts = tmp_path / "cfg.json"
+    ExpertSelection({1: [3], 2: [0, 1]}, shared_experts=True).save(experts)
+    result = train(_config(tiny_models["deepseek_v2"], esft_data / "datasets/train/law.jsonl", tmp_path / "run",
+                           method="esft", experts=str(experts), steps=3, gradient_checkpointing=True))
+    adapter = ExpertAdapter.load(result.artifact)
+    shared = [key for key in adapter.tensors if ".shared_experts." in key]
+    assert len(shared) == 3 * 3  # three MoE layers, gate/up/down each
+    base = dict(load_base(str(tiny_models["deepseek_v2"])).named_parameters())
+    assert not torch.equal(adapter.tensors[shared[0]], base[shared[0]])
+    assert adapter.metadata.training["steps"] == 3 and adapter.metadata.top_p is None
