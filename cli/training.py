@@ -43,16 +43,17 @@ def train(
     beta1: Annotated[float, typer.Option(help="AdamW beta1.")] = 0.9,
     beta2: Annotated[float, typer.Option(help="AdamW beta2.")] = 0.95,
     weight_decay: Annotated[float, typer.Option(min=0, help="AdamW weight decay.")] = 0.1,
-    clip_grad_norm: Annotated[float, typer.Option(min=0, help="Gradient-norm clip.")] = 1.0,
+    clip_grad_norm: Annotated[float, typer.Option(help="Gradient-norm clip (above 0).")] = 1.0,
     random_concat_ratio: Annotated[float, typer.Option(min=0, max=1, help="Chance a packed example drops its BOS (reference packing).")] = 0.2,
     eval_fraction: Annotated[float, typer.Option(min=0, max=0.99, help="Share of packed sequences held out for eval loss.")] = 0.02,
-    dtype: Annotated[DType, typer.Option(help="Weights dtype; auto = bfloat16 on GPUs that support it, else float32.")] = DType.auto,
+    dtype: Annotated[DType, typer.Option(help="Weights dtype; auto = bfloat16 on GPUs that support it, else float32 (ESFT keeps the trained rows in float32).")] = DType.auto,
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward to save memory.")] = True,
     seed: Annotated[int, typer.Option(help="Seed for packing, data order and initialisation.")] = 5934875,
     save_every: Annotated[int, typer.Option(min=1, help="Checkpoint every N steps.")] = 100,
     eval_every: Annotated[int, typer.Option(min=1, help="Eval loss every N steps.")] = 100,
     keep_checkpoints: Annotated[int, typer.Option(min=1, help="Checkpoints kept.")] = 2,
     trust_remote_code: Annotated[bool, typer.Option(help="Run the model repo's own code (only if you trust it).")] = False,
+    register: Annotated[bool, typer.Option(help="Add the trained experts to the local registry (ESFT methods).")] = True,
 ) -> None:
     """Train a task's experts with ESFT (or a full / LoRA baseline); resumable, with checkpoints."""
     from expert_hub.training import TrainingConfig
@@ -98,6 +99,11 @@ def train(
                                                               ("eval loss", result.eval_loss)) if value is not None)
     resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
     console.print(f"Trained {result.steps} steps in {result.seconds:.1f}s{resumed}; {losses} -> {result.artifact}")
+    if register and config.method in ("esft-token", "esft-gate", "esft"):
+        from expert_hub.registry import Registry
+
+        entry = Registry().register(result.artifact, task=task, base=base)
+        console.print(f"Registered {entry.ref} ({entry.digest[:12]}); use it as `--adapter {task}` or in `serve`")
 
 
 @app.command(name="eval")

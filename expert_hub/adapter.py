@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -72,6 +73,59 @@ class AdapterMetadata:
 
 
 @dataclass
+class AdapterHeader:
+    """An adapter directory's selection, metadata and tensor names, read without loading any weights.
+
+    Reading it checks everything but the numbers: the files parse, no tensor is given twice, and the routed-expert
+    tensors are exactly those of the selected experts.
+    """
+
+    selection: ExpertSelection
+    metadata: AdapterMetadata
+    shards: dict[str, Path]  # canonical tensor key -> the safetensors file holding it
+
+    @classmethod
+    def read(cls, directory: str | Path) -> AdapterHeader:
+        directory = Path(directory)
+        if not (directory / CONFIG_FILE).is_file():
+            raise InvalidInputError(f"{directory} is not an expert adapter: it has no {CONFIG_FILE}")
+        selection = ExpertSelection.load(directory / CONFIG_FILE)
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise InvalidInputError(f"{directory} has no .safetensors weights")
+        shards: dict[str, Path] = {}
+        for file in files:
+            try:
+                with safe_open(file, "pt") as handle:
+                    keys = list(handle.keys())
+            except (SafetensorError, OSError) as error:
+                raise InvalidInputError(f"cannot read {file}: {error}") from None
+            for key in keys:
+                if (canonical := _canonical_key(key)) in shards:
+                    raise InvalidInputError(f"{directory} holds {canonical} twice (in {file.name} as {key})")
+                shards[canonical] = file
+        metadata_path = directory / METADATA_FILE
+        metadata = AdapterMetadata.from_json(read_json(metadata_path) if metadata_path.is_file() else {},
+                                             origin=str(metadata_path))
+        _check_tensors_match_selection(selection, shards, origin=str(directory))
+        return cls(selection, metadata, shards)
+
+
+def _check_tensors_match_selection(selection: ExpertSelection, keys, origin: str) -> None:
+    """The routed-expert tensors are exactly those of the selected experts."""
+    held: dict[tuple[int, int], set[str]] = {}
+    for key in keys:
+        if (match := _EXPERT_KEY.fullmatch(key)) and (layer := re.search(r"layers\.(\d+)\.", match["prefix"])):
+            held.setdefault((int(layer.group(1)), int(match["expert"])), set()).add(match["tensor"])
+    selected = set(selection.pairs)
+    if extra := sorted(set(held) - selected):
+        raise InvalidInputError(f"{origin} holds weights for experts {CONFIG_FILE} does not select: {extra[:5]}")
+    for pair in sorted(selected):
+        if {name.split(".")[0] for name in held.get(pair, ())} != set(PROJECTIONS):
+            raise InvalidInputError(f"{origin} lacks weights for selected expert {pair[1]} of layer {pair[0]}")
+
+
+@dataclass
 class ExpertAdapter:
     """A selection, the tensors it replaces in the base model (by checkpoint key), and metadata."""
 
@@ -109,45 +163,12 @@ class ExpertAdapter:
     @classmethod
     def load(cls, directory: str | Path) -> ExpertAdapter:
         """Read an adapter directory, ours or a published ESFT one (any `*.safetensors` shards)."""
-        directory = Path(directory)
-        if not (directory / CONFIG_FILE).is_file():
-            raise InvalidInputError(f"{directory} is not an expert adapter: it has no {CONFIG_FILE}")
-        selection = ExpertSelection.load(directory / CONFIG_FILE)
-        shards = sorted(directory.glob("*.safetensors"))
-        if not shards:
-            raise InvalidInputError(f"{directory} has no .safetensors weights")
+        header = AdapterHeader.read(directory)
         tensors = {}
-        for shard in shards:
-            try:
-                loaded = load_file(shard)
-            except (SafetensorError, OSError) as error:
-                raise InvalidInputError(f"cannot read {shard}: {error}") from None
-            for key, tensor in loaded.items():
-                if (canonical := _canonical_key(key)) in tensors:
-                    raise InvalidInputError(f"{directory} holds {canonical} twice (in {shard.name} as {key})")
-                tensors[canonical] = tensor
-        metadata_path = directory / METADATA_FILE
-        metadata = AdapterMetadata.from_json(read_json(metadata_path) if metadata_path.is_file() else {},
-                                             origin=str(metadata_path))
-        adapter = cls(selection, tensors, metadata)
-        adapter.check_consistent(origin=str(directory))
-        return adapter
-
-    def check_consistent(self, origin: str = "adapter") -> None:
-        """The routed-expert tensors are exactly those of the selected experts."""
-        held = {}
-        for key in self.tensors:
-            if match := _EXPERT_KEY.fullmatch(key):
-                layer = re.search(r"layers\.(\d+)\.", match["prefix"])
-                if layer:
-                    held.setdefault((int(layer.group(1)), int(match["expert"])), set()).add(match["tensor"])
-        selected = set(self.selection.pairs)
-        if extra := sorted(set(held) - selected):
-            raise InvalidInputError(f"{origin} holds weights for experts {CONFIG_FILE} does not select: {extra[:5]}")
-        for pair in sorted(selected):
-            projections = {name.split(".")[0] for name in held.get(pair, ())}
-            if projections != set(PROJECTIONS):
-                raise InvalidInputError(f"{origin} lacks weights for selected expert {pair[1]} of layer {pair[0]}")
+        for shard in sorted(set(header.shards.values())):
+            for key, tensor in load_file(shard).items():
+                tensors[_canonical_key(key)] = tensor
+        return cls(header.selection, tensors, header.metadata)
 
     def apply(self, model: nn.Module, force: bool = False) -> nn.Module:
         """Copy the adapter's tensors into `model` in place.
@@ -197,22 +218,27 @@ def load_model(base: str, adapter: str | Path | ExpertAdapter | None = None, for
                **from_pretrained_kwargs) -> nn.Module:
     """Load a base MoE model with a task's experts in place.
 
-    `adapter` is an expert adapter directory (ours or a published ESFT one), an `ExpertAdapter`, or a PEFT
-    adapter directory (the LoRA baseline), which comes back as a `PeftModel`. `force` skips the
-    base-fingerprint check only; keys and shapes are always checked.
+    `adapter` is an expert adapter directory (ours or a published ESFT one), a registry reference (`law`,
+    `law@3`, `law@1f3a`) of an adapter trained from `base`, an `ExpertAdapter`, or a PEFT adapter directory (the
+    LoRA baseline), which comes back as a `PeftModel`. `force` skips the base-fingerprint check only; keys and
+    shapes are always checked, and registry entries are verified against their recorded sha256 first.
     """
     from .models import load_base
 
-    model = load_base(base, **from_pretrained_kwargs)
-    if adapter is None:
-        return model
-    if not isinstance(adapter, ExpertAdapter):
-        if not (Path(adapter) / CONFIG_FILE).is_file() and (Path(adapter) / "adapter_config.json").is_file():
+    if adapter is not None and not isinstance(adapter, ExpertAdapter):
+        path = Path(adapter)
+        if not path.is_dir():
+            from expert_hub.registry import Registry
+
+            adapter = Registry().load(str(adapter), base=base)  # before loading weights: a bad ref fails fast
+        elif not (path / CONFIG_FILE).is_file() and (path / "adapter_config.json").is_file():
             from peft import PeftModel
 
-            return PeftModel.from_pretrained(model, str(adapter))
-        adapter = ExpertAdapter.load(adapter)
-    return adapter.apply(model, force=force)
+            return PeftModel.from_pretrained(load_base(base, **from_pretrained_kwargs), str(path))
+        else:
+            adapter = ExpertAdapter.load(path)
+    model = load_base(base, **from_pretrained_kwargs)
+    return adapter.apply(model, force=force) if adapter is not None else model
 
 
 def _selected_views(model: nn.Module, selection: ExpertSelection) -> dict[str, torch.Tensor]:

@@ -119,17 +119,28 @@ def _tokenize_with_chat_template(messages: list[Message], tokenizer) -> tuple[li
             messages[:end], tokenize=False, add_generation_prompt=message["role"] != "assistant"
         )
         ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        if ids[: len(input_ids)] != input_ids:  # labels would shift: refuse rather than learn the wrong tokens
+            raise InvalidInputError("the chat template renders a conversation differently from its beginning; "
+                                    "drop --chat-template to use the reference format")
         new = ids[len(input_ids):]
         input_ids = ids
         labels.extend(new if message["role"] == "assistant" else [IGNORE_INDEX] * len(new))
     return input_ids, labels
 
 
-def render_prompt(messages: list[Message], tokenizer, chat_template: bool = False) -> str:
-    """The text a model sees before it answers the last user turn (for generation)."""
-    if chat_template:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "".join(text for text, _ in reference_segments(messages))
+def prompt_ids(prompt: str | list[Message], tokenizer, chat_template: bool = False) -> list[int]:
+    """Token ids a model sees before it answers, built as training builds them.
+
+    `prompt` is conversation turns up to the answer, or reference-format text (`User: …\n\nAssistant:`).
+    The reference format gets the BOS by hand, as in training; a chat template brings its own.
+    """
+    if chat_template and not isinstance(prompt, str):
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
+    if not isinstance(prompt, str):
+        prompt = "".join(text for text, _ in reference_segments(prompt))
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer.encode(prompt, add_special_tokens=False)
 
 
 def pack(

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .data import IGNORE_INDEX, read_eval_records, render_prompt, tokenize_conversation
+from .data import IGNORE_INDEX, prompt_ids, read_eval_records, tokenize_conversation
 from .errors import InvalidInputError
 
 METRICS = ("loss", "exact", "intent", "bleu")
@@ -40,12 +40,12 @@ def evaluate(model: nn.Module, tokenizer, data: str, metric: str = "loss", split
     progress = (lambda done: on_records(done, len(records))) if on_records else None
     if metric == "loss":
         examples = [_loss_example(record, tokenizer, chat_template) for record in records]
-        return _loss(model, examples, batch_size, seq_len, progress)
-    prompts = [record["prompt"] or render_prompt(record["messages"][:-1], tokenizer, chat_template) for record in records]
+        return loss_over_examples(model, examples, batch_size, seq_len, progress)
+    prompts = [prompt_ids(record["prompt"] or record["messages"][:-1], tokenizer, chat_template) for record in records]
     predictions = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
     answers = [record["answers"] for record in records]
     result = {"metric": metric, "count": len(records), "value": SCORERS[metric](predictions, answers)}
-    result["examples"] = [{"prompt": p[-200:], "prediction": y, "answers": a[:3]}
+    result["examples"] = [{"prompt": tokenizer.decode(p[-64:]), "prediction": y, "answers": a[:3]}
                           for p, y, a in list(zip(prompts, predictions, answers))[:3]]
     return result
 
@@ -53,18 +53,25 @@ def evaluate(model: nn.Module, tokenizer, data: str, metric: str = "loss", split
 def _loss_example(record: dict, tokenizer, chat_template: bool) -> tuple[list[int], list[int]]:
     if record["messages"] is not None:
         return tokenize_conversation(record["messages"], tokenizer, chat_template)
-    prompt = tokenizer.encode(record["prompt"], add_special_tokens=False)
+    prompt = prompt_ids(record["prompt"], tokenizer)
     answer = tokenizer.encode(f" {record['answers'][0]}", add_special_tokens=False) + [tokenizer.eos_token_id]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + prompt + answer, [IGNORE_INDEX] * (len(bos) + len(prompt)) + answer
+    return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
 
 
 @torch.no_grad()
-def _loss(model, examples, batch_size, seq_len, on_records) -> dict:
+def loss_over_examples(model, examples: list[tuple[list[int], list[int]]], batch_size: int,
+                       seq_len: int | None = None, progress: Callable[[int], None] | None = None) -> dict:
+    """Mean loss per target token (and perplexity) over `(input_ids, labels)` examples, right-padded in batches.
+
+    Training's held-out loss and `expert-hub eval --metric loss` both use it.
+    """
+    was_training = model.training
+    model.eval()
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = [(ids[-seq_len:], labels[-seq_len:]) for ids, labels in examples[start : start + batch_size]]
+        batch = [(ids[-seq_len:], labels[-seq_len:]) if seq_len else (ids, labels)
+                 for ids, labels in examples[start : start + batch_size]]
         length = max(len(ids) for ids, _ in batch)
         input_ids = torch.zeros(len(batch), length, dtype=torch.long)
         labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
@@ -78,8 +85,9 @@ def _loss(model, examples, batch_size, seq_len, on_records) -> dict:
                            labels=labels.to(device), num_items_in_batch=items)
             total += output.loss.item() * items
             tokens += items
-        if on_records:
-            on_records(len(batch))
+        if progress:
+            progress(len(batch))
+    model.train(was_training)
     if not tokens:
         raise InvalidInputError("the evaluation data has no answer tokens to score")
     loss = total / tokens
@@ -88,14 +96,14 @@ def _loss(model, examples, batch_size, seq_len, on_records) -> dict:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
-             on_records: Callable[[int], None] | None = None) -> list[str]:
-    """Greedy completions, batched with left padding, cut at EOS."""
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+             progress: Callable[[int], None] | None = None) -> list[str]:
+    """Greedy completions of prompt token ids, batched with left padding, cut at EOS."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     outputs = []
     for start in range(0, len(prompts), batch_size):
-        encoded = [tokenizer.encode(prompt, add_special_tokens=True) for prompt in prompts[start : start + batch_size]]
+        encoded = prompts[start : start + batch_size]
         length = max(len(ids) for ids in encoded)
         input_ids = torch.full((len(encoded), length), pad, dtype=torch.long)
         attention_mask = torch.zeros(len(encoded), length, dtype=torch.long)
@@ -105,8 +113,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
                                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                                    eos_token_id=tokenizer.eos_token_id)
         outputs += tokenizer.batch_decode(generated[:, length:], skip_special_tokens=True)
-        if on_records:
-            on_records(len(encoded))
+        if progress:
+            progress(len(encoded))
     return [output.strip() for output in outputs]
 
 
@@ -115,14 +123,28 @@ def exact_match(predictions: list[str], answers: list[list[str]]) -> float:
 
 
 def intent_match(predictions: list[str], answers: list[list[str]]) -> float:
-    """Share of predictions whose JSON `intent` and `slots` equal those of the first answer."""
+    """Share of predictions whose JSON `intent` and `slots` equal the first answer's, as the reference scores it:
+    only the prediction's first line counts, spaces inside slot values are ignored and list values are unordered.
+    """
     hits = 0
     for prediction, refs in zip(predictions, answers):
-        predicted, expected = _first_json_object(prediction), _first_json_object(refs[0])
-        hits += (predicted is not None and expected is not None
-                 and predicted.get("intent") == expected.get("intent")
-                 and predicted.get("slots", {}) == expected.get("slots", {}))
+        lines = prediction.strip().splitlines()
+        predicted, expected = _intent(lines[0] if lines else ""), _intent(refs[0])
+        hits += predicted is not None and predicted == expected
     return hits / len(predictions)
+
+
+def _intent(text: str) -> tuple | None:
+    value = _first_json_object(text)
+    if value is None or not isinstance(value.get("slots", {}), dict):
+        return None
+    return value.get("intent"), {str(k): _normalize_slot(v) for k, v in value.get("slots", {}).items()}
+
+
+def _normalize_slot(value):
+    if isinstance(value, list):
+        return sorted(_normalize_slot(item) for item in value)
+    return "".join(value.split()) if isinstance(value, str) else str(value)
 
 
 def bleu(predictions: list[str], answers: list[list[str]]) -> float:

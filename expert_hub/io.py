@@ -44,6 +44,27 @@ def publish_permissions(directory: Path) -> None:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
+def fsync_tree(directory: Path) -> None:
+    """Flush a staged directory's files and the directory itself to disk before it is renamed into place."""
+    for path in [*Path(directory).rglob("*"), Path(directory)]:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def replace_directory(staging: Path, directory: Path) -> None:
+    """Move `staging` to `directory`, swapping out any old one so no reader sees a mix of both."""
+    if directory.exists():
+        retired = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
+        os.replace(directory, retired / directory.name)
+        os.replace(staging, directory)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, directory)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -94,12 +115,7 @@ def atomic_directory(directory: str | Path, overwrite: bool = False) -> Iterator
     try:
         yield staging
         publish_permissions(staging)
-        if directory.exists():
-            retired = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
-            os.replace(directory, retired / directory.name)
-            os.replace(staging, directory)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, directory)
+        fsync_tree(staging)
+        replace_directory(staging, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

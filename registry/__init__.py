@@ -1,1 +1,5 @@
-"""The local store of task experts and its Hugging Face Hub sync (coming with the registry issue)."""
+"""The local store of task experts (`Registry`) and its Hugging Face Hub sync."""
+
+from .store import Entry, Registry, RegistryError, default_root, validate_task_name
+
+__all__ = ["Entry", "Registry", "RegistryError", "default_root", "validate_task_name"]

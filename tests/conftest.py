@@ -28,6 +28,14 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {family: build_tiny_model(family, root / family) for family in TINY_FAMILIES}
 
 
+@pytest.fixture(autouse=True)
+def registry_home(tmp_path, monkeypatch) -> Path:
+    """Every test gets its own empty registry; none ever touches the user's."""
+    home = tmp_path / "expert-hub-home"
+    monkeypatch.setenv("EXPERT_HUB_HOME", str(home))
+    return home
+
+
 @pytest.fixture(params=TINY_FAMILIES)
 def family(request) -> str:
     return request.param

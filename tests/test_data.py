@@ -67,3 +67,18 @@ def test_eval_records_from_reference_files_and_conversations(tmp_path, esft_data
     (tmp_path / "bad.jsonl").write_text('{"prompt": "x", "raw_answers": []}\n')
     with pytest.raises(InvalidInputError, match="bad.jsonl:1"):
         read_eval_records(tmp_path / "bad.jsonl")
+
+
+def test_answer_scorers():
+    from expert_hub.evaluation import bleu, exact_match, intent_match
+
+    assert exact_match([" yes ", "no"], [["yes"], ["maybe", "nope"]]) == 0.5
+    answer = '{"intent": "Alarm-Update", "slots": {"datetime_date": "今天", "notes": ["a", "b"]}}'
+    predictions = [
+        '{"intent": "Alarm-Update", "slots": {"datetime_date": "今 天", "notes": ["b", "a"]}}\nmore text',
+        'sure: {"intent": "Alarm-Update", "slots": {"datetime_date": "明天", "notes": ["a", "b"]}}',
+        'not json at all',
+    ]
+    assert intent_match(predictions, [[answer]] * 3) == pytest.approx(1 / 3)
+    assert bleu(["the cat sat on the mat"], [["the cat sat on the mat"]]) == pytest.approx(100.0)
+    assert 0 < bleu(["今天天气很好"], [["今天天气不错"]]) < 100

@@ -36,7 +36,9 @@ def test_every_method_trains_and_its_output_evaluates(run_cli, tmp_path, tiny_mo
     code, out, err = run_cli("eval", *eval_args, "--data", esft_data / "datasets/eval/law.jsonl", "--limit", 3, "--json")
     assert code == 0, err
     result = json.loads(out)
-    assert result["metric"] == "loss" and result["count"] == 3 and result["value"] > 0
+    code, out, _ = run_cli("eval", "--base", base, "--data", esft_data / "datasets/eval/law.jsonl", "--limit", 3, "--json")
+    untrained = json.loads(out)["value"]
+    assert result["metric"] == "loss" and result["count"] == 3 and result["value"] != untrained
     code, out, err = run_cli("eval", *eval_args, "--data", esft_data / "datasets/eval/intent.jsonl", "--metric", "intent",
                              "--limit", 2, "--max-new-tokens", 4, "--json")
     assert code == 0 and json.loads(out)["count"] == 2, err

@@ -1,6 +1,6 @@
 """ESFT training and its baselines (full fine-tuning, LoRA): `train(TrainingConfig(...))`."""
 
 from .config import METHODS, TrainingConfig
-from .loop import StepReport, TrainingResult, evaluate_loss, train
+from .loop import StepReport, TrainingResult, train
 
-__all__ = ["METHODS", "StepReport", "TrainingConfig", "TrainingResult", "evaluate_loss", "train"]
+__all__ = ["METHODS", "StepReport", "TrainingConfig", "TrainingResult", "train"]

@@ -7,7 +7,6 @@ JSON — never pickle. Only trainable tensors are stored: for ESFT that is the s
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import tempfile
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..io import publish_permissions, read_json, write_json_atomic
+from ..io import fsync_tree, publish_permissions, read_json, replace_directory, write_json_atomic
 
 _STEP_DIR = re.compile(r"step-(\d+)")
 
@@ -25,6 +24,8 @@ def save_checkpoint(root: Path, step: int, trainable: dict[str, torch.Tensor], o
                     progress: dict, keep: int) -> Path:
     """Write checkpoint `step` under `root`, then drop all but the newest `keep`."""
     root.mkdir(parents=True, exist_ok=True)
+    for leftover in root.glob(".staging-*"):  # from a run killed while writing (one writer per run directory)
+        shutil.rmtree(leftover, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
     try:
         save_file({name: tensor.detach().contiguous() for name, tensor in trainable.items()}, staging / "trainable.safetensors")
@@ -34,17 +35,13 @@ def save_checkpoint(root: Path, step: int, trainable: dict[str, torch.Tensor], o
         write_json_atomic(staging / "optimizer.json", layout)
         write_json_atomic(staging / "progress.json", {"step": step, **progress})
         publish_permissions(staging)
-        _fsync_directory(staging)
-        final = root / f"step-{step:06d}"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        _fsync_directory(root)
+        fsync_tree(staging)
+        replace_directory(staging, root / f"step-{step:06d}")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
+    return root / f"step-{step:06d}"
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -101,11 +98,3 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
     cuda = [state[key] for key in sorted(k for k in state if k.startswith("cuda"))]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
-
-
-def _fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

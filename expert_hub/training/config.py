@@ -58,6 +58,7 @@ class TrainingConfig:
     eval_every: int = 100
     keep_checkpoints: int = 2
     trust_remote_code: bool = False
+    processes: int = 1  # data-parallel processes; set by the loop, recorded because the data order depends on it
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -67,6 +68,10 @@ class TrainingConfig:
             raise InvalidInputError("--method esft needs --experts EXPERT_CFG.json (or use esft-token / esft-gate)")
         if self.experts and self.method != "esft":
             raise InvalidInputError("--experts only applies to --method esft")
+        if self.dtype == "float16":
+            raise InvalidInputError("training in float16 overflows; use --dtype bfloat16 or float32")
+        if self.clip_grad_norm <= 0:
+            raise InvalidInputError(f"--clip-grad-norm must be above 0, got {self.clip_grad_norm}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise InvalidInputError(f"--top-p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.eval_fraction < 1:

@@ -22,10 +22,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import broadcast_object_list
 
 from ..adapter import fingerprint_selection
-from ..data import load_conversations, pack, tokenize_conversation
-from ..errors import InvalidInputError
+from ..data import IGNORE_INDEX, load_conversations, pack, tokenize_conversation
+from ..errors import ExpertHubError, InvalidInputError
+from ..evaluation import loss_over_examples
 from ..io import read_json, write_json_atomic
 from ..models import load_base, load_config, load_tokenizer
 from ..routing import score_model, token_sequences
@@ -65,27 +67,30 @@ class TrainingResult:
 def train(config: TrainingConfig, on_step: Callable[[StepReport], None] | None = None,
           on_status: Callable[[str], None] | None = None) -> TrainingResult:
     out = Path(config.out)
-    _check_output(out, config)  # cheap checks first: bad input fails before any weights load
-    if next(load_conversations(config.data, config.split), None) is None:
-        raise InvalidInputError(f"{config.data} holds no conversations")
-    load_config(config.base, trust_remote_code=config.trust_remote_code)
     # Selected experts that see no token in a micro-batch get no gradient: DDP must expect unused parameters.
     # cpu=True lets torchrun / accelerate launch train data-parallel over gloo on machines without GPUs.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    config.processes = accelerator.num_processes  # the data order depends on it: a resume must match
+    _check_output(out, config)  # cheap checks first: bad input fails before any weights load
+    if next(load_conversations(config.data, config.split), None) is None:
+        raise InvalidInputError(f"{config.data} holds no conversations")
+    load_config(config.base, trust_remote_code=config.trust_remote_code)
     main_process = accelerator.is_main_process  # the one that reports and writes files
     status = on_status if on_status and main_process else (lambda message: None)
     torch.manual_seed(config.seed)
 
+    # 1. the base model, and what the method trains of it
     status(f"Loading {config.base}")
     tokenizer = load_tokenizer(config.base, trust_remote_code=config.trust_remote_code)
     model = load_base(config.base, dtype=_dtype(config.dtype), trust_remote_code=config.trust_remote_code)
     model.to(accelerator.device)
     model.config.use_cache = False
-
+    if main_process:
+        write_json_atomic(out / CONFIG_FILE, config.to_json())  # from here on, rerunning resumes this run
     selection = fingerprint = None
     if config.method in ESFT_METHODS:
-        selection = _selection(config, model, tokenizer, out, status, write=main_process)
+        selection = _selection(config, model, tokenizer, out, status, accelerator)
         fingerprint = fingerprint_selection(model, selection)
         model = prepare_esft(model, selection)
     elif config.method == "lora":
@@ -94,67 +99,60 @@ def train(config: TrainingConfig, on_step: Callable[[StepReport], None] | None =
         model = prepare_full(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable = trainable_parameters(model)
+    if not trainable:
+        raise InvalidInputError("nothing to train: the expert config selects no experts")
 
+    # 2. the data
     status("Tokenizing and packing the data")
     train_blocks, eval_blocks = _packed_data(config, tokenizer)
-    if main_process:
-        write_json_atomic(out / CONFIG_FILE, config.to_json())  # from here on, rerunning resumes this run
-    trainable = trainable_parameters(model)
     optimizer = torch.optim.AdamW(_param_groups(trainable, config.weight_decay), lr=config.lr, betas=config.betas)
     model, optimizer = accelerator.prepare(model, optimizer)
 
+    # 3. resume where the last checkpoint left off
     start_step, elapsed, train_loss = 0, 0.0, None
     if checkpoints := list_checkpoints(out / "checkpoints"):
         progress = load_checkpoint(checkpoints[-1], trainable, optimizer)
         start_step, elapsed, train_loss = progress["step"], progress["seconds"], progress.get("loss")
+        if start_step > config.steps:
+            raise InvalidInputError(f"{out} already holds step {start_step}; ask for --steps {start_step} or more")
         status(f"Resuming from step {start_step}")
     if main_process:
         _truncate_log(out / LOG_FILE, start_step)
 
+    # 4. the steps
     order = _DataOrder(len(train_blocks), config.seed)
-    micro_batches = config.grad_accumulation
     eval_loss = None
     for step in range(start_step, config.steps):
-        model.train()
         started = time.perf_counter()
-        positions = [
-            ((step * micro_batches + micro) * accelerator.num_processes + accelerator.process_index) * config.batch_size
-            for micro in range(micro_batches)
-        ]
-        batches = [_batch(train_blocks, order.take(p, config.batch_size), accelerator.device) for p in positions]
-        target_tokens = sum(int((labels[:, 1:] != -100).sum()) for _, labels in batches)
-        train_loss = 0.0
-        for micro, (input_ids, labels) in enumerate(batches):
-            syncing = micro == micro_batches - 1
-            with nullcontext() if syncing else accelerator.no_sync(model):
-                loss = model(input_ids=input_ids, labels=labels, num_items_in_batch=max(target_tokens, 1)).loss
-                accelerator.backward(loss)
-            train_loss += loss.detach()
-        train_loss = accelerator.reduce(train_loss, reduction="mean").item()  # the same figure on every rank
-        accelerator.clip_grad_norm_(list(trainable.values()), config.clip_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        batches = [_batch(train_blocks, order.take(position, config.batch_size), accelerator.device)
+                   for position in _positions(step, config, accelerator)]
+        train_loss = _step(model, optimizer, batches, trainable, config, accelerator)
+        if not math.isfinite(train_loss):
+            raise ExpertHubError(f"the loss became {train_loss} at step {step + 1}; lower --lr or use --dtype float32")
         seconds = time.perf_counter() - started
         elapsed += seconds
         done = step + 1
-        if eval_blocks and (done % config.eval_every == 0 or done == config.steps):
-            eval_loss = evaluate_loss(model, eval_blocks, config.batch_size, accelerator.device)
+        if main_process and eval_blocks and (done % config.eval_every == 0 or done == config.steps):
+            eval_loss = loss_over_examples(accelerator.unwrap_model(model), eval_blocks, config.batch_size)["value"]
         report = StepReport(done, config.steps, train_loss, sum(ids.numel() for ids, _ in batches) / seconds, eval_loss)
         if main_process:
             _append_log(out / LOG_FILE, report)
             if done % config.save_every == 0 or done == config.steps:
                 save_checkpoint(out / "checkpoints", done, trainable, optimizer,
                                 {"seconds": elapsed, "loss": train_loss}, config.keep_checkpoints)
-        if on_step and main_process:
-            on_step(report)
+            if on_step:
+                on_step(report)
         accelerator.wait_for_everyone()
 
-    if eval_blocks and eval_loss is None:
-        eval_loss = evaluate_loss(model, eval_blocks, config.batch_size, accelerator.device)
-    artifact = out / ("model" if config.method == "full" else "adapter")
+    # 5. the artifact
     model = accelerator.unwrap_model(model)
+    if main_process and eval_blocks and eval_loss is None:
+        eval_loss = loss_over_examples(model, eval_blocks, config.batch_size)["value"]
     if selection is not None:
         model = merge_esft(model)
+    model.config.use_cache = True
+    artifact = out / ("model" if config.method == "full" else "adapter")
     if main_process:
         status(f"Writing {artifact}")
         summary = {"steps": config.steps, "train_loss": train_loss, "eval_loss": eval_loss, "seconds": round(elapsed, 3),
@@ -164,19 +162,29 @@ def train(config: TrainingConfig, on_step: Callable[[StepReport], None] | None =
     return TrainingResult(model, artifact, config.steps, train_loss, eval_loss, elapsed, start_step, main_process)
 
 
-@torch.no_grad()
-def evaluate_loss(model, blocks: list[tuple[list[int], list[int]]], batch_size: int, device) -> float:
-    """Mean loss per target token over packed blocks."""
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        input_ids, labels = _batch(blocks, range(start, min(start + batch_size, len(blocks))), device)
-        items = int((labels[:, 1:] != -100).sum())
-        if items:
-            total += model(input_ids=input_ids, labels=labels, num_items_in_batch=items).loss.item() * items
-            count += items
+def _positions(step: int, config: TrainingConfig, accelerator) -> list[int]:
+    """Where this rank's micro-batches of `step` start in the run's sample sequence."""
+    micro_batches = config.grad_accumulation
+    return [((step * micro_batches + micro) * accelerator.num_processes + accelerator.process_index) * config.batch_size
+            for micro in range(micro_batches)]
+
+
+def _step(model, optimizer, batches, trainable, config: TrainingConfig, accelerator) -> float:
+    """One optimizer step over the micro-batches; returns the mean loss per target token."""
     model.train()
-    return total / count if count else math.nan
+    target_tokens = max(sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in batches), 1)
+    total = 0.0
+    for micro, (input_ids, labels) in enumerate(batches):
+        last = micro == len(batches) - 1
+        with nullcontext() if last else accelerator.no_sync(model):  # gradients sync once, after the last
+            # Summed over tokens and divided by the step's token count: micro-batches add up to the step mean.
+            loss = model(input_ids=input_ids, labels=labels, num_items_in_batch=target_tokens).loss
+            accelerator.backward(loss)
+        total += loss.detach()
+    accelerator.clip_grad_norm_(list(trainable.values()), config.clip_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return accelerator.reduce(total, reduction="mean").item()  # the same figure on every rank
 
 
 def _check_output(out: Path, config: TrainingConfig) -> None:
@@ -188,27 +196,26 @@ def _check_output(out: Path, config: TrainingConfig) -> None:
         raise InvalidInputError(f"{out} is not empty and holds no expert-hub run; choose another --out")
 
 
-def _selection(config: TrainingConfig, model, tokenizer, out: Path, status, write: bool) -> ExpertSelection:
+def _selection(config: TrainingConfig, model, tokenizer, out: Path, status, accelerator) -> ExpertSelection:
     """The experts to train: given (--experts), or scored and selected once, then kept in `out` for resumes.
 
-    Every rank scores (the result is deterministic); only the one that `write`s saves it.
+    Rank 0 scores and selects; the other ranks receive its selection, so every rank trains the same rows.
     """
     chosen = out / "expert_cfg.json"
     if config.method == "esft":
-        selection = ExpertSelection.load(config.experts)
-    elif chosen.is_file():
-        selection = ExpertSelection.load(chosen)
-    else:
+        return ExpertSelection.load(config.experts)
+    if chosen.is_file():
+        return ExpertSelection.load(chosen)
+    selection = [None]
+    if accelerator.is_main_process:
         status(f"Scoring experts on {config.score_tokens:,} task tokens")
         sequences = token_sequences(load_conversations(config.data, config.split), tokenizer,
                                     max_tokens=config.score_tokens, max_length=config.seq_len)
         scores = score_model(model, sequences, source={"model": config.base, "data": config.data})
-        selection = select_experts(scores, by=config.score_function, top_p=config.top_p)
-        if write:
-            scores.save(out / "scores.json")
-    if write:
-        selection.save(chosen)
-    return selection
+        scores.save(out / "scores.json")
+        selection = [select_experts(scores, by=config.score_function, top_p=config.top_p)]
+        selection[0].save(chosen)
+    return broadcast_object_list(selection)[0]
 
 
 def _packed_data(config: TrainingConfig, tokenizer):
@@ -218,6 +225,8 @@ def _packed_data(config: TrainingConfig, tokenizer):
         raise InvalidInputError(f"{config.data} holds no conversations")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     blocks = pack(examples, config.seq_len, pad, config.random_concat_ratio, config.seed)
+    if all(label == IGNORE_INDEX for _, labels in blocks for label in labels[1:]):
+        raise InvalidInputError(f"{config.data} has no assistant answers to learn from")
     held_out = int(len(blocks) * config.eval_fraction)
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(config.seed)).tolist()
     train_blocks = [blocks[i] for i in order[held_out:]]

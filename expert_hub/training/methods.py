@@ -22,7 +22,11 @@ ESFT_EXPERTS = "esft"
 
 
 class ExpertRows(nn.Module):
-    """Trainable copies of some experts' rows of a fused experts module, with the id -> row map."""
+    """Trainable copies of some experts' rows of a fused experts module, with the id -> row map.
+
+    The rows are float32 master weights whatever the model's dtype: AdamW's small steps would mostly round away
+    in bfloat16. The forward casts them to the model's dtype, so it computes what the merged model computes.
+    """
 
     def __init__(self, experts: nn.Module, rows: list[int]):
         super().__init__()
@@ -32,7 +36,8 @@ class ExpertRows(nn.Module):
         self.register_buffer("index", index, persistent=False)
         self.register_buffer("position", position, persistent=False)  # expert id -> row here, -1 if frozen
         self.weights = nn.ParameterDict({
-            name: nn.Parameter(fused.detach()[index].clone()) for name, fused in experts.named_parameters(recurse=False)
+            name: nn.Parameter(fused.detach()[index].to(torch.float32))
+            for name, fused in experts.named_parameters(recurse=False)
         })
 
 
@@ -40,7 +45,7 @@ class _ExpertsView:
     """What `grouped_mm_experts_forward` reads from an experts module, over the trainable rows."""
 
     def __init__(self, experts: nn.Module, rows: ExpertRows):
-        self.__dict__.update(dict(rows.weights))
+        self.__dict__.update({name: weight.to(experts.gate_up_proj.dtype) for name, weight in rows.weights.items()})
         self.num_experts = len(rows.index)
         self.has_gate, self.has_bias, self.is_transposed = experts.has_gate, experts.has_bias, experts.is_transposed
         self._apply_gate, self.act_fn = experts._apply_gate, getattr(experts, "act_fn", None)
@@ -51,8 +56,10 @@ def esft_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
                          top_k_weights: torch.Tensor) -> torch.Tensor:
     """Token-expert pairs of frozen experts use the fused Parameters, those of selected experts `ExpertRows`.
 
-    Each group of pairs runs through transformers' own grouped-matmul kernel as single-expert tokens, so the
-    frozen group computes no weight gradients and neither group computes anything twice.
+    Each group of pairs runs through transformers' own grouped-matmul kernel as single-expert tokens with unit
+    weight, so the frozen group computes no weight gradients and neither group computes anything twice. The
+    routing weights and the top-k sum are applied here, in the dtype the standard kernel uses, so the output is
+    bit-identical to it.
     """
     trainable = getattr(self, "esft_rows", None)
     if trainable is None:
@@ -61,23 +68,24 @@ def esft_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
     expert_ids, weights = top_k_index.reshape(-1), top_k_weights.reshape(-1)
     rows = trainable.position[expert_ids]
     selected = rows >= 0
-    pair_outputs = hidden_states.new_zeros(
-        expert_ids.numel(), hidden_states.shape[-1], dtype=torch.promote_types(hidden_states.dtype, weights.dtype)
-    )
+    pair_outputs = hidden_states.new_zeros(expert_ids.numel(), hidden_states.shape[-1])
     for pairs, experts, ids in (((~selected).nonzero().squeeze(1), self, expert_ids),
                                 (selected.nonzero().squeeze(1), _ExpertsView(self, trainable), rows)):
         if pairs.numel():
-            pair_outputs[pairs] = grouped_mm_experts_forward(
-                experts, hidden_states[pairs // top_k], ids[pairs, None], weights[pairs, None]
-            ).to(pair_outputs.dtype)
-    return pair_outputs.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+            unit = torch.ones(pairs.numel(), 1, dtype=hidden_states.dtype, device=pairs.device)
+            pair_outputs[pairs] = grouped_mm_experts_forward(experts, hidden_states[pairs // top_k], ids[pairs, None], unit)
+    weighted = pair_outputs * weights.unsqueeze(-1)  # promotes to the router weights' dtype, as the kernel does
+    return weighted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
 ALL_EXPERTS_FUNCTIONS.register(ESFT_EXPERTS, esft_experts_forward)
 
 
 def prepare_esft(model: nn.Module, selection: ExpertSelection) -> nn.Module:
-    """Freeze everything, then make the selected experts (and shared / non-expert modules if asked) trainable."""
+    """Freeze everything, then make the selected experts (and shared / non-expert modules if asked) trainable.
+
+    `merge_esft` undoes it, restoring the experts implementation the model had.
+    """
     model.requires_grad_(False)
     groups = split_parameters(model)
     parameters = dict(model.named_parameters())
@@ -88,6 +96,7 @@ def prepare_esft(model: nn.Module, selection: ExpertSelection) -> nn.Module:
     for layer in moe_layers(model):
         if rows := selection.experts.get(layer.index):
             layer.experts.esft_rows = ExpertRows(layer.experts, rows)
+    model.esft_previous_experts_implementation = model.config._experts_implementation
     model.set_experts_implementation(ESFT_EXPERTS)
     _disable_router_aux_loss(model)
     return model
@@ -101,7 +110,7 @@ def merge_esft(model: nn.Module) -> nn.Module:
             for name, weight in trainable.weights.items():
                 getattr(layer.experts, name).index_copy_(0, trainable.index, weight.to(getattr(layer.experts, name).dtype))
             del layer.experts.esft_rows
-    model.set_experts_implementation("grouped_mm")
+    model.set_experts_implementation(getattr(model, "esft_previous_experts_implementation", "grouped_mm"))
     return model
 
 

@@ -1,0 +1,111 @@
+"""Registry commands: `import`, `export`, `list`, `show`, `rm` (and `push` / `pull` for the Hub)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from .app import app, console
+
+Base = Annotated[Optional[str], typer.Option(help="Only entries of this base model (directory or Hub id).")]
+
+
+def _registry():
+    from expert_hub.registry import Registry
+
+    return Registry()
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 1024:.1f} KiB"
+
+
+def _experts(entry) -> str:
+    counts = list(entry.experts.values())
+    if not counts:
+        return "-"
+    return f"{sum(counts)} in {len(counts)} layers ({min(counts)}-{max(counts)}/layer)"
+
+
+@app.command(name="import")
+def import_adapter(
+    directory: Annotated[Path, typer.Argument(help="An adapter directory (expert-hub's or a published ESFT one).")],
+    task: Annotated[Optional[str], typer.Option(help="Task name (default: the adapter's own).")] = None,
+    base: Annotated[Optional[str], typer.Option(help="Base model it was trained from (default: from its metadata).")] = None,
+) -> None:
+    """Register an existing adapter directory as the next version of its task."""
+    entry = _registry().register(directory, task=task, base=base)
+    console.print(f"Registered {entry.ref} ({entry.digest[:12]}, {_size(entry.bytes)}) for base {entry.base_model}")
+
+
+@app.command()
+def export(
+    ref: Annotated[str, typer.Argument(metavar="TASK[@V]", help="law, law@3 or law@<hash prefix>.")],
+    directory: Annotated[Path, typer.Argument(help="Where to write the adapter files (must not exist yet).")],
+    base: Base = None,
+) -> None:
+    """Write a registered adapter out as a plain directory."""
+    registry = _registry()
+    entry = registry.resolve(ref, base)
+    registry.export(entry.ref, directory, base=entry.base_model)
+    console.print(f"Exported {entry.ref} -> {directory}")
+
+
+@app.command(name="list")
+def list_entries(
+    base: Base = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Registered task experts: task, version, base, method, experts, size, created, metrics."""
+    entries = _registry().entries(base)
+    if as_json:
+        console.print_json(data=[asdict(entry) for entry in entries])
+        return
+    if not entries:
+        console.print("No task experts registered yet (`expert-hub train` or `expert-hub import` adds them).")
+        return
+    table = Table("task", "version", "base", "method", "experts", "size", "created", "metrics")
+    for entry in sorted(entries, key=lambda e: (e.task, e.version)):
+        metrics = " ".join(f"{name}={value:.4g}" for name, value in entry.metrics.items())
+        table.add_row(entry.task, f"{entry.version} ({entry.digest[:8]})", str(entry.base_model), entry.method or "-",
+                      _experts(entry), _size(entry.bytes), entry.created, metrics or "-")
+    console.print(table)
+
+
+@app.command()
+def show(
+    ref: Annotated[str, typer.Argument(metavar="TASK[@V]", help="law, law@3 or law@<hash prefix>.")],
+    base: Base = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """One entry in full, after verifying its files."""
+    registry = _registry()
+    entry = registry.resolve(ref, base)
+    adapter = registry.load(entry.ref, entry.base_model)
+    details = asdict(entry) | {"path": str(registry.object_path(entry)), "metadata": asdict(adapter.metadata),
+                               "selection": adapter.selection.to_json()}
+    if as_json:
+        console.print_json(data=details)
+        return
+    table = Table(show_header=False, title=entry.ref)
+    for key in ("task", "version", "digest", "base_model", "method", "created", "path"):
+        table.add_row(key, str(details[key]))
+    table.add_row("experts", _experts(entry))
+    table.add_row("size", _size(entry.bytes))
+    for name, value in entry.metrics.items():
+        table.add_row(name, f"{value:.4g}")
+    console.print(table)
+
+
+@app.command(name="rm")
+def remove(
+    ref: Annotated[str, typer.Argument(metavar="TASK[@V]", help="law (every version) or law@3 (one version).")],
+    base: Base = None,
+) -> None:
+    """Remove a task's versions from the registry."""
+    removed = _registry().remove(ref, base)
+    console.print("Removed " + ", ".join(entry.ref for entry in removed))

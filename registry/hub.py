@@ -1,0 +1,92 @@
+"""Sharing registry entries on the Hugging Face Hub: `push` a task's experts, `pull` a repo into the registry.
+
+All traffic goes through `huggingface_hub` (`HfApi.create_repo` / `upload_folder`, `snapshot_download`), which
+takes credentials from `HF_TOKEN` or `hf auth login` and honours `HF_ENDPOINT` and `HF_HUB_OFFLINE`. Failures
+become one-line `HubError`s; the local registry changes only after a pull has fully downloaded.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from httpx2 import HTTPError as TransportError  # huggingface_hub's HTTP client: network failures
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    LocalTokenNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from expert_hub.adapter import AdapterHeader
+from expert_hub.errors import ExpertHubError
+from expert_hub.io import first_line
+
+from .card import model_card
+from .store import MANIFEST_FILE, Entry, Registry, validate_task_name
+
+
+class HubError(ExpertHubError):
+    """The Hub refused or could not be reached; nothing local was changed."""
+
+
+def push(registry: Registry, ref: str, repo_id: str, private: bool = False, revision: str | None = None,
+         commit_message: str | None = None, base: str | None = None, license: str = "other",
+         token: str | None = None) -> str:
+    """Upload a verified registry entry, with a generated model card, to `repo_id`; returns the commit URL."""
+    entry = registry.resolve(ref, base)
+    source = registry.verify(entry)
+    header = AdapterHeader.read(source)
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory() as staging, _hub_errors(repo_id, revision):
+        for file in source.iterdir():
+            if file.name not in (MANIFEST_FILE, "README.md"):
+                shutil.copyfile(file, Path(staging) / file.name)
+        model_card(repo_id, entry.task, header.selection, header.metadata, license).save(Path(staging) / "README.md")
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=staging, revision=revision,
+                                   commit_message=commit_message or f"Upload {entry.ref} experts ({entry.digest[:12]})")
+    return commit.commit_url
+
+
+def pull(registry: Registry, repo_id: str, revision: str | None = None, task: str | None = None,
+         base: str | None = None, token: str | None = None) -> Entry:
+    """Download `repo_id` (expert-hub's layout or a published `deepseek-ai/ESFT-*-lite` one) and register it.
+
+    The task name defaults to the adapter's own, else the repo's name.
+    """
+    with _hub_errors(repo_id, revision):
+        directory = Path(snapshot_download(repo_id, revision=revision, token=token))
+    header = AdapterHeader.read(directory)
+    task = validate_task_name(task or header.metadata.task or repo_id.split("/")[-1])
+    return registry.register(directory, task=task, base=base)
+
+
+@contextmanager
+def _hub_errors(repo_id: str, revision: str | None):
+    where = f"{repo_id}" + (f"@{revision}" if revision else "")
+    try:
+        yield
+    except LocalTokenNotFoundError:
+        raise HubError("no Hugging Face token: set HF_TOKEN or run `hf auth login`") from None
+    except RevisionNotFoundError:
+        raise HubError(f"revision {revision!r} not found in {repo_id}") from None
+    except RepositoryNotFoundError:
+        raise HubError(f"repository {repo_id} not found, or your token cannot access it") from None
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        hint = "; check HF_TOKEN or `hf auth login`" if status in (401, 403) else ""
+        raise HubError(f"the Hub refused {where} (HTTP {status}): {first_line(error)}{hint}") from None
+    except OfflineModeIsEnabled:
+        raise HubError(f"cannot reach the Hub for {where}: HF_HUB_OFFLINE is set") from None
+    except LocalEntryNotFoundError as error:
+        raise HubError(f"cannot download {where}: {first_line(error)}") from None
+    except (TransportError, ConnectionError) as error:  # network down, DNS, refused connection
+        raise HubError(f"cannot reach the Hub for {where}: {first_line(error)}") from None

@@ -1,0 +1,291 @@
+"""The local registry: every task's expert adapters, versioned, verified, safe under crashes and concurrency.
+
+Layout under the root (`$EXPERT_HUB_HOME`, default `$XDG_CACHE_HOME/expert-hub` or `~/.cache/expert-hub`):
+- `objects/<sha256>/` — an adapter's files plus `manifest.json` (each file's sha256 and size). The directory name is
+  the manifest's own sha256, so identical content is stored once and a name never points at other bytes.
+- `index.json` — entries `(task, version, base model) -> object`, rewritten atomically under `index.lock`.
+- `staging/` — imports in progress; a killed import leaves only a staging directory, removed by the next import.
+Names never become paths: tasks are validated and objects are addressed by hash.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from expert_hub.adapter import AdapterHeader, ExpertAdapter
+from expert_hub.errors import InvalidInputError
+from expert_hub.io import atomic_directory, fsync_tree, publish_permissions, read_json, write_json_atomic
+
+MANIFEST_FILE = "manifest.json"
+_TASK = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+_CHUNK = 8 * 2**20
+
+
+class RegistryError(InvalidInputError):
+    """A registry entry is missing, ambiguous or damaged."""
+
+
+def validate_task_name(name: str) -> str:
+    """Letters, digits and `-_.`, with an optional `namespace/`; never a path that climbs out."""
+    if not isinstance(name, str) or not _TASK.fullmatch(name) or ".." in name:
+        raise InvalidInputError(
+            f"invalid task name {name!r}: use letters, digits and '-_.', optionally 'namespace/name'"
+        )
+    return name
+
+
+def default_root() -> Path:
+    if home := os.environ.get("EXPERT_HUB_HOME"):
+        return Path(home)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "expert-hub"
+
+
+def normalize_base(base: str | None) -> str | None:
+    """Local bases are keyed by absolute path, so `./base` and `/abs/base` are one base; Hub ids stay as given."""
+    if base is None:
+        return None
+    return str(Path(base).resolve()) if Path(base).exists() else base
+
+
+@dataclass
+class Entry:
+    """One registered version of a task's experts."""
+
+    task: str
+    version: int
+    base_model: str | None
+    digest: str
+    created: str
+    method: str | None = None
+    experts: dict[str, int] = field(default_factory=dict)  # layer -> number of experts
+    bytes: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.task}@{self.version}"
+
+
+class Registry:
+    """A local store of expert adapters. Every method is safe to call from several processes at once."""
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root is not None else default_root()
+
+    @property
+    def index_path(self) -> Path:
+        return self.root / "index.json"
+
+    def object_path(self, entry: Entry) -> Path:
+        return self.root / "objects" / entry.digest
+
+    # --- reading -----------------------------------------------------------------------------------------------
+    def entries(self, base: str | None = None) -> list[Entry]:
+        """All entries (of one base model, if given), oldest first."""
+        if not self.index_path.is_file():
+            return []
+        data = read_json(self.index_path)
+        entries = [Entry(**entry) for entry in data.get("entries", [])]
+        base = normalize_base(base)
+        return [entry for entry in entries if base is None or entry.base_model == base]
+
+    def resolve(self, ref: str, base: str | None = None) -> Entry:
+        """`law` (newest), `law@3` (a version) or `law@1f3a9c` (a content-hash prefix, at least 4 characters)."""
+        task, _, selector = ref.partition("@")
+        validate_task_name(task)
+        candidates = [entry for entry in self.entries(base) if entry.task == task]
+        if selector.isdigit():
+            candidates = [entry for entry in candidates if entry.version == int(selector)]
+        elif selector:
+            if len(selector) < 4 or not re.fullmatch(r"[0-9a-f]+", selector):
+                raise InvalidInputError(f"{ref!r}: after '@' give a version number or at least 4 hex digits of a hash")
+            candidates = [entry for entry in candidates if entry.digest.startswith(selector)]
+        if not candidates:
+            where = f" for base {base}" if base else ""
+            raise RegistryError(f"no registered task {ref!r}{where} (see `expert-hub list`)")
+        bases = sorted({str(entry.base_model) for entry in candidates})
+        if len(bases) > 1:
+            raise RegistryError(f"{ref!r} exists for several base models ({', '.join(bases)}); name the base")
+        return max(candidates, key=lambda entry: entry.version)
+
+    def verify(self, entry: Entry) -> Path:
+        """Check every stored file against the manifest; a damaged entry is named and never used."""
+        path = self.object_path(entry)
+        try:
+            _check_object(path, entry.digest)
+        except RegistryError as error:
+            raise RegistryError(f"{entry.ref}: {error}") from None
+        return path
+
+    def load(self, ref: str, base: str | None = None) -> ExpertAdapter:
+        """The verified adapter of a registry reference."""
+        return ExpertAdapter.load(self.verify(self.resolve(ref, base)))
+
+    # --- writing -----------------------------------------------------------------------------------------------
+    def register(self, directory: str | Path, task: str | None = None, base: str | None = None) -> Entry:
+        """Copy an adapter directory in as the next version of its task; returns the new entry.
+
+        The copy is hashed as it is written and becomes visible by one rename; only then is the index updated,
+        under the lock. A process killed at any point leaves the registry as it was.
+        """
+        directory = Path(directory)
+        adapter = AdapterHeader.read(directory)  # refuses anything that is not a complete adapter; reads no weights
+        task = validate_task_name(adapter.metadata.task or "" if task is None else task)
+        base = normalize_base(base or adapter.metadata.base_model)
+        staging_root = self.root / "staging"
+        staging_root.mkdir(parents=True, exist_ok=True)
+        self._remove_abandoned_staging()
+        staging = Path(tempfile.mkdtemp(dir=staging_root, prefix=f"{os.getpid()}-"))
+        try:
+            files = {}
+            for source in sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")):
+                if source.name == MANIFEST_FILE:
+                    continue
+                files[source.name] = _copy_and_hash(source, staging / source.name)
+            manifest = json.dumps({"files": files}, sort_keys=True, indent=1).encode()
+            (staging / MANIFEST_FILE).write_bytes(manifest)
+            publish_permissions(staging)
+            fsync_tree(staging)
+            digest = _sha256_bytes(manifest)
+            with self._locked_index() as entries:  # placing the object under the lock keeps `remove` out of the way
+                self._place_object(staging, digest)
+                version = 1 + max((e.version for e in entries if e.task == task and e.base_model == base), default=0)
+                entry = Entry(
+                    task=task, version=version, base_model=base, digest=digest,
+                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"), method=adapter.metadata.method,
+                    experts={str(layer): len(ids) for layer, ids in sorted(adapter.selection.experts.items())},
+                    bytes=sum(f["size"] for f in files.values()), metrics=dict(adapter.metadata.metrics),
+                )
+                entries.append(entry)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return entry
+
+    def remove(self, ref: str, base: str | None = None) -> list[Entry]:
+        """Remove one version (`law@2`) or every version of a task (`law`); returns what was removed."""
+        target = self.resolve(ref, base)
+        removed = []
+        with self._locked_index() as entries:
+            for entry in list(entries):
+                same_task = entry.task == target.task and entry.base_model == target.base_model
+                if same_task and ("@" not in ref or entry.version == target.version):
+                    entries.remove(entry)
+                    removed.append(entry)
+            still_used = {entry.digest for entry in entries}
+            for entry in removed:
+                if entry.digest not in still_used:
+                    _remove_tree(self.object_path(entry))
+        return removed
+
+    def export(self, ref: str, destination: str | Path, base: str | None = None) -> Path:
+        """Write a verified copy of an entry's adapter files (without the manifest) to `destination`."""
+        source = self.verify(self.resolve(ref, base))
+        with atomic_directory(destination) as staging:
+            for file in source.iterdir():
+                if file.name != MANIFEST_FILE:
+                    shutil.copyfile(file, staging / file.name)
+        return Path(destination)
+
+    def _place_object(self, staging: Path, digest: str) -> None:
+        """Make `staging` the object `digest`, unless that content is already stored intact."""
+        target = self.root / "objects" / digest
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            try:
+                _check_object(target, digest)
+                return
+            except RegistryError:  # a damaged copy of the same content: the fresh one takes its place
+                _remove_tree(target)
+        os.replace(staging, target)
+
+    @contextmanager
+    def _locked_index(self) -> Iterator[list[Entry]]:
+        """The entries, to change in place; written back atomically when the block ends, all under the lock."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "index.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                entries = self.entries()
+                yield entries
+                write_json_atomic(self.index_path, {"entries": [asdict(entry) for entry in entries]})
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _remove_abandoned_staging(self) -> None:
+        """Staging directories of processes that no longer run (killed mid-import)."""
+        for path in (self.root / "staging").iterdir():
+            pid = path.name.split("-", 1)[0]
+            if pid.isdigit() and not _process_alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _check_object(path: Path, digest: str) -> None:
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise RegistryError(f"stored files are missing ({path})")
+    if _sha256_bytes(manifest_path.read_bytes()) != digest:
+        raise RegistryError(f"{manifest_path} was modified")
+    files = json.loads(manifest_path.read_text())["files"]
+    present = {p.name for p in path.iterdir() if p.name != MANIFEST_FILE}
+    if extra := sorted(present - set(files)):
+        raise RegistryError(f"unexpected file {path / extra[0]}")
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            raise RegistryError(f"missing file {file}")
+        if file.stat().st_size != expected["size"] or _sha256_file(file) != expected["sha256"]:
+            raise RegistryError(f"file {file} does not match its recorded sha256 (corrupted?)")
+
+
+def _copy_and_hash(source: Path, target: Path) -> dict:
+    """Copy a file and return its sha256 and size; hashing one chunk overlaps writing it (both drop the GIL)."""
+    digest, size = hashlib.sha256(), 0
+    with source.open("rb") as reader, target.open("wb") as writer, ThreadPoolExecutor(1) as hasher:
+        while chunk := reader.read(_CHUNK):
+            hashing = hasher.submit(digest.update, chunk)
+            writer.write(chunk)
+            hashing.result()
+            size += len(chunk)
+    return {"sha256": digest.hexdigest(), "size": size}
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as reader:
+        while chunk := reader.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _remove_tree(path: Path) -> None:
+    """Rename first, so no reader ever sees a half-deleted object."""
+    if path.exists():
+        retired = path.with_name(f".removed-{path.name}-{os.getpid()}")
+        os.replace(path, retired)
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,152 @@
+"""The local registry: versions and references, integrity, names, crash and concurrency safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from expert_hub import ExpertAdapter, ExpertSelection, load_model
+from expert_hub.errors import InvalidInputError
+from expert_hub.models import load_base
+from expert_hub.registry import Registry, RegistryError
+
+
+@pytest.fixture
+def adapters(tiny_models, tmp_path):
+    """Two different trained-looking adapters of the qwen3_moe tiny model."""
+    base = tiny_models["qwen3_moe"]
+    made = {}
+    for seed, (task, selection) in enumerate({"law": {1: [2, 5]}, "intent": {0: [1], 3: [7]}}.items(), start=1):
+        adapter = ExpertAdapter.from_model(load_base(str(base)), ExpertSelection(selection), task=task)
+        generator = torch.Generator().manual_seed(seed)
+        adapter.tensors = {k: torch.randn(v.shape, generator=generator) for k, v in adapter.tensors.items()}
+        made[task] = adapter.save(tmp_path / f"adapter-{task}")
+    return base, made
+
+
+def test_versions_and_references(adapters, registry_home):
+    base, made = adapters
+    registry = Registry()
+    first = registry.register(made["law"])
+    second = registry.register(made["law"])
+    other = registry.register(made["intent"])
+    assert (first.ref, second.ref, other.ref) == ("law@1", "law@2", "intent@1")
+    assert first.digest == second.digest and first.base_model == str(base)
+    assert registry.resolve("law").version == 2
+    assert registry.resolve("law@1").version == 1
+    assert registry.resolve(f"law@{first.digest[:6]}").version == 2  # same content: the newest version
+    assert [e.ref for e in registry.entries(base=str(base))] == ["law@1", "law@2", "intent@1"]
+    assert registry.entries(base="someone/else") == []
+    with pytest.raises(RegistryError, match="no registered task 'law@7'"):
+        registry.resolve("law@7")
+    with pytest.raises(InvalidInputError, match="hex digits"):
+        registry.resolve("law@xyz!")
+    assert [e.ref for e in registry.remove("law@1")] == ["law@1"]
+    assert registry.verify(registry.resolve("law")).is_dir()  # the shared object outlived law@1
+    registry.remove("law")
+    assert [e.ref for e in registry.entries()] == ["intent@1"]
+    assert len(list((registry_home / "objects").iterdir())) == 1
+
+
+def test_load_model_takes_a_registry_reference(adapters, tmp_path):
+    base, made = adapters
+    Registry().register(made["law"])
+    input_ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        from_registry = load_model(str(base), "law")(input_ids).logits
+        from_directory = load_model(str(base), made["law"])(input_ids).logits
+    assert torch.equal(from_registry, from_directory)
+    exported = Registry().export("law", tmp_path / "exported")
+    for name in ("expert_cfg.json", "expert_hub.json", "experts.safetensors"):
+        assert (exported / name).read_bytes() == (made["law"] / name).read_bytes()
+
+
+def test_tampering_is_detected_and_named(adapters, registry_home):
+    base, made = adapters
+    entry = Registry().register(made["law"])
+    stored = registry_home / "objects" / entry.digest / "experts.safetensors"
+    data = bytearray(stored.read_bytes())
+    data[-1] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    with pytest.raises(RegistryError, match=f"law@1: file {stored} does not match its recorded sha256"):
+        load_model(str(base), "law")
+    stored.unlink()
+    with pytest.raises(RegistryError, match="missing file .*experts.safetensors"):
+        Registry().load("law")
+    entry = Registry().register(made["law"])  # registering the same content again repairs the object
+    assert Registry().load(entry.ref).selection.pairs == [(1, 2), (1, 5)]
+
+
+@pytest.mark.parametrize("name", ["../x", "", "/etc/passwd", "a/b/c", "a/..", "..", "a b", "-x", "x/../../y"])
+def test_bad_names_are_refused(adapters, name):
+    _, made = adapters
+    with pytest.raises(InvalidInputError, match="invalid task name"):
+        Registry().register(made["law"], task=name)
+    with pytest.raises(InvalidInputError, match="invalid task name"):
+        Registry().resolve(name)
+
+
+def test_namespaced_names_and_the_cli(adapters, run_cli, tmp_path):
+    _, made = adapters
+    code, out, err = run_cli("import", made["law"], "--task", "acme/law")
+    assert code == 0 and "acme/law@1" in out, err
+    code, out, _ = run_cli("list", "--json")
+    assert [entry["task"] for entry in json.loads(out)] == ["acme/law"]
+    code, out, _ = run_cli("show", "acme/law@1", "--json")
+    assert json.loads(out)["selection"]["experts"] == {"1": [2, 5]}
+    code, out, _ = run_cli("export", "acme/law", tmp_path / "out")
+    assert code == 0 and (tmp_path / "out" / "experts.safetensors").is_file()
+    code, _, err = run_cli("rm", "acme/law@9")
+    assert code == 1 and err.startswith("error: no registered task 'acme/law@9'")
+    code, out, _ = run_cli("rm", "acme/law")
+    assert code == 0 and "Removed acme/law@1" in out
+
+
+_IMPORT_LOOP = """
+import sys
+from expert_hub.registry import Registry
+for _ in range(int(sys.argv[3])):
+    Registry().register(sys.argv[1], task=sys.argv[2])
+"""
+
+
+def test_concurrent_imports_from_two_processes_all_land(adapters, registry_home):
+    _, made = adapters
+    rounds = 12
+    processes = [subprocess.Popen([sys.executable, "-c", _IMPORT_LOOP, str(made[task]), task, str(rounds)])
+                 for task in ("law", "intent")]
+    assert [process.wait(timeout=300) for process in processes] == [0, 0]
+    entries = Registry().entries()
+    for task in ("law", "intent"):
+        assert sorted(e.version for e in entries if e.task == task) == list(range(1, rounds + 1))
+    assert len(list((registry_home / "objects").iterdir())) == 2
+
+
+def test_a_killed_import_leaves_the_registry_as_it_was(adapters, registry_home):
+    _, made = adapters
+    Registry().register(made["intent"])
+    padding = made["law"] / "padding.bin"  # make the copy take long enough to be killed in the middle
+    with padding.open("wb") as handle:
+        handle.truncate(768 * 2**20)
+    victim = subprocess.Popen([sys.executable, "-c", _IMPORT_LOOP, str(made["law"]), "law", "1"])
+    staging = registry_home / "staging"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and victim.poll() is None:
+        if staging.is_dir() and any((path / "padding.bin").exists() for path in staging.iterdir()):
+            break
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert [e.ref for e in Registry().entries()] == ["intent@1"], "the import finished before it was killed"
+    assert len(list((registry_home / "objects").iterdir())) == 1
+    padding.unlink()
+    assert Registry().register(made["law"]).ref == "law@1"
+    assert list(staging.iterdir()) == []  # the killed import's leftovers are gone
+    assert len(os.listdir(registry_home / "objects")) == 2
