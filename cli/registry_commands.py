@@ -1,4 +1,4 @@
-"""Registry commands: `import`, `export`, `list`, `show`, `rm` (and `push` / `pull` for the Hub)."""
+"""Registry commands: `import`, `export`, `list`, `show`, `rm`, and `push` / `pull` on the Hugging Face Hub."""
 
 from __future__ import annotations
 
@@ -109,3 +109,35 @@ def remove(
     """Remove a task's versions from the registry."""
     removed = _registry().remove(ref, base)
     console.print("Removed " + ", ".join(entry.ref for entry in removed))
+
+
+@app.command()
+def push(
+    ref: Annotated[str, typer.Argument(metavar="TASK[@V]", help="The registered experts to share.")],
+    repo: Annotated[str, typer.Option(help="Hub repository, ORG/NAME (created if missing).")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repository private.")] = False,
+    revision: Annotated[Optional[str], typer.Option(help="Branch to push to (created if missing).")] = None,
+    commit_message: Annotated[Optional[str], typer.Option(help="Commit message.")] = None,
+    license: Annotated[str, typer.Option(help="License for the model card.")] = "other",
+    base: Base = None,
+) -> None:
+    """Upload a task's experts with a generated model card to the Hugging Face Hub (HF_TOKEN / `hf auth login`)."""
+    from expert_hub.registry.hub import push as push_entry
+
+    url = push_entry(_registry(), ref, repo, private=private, revision=revision, commit_message=commit_message,
+                     base=base, license=license)
+    console.print(f"Pushed {ref} -> {url}")
+
+
+@app.command()
+def pull(
+    repo: Annotated[str, typer.Argument(metavar="ORG/NAME", help="Hub repository holding an expert adapter.")],
+    revision: Annotated[Optional[str], typer.Option(help="Branch, tag or commit.")] = None,
+    task: Annotated[Optional[str], typer.Option(help="Task name (default: the adapter's own, else the repo name).")] = None,
+    base: Annotated[Optional[str], typer.Option(help="Base model it was trained from (default: from its metadata).")] = None,
+) -> None:
+    """Download an adapter from the Hub (expert-hub's or a published ESFT one) and register it."""
+    from expert_hub.registry.hub import pull as pull_entry
+
+    entry = pull_entry(_registry(), repo, revision=revision, task=task, base=base)
+    console.print(f"Pulled {repo} as {entry.ref} ({entry.digest[:12]}, {_size(entry.bytes)})")

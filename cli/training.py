@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from expert_hub.evaluation import METRICS
-from expert_hub.training.config import METHODS
+from expert_hub.training.config import ESFT_METHODS, METHODS
 
 from .app import DType, app, console, progress_bar, status_console
 
@@ -99,7 +99,7 @@ def train(
                                                               ("eval loss", result.eval_loss)) if value is not None)
     resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
     console.print(f"Trained {result.steps} steps in {result.seconds:.1f}s{resumed}; {losses} -> {result.artifact}")
-    if register and config.method in ("esft-token", "esft-gate", "esft"):
+    if register and config.method in ESFT_METHODS:
         from expert_hub.registry import Registry
 
         entry = Registry().register(result.artifact, task=task, base=base)

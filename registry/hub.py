@@ -83,7 +83,8 @@ def _hub_errors(repo_id: str, revision: str | None):
     except HfHubHTTPError as error:
         status = error.response.status_code if error.response is not None else None
         hint = "; check HF_TOKEN or `hf auth login`" if status in (401, 403) else ""
-        raise HubError(f"the Hub refused {where} (HTTP {status}): {first_line(error)}{hint}") from None
+        detail = (getattr(error, "server_message", None) or first_line(error)).strip().splitlines()[0]
+        raise HubError(f"the Hub refused {where} (HTTP {status}): {detail}{hint}") from None
     except OfflineModeIsEnabled:
         raise HubError(f"cannot reach the Hub for {where}: HF_HUB_OFFLINE is set") from None
     except LocalEntryNotFoundError as error:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from expert_hub import ExpertAdapter
+from expert_hub.registry import Registry
 
 SMALL_RUN = ["--steps", "4", "--seq-len", "64", "--batch-size", "2", "--grad-accumulation", "2", "--score-tokens",
              "1500", "--save-every", "2", "--eval-every", "2", "--lr", "1e-3", "--no-gradient-checkpointing"]
@@ -27,6 +28,8 @@ def test_every_method_trains_and_its_output_evaluates(run_cli, tmp_path, tiny_mo
     assert code == 0, err
     assert "Trained 4 steps" in out
     artifact = tmp_path / "run" / ("model" if method == "full" else "adapter")
+    registered = [entry.ref for entry in Registry().entries()]
+    assert registered == (["law@1"] if method.startswith("esft") else [])
     metadata = json.loads((artifact / "expert_hub.json").read_text())
     assert metadata["method"] == method and metadata["training"]["steps"] == 4
     if method == "full":

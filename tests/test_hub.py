@@ -1,0 +1,172 @@
+"""push / pull through the real huggingface_hub client, against a Hub-protocol server on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from expert_hub import ExpertAdapter, ExpertSelection, load_model
+from expert_hub.models import load_base
+from expert_hub.registry import Registry
+from expert_hub.registry.hub import HubError, pull, push
+
+from .hub_server import HubServer
+
+TOKEN = "hf_test_token"
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A running server, with huggingface_hub pointed at it (its settings are read at import, so patch them)."""
+    from huggingface_hub import constants
+
+    server = HubServer(tokens={TOKEN}).start()
+    monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-file"))
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def registered(tiny_models, tmp_path):
+    base = tiny_models["qwen3_moe"]
+    adapter = ExpertAdapter.from_model(load_base(str(base)), ExpertSelection({1: [2, 5], 3: [0]}), task="law",
+                                       method="esft-token", score_function="token", top_p=0.2,
+                                       metrics={"eval_loss": 1.25})
+    generator = torch.Generator().manual_seed(3)
+    adapter.tensors = {k: torch.randn(v.shape, generator=generator) for k, v in adapter.tensors.items()}
+    registry = Registry(tmp_path / "first")
+    return base, registry, registry.register(adapter.save(tmp_path / "adapter"))
+
+
+def test_push_then_pull_into_another_registry(hub, registered, tmp_path):
+    base, first, entry = registered
+    url = push(first, "law", "acme/law-experts", private=True)
+    assert "acme/law-experts" in url
+    second = Registry(tmp_path / "second")
+    pulled = pull(second, "acme/law-experts")
+    assert (pulled.task, pulled.version, pulled.base_model) == ("law", 1, entry.base_model)
+    original, copy = first.verify(entry), second.verify(pulled)
+    for name in ("expert_cfg.json", "expert_hub.json", "experts.safetensors"):
+        assert (copy / name).read_bytes() == (original / name).read_bytes()
+    assert second.load("law").metadata == first.load("law").metadata
+    input_ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(load_model(str(base), first.load("law"))(input_ids).logits,
+                           load_model(str(base), second.load("law"))(input_ids).logits)
+
+
+def test_the_model_card(hub, registered, tmp_path):
+    _, first, _ = registered
+    push(first, "law", "acme/law-experts", license="apache-2.0")
+    card = _pulled_file(hub, "acme/law-experts", "README.md").decode()
+    _, front, body = card.split("---", 2)
+    metadata = yaml.safe_load(front)
+    assert metadata["base_model_relation"] == "adapter" and metadata["library_name"] == "expert-hub"
+    assert metadata["tags"] == ["esft", "moe", "law"] and metadata["license"] == "apache-2.0"
+    assert "3 over 2 MoE layers" in body and "top-p 0.2" in body and "eval_loss 1.25" in body
+    assert "expert-hub pull acme/law-experts" in body and "--tasks law" in body
+
+
+def test_branches_and_revisions(hub, registered, tmp_path):
+    _, first, _ = registered
+    push(first, "law", "acme/law-experts", revision="v2", commit_message="second cut")
+    assert any(path.endswith("/branch/v2") for _, path in hub.state.log)
+    with pytest.raises(HubError, match="not found"):
+        pull(Registry(tmp_path / "x"), "acme/law-experts", revision="v9")
+    assert pull(Registry(tmp_path / "second"), "acme/law-experts", revision="v2").ref == "law@1"
+
+
+def test_a_published_esft_repo_pulls_with_a_task_name(hub, tiny_models, tmp_path):
+    from huggingface_hub import HfApi
+    from safetensors.torch import save_file
+
+    adapter = ExpertAdapter.from_model(load_base(str(tiny_models["deepseek_v2"])), ExpertSelection({1: [3], 2: [0]}))
+    published = tmp_path / "ESFT-token-law-lite"
+    published.mkdir()
+    keys = sorted(adapter.tensors)
+    save_file({k.removeprefix("model."): adapter.tensors[k].bfloat16() for k in keys[:3]},
+              published / "model-00001-of-00002.safetensors")
+    save_file({k: adapter.tensors[k].bfloat16() for k in keys[3:]}, published / "model-00002-of-00002.safetensors")
+    (published / "expert_cfg.json").write_text(json.dumps(adapter.selection.to_json()))
+    (published / "config.json").write_text((tiny_models["deepseek_v2"] / "config.json").read_text())
+    api = HfApi()
+    api.create_repo("deepseek-ai/ESFT-token-law-lite")
+    api.upload_folder(repo_id="deepseek-ai/ESFT-token-law-lite", folder_path=published)
+    registry = Registry(tmp_path / "registry")
+    entry = pull(registry, "deepseek-ai/ESFT-token-law-lite", base=str(tiny_models["deepseek_v2"]))
+    assert entry.task == "ESFT-token-law-lite"
+    renamed = pull(registry, "deepseek-ai/ESFT-token-law-lite", task="law", base=str(tiny_models["deepseek_v2"]))
+    assert renamed.ref == "law@1"
+    load_model(str(tiny_models["deepseek_v2"]), registry.load("law"))
+
+
+def test_hub_errors_are_one_line_and_leave_the_registry_alone(hub, registered, tmp_path, monkeypatch):
+    _, first, _ = registered
+    second = Registry(tmp_path / "second")
+    second.register(first.verify(first.resolve("law")), task="kept")
+    before = (tmp_path / "second" / "index.json").read_bytes()
+    with pytest.raises(HubError, match="repository acme/missing not found"):
+        pull(second, "acme/missing")
+    monkeypatch.setenv("HF_TOKEN", "wrong")
+    with pytest.raises(HubError, match=r"HTTP 401.*check HF_TOKEN"):
+        push(first, "law", "acme/law-experts")
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(HubError, match="no Hugging Face token|HTTP 401"):
+        push(first, "law", "acme/law-experts")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    hub.state.fail_commits = True
+    with pytest.raises(HubError, match="commit failed"):
+        push(first, "law", "acme/law-experts")
+    from huggingface_hub import constants
+
+    with socket.socket() as closed:  # a port nothing listens on: the network is down
+        closed.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", down)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", down + "/{repo_id}/resolve/{revision}/{filename}")
+    with pytest.raises(HubError, match="cannot (reach the Hub|download)"):
+        pull(second, "acme/law-experts")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubError, match="HF_HUB_OFFLINE"):
+        push(first, "law", "acme/law-experts")
+    assert (tmp_path / "second" / "index.json").read_bytes() == before
+
+
+def test_the_cli_honours_hf_endpoint_and_hf_token(hub, registered, tmp_path, registry_home):
+    """A fresh process reads HF_ENDPOINT and HF_TOKEN itself, as a user's shell would set them."""
+    _, first, _ = registered
+    script = Path(sys.executable).with_name("expert-hub")
+    environment = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"} | {
+        "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_HUB_DISABLE_XET": "1", "EXPERT_HUB_HOME": str(first.root),
+    }
+    done = subprocess.run([str(script), "push", "law", "--repo", "acme/cli"], capture_output=True, text=True,
+                          env=environment, timeout=300)
+    assert done.returncode == 0, done.stderr
+    environment["EXPERT_HUB_HOME"] = str(tmp_path / "elsewhere")
+    done = subprocess.run([str(script), "pull", "acme/cli", "--task", "cli-law"], capture_output=True, text=True,
+                          env=environment, timeout=300)
+    assert done.returncode == 0 and "Pulled acme/cli as cli-law@1" in done.stdout, done.stderr
+    done = subprocess.run([str(script), "pull", "acme/nothing"], capture_output=True, text=True, env=environment,
+                          timeout=300)
+    assert done.returncode == 1 and done.stderr == "error: repository acme/nothing not found, or your token cannot access it\n"
+
+
+def _pulled_file(hub, repo: str, name: str) -> bytes:
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(repo, name)).read_bytes()
