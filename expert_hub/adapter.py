@@ -201,6 +201,26 @@ def fingerprint_selection(model: nn.Module, selection: ExpertSelection) -> str:
     return _fingerprint(_selected_views(model, selection))
 
 
+def checkpoint_fingerprint(base: str, selection: ExpertSelection) -> str | None:
+    """The fingerprint of `selection`'s routed experts read straight from a local base checkpoint's files.
+
+    Used where the base is never loaded through transformers (serving on vLLM). None when the base is not a local
+    directory or its checkpoint does not store those experts under per-expert keys.
+    """
+    files = sorted(Path(base).glob("*.safetensors")) if Path(base).is_dir() else []
+    wanted = {f"model.layers.{layer}.mlp.experts.{expert}.{projection}.weight"
+              for layer, expert in selection.pairs for projection in PROJECTIONS}
+    found = {}
+    for file in files:
+        with safe_open(file, "pt") as handle:
+            keys = set(handle.keys())
+            found |= {key: handle.get_tensor(key) for key in wanted & keys}
+            found |= {key: handle.get_tensor(key) for key in keys
+                      if key.endswith(".bias") and key.removesuffix(".bias") + ".weight" in wanted}
+    return _fingerprint(found) if wanted <= set(found) and not selection.shared_experts \
+        and not selection.non_expert_modules else None
+
+
 def _fingerprint(views: dict[str, torch.Tensor]) -> str:
     """sha256 of tensors by checkpoint key: names, shapes and values rounded to bfloat16.
 

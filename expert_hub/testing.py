@@ -54,6 +54,14 @@ _FAMILY_CONFIGS: dict[str, dict] = {
 }
 TINY_FAMILIES = tuple(_FAMILY_CONFIGS)
 
+# Shapes vLLM's CPU engine accepts (attention head size >= 32; DeepSeek's MLA needs kv_lora_rank 512, rope 64).
+SERVING_SHAPES: dict[str, dict] = {
+    "qwen3_moe": dict(hidden_size=128, head_dim=32, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64,
+                      num_key_value_heads=2),
+    "deepseek_v2": dict(hidden_size=128, n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=64,
+                        kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=32),
+}
+
 
 def tiny_config(family: str, **overrides):
     """A small random-model config of `family` (a transformers `model_type`)."""
@@ -73,7 +81,9 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        chat_template="{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                      "{% if add_generation_prompt %}assistant:{% endif %}",
     )
 
 

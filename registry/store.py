@@ -102,16 +102,19 @@ class Registry:
         return [entry for entry in entries if base is None or entry.base_model == base]
 
     def resolve(self, ref: str, base: str | None = None) -> Entry:
-        """`law` (newest), `law@3` (a version) or `law@1f3a9c` (a content-hash prefix, at least 4 characters)."""
+        """`law` (newest), `law@3` (a version) or `law@1f3a9c` (a content-hash prefix, at least 4 characters).
+
+        An all-digit selector means a version if one has that number, else a hash prefix.
+        """
         task, _, selector = ref.partition("@")
         validate_task_name(task)
         candidates = [entry for entry in self.entries(base) if entry.task == task]
-        if selector.isdigit():
-            candidates = [entry for entry in candidates if entry.version == int(selector)]
-        elif selector:
-            if len(selector) < 4 or not re.fullmatch(r"[0-9a-f]+", selector):
+        if selector:
+            if not selector.isdigit() and (len(selector) < 4 or not re.fullmatch(r"[0-9a-f]+", selector)):
                 raise InvalidInputError(f"{ref!r}: after '@' give a version number or at least 4 hex digits of a hash")
-            candidates = [entry for entry in candidates if entry.digest.startswith(selector)]
+            by_version = [e for e in candidates if selector.isdigit() and e.version == int(selector)]
+            # an all-digit selector is a version when one matches, else (4+ digits) a hash prefix
+            candidates = by_version or [e for e in candidates if len(selector) >= 4 and e.digest.startswith(selector)]
         if not candidates:
             where = f" for base {base}" if base else ""
             raise RegistryError(f"no registered task {ref!r}{where} (see `expert-hub list`)")

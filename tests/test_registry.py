@@ -55,6 +55,17 @@ def test_versions_and_references(adapters, registry_home):
     assert len(list((registry_home / "objects").iterdir())) == 1
 
 
+def test_an_all_digit_hash_prefix_still_resolves(registry_home):
+    """sha256 prefixes are sometimes all digits: a selector that is no version number is tried as a hash."""
+    entry = {"task": "law", "version": 1, "base_model": None, "digest": "1234567" + "a" * 57, "created": "now"}
+    registry_home.mkdir()
+    (registry_home / "index.json").write_text(json.dumps({"entries": [entry]}))
+    assert Registry().resolve("law@1234567").version == 1
+    assert Registry().resolve("law@1").version == 1
+    with pytest.raises(RegistryError):
+        Registry().resolve("law@123")  # too short for a hash, and no version 123
+
+
 def test_load_model_takes_a_registry_reference(adapters, tmp_path):
     base, made = adapters
     Registry().register(made["law"])

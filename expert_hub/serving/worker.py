@@ -1,0 +1,101 @@
+"""Task loading inside vLLM's worker process (a `--worker-extension-cls`, called through `collective_rpc`).
+
+Loading a task copies its experts into free bank rows, converted to the expert kernel's weight layout, then
+publishes its remap row; unloading frees them. The front end decides what to load and when (see `tasks.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from expert_hub.adapter import ExpertAdapter
+
+from . import bank
+
+
+class BankFullError(RuntimeError):
+    """Not enough free expert rows in some layer; the front end evicts an idle task and retries."""
+
+
+class ExpertBankWorker:
+    """Mixed into vLLM's worker class; `self.model_runner.model` is the served model."""
+
+    def expert_hub_bank_info(self) -> dict:
+        layers = _banked_layers(self.model_runner.model)
+        return {
+            "layers": len(layers),
+            "free_rows": min((len(layer.free_rows) for layer in layers.values()), default=0),
+            "tasks": dict(bank.TASK_ROWS),
+        }
+
+    @torch.no_grad()
+    def expert_hub_load_task(self, name: str, directory: str) -> int:
+        """Write the adapter's experts into free rows and publish its remap row; returns that row."""
+        if name in bank.TASK_ROWS:
+            return bank.TASK_ROWS[name]
+        adapter = ExpertAdapter.load(directory)
+        layers = _banked_layers(self.model_runner.model)
+        needed = {index: len(experts) for index, experts in adapter.selection.experts.items()}
+        for index, count in needed.items():
+            if index not in layers:
+                raise ValueError(f"task {name}: layer {index} is not an MoE layer of the served model")
+            if count > len(layers[index].free_rows):
+                raise BankFullError(f"task {name} needs {count} expert rows in layer {index}; "
+                                    f"{len(layers[index].free_rows)} are free")
+        used = set(bank.TASK_ROWS.values())
+        max_row = next(iter(layers.values())).task_remap.shape[0] - 1
+        row = next((r for r in range(1, max_row + 1) if r not in used), None)
+        if row is None:
+            raise BankFullError(f"all {max_row} task slots are in use")
+        for index, experts in adapter.selection.experts.items():
+            layer = layers[index]
+            physical = [layer.free_rows.pop(0) for _ in experts]
+            for expert, target in zip(experts, physical):
+                tensors = {name_: adapter.tensors[f"model.layers.{index}.mlp.experts.{expert}.{name_}"]
+                           for name_ in ("gate_proj.weight", "up_proj.weight", "down_proj.weight")}
+                _write_row(layer, target, tensors)
+                layer.task_remap[row, expert] = target
+            layer.task_rows[row] = physical
+        bank.TASK_ROWS[name] = row  # published last: tokens are tagged with the row only from now on
+        return row
+
+    def expert_hub_unload_task(self, name: str) -> bool:
+        row = bank.TASK_ROWS.pop(name, None)  # untagged first, so no new token uses the rows being freed
+        if row is None:
+            return False
+        for layer in _banked_layers(self.model_runner.model).values():
+            layer.task_remap[row] = torch.arange(layer.base_experts, dtype=layer.task_remap.dtype)
+            layer.free_rows.extend(layer.task_rows.pop(row, []))
+        return True
+
+
+def _banked_layers(model) -> dict[int, torch.nn.Module]:
+    """Layer index -> the banked experts module of that MoE layer."""
+    layers = {}
+    for module_name, module in model.named_modules():
+        if getattr(module, "expert_hub_bank", False):
+            layers[int(module_name.split("layers.")[1].split(".")[0])] = module
+    if not layers:
+        raise RuntimeError("the served model has no expert bank: was it started by `expert-hub serve`?")
+    return layers
+
+
+def _write_row(layer, row: int, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy one expert (checkpoint layout) into a physical row, in the layout the expert kernel expects."""
+    gate, up, down = (tensors[f"{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj"))
+    kernel = layer.quant_method.moe_kernel.fused_experts
+    dtype = layer.w13_weight.dtype
+    intermediate, padded = gate.shape[0], layer.w2_weight.shape[2]
+    w13 = torch.zeros(1, 2 * padded, gate.shape[1], dtype=dtype)
+    w13[0, :intermediate], w13[0, padded : padded + intermediate] = gate, up  # the CPU kernel pads I
+    w2 = torch.zeros(1, down.shape[0], padded, dtype=dtype)
+    w2[0, :, :intermediate] = down
+    if hasattr(kernel, "isa"):  # the CPU kernel prepacks each expert; a one-expert slice packs identically
+        from vllm._custom_ops import cpu_prepack_moe_weight
+
+        w13, w2 = cpu_prepack_moe_weight(w13, kernel.isa), cpu_prepack_moe_weight(w2, kernel.isa)
+    if w13.shape[1:] != layer.w13_weight.shape[1:] or w2.shape[1:] != layer.w2_weight.shape[1:]:
+        raise ValueError(f"expert shapes {tuple(w13.shape[1:])} / {tuple(w2.shape[1:])} do not match the served "
+                         f"model's {tuple(layer.w13_weight.shape[1:])} / {tuple(layer.w2_weight.shape[1:])}")
+    layer.w13_weight[row].copy_(w13[0].to(layer.w13_weight.device))
+    layer.w2_weight[row].copy_(w2[0].to(layer.w2_weight.device))

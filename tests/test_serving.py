@@ -1,0 +1,251 @@
+"""`expert-hub serve` on the real vLLM CPU engine: every task gives the tokens of its merged checkpoint.
+
+One server runs for the whole module (tiny qwen3_moe, 3 served tasks with overlapping and disjoint experts, one
+more loaded at run time); the oracle is plain vLLM on each task's merged checkpoint (base + experts,
+`save_pretrained`), run once in a separate process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from expert_hub import ExpertAdapter, ExpertSelection, load_model
+from expert_hub.models import load_base
+from expert_hub.registry import Registry
+from expert_hub.testing import SERVING_SHAPES, build_tiny_model, byte_tokenizer
+
+API_KEY = "sk-test"
+PROMPTS = ["Hello world, this is", "The quick brown fox jumps"]
+LONG = " ".join(f"word{i}" for i in range(50))  # ~340 tokens: many KV blocks
+TASKS = {  # overlapping (law / intent share layer 0 expert 3) and disjoint (code) selections
+    "law": {0: [3, 7], 1: [3], 2: [1, 2], 3: [7]},
+    "intent": {0: [3, 9], 1: [4], 3: [0, 15]},
+    "code": {2: [5], 3: [6]},
+    "extra": {1: [8, 9], 2: [3]},  # registered, not served at start: loaded at run time
+}
+
+
+def _make_tasks(family: str, root: Path, tasks: dict) -> tuple[Path, dict[str, Path], dict[str, Path]]:
+    base = build_tiny_model(family, root / "base", **SERVING_SHAPES[family])
+    adapters, merged = {}, {}
+    for seed, (name, selection) in enumerate(tasks.items()):
+        adapter = ExpertAdapter.from_model(load_base(str(base)), ExpertSelection(selection), task=name)
+        generator = torch.Generator().manual_seed(100 + seed)
+        adapter.tensors = {k: torch.randn(v.shape, generator=generator) * 0.3 for k, v in adapter.tensors.items()}
+        adapters[name] = adapter.save(root / f"adapter-{name}")
+        merged[name] = root / f"merged-{name}"
+        load_model(str(base), adapters[name]).save_pretrained(merged[name])
+        byte_tokenizer().save_pretrained(merged[name])
+    return base, adapters, merged
+
+
+def _oracle(root: Path, checkpoints: dict[str, Path], prompts: list[tuple[str, int]]) -> dict[str, list[dict]]:
+    requests = {str(path): [{"prompt": p, "max_tokens": n} for p, n in prompts] for path in checkpoints.values()}
+    (root / "oracle-requests.json").write_text(json.dumps(requests))
+    subprocess.run([sys.executable, str(Path(__file__).with_name("serving_oracle.py")), str(root / "oracle-requests.json"),
+                    str(root / "oracle.json")], check=True, capture_output=True, timeout=900,
+                   env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"})
+    results = json.loads((root / "oracle.json").read_text())
+    return {name: results[str(path)] for name, path in checkpoints.items()}
+
+
+class Server:
+    def __init__(self, url: str, process: subprocess.Popen, base: str):
+        self.url, self.process, self.base = url, process, base
+
+    def request(self, method: str, path: str, body=None, key: str | None = API_KEY, headers=None):
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={"content-type": "application/json", **(headers or {})})
+        if key:
+            request.add_header("authorization", f"Bearer {key}")
+        try:
+            with urllib.request.urlopen(request, timeout=300) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"null")
+
+    def complete(self, model: str, prompt: str, max_tokens: int, **extra) -> dict:
+        status, body = self.request("POST", "/v1/completions", {
+            "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logprobs": 0,
+            "return_token_ids": True, **extra})
+        assert status == 200, body
+        choice = body["choices"][0]
+        return {"model": body["model"], "token_ids": choice["token_ids"],
+                "logprobs": choice["logprobs"]["token_logprobs"]}
+
+
+def _start(root: Path, base: Path, tasks: str, registry_home: Path, port: int, extra: list[str]) -> Server:
+    script = Path(sys.executable).with_name("expert-hub")
+    log = (root / "server.log").open("w")
+    process = subprocess.Popen(
+        [str(script), "serve", "--base", str(base), "--tasks", tasks, "--port", str(port), "--api-key", API_KEY,
+         "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", *extra],
+        stdout=log, stderr=subprocess.STDOUT,
+        env=os.environ | {"EXPERT_HUB_HOME": str(registry_home), "VLLM_CPU_KVCACHE_SPACE": "1"})
+    server = Server(f"http://127.0.0.1:{port}", process, str(base))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the server exited: {(root / 'server.log').read_text()[-3000:]}")
+        try:
+            if server.request("GET", "/health", key=None)[0] == 200:
+                return server
+        except OSError:
+            pass
+        time.sleep(1)
+    process.kill()
+    pytest.fail("the server did not start in 300 s")
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-qwen")
+    base, adapters, merged = _make_tasks("qwen3_moe", root, TASKS)
+    registry = Registry(root / "registry")
+    for name in ("law", "intent", "extra"):
+        registry.register(adapters[name])
+    prompts = [(p, 12) for p in PROMPTS] + [(LONG, 6)]
+    oracle = _oracle(root, {"base": base, **merged}, prompts)
+    server = _start(root, base, f"law,intent,code={adapters['code']}", root / "registry", 8641,
+                    ["--max-resident-tasks", "3"])
+    yield server, oracle, root
+    server.process.terminate()
+    server.process.wait(timeout=60)
+
+
+def _expected(oracle, name: str, prompt: str) -> list[int]:
+    index = PROMPTS.index(prompt) if prompt in PROMPTS else len(PROMPTS)
+    return oracle[name][index]["token_ids"]
+
+
+def test_each_task_alone_gives_its_merged_checkpoints_tokens(qwen):
+    server, oracle, _ = qwen
+    for name in ("base", "law", "intent", "code"):
+        model = server.base if name == "base" else name
+        for prompt in PROMPTS:
+            result = server.complete(model, prompt, 12)
+            assert result["token_ids"] == _expected(oracle, name, prompt), (name, prompt)
+            assert result["model"] == model
+    assert oracle["law"][0]["token_ids"] != oracle["base"][0]["token_ids"]  # the tasks really differ
+
+
+def test_all_tasks_and_the_base_share_batches(qwen):
+    server, oracle, _ = qwen
+    jobs = [(name, prompt) for name in ("base", "law", "intent", "code") for prompt in PROMPTS] * 2
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(lambda job: server.complete(server.base if job[0] == "base" else job[0], job[1], 12), jobs))
+    for (name, prompt), result in zip(jobs, results):
+        assert result["token_ids"] == _expected(oracle, name, prompt), (name, prompt)
+
+
+def test_task_selection_by_body_field_and_header(qwen):
+    server, oracle, _ = qwen
+    by_body = server.complete(server.base, PROMPTS[0], 12, task="intent")
+    assert by_body["token_ids"] == _expected(oracle, "intent", PROMPTS[0])
+    status, body = server.request("POST", "/v1/completions", {
+        "model": server.base, "prompt": PROMPTS[1], "max_tokens": 12, "temperature": 0, "return_token_ids": True},
+        headers={"x-expert-task": "code"})
+    assert status == 200 and body["choices"][0]["token_ids"] == _expected(oracle, "code", PROMPTS[1])
+
+
+def test_prefix_caching_never_mixes_tasks(qwen):
+    """The same long prompt (many KV blocks) for law, then intent, then the base: each gets its own tokens."""
+    server, oracle, _ = qwen
+    for name in ("law", "intent", "base", "law"):
+        result = server.complete(server.base if name == "base" else name, LONG, 6)
+        expected = oracle[name][len(PROMPTS)]
+        assert result["token_ids"] == expected["token_ids"], name
+        assert result["logprobs"] == pytest.approx(expected["logprobs"], abs=1e-4), name
+
+
+def test_the_openai_client(qwen):
+    from openai import NotFoundError, OpenAI
+
+    server, oracle, _ = qwen
+    client = OpenAI(base_url=server.url + "/v1", api_key=API_KEY)
+    listed = {model.id: model for model in client.models.list().data}
+    assert {server.base, "law", "intent", "code"} <= set(listed) and "extra" not in listed  # not served yet
+    assert listed["law"].model_dump()["parent"] == server.base
+    completion = client.completions.create(model="law", prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    assert completion.model == "law" and completion.choices[0].text
+    streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(
+        model="law", prompt=PROMPTS[0], max_tokens=12, temperature=0, stream=True))
+    assert streamed == completion.choices[0].text
+    chat = client.chat.completions.create(model="intent", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=8, temperature=0)
+    chunks = client.chat.completions.create(model="intent", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=8, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
+    assert client.completions.create(model="law", prompt=PROMPTS[0], max_tokens=12, temperature=0,
+                                     extra_body={"task": "code"}).choices[0].text != completion.choices[0].text
+    with pytest.raises(NotFoundError):
+        client.completions.create(model="no-such-task", prompt="x", max_tokens=2)
+
+
+def test_bad_requests_get_the_right_4xx(qwen):
+    server, oracle, _ = qwen
+    status, body = server.request("POST", "/v1/completions", {"model": "nope", "prompt": "x", "max_tokens": 2})
+    assert status == 404 and body["error"]["type"] == "NotFoundError" and "nope" in body["error"]["message"]
+    status, body = server.request("POST", "/v1/completions", b"{not json")
+    assert status == 400 and "error" in body
+    status, body = server.request("POST", "/v1/completions", {"model": "law", "prompt": "word " * 400, "max_tokens": 4})
+    assert status == 400 and "error" in body
+    assert server.request("POST", "/v1/completions", {"model": "law", "prompt": "x"}, key=None)[0] == 401
+    assert server.request("POST", "/v1/completions", {"model": "law", "prompt": "x"}, key="wrong")[0] == 401
+    assert server.request("POST", "/v1/tasks/extra", key=None)[0] == 401
+    assert server.request("GET", "/v1/models", key="wrong")[0] == 401
+    assert server.complete("law", PROMPTS[0], 12)["token_ids"] == _expected(oracle, "law", PROMPTS[0])
+
+
+def test_per_task_counters_in_metrics(qwen):
+    server, _, _ = qwen
+    with urllib.request.urlopen(server.url + "/metrics", timeout=60) as response:
+        metrics = response.read().decode()
+    assert 'expert_hub_task_requests_total{task="law"}' in metrics
+    assert 'expert_hub_task_completion_tokens_total{task="intent"}' in metrics
+
+
+def test_tampered_registry_entries_are_never_loaded(qwen):
+    server, _, root = qwen
+    registry = Registry(root / "registry")
+    entry = registry.register(root / "adapter-code", task="damaged")
+    stored = registry.object_path(entry) / "experts.safetensors"
+    stored.write_bytes(stored.read_bytes()[:-1] + b"\x00")
+    status, body = server.request("POST", "/v1/tasks/damaged")
+    assert status == 404 and "experts.safetensors" in body["error"]["message"]
+
+
+def test_loading_and_unloading_while_other_tasks_run(qwen):
+    """Runs last: it changes which tasks the server has."""
+    server, oracle, _ = qwen
+    with ThreadPoolExecutor(4) as pool:
+        running = [pool.submit(server.complete, "law", prompt, 12) for prompt in PROMPTS * 2]
+        status, body = server.request("POST", "/v1/tasks/extra")  # 4th task, 3 resident: evicts an idle one
+        assert status == 200 and body["resident"] and body["bytes"] > 0
+        extra = server.complete("extra", PROMPTS[0], 12)
+        for future, prompt in zip(running, PROMPTS * 2):
+            assert future.result()["token_ids"] == _expected(oracle, "law", prompt)
+    assert extra["token_ids"] == _expected(oracle, "extra", PROMPTS[0])
+    for name in ("code", "intent", "law"):  # whichever was evicted reloads on demand, unchanged
+        assert server.complete(name, PROMPTS[1], 12)["token_ids"] == _expected(oracle, name, PROMPTS[1])
+    with ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(server.complete, "code", LONG, 48)
+        time.sleep(0.3)
+        status, body = server.request("DELETE", "/v1/tasks/code")
+        assert status in (200, 409)  # 409 while its request is in flight, never a broken request
+        busy.result()
+    status, body = server.request("DELETE", "/v1/tasks/code")
+    assert status == 200 or (status == 404 and "code" in body["error"]["message"])
+    assert server.request("POST", "/v1/completions", {"model": "code", "prompt": "x", "max_tokens": 2})[0] == 404
