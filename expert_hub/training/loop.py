@@ -204,10 +204,10 @@ def _selection(config: TrainingConfig, model, tokenizer, out: Path, status, acce
     chosen = out / "expert_cfg.json"
     if config.method == "esft":
         return ExpertSelection.load(config.experts)
-    if chosen.is_file():
-        return ExpertSelection.load(chosen)
-    selection = [None]
-    if accelerator.is_main_process:
+    selection = [None]  # every rank reaches the broadcast, whichever way rank 0 gets the selection
+    if accelerator.is_main_process and chosen.is_file():
+        selection = [ExpertSelection.load(chosen)]
+    elif accelerator.is_main_process:
         status(f"Scoring experts on {config.score_tokens:,} task tokens")
         sequences = token_sequences(load_conversations(config.data, config.split), tokenizer,
                                     max_tokens=config.score_tokens, max_length=config.seq_len)
