@@ -17,8 +17,9 @@ def main() -> None:
     results = {}
     for checkpoint, prompts in requests.items():
         llm = LLM(model=checkpoint, dtype="float32", max_model_len=512, enforce_eager=True, seed=0)
-        outputs = llm.generate([p["prompt"] for p in prompts],
-                               [SamplingParams(temperature=0, max_tokens=p["max_tokens"], logprobs=2) for p in prompts])
+        # One request at a time: vLLM's CPU MLA attention (DeepSeek) is not deterministic across batch shapes.
+        outputs = [llm.generate([p["prompt"]], SamplingParams(temperature=0, max_tokens=p["max_tokens"], logprobs=2))[0]
+                   for p in prompts]
         results[checkpoint] = [{"token_ids": list(o.outputs[0].token_ids),
                                 "logprobs": [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)],
                                 # the chosen token's lead over the runner-up: where it is tiny, batching may flip it
