@@ -148,33 +148,3 @@ def evaluate(
             table.add_row(metric.value if key == "value" else key,
                           f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def serve(
-    ctx: typer.Context,
-    base: Annotated[str, typer.Option(help="Base MoE model (directory or Hub id) served to every task.")],
-    tasks: Annotated[str, typer.Option(help="Comma-separated tasks: registry names (law, law@3) or NAME=ADAPTER_DIR.")] = "",
-    all_tasks: Annotated[bool, typer.Option("--all-tasks", help="Serve every registered task of this base.")] = False,
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    api_key: Annotated[Optional[str], typer.Option(help="Require this key (Authorization: Bearer) on every route.")] = None,
-    dtype: Annotated[DType, typer.Option(help="Weights dtype.")] = DType.auto,
-    max_model_len: Annotated[Optional[int], typer.Option(help="Longest prompt + completion.")] = None,
-    max_resident_tasks: Annotated[int, typer.Option(min=1, help="Tasks whose experts stay in the bank at once (LRU eviction).")] = 4,
-    expert_bank_rows: Annotated[Optional[int], typer.Option(min=1, help="Extra expert rows per layer (default: room for the resident tasks).")] = None,
-) -> None:
-    """Serve the base model and tasks' experts on vLLM behind an OpenAI-compatible API.
-
-    Any other option goes to vLLM's server (e.g. --gpu-memory-utilization, --enable-prefix-caching).
-    """
-    from expert_hub.registry import Registry
-    from expert_hub.serving import resolve_tasks, run_server
-
-    registry = Registry()
-    served = resolve_tasks(base, [t.strip() for t in tasks.split(",") if t.strip()], all_tasks, registry)
-    argv = ["--host", host, "--port", str(port), "--dtype", dtype.value, *ctx.args]
-    argv += ["--api-key", api_key] if api_key else []
-    argv += ["--max-model-len", str(max_model_len)] if max_model_len else []
-    console.print(f"Serving {base} with {len(served)} task(s): {', '.join(served) or '-'}")
-    run_server(base, served, max_resident_tasks, registry, argv, expert_bank_rows)

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import AdapterMismatchError, InvalidInputError
-from .families import PROJECTIONS, expert_views, moe_layers, read_expert, split_parameters
+from .families import PROJECTIONS, expert_views, moe_layers, split_parameters
 from .io import atomic_directory, read_json, write_json_atomic
 from .selection import ExpertSelection
 
