@@ -1,10 +1,16 @@
 """Serving throughput with tasks vs without, task load latency, and the memory a resident task takes.
 
-Starts `expert-hub serve` on a random-weight qwen3_moe (or `--base` for your own model) with 4 registered tasks,
-then, against the running server over HTTP and in one run:
-1. the base-only load: concurrent greedy completions with no task loaded -> output tokens/s;
-2. loads the 4 tasks through `POST /v1/tasks/{name}` -> seconds vs bytes copied;
-3. the same load spread over the 4 tasks (they share batches) -> output tokens/s, and the ratio (goal >= 0.95).
+Starts `expert-hub serve` on a random-weight qwen3_moe routed like DeepSeek-V2-Lite (64 experts, top-6; 512 hidden
+x 8 layers, so it runs on a CPU), then,
+against the running server over HTTP and in one run:
+1. the base-only load: concurrent greedy completions, no task loaded -> output tokens/s;
+2. loads 4 tasks with the paper's published expert sets (law, intent, summary, translation: ESFT-Token p=0.2 on
+   DeepSeek-V2-Lite, 3-9 experts per layer, layers 1-8 mapped onto this model) through `POST /v1/tasks/{name}`
+   -> seconds vs bytes copied;
+3. the same load spread over those 4 tasks (they share batches), alternating with the base-only load (tasks resident)
+   -> tokens/s and the ratio to step 1 (goal >= 0.95);
+4. a stress case: 4 tasks of 12 random experts per layer, 2.5x the paper's, swapped in at run time.
+The cost of a task is the extra distinct expert rows its tokens make the kernel read; the ratios show it.
 Run: `.venv/bin/python benchmarks/bench_serving.py [--requests 32 --max-tokens 64]`.
 """
 
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,13 +32,15 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+ESFT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "esft"
+PAPER_TASKS = ("law", "intent", "summary", "translation")
 SHAPE = dict(hidden_size=512, head_dim=64, num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=8,
-             num_experts=64, num_experts_per_tok=8, moe_intermediate_size=256, vocab_size=320)
-TASKS = 4
+             num_experts=64, num_experts_per_tok=6, moe_intermediate_size=256, vocab_size=320)
+STRESS_EXPERTS = 12
 
 
-def _post(url: str, body: dict | None = None) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(body or {}).encode(), method="POST",
+def _request(method: str, url: str, body: dict | None = None) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body or {}).encode(), method=method,
                                      headers={"content-type": "application/json"})
     with urllib.request.urlopen(request, timeout=600) as response:
         return json.loads(response.read())
@@ -44,12 +53,44 @@ def _load(url: str, models: list[str], requests: int, max_tokens: int) -> float:
     def one(i: int) -> int:
         body = {"model": models[i % len(models)], "prompt": prompts[i], "max_tokens": max_tokens,
                 "temperature": 0, "ignore_eos": True}
-        return _post(url + "/v1/completions", body)["usage"]["completion_tokens"]
+        return _request("POST", url + "/v1/completions", body)["usage"]["completion_tokens"]
 
     started = time.perf_counter()
     with ThreadPoolExecutor(requests) as pool:
         tokens = sum(pool.map(one, range(requests)))
     return tokens / (time.perf_counter() - started)
+
+
+def _selections(layers: int, experts: int) -> dict[str, dict[int, list[int]]]:
+    """The paper's four published expert sets (their MoE layers 1.. onto ours 0..), and four random stress sets."""
+    selections = {}
+    for task in PAPER_TASKS:
+        published = json.loads((ESFT_DATA / "expert_configs" / f"{task}.json").read_text())["experts"]
+        selections[task] = {layer: sorted(published[str(layer + 1)]) for layer in range(min(layers, 26))}
+    for task in range(4):
+        generator = torch.Generator().manual_seed(task)
+        selections[f"stress{task}"] = {layer: sorted(torch.randperm(experts, generator=generator)[:STRESS_EXPERTS].tolist())
+                                       for layer in range(layers)}
+    return selections
+
+
+def _start(base: Path, root: Path, port: int, bank_rows: int, dtype: str) -> subprocess.Popen:
+    environment = os.environ | {"EXPERT_HUB_HOME": str(root / "registry")}
+    environment.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("expert-hub")), "serve", "--base", str(base), "--port", str(port),
+         "--dtype", dtype, "--max-model-len", "512", "--max-resident-tasks", "4", "--expert-bank-rows", str(bank_rows)],
+        stdout=(root / "server.log").open("w"), stderr=subprocess.STDOUT, env=environment)
+    for _ in range(900):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+            return server
+        except OSError:
+            if server.poll() is not None:
+                sys.exit((root / "server.log").read_text()[-3000:])
+            time.sleep(1)
+    server.kill()
+    sys.exit("the server did not start in 900 s")
 
 
 def main() -> None:
@@ -58,7 +99,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--port", type=int, default=8750)
+    parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
+    if not ESFT_DATA.is_dir():
+        sys.exit(f"the published ESFT expert configs are expected in {ESFT_DATA}")
 
     from expert_hub import ExpertAdapter, ExpertSelection
     from expert_hub.models import load_base
@@ -73,60 +117,80 @@ def main() -> None:
         base = build_tiny_model("qwen3_moe", root / "base", **SHAPE)
         model = load_base(str(base))
         registry = Registry(root / "registry")
-        expert_bytes = 0
-        for task in range(TASKS):  # ~12 experts per layer each, overlapping between tasks
-            generator = torch.Generator().manual_seed(task)
-            selection = ExpertSelection({layer: sorted(torch.randperm(64, generator=generator)[:12].tolist())
-                                         for layer in range(SHAPE["num_hidden_layers"])})
-            adapter = ExpertAdapter.from_model(model, selection, task=f"task{task}")
-            expert_bytes = adapter.nbytes
-            registry.register(adapter.save(root / f"adapter{task}"))
-        tasks = {f"task{t}": adapter_task(f"task{t}", root / f"adapter{t}") for t in range(TASKS)}
-        bank_rows_per_layer = bank_rows(tasks, SHAPE["num_experts"], TASKS)
-        environment = os.environ | {"EXPERT_HUB_HOME": str(root / "registry")}
-        environment.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-        log = (root / "server.log").open("w")
-        server = subprocess.Popen(
-            [str(Path(sys.executable).with_name("expert-hub")), "serve", "--base", str(base), "--port", str(args.port),
-             "--dtype", "float32", "--max-model-len", "512", "--max-resident-tasks", str(TASKS)],
-            stdout=log, stderr=subprocess.STDOUT, env=environment)
+        tasks, selections = {}, _selections(SHAPE["num_hidden_layers"], SHAPE["num_experts"])
+        experts_per_layer = {kind: statistics.mean(len(experts) for name, selection in selections.items()
+                                                   if (name in PAPER_TASKS) == (kind == "paper")
+                                                   for experts in selection.values())
+                             for kind in ("paper", "stress")}
+        for name, experts in selections.items():
+            adapter = ExpertAdapter.from_model(model, ExpertSelection(experts), task=name)
+            tasks[name] = adapter_task(name, registry.verify(registry.register(adapter.save(root / name))))
+        del model
+        paper = {name: tasks[name] for name in PAPER_TASKS}
+        stress = {name: task for name, task in tasks.items() if name.startswith("stress")}
+        default_rows = {"paper": bank_rows(paper, SHAPE["num_experts"], 4),
+                        "stress": bank_rows(stress, SHAPE["num_experts"], 4)}
         url = f"http://127.0.0.1:{args.port}"
+        server = _start(base, root, args.port, max(default_rows.values()), args.dtype)
+        rates: dict[str, list[float]] = {}
+        loads: list[dict] = []
+
+        def measure(label: str, models: list[str]) -> None:
+            rates.setdefault(label, []).append(_load(url, models, args.requests, args.max_tokens))
+
         try:
-            for _ in range(600):
-                try:
-                    urllib.request.urlopen(url + "/health", timeout=5)
-                    break
-                except OSError:
-                    if server.poll() is not None:
-                        sys.exit((root / "server.log").read_text()[-3000:])
-                    time.sleep(1)
             _load(url, [str(base)], 4, 8)  # warm-up
-            base_rates = [_load(url, [str(base)], args.requests, args.max_tokens) for _ in range(args.rounds)]
-            loads = [_post(f"{url}/v1/tasks/task{task}") for task in range(TASKS)]
-            names = [f"task{task}" for task in range(TASKS)]
-            _load(url, names, 4, 8)
-            task_rates = [_load(url, names, args.requests, args.max_tokens) for _ in range(args.rounds)]
+            for _ in range(args.rounds):
+                measure("base", [str(base)])
+            for kind, names in (("paper", list(paper)), ("stress", list(stress))):
+                loads += [_request("POST", f"{url}/v1/tasks/{name}") | {"kind": kind} for name in names]
+                _load(url, names, 4, 8)
+                for _ in range(args.rounds):  # alternate, so drift hits both alike
+                    measure(kind, names)
+                    measure(f"base, {kind} tasks resident", [str(base)])
+                bank = _request("GET", f"{url}/v1/tasks")["bank"]
+                for name in names:
+                    _request("DELETE", f"{url}/v1/tasks/{name}")
         finally:
             server.terminate()
             server.wait(timeout=120)
 
-    base_rate, task_rate = sorted(base_rates)[len(base_rates) // 2], sorted(task_rates)[len(task_rates) // 2]
-    table = Table(title=f"Serving on the CPU: qwen3_moe {SHAPE['hidden_size']}h x {SHAPE['num_hidden_layers']} layers, "
-                        f"64 experts top-8, {args.requests} concurrent requests x {args.max_tokens} tokens")
-    table.add_column("load")
-    table.add_column("output tokens/s (median)", justify="right")
-    table.add_row("base model, no task loaded", f"{base_rate:,.1f}")
-    table.add_row(f"mixed over {TASKS} resident tasks", f"{task_rate:,.1f}")
+    _report(console, args, rates, loads, bank, default_rows, experts_per_layer, paper, stress)
+
+
+def _report(console, args, rates, loads, bank, default_rows, experts_per_layer, paper, stress) -> None:
+    median = {label: statistics.median(values) for label, values in rates.items()}
+    table = Table(title=f"Serving: qwen3_moe {SHAPE['hidden_size']}h x {SHAPE['num_hidden_layers']} layers, "
+                        f"{SHAPE['num_experts']} experts top-{SHAPE['num_experts_per_tok']}, {args.dtype}, "
+                        f"{args.requests} concurrent requests x {args.max_tokens} tokens, median of {args.rounds}")
+    for column in ("load", "experts per task per layer", "output tokens/s", "x base"):
+        table.add_column(column, justify="left" if column == "load" else "right")
+    table.add_row("base model, no task loaded", "-", f"{median['base']:,.1f}", "1.000")
+    for kind, label in (("paper", "4 tasks: the paper's expert sets"), ("stress", "4 tasks: 12 random experts/layer")):
+        table.add_row(f"mixed over {label}", f"{experts_per_layer[kind]:.1f}", f"{median[kind]:,.1f}",
+                      f"{median[kind] / median['base']:.3f}")
+        resident = f"base, {kind} tasks resident"
+        table.add_row("  base-only load, those tasks resident", "-", f"{median[resident]:,.1f}",
+                      f"{median[resident] / median['base']:.3f}")
     console.print(table)
-    console.print(f"ratio tasks / base: {task_rate / base_rate:.3f} (goal >= 0.95)")
-    for result in loads:
-        console.print(f"load {result['task']}: {result['seconds'] * 1e3:.1f} ms for {result['bytes'] / 2**20:.2f} MiB "
-                      f"of experts ({result['bytes'] / 2**20 / max(result['seconds'], 1e-9):.0f} MiB/s)")
-    row_bytes = 3 * SHAPE["hidden_size"] * SHAPE["moe_intermediate_size"] * 4  # gate, up, down in float32
-    bank_bytes = bank_rows_per_layer * SHAPE["num_hidden_layers"] * row_bytes
-    console.print(f"memory per resident task: {bank_bytes / TASKS / 2**20:.1f} MiB of preallocated bank rows "
-                  f"({bank_rows_per_layer} rows/layer for {TASKS} tasks) for {expert_bytes / 2**20:.1f} MiB of experts "
-                  f"each ({bank_bytes / TASKS / expert_bytes:.2f}x; `--expert-bank-rows` sizes the bank exactly)")
+    console.print(f"goal: mixed / base >= 0.95 -> paper sets {median['paper'] / median['base']:.3f}, "
+                  f"stress {median['stress'] / median['base']:.3f}")
+
+    loads_table = Table(title="Task loads (POST /v1/tasks/{name}, while idle)")
+    for column in ("task", "MiB of experts", "ms", "MiB/s"):
+        loads_table.add_column(column, justify="left" if column == "task" else "right")
+    for load in loads:
+        mib = load["bytes"] / 2**20
+        loads_table.add_row(load["task"], f"{mib:.2f}", f"{load['seconds'] * 1e3:.1f}", f"{mib / load['seconds']:.0f}")
+    console.print(loads_table)
+
+    row_mib = bank["bytes_per_row"] / 2**20  # one expert row in every MoE layer, as the server allocated it
+    for kind, tasks in (("paper", paper), ("stress", stress)):
+        task_mib = statistics.mean(t.nbytes for t in tasks.values()) / 2**20
+        bank_mib = default_rows[kind] * row_mib
+        console.print(f"memory per resident task, {kind} sets: the default bank for 4 of them is {default_rows[kind]} "
+                      f"rows/layer = {bank_mib:.1f} MiB, {bank_mib / 4:.1f} MiB per task for {task_mib:.1f} MiB of "
+                      f"experts each ({bank_mib / 4 / task_mib:.2f}x)")
 
 
 if __name__ == "__main__":

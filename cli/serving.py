@@ -21,19 +21,25 @@ def serve(
     dtype: Annotated[DType, typer.Option(help="Weights dtype.")] = DType.auto,
     max_model_len: Annotated[Optional[int], typer.Option(help="Longest prompt + completion.")] = None,
     max_resident_tasks: Annotated[int, typer.Option(min=1, help="Tasks whose experts stay in the bank at once (LRU eviction).")] = 4,
-    expert_bank_rows: Annotated[Optional[int], typer.Option(min=1, help="Extra expert rows per layer (default: room for the resident tasks).")] = None,
+    expert_bank_rows: Annotated[Optional[int], typer.Option(min=1, help="Extra expert rows per MoE layer (default: room for --max-resident-tasks of the given tasks).")] = None,
+    expert_bank_gb: Annotated[Optional[float], typer.Option(help="Size the expert bank in GiB per GPU instead (all MoE layers together).")] = None,
 ) -> None:
     """Serve the base model and tasks' experts on vLLM behind an OpenAI-compatible API.
 
     Any other option goes to vLLM's server (e.g. --gpu-memory-utilization, --enable-prefix-caching).
     """
+    from expert_hub.errors import InvalidInputError
     from expert_hub.registry import Registry
     from expert_hub.serving import resolve_tasks, run_server
 
+    if expert_bank_gb is not None and not expert_bank_gb > 0:
+        raise InvalidInputError(f"--expert-bank-gb must be positive, got {expert_bank_gb}")
+    if expert_bank_rows and expert_bank_gb:
+        raise InvalidInputError("give --expert-bank-rows or --expert-bank-gb, not both")
     registry = Registry()
     served = resolve_tasks(base, [t.strip() for t in tasks.split(",") if t.strip()], all_tasks, registry)
     argv = ["--host", host, "--port", str(port), "--dtype", dtype.value, *ctx.args]
     argv += ["--api-key", api_key] if api_key else []
     argv += ["--max-model-len", str(max_model_len)] if max_model_len else []
     console.print(f"Serving {base} with {len(served)} task(s): {', '.join(served) or '-'}")
-    run_server(base, served, max_resident_tasks, registry, argv, expert_bank_rows)
+    run_server(base, served, max_resident_tasks, registry, argv, expert_bank_rows, expert_bank_gb)

@@ -77,6 +77,11 @@ def test_inspect_an_adapter(run_cli, tmp_path, tiny_models):
         (["score", "--base", "{model}", "--data", "{latin1}", "-o", "{tmp}/s.json"], "latin1.jsonl:2: not UTF-8"),
         (["score", "--base", "{model}", "--data", "{good_jsonl}", "--device", "tpu9", "-o", "{tmp}/s.json"], "device 'tpu9'"),
         (["score", "--routing-logs", "{tmp}", "--top-k", "2", "-o", "{tmp}/s.json"], "no expert_weights"),
+        (["serve", "--base", "{model}", "--tasks", "nosuch"], "no registered task 'nosuch'"),
+        (["serve", "--base", "{model}", "--tasks", "law={tmp}/missing"], "has no expert_cfg.json"),
+        (["serve", "--base", "{model}", "--tasks", "../x"], "invalid task name"),
+        (["serve", "--base", "{model}", "--expert-bank-gb", "0"], "--expert-bank-gb must be positive"),
+        (["serve", "--base", "{model}", "--expert-bank-gb", "1", "--expert-bank-rows", "8"], "not both"),
     ],
 )
 def test_bad_input_exits_non_zero_with_one_line(run_cli, tmp_path, tiny_models, esft_data, args, message):

@@ -7,6 +7,7 @@ worker extension, and serves until stopped. See `bank.py` (inside vLLM), `worker
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from expert_hub.adapter import AdapterHeader, checkpoint_fingerprint
 from expert_hub.errors import InvalidInputError
 
+from .bank import BANK_BYTES_ENV, BANK_ROWS_ENV
 from .tasks import Task, adapter_task
 
 WORKER_EXTENSION = "expert_hub.serving.worker.ExpertBankWorker"
@@ -48,15 +50,38 @@ def _check_fingerprint(base: str, task: Task) -> None:
 
 
 def bank_rows(tasks: dict[str, Task], num_experts: int, max_resident: int) -> int:
-    """Extra expert rows per layer: room for `max_resident` tasks of the largest kind seen (at least E/4 each)."""
-    largest = max((max(map(len, AdapterHeader.read(t.directory).selection.experts.values()), default=0)
-                   for t in tasks.values()), default=0)
-    return max_resident * max(largest, math.ceil(num_experts / 4))
+    """Default extra expert rows per layer: any `max_resident` of `tasks` fit at once, and at least E/4 (room for a
+    task added at run time)."""
+    counts: dict[int, list[int]] = {}
+    for task in tasks.values():
+        for layer, experts in AdapterHeader.read(task.directory).selection.experts.items():
+            counts.setdefault(layer, []).append(len(experts))
+    needed = max((sum(sorted(layer, reverse=True)[:max_resident]) for layer in counts.values()), default=0)
+    return max(needed, math.ceil(num_experts / 4))
+
+
+def _cpu_rotary_workaround(vllm_argv: list[str]) -> list[str]:
+    """On CPU, run rotary embeddings in PyTorch rather than vLLM's C++ kernel.
+
+    vLLM 0.32's CPU rotary kernel rotates queries wrongly in GPT-J (interleaved) style when the query has more heads
+    than the key and the batch has more than one token, which is DeepSeek's MLA: every request's tokens then depend
+    on what else shares its batch (with `--enforce-eager`; compiled runs default to the PyTorch path). A
+    `--compilation-config` given by the user wins.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or any(a.startswith(("--compilation-config", "-cc")) for a in vllm_argv):
+        return []
+    return ["--compilation-config", json.dumps({"custom_ops": ["-rotary_embedding"]})]
 
 
 def run_server(base: str, tasks: dict[str, Task], max_resident: int, registry, vllm_argv: list[str],
-               extra_rows: int | None = None) -> None:
-    """Start vLLM with the expert bank and serve until interrupted."""
+               extra_rows: int | None = None, bank_gb: float | None = None) -> None:
+    """Start vLLM with the expert bank and serve until interrupted.
+
+    The bank is `extra_rows` rows per MoE layer, or as many as `bank_gb` GiB (per GPU, over all MoE layers) holds,
+    or by default room for `max_resident` of the given tasks (`bank_rows`).
+    """
     import uvloop
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
@@ -66,12 +91,18 @@ def run_server(base: str, tasks: dict[str, Task], max_resident: int, registry, v
 
     from .server import serve
 
-    num_experts = describe_model(base).num_experts
-    os.environ["EXPERT_HUB_BANK_ROWS"] = str(extra_rows or bank_rows(tasks, num_experts, max_resident))
+    summary = describe_model(base)
+    for variable in (BANK_ROWS_ENV, BANK_BYTES_ENV):
+        os.environ.pop(variable, None)
+    if bank_gb:
+        os.environ[BANK_BYTES_ENV] = str(int(bank_gb * 2**30 / len(summary.moe_layers)))
+    else:
+        os.environ[BANK_ROWS_ENV] = str(extra_rows or bank_rows(tasks, summary.num_experts, max_resident))
     os.environ["EXPERT_HUB_MAX_TASKS"] = str(max_resident)
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # the bank tags tokens in the V1 runner's input preparation
     cli_env_setup()
     parser = make_arg_parser(FlexibleArgumentParser(prog="expert-hub serve"))
-    args = parser.parse_args(["--model", base, "--worker-extension-cls", WORKER_EXTENSION, *vllm_argv])
+    argv = ["--model", base, "--worker-extension-cls", WORKER_EXTENSION, *vllm_argv, *_cpu_rotary_workaround(vllm_argv)]
+    args = parser.parse_args(argv)
     validate_parsed_serve_args(args)
     uvloop.run(serve(args, tasks, max_resident, registry, base))

@@ -1,12 +1,13 @@
 """The expert bank inside vLLM: extra physical expert rows per MoE layer and a per-token task remap.
 
 ESFT changes only which weights some (layer, expert) pairs use, so one shared base model can serve many tasks in
-one batch: every MoE layer holds its E base experts plus `EXPERT_HUB_BANK_ROWS` extra rows, and a table
+one batch: every MoE layer holds its E base experts plus extra rows (`EXPERT_HUB_BANK_ROWS` of them, or as many as
+`EXPERT_HUB_BANK_BYTES` bytes per layer hold), and a table
 `remap[task_row, expert]` (row 0 = the base model) sends each token's top-k ids to the physical rows of its task.
 The router is untouched; the normal expert kernel runs on the remapped ids.
 
 This module is a `vllm.general_plugins` entry point, so vLLM imports it in every process it spawns. It changes
-nothing unless `EXPERT_HUB_BANK_ROWS` is set (the `expert-hub serve` command sets it), so plain vLLM in the same
+nothing unless one of those is set (the `expert-hub serve` command sets it), so plain vLLM in the same
 environment is unaffected. The worker-side task table and loading live in `worker.py`.
 """
 
@@ -17,7 +18,8 @@ import os
 import numpy as np
 import torch
 
-BANK_ROWS_ENV = "EXPERT_HUB_BANK_ROWS"  # extra physical expert rows per MoE layer
+BANK_ROWS_ENV = "EXPERT_HUB_BANK_ROWS"  # extra physical expert rows per MoE layer, or
+BANK_BYTES_ENV = "EXPERT_HUB_BANK_BYTES"  # bytes of extra rows per MoE layer, in the served dtype
 MAX_TASKS_ENV = "EXPERT_HUB_MAX_TASKS"  # remap rows besides the base row
 _MAX_TOKENS = 1 << 16
 
@@ -29,7 +31,7 @@ TASK_ROWS: dict[str, int] = {}
 
 def register() -> None:
     """vLLM plugin entry point: swap in the banked experts layer and the per-token task tagging."""
-    if not os.environ.get(BANK_ROWS_ENV):
+    if not (os.environ.get(BANK_ROWS_ENV) or os.environ.get(BANK_BYTES_ENV)):
         return
     from vllm.model_executor.custom_op import op_registry_oot
     from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
@@ -42,7 +44,6 @@ def register() -> None:
 
 
 def _banked_experts_class(routed_experts: type) -> type:
-    extra_rows = int(os.environ[BANK_ROWS_ENV])
     max_tasks = int(os.environ.get(MAX_TASKS_ENV, "8"))
 
     class BankedRoutedExperts(routed_experts):
@@ -52,6 +53,7 @@ def _banked_experts_class(routed_experts: type) -> type:
 
         def __init__(self, layer_name, params_dtype, moe_config, *args, **kwargs):
             self.base_experts = moe_config.num_experts
+            extra_rows = _extra_rows(moe_config, params_dtype or torch.get_default_dtype())
             moe_config.num_experts += extra_rows  # create_weights makes E + extra rows; the router keeps E
             moe_config.num_local_experts += extra_rows
             super().__init__(layer_name, params_dtype, moe_config, *args, **kwargs)
@@ -69,6 +71,14 @@ def _banked_experts_class(routed_experts: type) -> type:
             return super().forward_modular(x, topk_weights, topk_ids, shared_experts, shared_experts_input)
 
     return BankedRoutedExperts
+
+
+def _extra_rows(moe_config, dtype: torch.dtype) -> int:
+    """Rows per layer: given, or as many whole experts (gate, up and down) as the byte budget holds."""
+    if rows := os.environ.get(BANK_ROWS_ENV):
+        return int(rows)
+    expert_bytes = 3 * moe_config.hidden_dim * moe_config.intermediate_size_per_partition * dtype.itemsize
+    return int(os.environ[BANK_BYTES_ENV]) // expert_bytes
 
 
 def _tag_tokens_with_tasks(prepare_inputs):

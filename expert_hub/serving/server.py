@@ -4,7 +4,8 @@ vLLM's own server handles chat, completions, streaming, `/health` and `/metrics`
 - task selection: `model` = a task name, or `{"task": ...}` in the body (`extra_body`), or an `X-Expert-Task`
   header; the request then runs on the base model with `vllm_xargs.task` (read by the worker to pick the remap
   row) and a per-task `cache_salt` (so prefix caching never shares KV blocks between tasks);
-- `/v1/models` listing every task with the base as parent; `POST` / `DELETE /v1/tasks/{name}`;
+- `/v1/models` listing every task with the base as parent; `GET /v1/tasks` (residency, the bank);
+  `POST` / `DELETE /v1/tasks/{name}`;
 - per-task request and token counters in `/metrics`.
 All routes sit under `/v1`, so vLLM's `--api-key` check covers them.
 """
@@ -16,6 +17,8 @@ import time
 from argparse import Namespace
 
 from prometheus_client import Counter
+
+from expert_hub.errors import InvalidInputError
 
 from .tasks import TaskError, TaskManager, cache_salt
 
@@ -47,6 +50,9 @@ class TaskRouting:
             return await _respond(send, *_error(401, "Unauthorized", "AuthenticationError"))
         if path.startswith("/v1/tasks/") and method in ("POST", "DELETE"):
             return await self._manage(scope, receive, send, path.removeprefix("/v1/tasks/"), method)
+        if path == "/v1/tasks" and method == "GET":
+            await _read_body(receive)
+            return await _respond(send, 200, json.dumps(await MANAGER.describe()).encode())
         if path == "/v1/models" and method == "GET":
             return await self._models(scope, receive, send)
         if method != "POST" or path not in _GENERATION_PATHS:
@@ -221,13 +227,20 @@ async def serve(args: Namespace, tasks: dict, max_resident: int, registry, base:
     _API_KEYS = tuple(args.api_key or ())
     _, sock = setup_server(args, reuse_port=False)
     async with build_async_engine_client(args) as engine:
-        MANAGER = TaskManager(engine, dict(tasks), max_resident, registry, base)
-        for name in list(tasks)[:max_resident]:
-            await MANAGER.ensure_resident(name)
-        supported = await engine.get_supported_tasks()
-        args.middleware = [*args.middleware, f"{__name__}.TaskRouting"]  # build_app freezes the middleware stack
-        app = build_app(args, supported, engine.model_config)
-        await init_app_state(engine, app.state, args, supported)
-        shutdown = await serve_http(app, sock=sock, host=args.host, port=args.port,
-                                    log_level=args.uvicorn_log_level, enable_ssl_refresh=False)
+        try:
+            MANAGER = TaskManager(engine, dict(tasks), max_resident, registry, base)
+            bank = await MANAGER.bank()
+            if not bank["rows_per_layer"]:
+                raise InvalidInputError(f"the expert bank holds no expert: one expert row in every MoE layer takes "
+                                        f"{bank['bytes_per_row'] / 2**20:.1f} MiB; give a larger --expert-bank-gb")
+            for name in list(tasks)[:max_resident]:
+                await MANAGER.ensure_resident(name)
+            supported = await engine.get_supported_tasks()
+            args.middleware = [*args.middleware, f"{__name__}.TaskRouting"]  # build_app freezes the middleware stack
+            app = build_app(args, supported, engine.model_config)
+            await init_app_state(engine, app.state, args, supported)
+            shutdown = await serve_http(app, sock=sock, host=args.host, port=args.port,
+                                        log_level=args.uvicorn_log_level, enable_ssl_refresh=False)
+        finally:
+            MANAGER = None  # the engine shuts down with this block: nothing may keep it until interpreter exit
     await shutdown

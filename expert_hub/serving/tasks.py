@@ -18,6 +18,7 @@ from expert_hub.errors import ExpertHubError, InvalidInputError
 
 LOAD = "expert_hub_load_task"
 UNLOAD = "expert_hub_unload_task"
+BANK_INFO = "expert_hub_bank_info"
 
 
 class TaskError(ExpertHubError):
@@ -122,6 +123,17 @@ class TaskManager:
                 await self.engine.collective_rpc(UNLOAD, args=(name,))
                 del self.resident[name]
             del self.known[name]
+
+    async def bank(self) -> dict:
+        """The expert bank as the worker sees it: rows per layer, free rows, bytes."""
+        return (await self.engine.collective_rpc(BANK_INFO))[0]
+
+    async def describe(self) -> dict:
+        """Every servable task with its residency, requests in flight and last load time; and the bank."""
+        tasks = [{"id": name, "resident": name in self.resident, "in_flight": self.in_flight.get(name, 0),
+                  "bytes": task.nbytes, "load_seconds": self.load_seconds.get(name)}
+                 for name, task in sorted(self.known.items())]
+        return {"object": "list", "data": tasks, "bank": await self.bank()}
 
     def _idle_resident(self, keep: str) -> list[str]:
         return [name for name in self.resident if name != keep and not self.in_flight.get(name)]

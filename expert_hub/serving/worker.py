@@ -21,11 +21,14 @@ class ExpertBankWorker:
     """Mixed into vLLM's worker class; `self.model_runner.model` is the served model."""
 
     def expert_hub_bank_info(self) -> dict:
-        layers = _banked_layers(self.model_runner.model)
+        layers = _banked_layers(self.model_runner.model).values()
+        rows = min(layer.w13_weight.shape[0] - layer.base_experts for layer in layers)
         return {
             "layers": len(layers),
-            "free_rows": min((len(layer.free_rows) for layer in layers.values()), default=0),
-            "tasks": dict(bank.TASK_ROWS),
+            "rows_per_layer": rows,
+            "free_rows_per_layer": min(len(layer.free_rows) for layer in layers),
+            "bytes": sum(_row_bytes(layer) * (layer.w13_weight.shape[0] - layer.base_experts) for layer in layers),
+            "bytes_per_row": sum(map(_row_bytes, layers)),  # one row in every layer
         }
 
     @torch.no_grad()
@@ -78,6 +81,10 @@ def _banked_layers(model) -> dict[int, torch.nn.Module]:
     if not layers:
         raise RuntimeError("the served model has no expert bank: was it started by `expert-hub serve`?")
     return layers
+
+
+def _row_bytes(layer) -> int:
+    return layer.w13_weight[0].nbytes + layer.w2_weight[0].nbytes
 
 
 def _write_row(layer, row: int, tensors: dict[str, torch.Tensor]) -> None:
