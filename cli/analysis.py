@@ -138,6 +138,7 @@ def _inspect_model(target: str, as_json: bool, trust_remote_code: bool) -> None:
     table.add_row("experts per token (top-k)", str(summary.top_k))
     table.add_row("shared experts", "yes" if summary.shared_experts else "no")
     table.add_row("parameters per expert", f"{summary.expert_parameters:,}")
+    table.add_row("expert biases", "yes" if summary.expert_biases else "no")
     console.print(table)
 
 

@@ -68,6 +68,7 @@ class ModelSummary:
     top_k: int
     shared_experts: bool
     expert_parameters: int  # one routed expert's parameter count
+    expert_biases: bool
 
 
 def describe_model(base: str, trust_remote_code: bool = False) -> ModelSummary:
@@ -85,4 +86,5 @@ def describe_model(base: str, trust_remote_code: bool = False) -> ModelSummary:
         top_k=first.top_k,
         shared_experts=bool(first.shared_expert_modules()),
         expert_parameters=sum(view.numel() for view in expert_views(first.experts, 0).values()),
+        expert_biases=bool(getattr(first.experts, "has_bias", False)),
     )

@@ -81,6 +81,7 @@ def test_inspect_an_adapter(run_cli, tmp_path, tiny_models):
         (["serve", "--base", "{model}", "--tasks", "law={tmp}/missing"], "has no expert_cfg.json"),
         (["serve", "--base", "{model}", "--tasks", "../x"], "invalid task name"),
         (["serve", "--base", "{model}", "--expert-bank-gb", "0"], "--expert-bank-gb must be positive"),
+        (["serve", "--base", "{gpt_oss}"], "gpt_oss experts have biases"),
         (["serve", "--base", "{model}", "--expert-bank-gb", "1", "--expert-bank-rows", "8"], "not both"),
     ],
 )
@@ -89,7 +90,7 @@ def test_bad_input_exits_non_zero_with_one_line(run_cli, tmp_path, tiny_models, 
     (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}]}\n{"messages": 5}\n')
     (tmp_path / "good.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}]}\n')
     (tmp_path / "latin1.jsonl").write_bytes(b'{"messages": [{"role": "user", "content": "q"}]}\n{"x": "\xe9"}\n')
-    values = {"tmp": tmp_path, "summary": esft_data / "expert_scores/law/summary.json", "model": tiny_models["olmoe"],
+    values = {"tmp": tmp_path, "summary": esft_data / "expert_scores/law/summary.json", "model": tiny_models["olmoe"], "gpt_oss": tiny_models["gpt_oss"],
               "bad_json": tmp_path / "bad.json", "bad_jsonl": tmp_path / "bad.jsonl", "good_jsonl": tmp_path / "good.jsonl",
               "latin1": tmp_path / "latin1.jsonl"}
     code, out, err = run_cli(*[arg.format(**values) for arg in args])

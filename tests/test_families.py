@@ -69,6 +69,7 @@ def test_describe_model_matches_the_loaded_model(tiny_models, family):
     assert summary.moe_layers == [layer.index for layer in layers]
     assert (summary.num_experts, summary.top_k) == (8, 2)
     assert summary.shared_experts == (family in ("deepseek_v2", "deepseek_v3", "qwen2_moe"))
+    assert summary.expert_biases == (family == "gpt_oss")
 
 
 def test_dense_model_is_refused_naming_the_supported_families(tmp_path, run_cli):

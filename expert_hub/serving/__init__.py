@@ -92,6 +92,9 @@ def run_server(base: str, tasks: dict[str, Task], max_resident: int, registry, v
     from .server import serve
 
     summary = describe_model(base)
+    if summary.expert_biases:
+        raise InvalidInputError(f"{summary.family} experts have biases, which the expert bank does not hold yet: "
+                                "serve each task's merged checkpoint with vLLM instead")
     for variable in (BANK_ROWS_ENV, BANK_BYTES_ENV):
         os.environ.pop(variable, None)
     if bank_gb:
