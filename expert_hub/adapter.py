@@ -207,18 +207,20 @@ def checkpoint_fingerprint(base: str, selection: ExpertSelection) -> str | None:
     Used where the base is never loaded through transformers (serving on vLLM). None when the base is not a local
     directory or its checkpoint does not store those experts under per-expert keys.
     """
-    files = sorted(Path(base).glob("*.safetensors")) if Path(base).is_dir() else []
     wanted = {f"model.layers.{layer}.mlp.experts.{expert}.{projection}.weight"
               for layer, expert in selection.pairs for projection in PROJECTIONS}
-    found = {}
-    for file in files:
-        with safe_open(file, "pt") as handle:
-            keys = set(handle.keys())
-            found |= {key: handle.get_tensor(key) for key in wanted & keys}
-            found |= {key: handle.get_tensor(key) for key in keys
-                      if key.endswith(".bias") and key.removesuffix(".bias") + ".weight" in wanted}
+    found = checkpoint_tensors(base, wanted | {key.removesuffix(".weight") + ".bias" for key in wanted})
     return _fingerprint(found) if wanted <= set(found) and not selection.shared_experts \
         and not selection.non_expert_modules else None
+
+
+def checkpoint_tensors(base: str, keys: set[str]) -> dict[str, torch.Tensor]:
+    """Those of `keys` that a local checkpoint directory's safetensors files hold, read without loading the model."""
+    found = {}
+    for file in sorted(Path(base).glob("*.safetensors")) if Path(base).is_dir() else []:
+        with safe_open(file, "pt") as handle:
+            found |= {key: handle.get_tensor(key) for key in keys & set(handle.keys())}
+    return found
 
 
 def _fingerprint(views: dict[str, torch.Tensor]) -> str:

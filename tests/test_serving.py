@@ -73,6 +73,25 @@ def test_default_bank_size_fits_any_resident_set_of_the_given_tasks(tmp_path):
     assert bank_rows({}, 16, max_resident=4) == 4  # a quarter of the experts: room for a task added later
 
 
+def test_rows_are_written_in_the_gpu_kernel_layout_and_another_layout_is_caught():
+    """vLLM's GPU experts keep w13 = [gate; up] rows, unpadded, and w2 = down (the CPU path is checked end to end)."""
+    from types import SimpleNamespace
+
+    from expert_hub.serving.worker import check_row_layout
+
+    gate, up, down = torch.randn(8, 16), torch.randn(8, 16), torch.randn(16, 8)
+    expert = {"gate_proj.weight": gate, "up_proj.weight": up, "down_proj.weight": down}
+    kernel = SimpleNamespace(fused_experts=SimpleNamespace())  # no CPU `isa`: no padding, no prepacking
+    layer = SimpleNamespace(w13_weight=torch.zeros(3, 16, 16), w2_weight=torch.zeros(3, 16, 8),
+                            quant_method=SimpleNamespace(moe_kernel=kernel))
+    layer.w13_weight[0], layer.w2_weight[0] = torch.cat([gate, up]), down
+    check_row_layout(layer, 2, 0, expert)
+    assert not layer.w13_weight[2].any() and not layer.w2_weight[2].any()  # the spare row is cleared again
+    layer.w13_weight[1], layer.w2_weight[1] = torch.cat([up, gate]), down  # a kernel keeping [up; gate]
+    with pytest.raises(RuntimeError, match="layout the expert bank cannot write"):
+        check_row_layout(layer, 2, 1, expert)
+
+
 def test_a_bank_too_small_for_one_expert_is_refused(tmp_path):
     base = build_tiny_model("qwen3_moe", tmp_path / "base", **SERVING_SHAPES["qwen3_moe"])
     result = subprocess.run(
@@ -261,7 +280,7 @@ def test_task_listing_shows_residency_and_the_bank(qwen):
     law = next(task for task in listing["data"] if task["id"] == "law")
     assert law["bytes"] > 0 and law["in_flight"] == 0 and law["load_seconds"] is not None
     bank = listing["bank"]  # default size: the 3 resident tasks' experts per layer, at least E/4 = 4 rows
-    assert bank["layers"] == 4 and bank["rows_per_layer"] == 4
+    assert bank["layers"] == 4 and bank["rows_per_layer"] == 4 and bank["layout_checked"]
     assert bank["bytes"] == 4 * bank["bytes_per_row"] == 4 * 4 * 3 * 128 * 64 * 4  # float32 gate, up, down
     assert server.request("GET", "/v1/tasks", key=None)[0] == 401
 
@@ -317,13 +336,13 @@ def deepseek(tmp_path_factory):
     # 0.0014 GiB over 3 MoE layers = 5 rows of 96 KiB experts per layer
     server = _start(root, base, ",".join(f"{n}={p}" for n, p in adapters.items()), root / "registry", 8642,
                     ["--expert-bank-gb", "0.0014"])
-    yield server, oracle
+    yield server, oracle, root
     server.process.terminate()
     server.process.wait(timeout=60)
 
 
 def test_deepseek_v2_tasks_match_their_merged_checkpoints(deepseek):
-    server, oracle = deepseek
+    server, oracle, _ = deepseek
     for name in ("base", "law", "intent"):
         for prompt in PROMPTS:
             result = server.complete(server.base if name == "base" else name, prompt, 12)
@@ -332,11 +351,28 @@ def test_deepseek_v2_tasks_match_their_merged_checkpoints(deepseek):
 
 
 def test_the_bank_is_sized_in_gigabytes(deepseek):
-    server, _ = deepseek
+    server, _, _ = deepseek
     bank = server.request("GET", "/v1/tasks")[1]["bank"]
     assert (bank["layers"], bank["rows_per_layer"], bank["bytes_per_row"]) == (3, 5, 3 * 3 * 128 * 64 * 4)
 
 
 def test_deepseek_v2_tasks_and_the_base_share_batches(deepseek):
-    server, oracle = deepseek
+    server, oracle, _ = deepseek
     _all_at_once(server, oracle, ("base", "law", "intent"))
+
+
+def test_a_full_bank_evicts_an_idle_task_and_a_task_larger_than_the_bank_is_refused(deepseek):
+    """Runs last for deepseek: 5 rows per layer; law and intent use 3 of layer 1's, `wide` needs 4 there."""
+    server, oracle, root = deepseek
+    registry = Registry(root / "registry")
+    model = load_base(server.base)
+    for name, experts in (("wide", {1: [0, 1, 2, 4]}), ("huge", {1: [0, 1, 2, 4, 5, 6]})):
+        registry.register(ExpertAdapter.from_model(model, ExpertSelection(experts), task=name).save(root / name))
+    status, body = server.request("POST", "/v1/tasks/wide")
+    assert status == 200 and body["resident"], body
+    resident = {task["id"] for task in server.request("GET", "/v1/tasks")[1]["data"] if task["resident"]}
+    assert "wide" in resident and len(resident & {"law", "intent"}) == 1  # the least recently used one went
+    status, body = server.request("POST", "/v1/tasks/huge")
+    assert status == 507 and "6 experts in layer 1" in body["error"]["message"] and "5 per layer" in body["error"]["message"]
+    for name in ("law", "intent"):  # the evicted one reloads (evicting another idle task) with the same tokens
+        assert server.complete(name, PROMPTS[0], 12)["token_ids"] == _expected(oracle, name, PROMPTS[0])

@@ -13,6 +13,7 @@ All routes sit under `/v1`, so vLLM's `--api-key` check covers them.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from argparse import Namespace
 
@@ -22,6 +23,7 @@ from expert_hub.errors import InvalidInputError
 
 from .tasks import TaskError, TaskManager, cache_salt
 
+logger = logging.getLogger(__name__)
 TASK_REQUESTS = Counter("expert_hub_task_requests", "Requests per task (base = no task)", ["task"])
 TASK_PROMPT_TOKENS = Counter("expert_hub_task_prompt_tokens", "Prompt tokens per task", ["task"])
 TASK_COMPLETION_TOKENS = Counter("expert_hub_task_completion_tokens", "Generated tokens per task", ["task"])
@@ -233,6 +235,8 @@ async def serve(args: Namespace, tasks: dict, max_resident: int, registry, base:
             if not bank["rows_per_layer"]:
                 raise InvalidInputError(f"the expert bank holds no expert: one expert row in every MoE layer takes "
                                         f"{bank['bytes_per_row'] / 2**20:.1f} MiB; give a larger --expert-bank-gb")
+            if not await MANAGER.check_layout():
+                logger.warning("the base checkpoint has no per-expert tensors to check the bank's weight layout with")
             for name in list(tasks)[:max_resident]:
                 await MANAGER.ensure_resident(name)
             supported = await engine.get_supported_tasks()

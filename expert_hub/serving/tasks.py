@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 from expert_hub.adapter import AdapterHeader
-from expert_hub.errors import ExpertHubError, InvalidInputError
+from expert_hub.errors import ExpertHubError, InvalidInputError, UnsupportedModelError
+
+from .worker import BANK_FULL
 
 LOAD = "expert_hub_load_task"
 UNLOAD = "expert_hub_unload_task"
 BANK_INFO = "expert_hub_bank_info"
+CHECK_LAYOUT = "expert_hub_check_layout"
 
 
 class TaskError(ExpertHubError):
@@ -53,6 +57,12 @@ def adapter_task(name: str, directory: Path) -> Task:
     return Task(name, Path(directory), nbytes)
 
 
+def _worker_message(error: Exception) -> str:
+    """The worker's own message from vLLM's wrapping ("... Worker failed with error '<message>', please check ...")."""
+    found = re.search(r"failed with error '(.*)'", str(error), re.DOTALL)
+    return found.group(1) if found else str(error)
+
+
 class TaskManager:
     def __init__(self, engine, known: dict[str, Task], max_resident: int, registry=None, base: str | None = None):
         self.engine = engine
@@ -62,6 +72,8 @@ class TaskManager:
         self.resident: OrderedDict[str, int] = OrderedDict()  # name -> remap row, least recently used first
         self.in_flight: dict[str, int] = {}
         self.load_seconds: dict[str, float] = {}
+        self.rows_per_layer: int | None = None  # the bank's size, once known
+        self.layout_checked = False
         self._lock = asyncio.Lock()
 
     async def acquire(self, name: str) -> None:
@@ -83,6 +95,7 @@ class TaskManager:
             if name in self.resident:
                 self.resident.move_to_end(name)
                 return
+            self._check_fits(name)
             while True:
                 if len(self.resident) >= self.max_resident:
                     await self._evict_one(name)
@@ -95,8 +108,8 @@ class TaskManager:
                     self.resident[name] = rows[0]
                     return
                 except Exception as error:  # the worker's BankFullError arrives as a plain exception
-                    if "BankFullError" not in f"{type(error).__name__}{error}" or not self._idle_resident(name):
-                        raise TaskError(f"cannot load task {name}: {error}", 503) from None
+                    if not _worker_message(error).startswith(BANK_FULL) or not self._idle_resident(name):
+                        raise TaskError(f"cannot load task {name}: {_worker_message(error)}", 503) from None
                     await self._evict_one(name)
 
     async def add(self, name: str) -> Task:
@@ -126,14 +139,34 @@ class TaskManager:
 
     async def bank(self) -> dict:
         """The expert bank as the worker sees it: rows per layer, free rows, bytes."""
-        return (await self.engine.collective_rpc(BANK_INFO))[0]
+        info = (await self.engine.collective_rpc(BANK_INFO))[0]
+        self.rows_per_layer = info["rows_per_layer"]
+        return info
+
+    async def check_layout(self) -> bool:
+        """The worker's start-up check that task experts land in the kernel's layout (see `worker.py`)."""
+        try:
+            self.layout_checked = (await self.engine.collective_rpc(CHECK_LAYOUT))[0]
+        except Exception as error:  # the worker's RuntimeError arrives as a plain exception
+            raise UnsupportedModelError(_worker_message(error)) from None
+        return self.layout_checked
 
     async def describe(self) -> dict:
         """Every servable task with its residency, requests in flight and last load time; and the bank."""
         tasks = [{"id": name, "resident": name in self.resident, "in_flight": self.in_flight.get(name, 0),
                   "bytes": task.nbytes, "load_seconds": self.load_seconds.get(name)}
                  for name, task in sorted(self.known.items())]
-        return {"object": "list", "data": tasks, "bank": await self.bank()}
+        return {"object": "list", "data": tasks, "bank": await self.bank() | {"layout_checked": self.layout_checked}}
+
+    def _check_fits(self, name: str) -> None:
+        """A task with more experts in some layer than the whole bank holds never loads: say so before evicting."""
+        experts = AdapterHeader.read(self.known[name].directory).selection.experts
+        layer, largest = max(((index, len(ids)) for index, ids in experts.items()), key=lambda item: item[1],
+                             default=(None, 0))
+        if self.rows_per_layer is not None and largest > self.rows_per_layer:
+            raise TaskError(f"task {name} has {largest} experts in layer {layer} and the expert bank holds "
+                            f"{self.rows_per_layer} per layer: restart with a larger --expert-bank-rows or "
+                            "--expert-bank-gb", 507)
 
     def _idle_resident(self, keep: str) -> list[str]:
         return [name for name in self.resident if name != keep and not self.in_flight.get(name)]

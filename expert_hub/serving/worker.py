@@ -6,15 +6,26 @@ publishes its remap row; unloading frees them. The front end decides what to loa
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from expert_hub.adapter import ExpertAdapter
+from expert_hub.adapter import ExpertAdapter, checkpoint_tensors
 
 from . import bank
 
 
+_EXPERT_TENSORS = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
+BANK_FULL = "expert bank full"
+
+
 class BankFullError(RuntimeError):
-    """Not enough free expert rows in some layer; the front end evicts an idle task and retries."""
+    """Not enough free expert rows in some layer; the front end evicts an idle task and retries.
+
+    vLLM passes only the message across processes, so it starts with `BANK_FULL` for the front end to recognise."""
+
+    def __init__(self, message: str):
+        super().__init__(f"{BANK_FULL}: {message}")
 
 
 class ExpertBankWorker:
@@ -30,6 +41,21 @@ class ExpertBankWorker:
             "bytes": sum(_row_bytes(layer) * (layer.w13_weight.shape[0] - layer.base_experts) for layer in layers),
             "bytes_per_row": sum(map(_row_bytes, layers)),  # one row in every layer
         }
+
+    @torch.no_grad()
+    def expert_hub_check_layout(self) -> bool:
+        """Write one base expert from the checkpoint into a spare row as tasks are written, and compare it with the
+        row vLLM loaded. A backend whose kernel layout `_write_row` does not reproduce (FlashInfer's swapped halves,
+        quantized weights, tensor-parallel shards) then fails at start-up instead of serving wrong tokens.
+        False when the checkpoint has no per-expert tensors to compare with."""
+        index, layer = min(_banked_layers(self.model_runner.model).items())
+        keys = {f"model.layers.{index}.mlp.experts.0.{name}" for name in _EXPERT_TENSORS}
+        directory = _local_checkpoint(self.model_runner.model_config)
+        tensors = checkpoint_tensors(directory, keys) if directory else {}
+        if set(tensors) != keys or not layer.free_rows:
+            return False
+        check_row_layout(layer, layer.free_rows[0], 0, {key.split("experts.0.")[1]: value for key, value in tensors.items()})
+        return True
 
     @torch.no_grad()
     def expert_hub_load_task(self, name: str, directory: str) -> int:
@@ -55,7 +81,7 @@ class ExpertBankWorker:
             physical = [layer.free_rows.pop(0) for _ in experts]
             for expert, target in zip(experts, physical):
                 tensors = {name_: adapter.tensors[f"model.layers.{index}.mlp.experts.{expert}.{name_}"]
-                           for name_ in ("gate_proj.weight", "up_proj.weight", "down_proj.weight")}
+                           for name_ in _EXPERT_TENSORS}
                 _write_row(layer, target, tensors)
                 layer.task_remap[row, expert] = target
             layer.task_rows[row] = physical
@@ -70,6 +96,35 @@ class ExpertBankWorker:
             layer.task_remap[row] = torch.arange(layer.base_experts, dtype=layer.task_remap.dtype)
             layer.free_rows.extend(layer.task_rows.pop(row, []))
         return True
+
+
+def check_row_layout(layer, row: int, expert: int, tensors: dict[str, torch.Tensor]) -> None:
+    """Write `expert`'s checkpoint tensors into the free `row` and require it to equal the loaded `expert` row."""
+    try:
+        _write_row(layer, row, tensors)
+        same = torch.equal(layer.w13_weight[row], layer.w13_weight[expert]) and \
+            torch.equal(layer.w2_weight[row], layer.w2_weight[expert])
+    finally:
+        layer.w13_weight[row].zero_()
+        layer.w2_weight[row].zero_()
+    if not same:
+        raise RuntimeError(f"{type(layer.quant_method.moe_kernel.fused_experts).__name__} keeps expert weights in a "
+                           "layout the expert bank cannot write yet: a base expert written as tasks are did not "
+                           "match the loaded one; serve merged checkpoints instead")
+
+
+def _local_checkpoint(model_config) -> str | None:
+    """The served checkpoint's local directory (a Hub model is in the cache by now: vLLM has loaded it)."""
+    if Path(model_config.model).is_dir():
+        return model_config.model
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(model_config.model, revision=model_config.revision, local_files_only=True,
+                                 allow_patterns=["*.safetensors"])
+    except (LocalEntryNotFoundError, HFValidationError):  # elsewhere (a --download-dir): nothing to compare with
+        return None
 
 
 def _banked_layers(model) -> dict[int, torch.nn.Module]:
@@ -89,7 +144,7 @@ def _row_bytes(layer) -> int:
 
 def _write_row(layer, row: int, tensors: dict[str, torch.Tensor]) -> None:
     """Copy one expert (checkpoint layout) into a physical row, in the layout the expert kernel expects."""
-    gate, up, down = (tensors[f"{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj"))
+    gate, up, down = (tensors[name] for name in _EXPERT_TENSORS)
     kernel = layer.quant_method.moe_kernel.fused_experts
     dtype = layer.w13_weight.dtype
     intermediate, padded = gate.shape[0], layer.w2_weight.shape[2]
