@@ -54,8 +54,8 @@ def bank_rows(tasks: dict[str, Task], num_experts: int, max_resident: int) -> in
     task added at run time)."""
     counts: dict[int, list[int]] = {}
     for task in tasks.values():
-        for layer, experts in AdapterHeader.read(task.directory).selection.experts.items():
-            counts.setdefault(layer, []).append(len(experts))
+        for layer, count in task.experts_per_layer.items():
+            counts.setdefault(layer, []).append(count)
     needed = max((sum(sorted(layer, reverse=True)[:max_resident]) for layer in counts.values()), default=0)
     return max(needed, math.ceil(num_experts / 4))
 

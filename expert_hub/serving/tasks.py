@@ -38,6 +38,7 @@ class Task:
     name: str
     directory: Path  # a verified registry object or an adapter directory
     nbytes: int
+    experts_per_layer: dict[int, int]  # layer index -> how many of its experts the task replaces
 
 
 def cache_salt(task: str) -> str:
@@ -54,7 +55,8 @@ def adapter_task(name: str, directory: Path) -> Task:
             "it cannot join mixed batches; serve its merged checkpoint as a separate model instead"
         )
     nbytes = sum(path.stat().st_size for path in set(header.shards.values()))
-    return Task(name, Path(directory), nbytes)
+    counts = {layer: len(experts) for layer, experts in header.selection.experts.items()}
+    return Task(name, Path(directory), nbytes, counts)
 
 
 def _worker_message(error: Exception) -> str:
@@ -160,9 +162,7 @@ class TaskManager:
 
     def _check_fits(self, name: str) -> None:
         """A task with more experts in some layer than the whole bank holds never loads: say so before evicting."""
-        experts = AdapterHeader.read(self.known[name].directory).selection.experts
-        layer, largest = max(((index, len(ids)) for index, ids in experts.items()), key=lambda item: item[1],
-                             default=(None, 0))
+        layer, largest = max(self.known[name].experts_per_layer.items(), key=lambda item: item[1], default=(None, 0))
         if self.rows_per_layer is not None and largest > self.rows_per_layer:
             raise TaskError(f"task {name} has {largest} experts in layer {layer} and the expert bank holds "
                             f"{self.rows_per_layer} per layer: restart with a larger --expert-bank-rows or "
