@@ -292,11 +292,29 @@ def test_task_listing_shows_residency_and_the_bank(qwen):
 
 
 def test_per_task_counters_in_metrics(qwen):
+    from openai import OpenAI
+
     server, _, _ = qwen
-    with urllib.request.urlopen(server.url + "/metrics", timeout=60) as response:
-        metrics = response.read().decode()
-    assert 'expert_hub_task_requests_total{task="law"}' in metrics
-    assert 'expert_hub_task_completion_tokens_total{task="intent"}' in metrics
+
+    def counters() -> dict[str, float]:
+        with urllib.request.urlopen(server.url + "/metrics", timeout=60) as response:
+            lines = response.read().decode().splitlines()
+        return {line.split(" ")[0]: float(line.split(" ")[1]) for line in lines if line.startswith("expert_hub_task_") and "_total{" in line}
+
+    before = counters()
+    prompt_tokens = len(server.complete("law", PROMPTS[0], 5, ignore_eos=True)["prompt_token_ids"])
+    client = OpenAI(base_url=server.url + "/v1", api_key=API_KEY)
+    chunks = list(client.completions.create(model="intent", prompt=PROMPTS[0], max_tokens=7, stream=True,
+                                            extra_body={"ignore_eos": True}))  # usage not asked for in the stream
+    assert all(chunk.choices for chunk in chunks) and not any(chunk.usage for chunk in chunks)
+    after = counters()
+    assert {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key, 0)} == {
+        'expert_hub_task_requests_total{task="law"}': 1, 'expert_hub_task_requests_total{task="intent"}': 1,
+        'expert_hub_task_prompt_tokens_total{task="law"}': prompt_tokens,
+        'expert_hub_task_prompt_tokens_total{task="intent"}': prompt_tokens,
+        'expert_hub_task_completion_tokens_total{task="law"}': 5,
+        'expert_hub_task_completion_tokens_total{task="intent"}': 7,
+    }
 
 
 def test_tampered_registry_entries_are_never_loaded(qwen):

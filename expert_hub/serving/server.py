@@ -74,7 +74,7 @@ class TaskRouting:
                 task = None
         if task is None:
             TASK_REQUESTS.labels(task="base").inc()
-            return await self.app(scope, _replay(body, receive), _usage_counter("base", send))
+            return await _run_counted(self.app, scope, _replay(body, receive), send, "base")
         try:
             await MANAGER.acquire(task)
         except TaskError as error:
@@ -89,7 +89,7 @@ class TaskRouting:
             body = json.dumps(request).encode()
             scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k != b"content-length"]
                          + [(b"content-length", str(len(body)).encode())])
-            await self.app(scope, _replay(body, receive), _usage_counter(task, _rename_model(task, send)))
+            await _run_counted(self.app, scope, _replay(body, receive), _rename_model(task, send), task)
         finally:
             MANAGER.release(task)
 
@@ -191,30 +191,18 @@ def _rename_model(task: str, send):
     return renaming
 
 
-def _usage_counter(task: str, send):
-    """Counts prompt and generated tokens from the `usage` of each response (or streamed chunk) that has one."""
+async def _run_counted(app, scope, receive, send, task: str) -> None:
+    """Run the request, then add its token usage to the task's counters.
 
-    async def counting(message):
-        if message["type"] == "http.response.body":
-            for usage in _usages(message.get("body", b"")):
-                TASK_PROMPT_TOKENS.labels(task=task).inc(usage.get("prompt_tokens") or 0)
-                TASK_COMPLETION_TOKENS.labels(task=task).inc(usage.get("completion_tokens") or 0)
-        return await send(message)
-
-    return counting
-
-
-def _usages(body: bytes):
-    for line in body.split(b"\n"):
-        line = line.strip().removeprefix(b"data: ")
-        if b'"usage"' not in line:
-            continue
-        try:
-            usage = json.loads(line).get("usage")
-        except ValueError:
-            continue
-        if isinstance(usage, dict):
-            yield usage
+    vLLM's completion and chat handlers leave the usage in `request.state.request_metadata.final_usage_info` for
+    middleware, streamed or not (a stream carries it in its body only when the client asks for it).
+    """
+    state = scope.setdefault("state", {})  # Starlette's `request.state` writes into this dict
+    await app(scope, receive, send)
+    usage = getattr(state.get("request_metadata"), "final_usage_info", None)
+    if usage is not None:
+        TASK_PROMPT_TOKENS.labels(task=task).inc(usage.prompt_tokens or 0)
+        TASK_COMPLETION_TOKENS.labels(task=task).inc(usage.completion_tokens or 0)
 
 
 async def serve(args: Namespace, tasks: dict, max_resident: int, registry, base: str) -> None:
