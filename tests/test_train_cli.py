@@ -78,7 +78,7 @@ def test_train_bad_input_is_one_line(run_cli, tmp_path, tiny_models, esft_data, 
     for flag, value in defaults.items():
         if flag not in args:
             args += [flag, value]
-    code, out, err = run_cli("train", "--task", "law", "--out", tmp_path / "run", *args, *SMALL_RUN)
+    code, _, err = run_cli("train", "--task", "law", "--out", tmp_path / "run", *args, *SMALL_RUN)
     assert code != 0 and err.startswith("error: ") and err.count("\n") == 1, err
     assert message in err
 
