@@ -69,8 +69,9 @@ def _selections(layers: int, experts: int) -> dict[str, dict[int, list[int]]]:
         selections[task] = {layer: sorted(published[str(layer + 1)]) for layer in range(min(layers, 26))}
     for task in range(4):
         generator = torch.Generator().manual_seed(task)
-        selections[f"stress{task}"] = {layer: sorted(torch.randperm(experts, generator=generator)[:STRESS_EXPERTS].tolist())
-                                       for layer in range(layers)}
+        selections[f"stress{task}"] = {
+            layer: sorted(torch.randperm(experts, generator=generator)[:STRESS_EXPERTS].tolist())
+            for layer in range(layers)}
     return selections
 
 
@@ -117,12 +118,8 @@ def main() -> None:
         base = build_tiny_model("qwen3_moe", root / "base", **SHAPE)
         model = load_base(str(base))
         registry = Registry(root / "registry")
-        tasks, selections = {}, _selections(SHAPE["num_hidden_layers"], SHAPE["num_experts"])
-        experts_per_layer = {kind: statistics.mean(len(experts) for name, selection in selections.items()
-                                                   if (name in PAPER_TASKS) == (kind == "paper")
-                                                   for experts in selection.values())
-                             for kind in ("paper", "stress")}
-        for name, experts in selections.items():
+        tasks = {}
+        for name, experts in _selections(SHAPE["num_hidden_layers"], SHAPE["num_experts"]).items():
             adapter = ExpertAdapter.from_model(model, ExpertSelection(experts), task=name)
             tasks[name] = adapter_task(name, registry.verify(registry.register(adapter.save(root / name))))
         del model
@@ -143,7 +140,7 @@ def main() -> None:
             for _ in range(args.rounds):
                 measure("base", [str(base)])
             for kind, names in (("paper", list(paper)), ("stress", list(stress))):
-                loads += [_request("POST", f"{url}/v1/tasks/{name}") | {"kind": kind} for name in names]
+                loads += [_request("POST", f"{url}/v1/tasks/{name}") for name in names]
                 _load(url, names, 4, 8)
                 for _ in range(args.rounds):  # alternate, so drift hits both alike
                     measure(kind, names)
@@ -155,11 +152,14 @@ def main() -> None:
             server.terminate()
             server.wait(timeout=120)
 
-    _report(console, args, rates, loads, bank, default_rows, experts_per_layer, paper, stress)
+    _report(console, args, rates, loads, bank, default_rows, paper, stress)
 
 
-def _report(console, args, rates, loads, bank, default_rows, experts_per_layer, paper, stress) -> None:
+def _report(console, args, rates, loads, bank, default_rows, paper, stress) -> None:
     median = {label: statistics.median(values) for label, values in rates.items()}
+    experts_per_layer = {kind: statistics.mean(count for task in tasks.values()
+                                               for count in task.experts_per_layer.values())
+                         for kind, tasks in (("paper", paper), ("stress", stress))}
     table = Table(title=f"Serving: qwen3_moe {SHAPE['hidden_size']}h x {SHAPE['num_hidden_layers']} layers, "
                         f"{SHAPE['num_experts']} experts top-{SHAPE['num_experts_per_tok']}, {args.dtype}, "
                         f"{args.requests} concurrent requests x {args.max_tokens} tokens, median of {args.rounds}")

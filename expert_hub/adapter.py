@@ -207,11 +207,16 @@ def checkpoint_fingerprint(base: str, selection: ExpertSelection) -> str | None:
     Used where the base is never loaded through transformers (serving on vLLM). None when the base is not a local
     directory or its checkpoint does not store those experts under per-expert keys.
     """
-    wanted = {f"model.layers.{layer}.mlp.experts.{expert}.{projection}.weight"
+    wanted = {expert_checkpoint_key(layer, expert, f"{projection}.weight")
               for layer, expert in selection.pairs for projection in PROJECTIONS}
     found = checkpoint_tensors(base, wanted | {key.removesuffix(".weight") + ".bias" for key in wanted})
     return _fingerprint(found) if wanted <= set(found) and not selection.shared_experts \
         and not selection.non_expert_modules else None
+
+
+def expert_checkpoint_key(layer: int, expert: int, tensor: str) -> str:
+    """A routed expert's tensor as checkpoints and adapters name it (`model.layers.3.mlp.experts.7.up_proj.weight`)."""
+    return f"model.layers.{layer}.mlp.experts.{expert}.{tensor}"
 
 
 def checkpoint_tensors(base: str, keys: set[str]) -> dict[str, torch.Tensor]:

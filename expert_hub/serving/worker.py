@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from expert_hub.adapter import ExpertAdapter, checkpoint_tensors
+from expert_hub.adapter import ExpertAdapter, checkpoint_tensors, expert_checkpoint_key
+from expert_hub.families import PROJECTIONS
 
 from . import bank
 
-
-_EXPERT_TENSORS = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
+_EXPERT_TENSORS = tuple(f"{projection}.weight" for projection in PROJECTIONS)
 BANK_FULL = "expert bank full"
 
 
@@ -49,12 +49,12 @@ class ExpertBankWorker:
         quantized weights, tensor-parallel shards) then fails at start-up instead of serving wrong tokens.
         False when the checkpoint has no per-expert tensors to compare with."""
         index, layer = min(_banked_layers(self.model_runner.model).items())
-        keys = {f"model.layers.{index}.mlp.experts.0.{name}" for name in _EXPERT_TENSORS}
+        keys = {name: expert_checkpoint_key(index, 0, name) for name in _EXPERT_TENSORS}
         directory = _local_checkpoint(self.model_runner.model_config)
-        tensors = checkpoint_tensors(directory, keys) if directory else {}
-        if set(tensors) != keys or not layer.free_rows:
+        found = checkpoint_tensors(directory, set(keys.values())) if directory else {}
+        if len(found) != len(keys) or not layer.free_rows:
             return False
-        check_row_layout(layer, layer.free_rows[0], 0, {key.split("experts.0.")[1]: value for key, value in tensors.items()})
+        check_row_layout(layer, layer.free_rows[0], 0, {name: found[key] for name, key in keys.items()})
         return True
 
     @torch.no_grad()
@@ -80,7 +80,7 @@ class ExpertBankWorker:
             layer = layers[index]
             physical = [layer.free_rows.pop(0) for _ in experts]
             for expert, target in zip(experts, physical):
-                tensors = {name_: adapter.tensors[f"model.layers.{index}.mlp.experts.{expert}.{name_}"]
+                tensors = {name_: adapter.tensors[expert_checkpoint_key(index, expert, name_)]
                            for name_ in _EXPERT_TENSORS}
                 _write_row(layer, target, tensors)
                 layer.task_remap[row, expert] = target
