@@ -16,6 +16,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -28,11 +29,15 @@ from .families import PROJECTIONS, expert_views, moe_layers, split_parameters
 from .io import atomic_directory, read_json, write_json_atomic
 from .selection import ExpertSelection
 
+if TYPE_CHECKING:
+    from .models import ModelSummary
+
 CONFIG_FILE = "expert_cfg.json"
 WEIGHTS_FILE = "experts.safetensors"
 METADATA_FILE = "expert_hub.json"
 
 _EXPERT_KEY = re.compile(r"(?P<prefix>.+)\.experts\.(?P<expert>\d+)\.(?P<tensor>\w+\.(weight|bias))")
+_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _library_versions() -> dict[str, str]:
@@ -110,6 +115,52 @@ class AdapterHeader:
         _check_tensors_match_selection(selection, shards, origin=str(directory))
         return cls(selection, metadata, shards)
 
+    def check_fits(self, model: ModelSummary) -> None:
+        """Every selected expert exists in `model` and every routed-expert tensor has its shape and a float dtype.
+
+        Read from the safetensors headers alone, so a server can refuse an adapter before it touches anything.
+        """
+        for layer, experts in sorted(self.selection.experts.items()):
+            if layer not in model.moe_layers:
+                raise AdapterMismatchError(f"layer {layer} is not an MoE layer of the model (those are "
+                                           f"{model.moe_layers[0]}-{model.moe_layers[-1]})")
+            if bad := [expert for expert in experts if expert >= model.num_experts]:
+                raise AdapterMismatchError(f"the model has {model.num_experts} experts per layer; the adapter "
+                                           f"selects expert {bad[0]} of layer {layer}")
+        for file in sorted(set(self.shards.values())):
+            with safe_open(file, "pt") as handle:
+                for key in handle.keys():
+                    match = _EXPERT_KEY.fullmatch(_canonical_key(key))
+                    expected = model.expert_shapes.get(match["tensor"]) if match else None
+                    shape, dtype = tuple(handle.get_slice(key).get_shape()), handle.get_slice(key).get_dtype()
+                    if expected is None:
+                        raise AdapterMismatchError(f"{file.name}: {key} is not a routed-expert tensor of the model")
+                    if shape != expected:
+                        raise AdapterMismatchError(f"{file.name}: {key} has shape {shape}; the model's "
+                                                   f"{match['tensor']} is {expected}")
+                    if dtype not in ("F32", "BF16", "F16", "F64"):
+                        raise AdapterMismatchError(f"{file.name}: {key} is {dtype}, not a floating-point weight")
+
+    def check_values(self) -> None:
+        """Every tensor is a finite floating-point weight (read tensor by tensor, memory-mapped)."""
+        for file in sorted(set(self.shards.values())):
+            with safe_open(file, "pt") as handle:
+                for key in handle.keys():
+                    check_weight(key, handle.get_tensor(key), origin=file.name)
+
+
+def check_weight(key: str, tensor: torch.Tensor, origin: str) -> None:
+    """Refuse a tensor that is not a finite floating-point weight.
+
+    One NaN or infinite weight makes every token routed through it NaN, and whatever those tokens write (KV blocks)
+    outlives the request, so such adapters never get in: not at import, not at load.
+    """
+    if tensor.dtype not in _WEIGHT_DTYPES:
+        raise InvalidInputError(f"{origin}: {key} is {str(tensor.dtype).removeprefix('torch.')}, "
+                                "not a floating-point weight")
+    if not torch.isfinite(tensor).all():
+        raise InvalidInputError(f"{origin}: {key} holds NaN or infinite values (did training diverge?)")
+
 
 def _check_tensors_match_selection(selection: ExpertSelection, keys, origin: str) -> None:
     """The routed-expert tensors are exactly those of the selected experts."""
@@ -154,6 +205,8 @@ class ExpertAdapter:
 
     def save(self, directory: str | Path, overwrite: bool = False) -> Path:
         """Write the adapter atomically: readers see no directory or a complete one."""
+        for key, tensor in self.tensors.items():
+            check_weight(key, tensor, origin="the adapter")
         with atomic_directory(directory, overwrite) as staging:
             self.selection.save(staging / CONFIG_FILE)
             save_file(self.tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
@@ -167,6 +220,7 @@ class ExpertAdapter:
         tensors = {}
         for shard in sorted(set(header.shards.values())):
             for key, tensor in load_file(shard).items():
+                check_weight(key, tensor, origin=shard.name)
                 tensors[_canonical_key(key)] = tensor
         return cls(header.selection, tensors, header.metadata)
 

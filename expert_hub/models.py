@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,7 @@ class ModelSummary:
     shared_experts: bool
     expert_parameters: int  # one routed expert's parameter count
     expert_biases: bool
+    expert_shapes: dict[str, tuple[int, ...]]  # one routed expert's checkpoint tensors: name -> shape
 
 
 def describe_model(base: str, trust_remote_code: bool = False) -> ModelSummary:
@@ -78,6 +80,7 @@ def describe_model(base: str, trust_remote_code: bool = False) -> ModelSummary:
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     layers = moe_layers(model)
     first = layers[0]
+    shapes = {name: tuple(view.shape) for name, view in expert_views(first.experts, 0).items()}
     return ModelSummary(
         family=config.model_type,
         num_layers=len(model.base_model.layers),
@@ -85,6 +88,7 @@ def describe_model(base: str, trust_remote_code: bool = False) -> ModelSummary:
         num_experts=first.num_experts,
         top_k=first.top_k,
         shared_experts=bool(first.shared_expert_modules()),
-        expert_parameters=sum(view.numel() for view in expert_views(first.experts, 0).values()),
+        expert_parameters=sum(math.prod(shape) for shape in shapes.values()),
         expert_biases=bool(getattr(first.experts, "has_bias", False)),
+        expert_shapes=shapes,
     )

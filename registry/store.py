@@ -144,7 +144,8 @@ class Registry:
         under the lock. A process killed at any point leaves the registry as it was.
         """
         directory = Path(directory)
-        adapter = AdapterHeader.read(directory)  # refuses anything that is not a complete adapter; reads no weights
+        adapter = AdapterHeader.read(directory)  # refuses anything that is not a complete adapter
+        adapter.check_values()  # and weights that are NaN, infinite or not floating point
         task = validate_task_name(adapter.metadata.task or "" if task is None else task)
         base = normalize_base(base or adapter.metadata.base_model)
         staging_root = self.root / "staging"

@@ -207,3 +207,51 @@ def test_malformed_metadata_is_refused(tiny_models, tmp_path):
         (tmp_path / "law" / METADATA_FILE).write_text(bad)
         with pytest.raises(InvalidInputError, match="not expert-hub adapter metadata"):
             ExpertAdapter.load(tmp_path / "law")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (float("nan"), "holds NaN or infinite values"), (float("inf"), "holds NaN or infinite values"),
+    (torch.int32, "is int32, not a floating-point weight")])
+def test_weights_that_are_not_finite_floats_are_refused(tiny_models, tmp_path, bad, message):
+    adapter = _trained_adapter(tiny_models["qwen3_moe"], _selection(tiny_models["qwen3_moe"]))
+    key = sorted(adapter.tensors)[1]
+    with pytest.raises(InvalidInputError, match=message):  # never written
+        ExpertAdapter(adapter.selection, {**adapter.tensors, key: _spoiled(adapter.tensors[key], bad)}).save(tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    adapter.save(tmp_path / "adapter")  # written by something else: refused when read
+    tensors = dict(adapter.tensors)
+    tensors[key] = _spoiled(tensors[key], bad)
+    save_file(tensors, tmp_path / "adapter" / "experts.safetensors")
+    with pytest.raises(InvalidInputError, match=f"experts.safetensors: {key} {message}"):
+        ExpertAdapter.load(tmp_path / "adapter")
+    with pytest.raises(InvalidInputError, match=message):
+        load_model(str(tiny_models["qwen3_moe"]), tmp_path / "adapter")
+
+
+def _spoiled(tensor: torch.Tensor, bad) -> torch.Tensor:
+    if isinstance(bad, torch.dtype):
+        return tensor.to(bad)
+    tensor = tensor.clone()
+    tensor.view(-1)[-1] = bad  # one value is enough
+    return tensor
+
+
+def test_an_adapter_is_checked_against_a_model_from_its_headers(tiny_models, tmp_path):
+    from expert_hub.adapter import AdapterHeader
+    from expert_hub.models import describe_model
+
+    model_dir = tiny_models["qwen3_moe"]
+    summary = describe_model(str(model_dir))
+    adapter = _trained_adapter(model_dir, _selection(model_dir))
+    AdapterHeader.read(adapter.save(tmp_path / "fits")).check_fits(summary)
+    gate = next(key for key in adapter.tensors if "gate_proj" in key)
+    adapter.tensors[gate] = adapter.tensors[gate][:-1]
+    with pytest.raises(AdapterMismatchError, match=r"gate_proj.weight has shape \(31, 64\); the model's gate_proj.weight is \(32, 64\)"):
+        AdapterHeader.read(adapter.save(tmp_path / "misshapen")).check_fits(summary)
+    expert = {f"model.layers.1.mlp.experts.8.{p}_proj.weight": torch.zeros(shape) for p, shape in
+              (("gate", (32, 64)), ("up", (32, 64)), ("down", (64, 32)))}
+    with pytest.raises(AdapterMismatchError, match="the model has 8 experts per layer; the adapter selects expert 8 of layer 1"):
+        AdapterHeader.read(ExpertAdapter(ExpertSelection({1: [8]}), expert).save(tmp_path / "far")).check_fits(summary)
+    deepseek = describe_model(str(tiny_models["deepseek_v2"]))  # layer 0 is dense there
+    with pytest.raises(AdapterMismatchError, match="layer 0 is not an MoE layer of the model"):
+        AdapterHeader.read(tmp_path / "fits").check_fits(deepseek)

@@ -161,3 +161,18 @@ def test_a_killed_import_leaves_the_registry_as_it_was(adapters, registry_home):
     assert Registry().register(made["law"]).ref == "law@1"
     assert list(staging.iterdir()) == []  # the killed import's leftovers are gone
     assert len(os.listdir(registry_home / "objects")) == 2
+
+
+def test_import_refuses_weights_that_are_not_finite(adapters, run_cli, registry_home):
+    from safetensors.torch import load_file, save_file
+
+    _, made = adapters
+    weights = made["law"] / "experts.safetensors"
+    tensors = load_file(weights)
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, weights)
+    code, _, err = run_cli("import", made["law"])
+    assert code == 1 and err.strip() == f"error: experts.safetensors: {key} holds NaN or infinite values " \
+                                        "(did training diverge?)"
+    assert Registry(registry_home).entries() == []
