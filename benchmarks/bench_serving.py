@@ -77,7 +77,6 @@ def _selections(layers: int, experts: int) -> dict[str, dict[int, list[int]]]:
 
 def _start(base: Path, root: Path, port: int, bank_rows: int, dtype: str) -> subprocess.Popen:
     environment = os.environ | {"EXPERT_HUB_HOME": str(root / "registry")}
-    environment.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("expert-hub")), "serve", "--base", str(base), "--port", str(port),
          "--dtype", dtype, "--max-model-len", "512", "--max-resident-tasks", "4", "--expert-bank-rows", str(bank_rows)],
@@ -106,7 +105,7 @@ def main() -> None:
         sys.exit(f"the published ESFT expert configs are expected in {ESFT_DATA}")
 
     from expert_hub import ExpertAdapter, ExpertSelection
-    from expert_hub.models import load_base
+    from expert_hub.models import describe_model, load_base
     from expert_hub.registry import Registry
     from expert_hub.serving import bank_rows
     from expert_hub.serving.tasks import adapter_task
@@ -116,12 +115,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         root = Path(directory)
         base = build_tiny_model("qwen3_moe", root / "base", **SHAPE)
-        model = load_base(str(base))
+        model, summary = load_base(str(base)), describe_model(str(base))
         registry = Registry(root / "registry")
         tasks = {}
         for name, experts in _selections(SHAPE["num_hidden_layers"], SHAPE["num_experts"]).items():
             adapter = ExpertAdapter.from_model(model, ExpertSelection(experts), task=name)
-            tasks[name] = adapter_task(name, registry.verify(registry.register(adapter.save(root / name))))
+            tasks[name] = adapter_task(name, registry.verify(registry.register(adapter.save(root / name))), summary)
         del model
         paper = {name: tasks[name] for name in PAPER_TASKS}
         stress = {name: task for name, task in tasks.items() if name.startswith("stress")}

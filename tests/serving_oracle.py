@@ -5,12 +5,10 @@ Usage: python serving_oracle.py REQUESTS.json OUT.json, where REQUESTS maps a ch
 """
 
 import json
-import os
 import sys
 
 
 def main() -> None:
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
     requests = json.loads(open(sys.argv[1]).read())
@@ -18,7 +16,7 @@ def main() -> None:
     for checkpoint, prompts in requests.items():
         # As `expert-hub serve` runs on CPU: vLLM's C++ rotary kernel mixes up DeepSeek's batched queries.
         llm = LLM(model=checkpoint, dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
-                  compilation_config={"custom_ops": ["-rotary_embedding"]})
+                  compilation_config={"custom_ops": ["-rotary_embedding"]}, kv_cache_memory_bytes=2**30)
         outputs = [llm.generate([p["prompt"]], SamplingParams(temperature=0, max_tokens=p["max_tokens"], logprobs=2))[0]
                    for p in prompts]
         results[checkpoint] = [{"token_ids": list(o.outputs[0].token_ids),

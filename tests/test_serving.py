@@ -9,14 +9,12 @@ a time, in a separate process.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,8 +23,8 @@ from expert_hub import ExpertAdapter, ExpertSelection, load_model
 from expert_hub.models import load_base
 from expert_hub.registry import Registry
 from expert_hub.testing import SERVING_SHAPES, build_tiny_model, byte_tokenizer
+from .serving_client import API_KEY, Server, start_server
 
-API_KEY = "sk-test"
 PROMPTS = ["Hello world, this is", "The quick brown fox jumps"]
 LONG = " ".join(f"word{i}" for i in range(50))  # ~340 tokens: many KV blocks
 TASKS = {  # overlapping (law / intent share layer 0 expert 3) and disjoint (code) selections
@@ -55,20 +53,21 @@ def _oracle(root: Path, checkpoints: dict[str, Path], prompts: list[tuple[str, i
     requests = {str(path): [{"prompt": p, "max_tokens": n} for p, n in prompts] for path in checkpoints.values()}
     (root / "oracle-requests.json").write_text(json.dumps(requests))
     subprocess.run([sys.executable, str(Path(__file__).with_name("serving_oracle.py")), str(root / "oracle-requests.json"),
-                    str(root / "oracle.json")], check=True, capture_output=True, timeout=900,
-                   env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"})
+                    str(root / "oracle.json")], check=True, capture_output=True, timeout=900)
     results = json.loads((root / "oracle.json").read_text())
     return {name: results[str(path)] for name, path in checkpoints.items()}
 
 
 def test_default_bank_size_fits_any_resident_set_of_the_given_tasks(tmp_path):
+    from expert_hub.models import describe_model
     from expert_hub.serving import bank_rows
     from expert_hub.serving.tasks import adapter_task
 
-    base = load_base(str(build_tiny_model("qwen3_moe", tmp_path / "base", **SERVING_SHAPES["qwen3_moe"])))
+    path = str(build_tiny_model("qwen3_moe", tmp_path / "base", **SERVING_SHAPES["qwen3_moe"]))
+    base, summary = load_base(path), describe_model(path)
     selections = {"a": {0: [0, 1, 2, 3, 4, 5], 1: [0]}, "b": {0: [6, 7, 8, 9, 10]}, "c": {1: [1, 2, 3, 4, 5, 6, 7]}}
     tasks = {name: adapter_task(name, ExpertAdapter.from_model(base, ExpertSelection(experts), task=name)
-                                .save(tmp_path / name)) for name, experts in selections.items()}
+                                .save(tmp_path / name), summary) for name, experts in selections.items()}
     assert bank_rows(tasks, 16, max_resident=2) == 6 + 5  # layer 0 holds a and b at once
     assert bank_rows(tasks, 16, max_resident=1) == 7
     assert bank_rows({}, 16, max_resident=4) == 4  # a quarter of the experts: room for a task added later
@@ -76,14 +75,12 @@ def test_default_bank_size_fits_any_resident_set_of_the_given_tasks(tmp_path):
 
 def test_rows_are_written_in_the_gpu_kernel_layout_and_another_layout_is_caught():
     """vLLM's GPU experts keep w13 = [gate; up] rows, unpadded, and w2 = down (the CPU path is checked end to end)."""
-    from types import SimpleNamespace
-
     from expert_hub.serving.worker import check_row_layout
 
     gate, up, down = torch.randn(8, 16), torch.randn(8, 16), torch.randn(16, 8)
     expert = {"gate_proj.weight": gate, "up_proj.weight": up, "down_proj.weight": down}
     kernel = SimpleNamespace(fused_experts=SimpleNamespace())  # no CPU `isa`: no padding, no prepacking
-    layer = SimpleNamespace(w13_weight=torch.zeros(3, 16, 16), w2_weight=torch.zeros(3, 16, 8),
+    layer = SimpleNamespace(w13_weight=torch.zeros(3, 16, 16), w2_weight=torch.zeros(3, 16, 8), expert_sizes=(8, 16),
                             quant_method=SimpleNamespace(moe_kernel=kernel))
     layer.w13_weight[0], layer.w2_weight[0] = torch.cat([gate, up]), down
     check_row_layout(layer, 2, 0, expert)
@@ -93,63 +90,114 @@ def test_rows_are_written_in_the_gpu_kernel_layout_and_another_layout_is_caught(
         check_row_layout(layer, 2, 1, expert)
 
 
+class _FakeBankedLayer(torch.nn.Module):
+    """What the worker sees of one banked MoE layer on a GPU: E base rows, spare rows, a remap (no CPU prepacking)."""
+
+    expert_hub_bank = True
+
+    def __init__(self, experts: int = 4, spare: int = 3, intermediate: int = 8, hidden: int = 16):
+        super().__init__()
+        self.base_experts, self.expert_sizes = experts, (intermediate, hidden)
+        self.w13_weight = torch.zeros(experts + spare, 2 * intermediate, hidden)
+        self.w2_weight = torch.zeros(experts + spare, hidden, intermediate)
+        self.task_remap = torch.arange(experts, dtype=torch.int32).repeat(3, 1)
+        self.free_rows, self.task_rows = list(range(experts, experts + spare)), {}
+        self.quant_method = SimpleNamespace(moe_kernel=SimpleNamespace(fused_experts=SimpleNamespace()))
+
+
+class _FailingRemap:
+    """A remap table whose per-expert writes fail, as a device error would halfway through a load."""
+
+    def __init__(self, remap: torch.Tensor):
+        self.remap, self.shape, self.dtype = remap, remap.shape, remap.dtype
+
+    def __setitem__(self, index, value):
+        if isinstance(index, tuple):
+            raise RuntimeError("device error")
+        self.remap[index] = value
+
+
+def _fake_adapter(directory: Path, experts: dict[int, list[int]]) -> Path:
+    shapes = {"gate_proj": (8, 16), "up_proj": (8, 16), "down_proj": (16, 8)}
+    tensors = {f"model.layers.{layer}.mlp.experts.{e}.{name}.weight": torch.randn(shape)
+               for layer, ids in experts.items() for e in ids for name, shape in shapes.items()}
+    return ExpertAdapter(ExpertSelection(experts), tensors).save(directory)
+
+
+def test_a_task_load_is_all_or_nothing_and_unloading_leaves_nothing_behind(tmp_path):
+    from expert_hub.serving import bank
+    from expert_hub.serving.worker import ExpertBankWorker
+
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([_FakeBankedLayer(), _FakeBankedLayer()])
+    worker = ExpertBankWorker()
+    worker.model_runner = SimpleNamespace(model=model)
+    snapshot = [(layer.w13_weight.clone(), layer.task_remap.clone(), sorted(layer.free_rows)) for layer in model.layers]
+
+    def untouched() -> bool:
+        return all(torch.equal(layer.w13_weight, w13) and torch.equal(layer.task_remap, remap)
+                   and sorted(layer.free_rows) == free and not layer.task_rows
+                   for layer, (w13, remap, free) in zip(model.layers, snapshot))
+
+    with pytest.raises(ValueError, match="layer 1 has 4 experts; the task names expert 5"):
+        worker.expert_hub_load_task("k1", str(_fake_adapter(tmp_path / "far", {0: [1, 2], 1: [5]})))
+    assert untouched() and "k1" not in bank.TASK_ROWS
+    adapter = ExpertAdapter.load(_fake_adapter(tmp_path / "misshapen", {0: [1], 1: [2]}))
+    adapter.tensors["model.layers.1.mlp.experts.2.up_proj.weight"] = torch.ones(7, 16)
+    misshapen = adapter.save(tmp_path / "misshapen", overwrite=True)
+    with pytest.raises(ValueError, match=r"expert shapes \(8, 16\) / \(7, 16\) / \(16, 8\) do not fit"):
+        worker.expert_hub_load_task("k1", str(misshapen))
+    assert untouched() and "k1" not in bank.TASK_ROWS
+    good = _fake_adapter(tmp_path / "good", {0: [1, 2], 1: [3]})
+    model.layers[1].task_remap = _FailingRemap(model.layers[1].task_remap)  # fails after layer 0 is written
+    with pytest.raises(RuntimeError, match="device error"):
+        worker.expert_hub_load_task("k2", str(good))
+    model.layers[1].task_remap = model.layers[1].task_remap.remap
+    assert untouched() and "k2" not in bank.TASK_ROWS
+    try:
+        row = worker.expert_hub_load_task("k3", str(good))
+        adapter = ExpertAdapter.load(good)
+        physical = int(model.layers[0].task_remap[row, 2])
+        assert physical >= 4 and torch.equal(model.layers[0].w13_weight[physical], torch.cat([
+            adapter.tensors["model.layers.0.mlp.experts.2.gate_proj.weight"],
+            adapter.tensors["model.layers.0.mlp.experts.2.up_proj.weight"]]))
+        assert worker.expert_hub_unload_task("k3")
+        assert untouched()  # rows zeroed and free again, remap back to the base experts
+    finally:
+        bank.TASK_ROWS.pop("k3", None)
+
+
+def test_the_kv_cache_on_cpu_holds_the_batch_within_half_the_free_memory():
+    from expert_hub.errors import InvalidInputError
+    from expert_hub.serving.engine import kv_cache_bytes
+
+    model = SimpleNamespace(use_mla=False, max_model_len=512, dtype=torch.float32, get_num_kv_heads=lambda _: 2,
+                            get_head_size=lambda: 32, get_num_layers_by_block_type=lambda _, kind: 4)
+    config = SimpleNamespace(model_config=model, parallel_config=None, cache_config=SimpleNamespace(cache_dtype="auto"),
+                             scheduler_config=SimpleNamespace(max_num_seqs=128))
+    sequence = 512 * 2 * 2 * 32 * 4 * 4  # tokens x (K, V) x heads x head size x layers x float32: 1 MiB
+    assert kv_cache_bytes(config, 2**40) == 128 * sequence  # the whole batch
+    assert kv_cache_bytes(config, 64 * sequence) == 32 * sequence  # at most half the free memory
+    assert kv_cache_bytes(config, 3 * sequence) == 2 * sequence  # at least two sequences
+    with pytest.raises(InvalidInputError, match="a 512-token sequence needs 1.0 MiB of KV cache and only 1.5 MiB"):
+        kv_cache_bytes(config, int(1.5 * sequence))
+    assert kv_cache_bytes(config, 2**40, given=5 * sequence) == 5 * sequence  # --kv-cache-gb
+    with pytest.raises(InvalidInputError, match="holds less than two 512-token sequences .2.0 MiB.: give a larger"):
+        kv_cache_bytes(config, 2**40, given=sequence)
+    with pytest.raises(InvalidInputError, match="more than the 4.0 MiB of memory free besides the weights"):
+        kv_cache_bytes(config, 4 * sequence, given=5 * sequence)
+    model.use_mla, model.get_num_kv_heads = True, lambda _: 1  # DeepSeek's latent cache: one vector per token
+    assert kv_cache_bytes(config, 2**40) == 128 * sequence // 4
+
+
 def test_a_bank_too_small_for_one_expert_is_refused(tmp_path):
     base = build_tiny_model("qwen3_moe", tmp_path / "base", **SERVING_SHAPES["qwen3_moe"])
     result = subprocess.run(
         [str(Path(sys.executable).with_name("expert-hub")), "serve", "--base", str(base), "--expert-bank-gb", "0.00001",
          "--dtype", "float32", "--max-model-len", "256", "--enforce-eager", "--port", "8643"],
-        capture_output=True, text=True, timeout=300, env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"})
+        capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "error: the expert bank holds no expert: one expert row in every MoE layer takes 0.4 MiB" in result.stderr
-
-
-class Server:
-    def __init__(self, url: str, process: subprocess.Popen, base: str):
-        self.url, self.process, self.base = url, process, base
-
-    def request(self, method: str, path: str, body=None, key: str | None = API_KEY, headers=None):
-        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers={"content-type": "application/json", **(headers or {})})
-        if key:
-            request.add_header("authorization", f"Bearer {key}")
-        try:
-            with urllib.request.urlopen(request, timeout=300) as response:
-                return response.status, json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read() or b"null")
-
-    def complete(self, model: str, prompt: str, max_tokens: int, **extra) -> dict:
-        status, body = self.request("POST", "/v1/completions", {
-            "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logprobs": 0,
-            "return_token_ids": True, **extra})
-        assert status == 200, body
-        choice = body["choices"][0]
-        return {"model": body["model"], "token_ids": choice["token_ids"], "prompt_token_ids": choice["prompt_token_ids"],
-                "logprobs": choice["logprobs"]["token_logprobs"]}
-
-
-def _start(root: Path, base: Path, tasks: str, registry_home: Path, port: int, extra: list[str]) -> Server:
-    script = Path(sys.executable).with_name("expert-hub")
-    log = (root / "server.log").open("w")
-    process = subprocess.Popen(
-        [str(script), "serve", "--base", str(base), "--tasks", tasks, "--port", str(port), "--api-key", API_KEY,
-         "--dtype", "float32", "--max-model-len", "512", *extra],
-        stdout=log, stderr=subprocess.STDOUT,
-        env=os.environ | {"EXPERT_HUB_HOME": str(registry_home), "VLLM_CPU_KVCACHE_SPACE": "1"})
-    server = Server(f"http://127.0.0.1:{port}", process, str(base))
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"the server exited: {(root / 'server.log').read_text()[-3000:]}")
-        try:
-            if server.request("GET", "/health", key=None)[0] == 200:
-                return server
-        except OSError:
-            pass
-        time.sleep(1)
-    process.kill()
-    pytest.fail("the server did not start in 300 s")
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +210,7 @@ def qwen(tmp_path_factory):
     prompts = [(p, 12) for p in PROMPTS] + [(LONG, 6)]
     oracle = _oracle(root, {"base": base, **merged}, prompts)
     # Compiled (vLLM's default), unlike the deepseek server: the bank's remap and token tags must reach the graph.
-    server = _start(root, base, f"law,intent,code={adapters['code']}", root / "registry", 8641,
+    server = start_server(root, base, f"law,intent,code={adapters['code']}", root / "registry", 8641,
                     ["--max-resident-tasks", "3"])
     yield server, oracle, root
     server.process.terminate()
@@ -241,7 +289,7 @@ def test_prefix_caching_never_mixes_tasks(qwen):
 
 
 def test_the_openai_client(qwen):
-    from openai import NotFoundError, OpenAI
+    from openai import BadRequestError, NotFoundError, OpenAI
 
     server, _, _ = qwen
     client = OpenAI(base_url=server.url + "/v1", api_key=API_KEY)
@@ -258,8 +306,10 @@ def test_the_openai_client(qwen):
     chunks = client.chat.completions.create(model="intent", messages=[{"role": "user", "content": "hi"}],
                                             max_tokens=8, temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
-    assert client.completions.create(model="law", prompt=PROMPTS[0], max_tokens=12, temperature=0,
-                                     extra_body={"task": "code"}).choices[0].text != completion.choices[0].text
+    assert client.completions.create(model=server.base, prompt=PROMPTS[0], max_tokens=12, temperature=0,
+                                     extra_body={"task": "law"}).choices[0].text == completion.choices[0].text
+    with pytest.raises(BadRequestError, match="several tasks"):  # two tasks named: refused, not guessed
+        client.completions.create(model="law", prompt="x", max_tokens=2, extra_body={"task": "code"})
     with pytest.raises(NotFoundError):
         client.completions.create(model="no-such-task", prompt="x", max_tokens=2)
 
@@ -295,19 +345,13 @@ def test_per_task_counters_in_metrics(qwen):
     from openai import OpenAI
 
     server, _, _ = qwen
-
-    def counters() -> dict[str, float]:
-        with urllib.request.urlopen(server.url + "/metrics", timeout=60) as response:
-            lines = response.read().decode().splitlines()
-        return {line.split(" ")[0]: float(line.split(" ")[1]) for line in lines if line.startswith("expert_hub_task_") and "_total{" in line}
-
-    before = counters()
+    before = server.counters()
     prompt_tokens = len(server.complete("law", PROMPTS[0], 5, ignore_eos=True)["prompt_token_ids"])
     client = OpenAI(base_url=server.url + "/v1", api_key=API_KEY)
     chunks = list(client.completions.create(model="intent", prompt=PROMPTS[0], max_tokens=7, stream=True,
                                             extra_body={"ignore_eos": True}))  # usage not asked for in the stream
     assert all(chunk.choices for chunk in chunks) and not any(chunk.usage for chunk in chunks)
-    after = counters()
+    after = server.counters()
     assert {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key, 0)} == {
         'expert_hub_task_requests_total{task="law"}': 1, 'expert_hub_task_requests_total{task="intent"}': 1,
         'expert_hub_task_prompt_tokens_total{task="law"}': prompt_tokens,
@@ -324,7 +368,8 @@ def test_tampered_registry_entries_are_never_loaded(qwen):
     stored = registry.object_path(entry) / "experts.safetensors"
     stored.write_bytes(stored.read_bytes()[:-1] + b"\x00")
     status, body = server.request("POST", "/v1/tasks/damaged")
-    assert status == 404 and "experts.safetensors" in body["error"]["message"]
+    assert status == 422 and "experts.safetensors" in body["error"]["message"]
+    assert str(registry.root) not in body["error"]["message"]  # no server paths in answers to clients
 
 
 def test_loading_and_unloading_while_other_tasks_run(qwen):
@@ -358,7 +403,7 @@ def deepseek(tmp_path_factory):
     base, adapters, merged = _make_tasks("deepseek_v2", root, tasks)
     oracle = _oracle(root, {"base": base, **merged}, [(p, 12) for p in PROMPTS])
     # 0.0014 GiB over 3 MoE layers = 5 rows of 96 KiB experts per layer
-    server = _start(root, base, ",".join(f"{n}={p}" for n, p in adapters.items()), root / "registry", 8642,
+    server = start_server(root, base, ",".join(f"{n}={p}" for n, p in adapters.items()), root / "registry", 8642,
                     ["--expert-bank-gb", "0.0014", "--enforce-eager"])
     yield server, oracle, root
     server.process.terminate()

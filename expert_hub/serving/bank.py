@@ -6,6 +6,15 @@ one batch: every MoE layer holds its E base experts plus extra rows (`EXPERT_HUB
 `remap[task_row, expert]` (row 0 = the base model) sends each token's top-k ids to the physical rows of its task.
 The router is untouched; the normal expert kernel runs on the remapped ids.
 
+A request's task reaches the worker as `SamplingParams.extra_args[TASK_ARG]`: not the task's name but its private
+key, a random value only the server's front end knows and sets (`tasks.py`). A client that writes `vllm_xargs`
+itself, on any endpoint, cannot name a key it has never seen, so its request runs on the base experts.
+
+Every newly allocated KV block is zeroed before use (vLLM's own mechanism, which it enables only for Mamba and
+mixed-precision caches). The CPU attention kernel reads whole blocks and weights the unused slots by zero, and zero
+times NaN is NaN: without this, one request whose task produced non-finite values would leave them in blocks that
+later requests of every task reuse.
+
 This module is a `vllm.general_plugins` entry point, so vLLM imports it in every process it spawns. It changes
 nothing unless one of those is set (the `expert-hub serve` command sets it), so plain vLLM in the same
 environment is unaffected. The worker-side task table and loading live in `worker.py`.
@@ -21,11 +30,12 @@ import torch
 BANK_ROWS_ENV = "EXPERT_HUB_BANK_ROWS"  # extra physical expert rows per MoE layer, or
 BANK_BYTES_ENV = "EXPERT_HUB_BANK_BYTES"  # bytes of extra rows per MoE layer, in the served dtype
 MAX_TASKS_ENV = "EXPERT_HUB_MAX_TASKS"  # remap rows besides the base row
+TASK_ARG = "expert_hub_task"  # the SamplingParams.extra_args key that carries a task's private key
 _MAX_TOKENS = 1 << 16
 
 # Per-token task row of the batch being run (0 = base model), filled before each forward; padding stays 0.
 TOKEN_TASK_ROWS = torch.zeros(_MAX_TOKENS, dtype=torch.long)
-# Task name -> remap row, in the worker process. `worker.py` fills it when it loads a task.
+# A task's private key -> its remap row, in the worker process. `worker.py` fills it when it loads a task.
 TASK_ROWS: dict[str, int] = {}
 
 
@@ -35,8 +45,10 @@ def register() -> None:
         return
     from vllm.model_executor.custom_op import op_registry_oot
     from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+    from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+    KVCacheConfig.needs_kv_cache_zeroing = property(lambda config: True)  # read by the scheduler and the workers
     if "RoutedExperts" not in op_registry_oot:
         RoutedExperts.register_oot(_banked_experts_class(RoutedExperts))
     if not getattr(GPUModelRunner._prepare_inputs, "expert_hub", False):
@@ -53,6 +65,8 @@ def _banked_experts_class(routed_experts: type) -> type:
 
         def __init__(self, layer_name, params_dtype, moe_config, *args, **kwargs):
             self.base_experts = moe_config.num_experts
+            # one expert's checkpoint shape, before vLLM rounds the sizes up for its kernel
+            self.expert_sizes = (moe_config.intermediate_size_per_partition, moe_config.hidden_dim)
             extra_rows = _extra_rows(moe_config, params_dtype or torch.get_default_dtype())
             moe_config.num_experts += extra_rows  # create_weights makes E + extra rows; the router keeps E
             moe_config.num_local_experts += extra_rows
@@ -90,8 +104,8 @@ def _tag_tokens_with_tasks(prepare_inputs):
         rows = np.zeros(num_requests, dtype=np.int64)
         for position, request_id in enumerate(self.input_batch.req_ids[:num_requests]):
             sampling = self.requests[request_id].sampling_params
-            task = ((sampling.extra_args or {}) if sampling is not None else {}).get("task")
-            rows[position] = TASK_ROWS.get(task, 0)
+            key = ((sampling.extra_args or {}) if sampling is not None else {}).get(TASK_ARG)
+            rows[position] = TASK_ROWS.get(key, 0) if isinstance(key, str) else 0  # lists are unhashable
         per_token = torch.from_numpy(np.repeat(rows, num_scheduled_tokens))
         TOKEN_TASK_ROWS[: per_token.shape[0]] = per_token
         TOKEN_TASK_ROWS[per_token.shape[0]:].zero_()

@@ -3,19 +3,28 @@
 A task is resident when its experts sit in bank rows. Loading asks the worker over `collective_rpc`; when the
 bank is full (or `max_resident` is reached) the least recently used idle task is evicted, and reloaded on demand.
 Requests in flight pin their task: it is never evicted or unloaded under them.
+
+Each servable task has a private key, random and never sent to clients: the worker tags a request's tokens with a
+task only when the request carries that key (`bank.TASK_ARG`), and the task's prefix-cache salt is derived from it.
+Clients therefore can neither run a task's experts without naming the task nor reach its KV blocks. A task added
+again after a DELETE gets a new key, so blocks cached for an earlier version are never reused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import re
+import secrets
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from expert_hub.adapter import AdapterHeader
 from expert_hub.errors import ExpertHubError, InvalidInputError, UnsupportedModelError
+from expert_hub.models import ModelSummary
+from expert_hub.registry import RegistryError
 
 from .worker import BANK_FULL
 
@@ -23,6 +32,7 @@ LOAD = "expert_hub_load_task"
 UNLOAD = "expert_hub_unload_task"
 BANK_INFO = "expert_hub_bank_info"
 CHECK_LAYOUT = "expert_hub_check_layout"
+logger = logging.getLogger(__name__)
 
 
 class TaskError(ExpertHubError):
@@ -39,24 +49,32 @@ class Task:
     directory: Path  # a verified registry object or an adapter directory
     nbytes: int
     experts_per_layer: dict[int, int]  # layer index -> how many of its experts the task replaces
+    version: int | None = None  # the registry version, None for an adapter directory
+    key: str = field(default_factory=lambda: secrets.token_hex(16), repr=False)
+
+    def cache_salt(self, client_salt: str | None = None) -> str:
+        """The task's prefix-cache namespace: unforgeable, and a client's own salt only ever splits it further."""
+        material = self.key if client_salt is None else f"{self.key}\0{client_salt}"
+        return "expert-hub-" + hashlib.sha256(material.encode()).hexdigest()[:32]
 
 
-def cache_salt(task: str) -> str:
-    """A prefix-cache salt per task: its hidden states differ, so its KV blocks must never be shared."""
-    return "expert-hub-" + hashlib.sha256(task.encode()).hexdigest()[:32]
+def adapter_task(name: str, directory: Path, model: ModelSummary, version: int | None = None) -> Task:
+    """A servable task from an adapter directory, checked against the served model before anything is loaded.
 
-
-def adapter_task(name: str, directory: Path) -> Task:
-    """A servable task from an adapter directory; tasks that trained more than routed experts are refused."""
+    Refused: tasks that trained more than routed experts, experts or shapes the model does not have, and weights
+    that are not finite floats.
+    """
     header = AdapterHeader.read(directory)
     if header.selection.shared_experts or header.selection.non_expert_modules:
         raise InvalidInputError(
             f"task {name} also trained shared experts or non-expert modules, which every request shares: "
             "it cannot join mixed batches; serve its merged checkpoint as a separate model instead"
         )
+    header.check_fits(model)
+    header.check_values()
     nbytes = sum(path.stat().st_size for path in set(header.shards.values()))
     counts = {layer: len(experts) for layer, experts in header.selection.experts.items()}
-    return Task(name, Path(directory), nbytes, counts)
+    return Task(name, Path(directory), nbytes, counts, version)
 
 
 def _worker_message(error: Exception) -> str:
@@ -65,12 +83,20 @@ def _worker_message(error: Exception) -> str:
     return found.group(1) if found else str(error)
 
 
+def _without_path(message: str, directory: Path) -> str:
+    """A message for HTTP clients: file names stay, the server's directories do not."""
+    return message.replace(f"{directory}/", "").replace(str(directory), "the task's files")
+
+
 class TaskManager:
-    def __init__(self, engine, known: dict[str, Task], max_resident: int, registry=None, base: str | None = None):
+    def __init__(self, engine, known: dict[str, Task], max_resident: int, model: ModelSummary, registry=None,
+                 base: str | None = None, served_name: str | None = None):
         self.engine = engine
         self.known = known  # servable tasks by name
         self.max_resident = max_resident
-        self.registry, self.base = registry, base
+        self.model = model
+        self.registry, self.base = registry, base  # the registry's tasks of this base model can be added
+        self.served_name = served_name or base  # what clients call the base model
         self.resident: OrderedDict[str, int] = OrderedDict()  # name -> remap row, least recently used first
         self.in_flight: dict[str, int] = {}
         self.load_seconds: dict[str, float] = {}
@@ -78,13 +104,17 @@ class TaskManager:
         self.layout_checked = False
         self._lock = asyncio.Lock()
 
-    async def acquire(self, name: str) -> None:
+    def task_of_key(self, key) -> str | None:
+        """The name of the task whose private key this is (for counting a request's tokens)."""
+        return next((name for name, task in self.known.items() if task.key == key), None)
+
+    async def acquire(self, name: str) -> Task:
         """Make `name` resident (loading it if needed) and pin it for one request."""
         if name not in self.known:
-            raise TaskError(f"The model `{name}` does not exist.", 404)
+            raise self.unknown(name)
         self.in_flight[name] = self.in_flight.get(name, 0) + 1
         try:
-            await self.ensure_resident(name)
+            return await self.ensure_resident(name)
         except BaseException:
             self.release(name)
             raise
@@ -92,50 +122,86 @@ class TaskManager:
     def release(self, name: str) -> None:
         self.in_flight[name] -= 1
 
-    async def ensure_resident(self, name: str) -> None:
+    def unknown(self, name: str) -> TaskError:
+        tasks = "".join(f", {task}" for task in sorted(self.known))
+        return TaskError(f"The model `{name}` does not exist. Servable: {self.served_name} (the base model){tasks}.",
+                         404)
+
+    async def ensure_resident(self, name: str) -> Task:
         async with self._lock:
+            task = self.known.get(name)
+            if task is None:  # removed while this request waited
+                raise self.unknown(name)
             if name in self.resident:
                 self.resident.move_to_end(name)
-                return
-            self._check_fits(name)
+                return task
+            if not task.directory.is_dir():  # `expert-hub rm`, or the adapter directory was deleted
+                del self.known[name]
+                raise TaskError(f"task {name} is no longer servable: its adapter files were removed", 404)
+            self._check_fits(task)
             while True:
                 if len(self.resident) >= self.max_resident:
                     await self._evict_one(name)
                     continue
-                try:
-                    loop = asyncio.get_running_loop()
-                    started = loop.time()
-                    rows = await self.engine.collective_rpc(LOAD, args=(name, str(self.known[name].directory)))
-                    self.load_seconds[name] = loop.time() - started
-                    self.resident[name] = rows[0]
-                    return
-                except Exception as error:  # the worker's BankFullError arrives as a plain exception
-                    if not _worker_message(error).startswith(BANK_FULL) or not self._idle_resident(name):
-                        raise TaskError(f"cannot load task {name}: {_worker_message(error)}", 503) from None
-                    await self._evict_one(name)
+                try:  # shielded: a load the worker finishes is recorded even if this request is cancelled
+                    await asyncio.shield(self._load(task))
+                    return task
+                except Exception as error:  # the worker's exceptions arrive as plain exceptions
+                    message = _without_path(_worker_message(error), task.directory)
+                if not message.startswith(BANK_FULL):  # the adapter changed on disk since it was checked
+                    del self.known[name]
+                    logger.error("task %s (%s) failed to load and is no longer servable: %s", name, task.directory,
+                                 message)
+                    raise TaskError(f"cannot load task {name}: {message}", 422)
+                if not self._idle_resident(name):
+                    raise TaskError(f"cannot load task {name} now: {message}, and every resident task has requests "
+                                    "in flight; retry later", 503)
+                await self._evict_one(name)
 
-    async def add(self, name: str) -> Task:
-        """Make a registry task servable and resident (POST /v1/tasks/{name})."""
-        if name not in self.known:
-            if self.registry is None:
-                raise TaskError(f"task {name} is not servable", 404)
-            try:
-                entry = self.registry.resolve(name, self.base)
-                self.known[name] = adapter_task(name, self.registry.verify(entry))
-            except InvalidInputError as error:
-                raise TaskError(str(error), 404) from None
-        await self.ensure_resident(name)
-        return self.known[name]
+    async def _load(self, task: Task) -> None:
+        started = asyncio.get_running_loop().time()
+        rows = await self.engine.collective_rpc(LOAD, args=(task.key, str(task.directory)))
+        self.load_seconds[task.name] = asyncio.get_running_loop().time() - started
+        self.resident[task.name] = rows[0]
+
+    async def add(self, ref: str) -> Task:
+        """Make a registry task servable and resident (POST /v1/tasks/{ref}, `ref` = `law`, `law@3`, `law@1f3a`).
+
+        A task that is already servable stays as it is; naming another version of it is a conflict.
+        """
+        name, _, version = ref.partition("@")
+        if name not in self.known or version:
+            task = self._from_registry(ref)
+            current = self.known.setdefault(task.name, task)
+            if current.directory != task.directory:
+                served = f"version {current.version}" if current.version else "an adapter directory"
+                raise TaskError(f"task {name} is served from {served}; DELETE /v1/tasks/{name} first", 409)
+        return await self.ensure_resident(name)
+
+    def _from_registry(self, ref: str) -> Task:
+        if self.registry is None:
+            raise TaskError(f"task {ref} is not servable: the server has no registry", 404)
+        try:
+            entry = self.registry.resolve(ref, self.base)
+        except RegistryError:
+            raise TaskError(f"no task {ref!r} is registered for the served model", 404) from None
+        except InvalidInputError as error:  # a malformed name or version
+            raise TaskError(str(error), 400) from None
+        directory = self.registry.object_path(entry)
+        try:
+            return adapter_task(entry.task, self.registry.verify(entry), self.model, entry.version)
+        except ExpertHubError as error:
+            raise TaskError(f"cannot serve {entry.ref}: {_without_path(str(error), directory)}", 422) from None
 
     async def remove(self, name: str) -> None:
         """Unload a task (DELETE /v1/tasks/{name}); refused while it has requests in flight."""
         async with self._lock:
             if name not in self.known:
-                raise TaskError(f"The model `{name}` does not exist.", 404)
+                raise self.unknown(name)
             if self.in_flight.get(name):
                 raise TaskError(f"task {name} has {self.in_flight[name]} requests in flight; retry when they end", 409)
             if name in self.resident:
-                await self.engine.collective_rpc(UNLOAD, args=(name,))
+                await self.engine.collective_rpc(UNLOAD, args=(self.known[name].key,))
                 del self.resident[name]
             del self.known[name]
 
@@ -155,16 +221,17 @@ class TaskManager:
 
     async def describe(self) -> dict:
         """Every servable task with its residency, requests in flight and last load time; and the bank."""
-        tasks = [{"id": name, "resident": name in self.resident, "in_flight": self.in_flight.get(name, 0),
-                  "bytes": task.nbytes, "load_seconds": self.load_seconds.get(name)}
+        tasks = [{"id": name, "version": task.version, "resident": name in self.resident,
+                  "in_flight": self.in_flight.get(name, 0), "bytes": task.nbytes,
+                  "load_seconds": self.load_seconds.get(name)}
                  for name, task in sorted(self.known.items())]
         return {"object": "list", "data": tasks, "bank": await self.bank() | {"layout_checked": self.layout_checked}}
 
-    def _check_fits(self, name: str) -> None:
+    def _check_fits(self, task: Task) -> None:
         """A task with more experts in some layer than the whole bank holds never loads: say so before evicting."""
-        layer, largest = max(self.known[name].experts_per_layer.items(), key=lambda item: item[1], default=(None, 0))
+        layer, largest = max(task.experts_per_layer.items(), key=lambda item: item[1], default=(None, 0))
         if self.rows_per_layer is not None and largest > self.rows_per_layer:
-            raise TaskError(f"task {name} has {largest} experts in layer {layer} and the expert bank holds "
+            raise TaskError(f"task {task.name} has {largest} experts in layer {layer} and the expert bank holds "
                             f"{self.rows_per_layer} per layer: restart with a larger --expert-bank-rows or "
                             "--expert-bank-gb", 507)
 
@@ -174,6 +241,7 @@ class TaskManager:
     async def _evict_one(self, keep: str) -> None:
         idle = self._idle_resident(keep)
         if not idle:
-            raise TaskError(f"cannot load task {keep}: every resident task has requests in flight", 503)
-        await self.engine.collective_rpc(UNLOAD, args=(idle[0],))
+            raise TaskError(f"cannot load task {keep} now: every resident task has requests in flight; retry later",
+                            503)
+        await self.engine.collective_rpc(UNLOAD, args=(self.known[idle[0]].key,))
         del self.resident[idle[0]]

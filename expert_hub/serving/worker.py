@@ -45,7 +45,7 @@ class ExpertBankWorker:
     @torch.no_grad()
     def expert_hub_check_layout(self) -> bool:
         """Write one base expert from the checkpoint into a spare row as tasks are written, and compare it with the
-        row vLLM loaded. A backend whose kernel layout `_write_row` does not reproduce (FlashInfer's swapped halves,
+        row vLLM loaded. A backend whose kernel layout `_kernel_row` does not reproduce (FlashInfer's swapped halves,
         quantized weights, tensor-parallel shards) then fails at start-up instead of serving wrong tokens.
         False when the checkpoint has no per-expert tensors to compare with."""
         index, layer = min(_banked_layers(self.model_runner.model).items())
@@ -58,50 +58,81 @@ class ExpertBankWorker:
         return True
 
     @torch.no_grad()
-    def expert_hub_load_task(self, name: str, directory: str) -> int:
-        """Write the adapter's experts into free rows and publish its remap row; returns that row."""
-        if name in bank.TASK_ROWS:
-            return bank.TASK_ROWS[name]
-        adapter = ExpertAdapter.load(directory)
+    def expert_hub_load_task(self, key: str, directory: str) -> int:
+        """Write the adapter's experts into free rows and publish its remap row under `key`; returns that row.
+
+        All or nothing: the adapter is read, checked (finite weights, experts the served model has, shapes) and
+        converted to the kernel layout before the bank is touched, and a failure while writing gives every row back.
+        """
+        if key in bank.TASK_ROWS:
+            return bank.TASK_ROWS[key]
+        adapter = ExpertAdapter.load(directory)  # refuses non-finite and non-float weights
         layers = _banked_layers(self.model_runner.model)
-        needed = {index: len(experts) for index, experts in adapter.selection.experts.items()}
-        for index, count in needed.items():
-            if index not in layers:
-                raise ValueError(f"task {name}: layer {index} is not an MoE layer of the served model")
-            if count > len(layers[index].free_rows):
-                raise BankFullError(f"task {name} needs {count} expert rows in layer {index}; "
+        rows = {index: [(expert, *_kernel_row(layers[index], _expert_tensors(adapter, index, expert)))
+                        for expert in experts]
+                for index, experts in _checked_experts(adapter, layers).items()}
+        for index, experts in rows.items():
+            if len(experts) > len(layers[index].free_rows):
+                raise BankFullError(f"the task needs {len(experts)} expert rows in layer {index}; "
                                     f"{len(layers[index].free_rows)} are free")
         used = set(bank.TASK_ROWS.values())
         max_row = next(iter(layers.values())).task_remap.shape[0] - 1
         row = next((r for r in range(1, max_row + 1) if r not in used), None)
         if row is None:
             raise BankFullError(f"all {max_row} task slots are in use")
-        for index, experts in adapter.selection.experts.items():
-            layer = layers[index]
-            physical = [layer.free_rows.pop(0) for _ in experts]
-            for expert, target in zip(experts, physical):
-                tensors = {name_: adapter.tensors[expert_checkpoint_key(index, expert, name_)]
-                           for name_ in _EXPERT_TENSORS}
-                _write_row(layer, target, tensors)
-                layer.task_remap[row, expert] = target
-            layer.task_rows[row] = physical
-        bank.TASK_ROWS[name] = row  # published last: tokens are tagged with the row only from now on
+        try:
+            for index, experts in rows.items():
+                layer = layers[index]
+                layer.task_rows[row] = [layer.free_rows.pop(0) for _ in experts]
+                for (expert, w13, w2), target in zip(experts, layer.task_rows[row]):
+                    layer.w13_weight[target].copy_(w13)
+                    layer.w2_weight[target].copy_(w2)
+                    layer.task_remap[row, expert] = target
+        except BaseException:
+            _release_row(layers.values(), row)
+            raise
+        bank.TASK_ROWS[key] = row  # published last: tokens are tagged with the row only from now on
         return row
 
-    def expert_hub_unload_task(self, name: str) -> bool:
-        row = bank.TASK_ROWS.pop(name, None)  # untagged first, so no new token uses the rows being freed
+    @torch.no_grad()
+    def expert_hub_unload_task(self, key: str) -> bool:
+        row = bank.TASK_ROWS.pop(key, None)  # untagged first, so no new token uses the rows being freed
         if row is None:
             return False
-        for layer in _banked_layers(self.model_runner.model).values():
-            layer.task_remap[row] = torch.arange(layer.base_experts, dtype=layer.task_remap.dtype)
-            layer.free_rows.extend(layer.task_rows.pop(row, []))
+        _release_row(_banked_layers(self.model_runner.model).values(), row)
         return True
+
+
+def _checked_experts(adapter: ExpertAdapter, layers: dict[int, torch.nn.Module]) -> dict[int, list[int]]:
+    """The adapter's experts per layer, refused unless the served model has every one of them."""
+    for index, experts in adapter.selection.experts.items():
+        if index not in layers:
+            raise ValueError(f"layer {index} is not an MoE layer of the served model")
+        if bad := [expert for expert in experts if not 0 <= expert < layers[index].base_experts]:
+            raise ValueError(f"layer {index} has {layers[index].base_experts} experts; the task names expert {bad[0]}")
+    return adapter.selection.experts
+
+
+def _expert_tensors(adapter: ExpertAdapter, layer: int, expert: int) -> dict[str, torch.Tensor]:
+    return {name: adapter.tensors[expert_checkpoint_key(layer, expert, name)] for name in _EXPERT_TENSORS}
+
+
+def _release_row(layers, row: int) -> None:
+    """Give a remap row's physical rows back, zeroed, and point the row at the base experts again."""
+    for layer in layers:
+        layer.task_remap[row] = torch.arange(layer.base_experts, dtype=layer.task_remap.dtype)
+        for physical in layer.task_rows.pop(row, []):
+            layer.w13_weight[physical].zero_()
+            layer.w2_weight[physical].zero_()
+            layer.free_rows.append(physical)
 
 
 def check_row_layout(layer, row: int, expert: int, tensors: dict[str, torch.Tensor]) -> None:
     """Write `expert`'s checkpoint tensors into the free `row` and require it to equal the loaded `expert` row."""
     try:
-        _write_row(layer, row, tensors)
+        w13, w2 = _kernel_row(layer, tensors)
+        layer.w13_weight[row].copy_(w13)
+        layer.w2_weight[row].copy_(w2)
         same = torch.equal(layer.w13_weight[row], layer.w13_weight[expert]) and \
             torch.equal(layer.w2_weight[row], layer.w2_weight[expert])
     finally:
@@ -142,16 +173,19 @@ def _row_bytes(layer) -> int:
     return layer.w13_weight[0].nbytes + layer.w2_weight[0].nbytes
 
 
-def _write_row(layer, row: int, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy one expert (checkpoint layout) into a physical row, in the layout the expert kernel expects."""
+def _kernel_row(layer, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert (checkpoint layout) as the `w13` and `w2` rows the layer's expert kernel expects."""
     gate, up, down = (tensors[name] for name in _EXPERT_TENSORS)
+    intermediate, hidden = layer.expert_sizes
+    if not gate.shape == up.shape == (intermediate, hidden) or down.shape != (hidden, intermediate):
+        raise ValueError(f"expert shapes {tuple(gate.shape)} / {tuple(up.shape)} / {tuple(down.shape)} do not fit "
+                         f"the served model's gate / up {(intermediate, hidden)} and down {(hidden, intermediate)}")
     kernel = layer.quant_method.moe_kernel.fused_experts
-    dtype = layer.w13_weight.dtype
-    intermediate, padded = gate.shape[0], layer.w2_weight.shape[2]
-    w13 = torch.zeros(1, 2 * padded, gate.shape[1], dtype=dtype)
-    w13[0, :intermediate], w13[0, padded : padded + intermediate] = gate, up  # the CPU kernel pads I
-    w2 = torch.zeros(1, down.shape[0], padded, dtype=dtype)
-    w2[0, :, :intermediate] = down
+    dtype, padded_hidden, padded = layer.w13_weight.dtype, layer.w2_weight.shape[1], layer.w2_weight.shape[2]
+    w13 = torch.zeros(1, 2 * padded, padded_hidden, dtype=dtype)  # vLLM rounds both sizes up for some kernels
+    w13[0, :intermediate, :hidden], w13[0, padded : padded + intermediate, :hidden] = gate, up
+    w2 = torch.zeros(1, padded_hidden, padded, dtype=dtype)
+    w2[0, :hidden, :intermediate] = down
     if hasattr(kernel, "isa"):  # the CPU kernel prepacks each expert; a one-expert slice packs identically
         from vllm._custom_ops import cpu_prepack_moe_weight
 
@@ -159,5 +193,5 @@ def _write_row(layer, row: int, tensors: dict[str, torch.Tensor]) -> None:
     if w13.shape[1:] != layer.w13_weight.shape[1:] or w2.shape[1:] != layer.w2_weight.shape[1:]:
         raise ValueError(f"expert shapes {tuple(w13.shape[1:])} / {tuple(w2.shape[1:])} do not match the served "
                          f"model's {tuple(layer.w13_weight.shape[1:])} / {tuple(layer.w2_weight.shape[1:])}")
-    layer.w13_weight[row].copy_(w13[0].to(layer.w13_weight.device))
-    layer.w2_weight[row].copy_(w2[0].to(layer.w2_weight.device))
+    device = layer.w13_weight.device
+    return w13[0].to(device), w2[0].to(device)

@@ -1,0 +1,109 @@
+"""Starting vLLM's engine for `expert-hub serve`: its arguments, its memory on CPU, and errors in one line."""
+
+from __future__ import annotations
+
+import json
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from expert_hub.errors import InvalidInputError
+from expert_hub.io import first_line
+
+_GiB = 2**30
+
+
+def cpu_rotary_workaround(vllm_argv: list[str]) -> list[str]:
+    """On CPU, run rotary embeddings in PyTorch rather than vLLM's C++ kernel.
+
+    vLLM 0.32's CPU rotary kernel rotates queries wrongly in GPT-J (interleaved) style when the query has more heads
+    than the key and the batch has more than one token, which is DeepSeek's MLA: every request's tokens then depend
+    on what else shares its batch (with `--enforce-eager`; compiled runs default to the PyTorch path). A
+    `--compilation-config` given by the user wins.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or any(a.startswith(("--compilation-config", "-cc")) for a in vllm_argv):
+        return []
+    return ["--compilation-config", json.dumps({"custom_ops": ["-rotary_embedding"]})]
+
+
+def kv_cache_bytes(config, free_bytes: int, given: int | None = None) -> int:
+    """KV cache memory on CPU: `given` (`--kv-cache-gb`) if it holds two `max_model_len` sequences and fits in
+    `free_bytes`; by default what `max_num_seqs` such sequences take, at most half of `free_bytes` and at least two.
+
+    vLLM's own default on CPU is 92% of the machine's memory whatever the model needs, so any other process that
+    holds memory gets the server killed; and a cache too small or too large fails inside the engine process with a
+    traceback. Both are decided here instead, with one line that says what to change.
+    """
+    from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
+
+    model, parallel = config.model_config, config.parallel_config
+    itemsize = kv_cache_dtype_str_to_dtype(config.cache_config.cache_dtype, model).itemsize
+    per_token = ((1 if model.use_mla else 2) * model.get_num_kv_heads(parallel) * model.get_head_size() * itemsize
+                 * model.get_num_layers_by_block_type(parallel, "attention"))
+    sequence = per_token * model.max_model_len
+    if given is not None:
+        if given < 2 * sequence:
+            raise InvalidInputError(f"a KV cache of {_size(given)} holds less than two {model.max_model_len}-token "
+                                    f"sequences ({_size(2 * sequence)}): give a larger --kv-cache-gb or a smaller "
+                                    "--max-model-len")
+        if given > free_bytes:
+            raise InvalidInputError(f"a KV cache of {_size(given)} is more than the {_size(free_bytes)} of memory free "
+                                    "besides the weights: give a smaller --kv-cache-gb")
+        return given
+    if 2 * sequence > free_bytes:
+        raise InvalidInputError(
+            f"a {model.max_model_len}-token sequence needs {_size(sequence)} of KV cache and only {_size(free_bytes)} "
+            "of memory is free besides the weights: give a smaller --max-model-len")
+    return max(2 * sequence, min(sequence * config.scheduler_config.max_num_seqs, free_bytes // 2))
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / _GiB:.2f} GiB" if nbytes >= _GiB else f"{nbytes / 2**20:.1f} MiB"
+
+
+def _free_memory_besides_weights(model_path: str) -> int:
+    """Available memory now, less the checkpoint's size (a local directory's; Hub models count as nothing)."""
+    import psutil
+
+    weights = sum(file.stat().st_size for file in Path(model_path).glob("*.safetensors"))
+    return psutil.virtual_memory().available - weights
+
+
+def _vllm_message(error: Exception) -> str:
+    """vLLM's configuration errors, pydantic's included, as one line."""
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError) and error.errors():
+        return error.errors()[0]["msg"].removeprefix("Value error, ")
+    return first_line(error)
+
+
+@asynccontextmanager
+async def start_engine(args):
+    """vLLM's async engine client for the parsed server `args`; configuration and start-up failures become one
+    `InvalidInputError` line (the engine process has logged the details above it)."""
+    from pydantic import ValidationError
+    from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client_from_engine_args
+    from vllm.platforms import current_platform
+    from vllm.usage.usage_lib import UsageContext
+
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    try:
+        config = engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
+    except (ValueError, TypeError, ValidationError) as error:
+        raise InvalidInputError(f"vLLM refused the server options: {_vllm_message(error)}") from None
+    if current_platform.is_cpu() and engine_args.gpu_memory_utilization == EngineArgs.gpu_memory_utilization:
+        engine_args.kv_cache_memory_bytes = kv_cache_bytes(config, _free_memory_besides_weights(args.model),
+                                                           config.cache_config.kv_cache_memory_bytes)
+    started = False
+    try:
+        async with build_async_engine_client_from_engine_args(engine_args) as engine:
+            started = True
+            yield engine
+    except Exception as error:
+        if started:
+            raise
+        raise InvalidInputError(f"the vLLM engine did not start ({first_line(error)}): its log above says why; "
+                                "on CPU a smaller --max-model-len or --kv-cache-gb often helps") from None

@@ -1,0 +1,41 @@
+"""Per-task request and token counters in `/metrics` (Prometheus, beside vLLM's own).
+
+Tokens are counted where they are made: a wrapper around the engine client's `generate`, which every generating
+endpoint calls, sees each request's prompt and every completion token handed to the HTTP layer, and records them
+when the request ends, whether it finished, failed or its client went away mid-stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+from prometheus_client import Counter
+
+from .bank import TASK_ARG
+
+TASK_REQUESTS = Counter("expert_hub_task_requests", "Requests per task (base = no task)", ["task"])
+TASK_PROMPT_TOKENS = Counter("expert_hub_task_prompt_tokens", "Prompt tokens per task", ["task"])
+TASK_COMPLETION_TOKENS = Counter("expert_hub_task_completion_tokens", "Generated tokens per task", ["task"])
+
+
+def count_tokens(generate: Callable[..., AsyncIterator], task_of_key: Callable[[object], str | None]):
+    """`generate` (an `EngineClient.generate`) that adds each request's tokens to its task's counters."""
+    from vllm.sampling_params import RequestOutputKind
+
+    async def counted(prompt, sampling_params, request_id, *args, **kwargs):
+        extra_args = getattr(sampling_params, "extra_args", None) or {}
+        task = task_of_key(extra_args.get(TASK_ARG)) or "base"
+        delta = getattr(sampling_params, "output_kind", None) == RequestOutputKind.DELTA
+        prompt_tokens, completion_tokens = 0, {}  # completion index -> tokens so far
+        try:
+            async for output in generate(prompt, sampling_params, request_id, *args, **kwargs):
+                prompt_tokens = prompt_tokens or len(output.prompt_token_ids or ())
+                for completion in output.outputs:
+                    before = completion_tokens.get(completion.index, 0) if delta else 0
+                    completion_tokens[completion.index] = before + len(completion.token_ids)
+                yield output
+        finally:
+            TASK_PROMPT_TOKENS.labels(task=task).inc(prompt_tokens)
+            TASK_COMPLETION_TOKENS.labels(task=task).inc(sum(completion_tokens.values()))
+
+    return counted
