@@ -44,9 +44,8 @@ def serve(
     model = describe_model(base)
     served = resolve_tasks(base, model, [t.strip() for t in tasks.split(",") if t.strip()], all_tasks, registry)
     argv = ["--host", host, "--port", str(port), "--dtype", dtype.value, *ctx.args]
-    argv += ["--api-key", api_key] if api_key else []
     argv += ["--max-model-len", str(max_model_len)] if max_model_len else []
     argv += ["--kv-cache-memory-bytes", str(int(kv_cache_gb * 2**30))] if kv_cache_gb else []
     console.print(f"Serving {base} with {len(served)} task(s): {', '.join(served) or '-'}")
-    run_server(base, model, served, max_resident_tasks, registry, argv, expert_bank_rows, expert_bank_gb,
+    run_server(base, model, served, max_resident_tasks, registry, argv, expert_bank_rows, expert_bank_gb, api_key,
                public_metrics)

@@ -28,11 +28,9 @@ class Server:
             request.add_header("authorization", f"Bearer {key}")
         try:
             with urllib.request.urlopen(request, timeout=300) as response:
-                text = response.read()
-                return response.status, json.loads(text) if response.headers.get_content_type() == "application/json" \
-                    else text
+                return response.status, _decoded(response)
         except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read() or b"null")
+            return error.code, _decoded(error)
 
     def complete(self, model: str, prompt: str, max_tokens: int, **extra) -> dict:
         status, body = self.request("POST", "/v1/completions", {
@@ -49,6 +47,12 @@ class Server:
         assert status == 200
         return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.decode().splitlines()
                 if line.startswith("expert_hub_task_") and "_total{" in line}
+
+
+def _decoded(response):
+    """JSON bodies parsed, others (Prometheus text, HTML, CORS answers) as bytes."""
+    body = response.read()
+    return json.loads(body or b"null") if response.headers.get_content_type() == "application/json" else body
 
 
 def start_server(root: Path, base: Path, tasks: str, registry_home: Path, port: int, extra: list[str]) -> Server:

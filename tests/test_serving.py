@@ -139,7 +139,7 @@ def test_a_task_load_is_all_or_nothing_and_unloading_leaves_nothing_behind(tmp_p
                    and sorted(layer.free_rows) == free and not layer.task_rows
                    for layer, (w13, remap, free) in zip(model.layers, snapshot))
 
-    with pytest.raises(ValueError, match="layer 1 has 4 experts; the task names expert 5"):
+    with pytest.raises(ValueError, match="adapter refused: layer 1 has 4 experts; the task names expert 5"):
         worker.expert_hub_load_task("k1", str(_fake_adapter(tmp_path / "far", {0: [1, 2], 1: [5]})))
     assert untouched() and "k1" not in bank.TASK_ROWS
     adapter = ExpertAdapter.load(_fake_adapter(tmp_path / "misshapen", {0: [1], 1: [2]}))

@@ -58,8 +58,10 @@ def server(tmp_path_factory):
         adapter = ExpertAdapter(ExpertSelection({1: [number]}), tensors, AdapterMetadata(task=name, base_model=str(base)))
         registry.register(adapter.save(root / name))
     _adapter(model, "scratch", EXPERTS["scratch"], 4).save(root / "scratch")
+    # A small KV cache (20 blocks of 128 tokens), so that blocks one request freed soon serve another.
     server = start_server(root, base, f"law,intent,scratch={root / 'scratch'}", root / "registry", 8651,
-                          ["--max-resident-tasks", "2", "--enforce-eager", "--enable-prompt-tokens-details"])
+                          ["--max-resident-tasks", "2", "--enforce-eager", "--enable-prompt-tokens-details",
+                           "--kv-cache-gb", "0.005"])
     server.root, server.registry = root, registry
     server.expected = {name: server.complete(server.base if name == "base" else name, prompt, 8)["token_ids"]
                        for name in ("base", "law", "intent") for prompt in (PROMPT,)}
@@ -97,6 +99,12 @@ def test_every_route_but_health_needs_the_key(server):
                 assert body["error"]["type"] == "AuthenticationError"
     assert server.request("GET", "/version", key=None, headers={"authorization": f"bearer {API_KEY}"})[0] == 200
     assert server.request("GET", "/version", key=None, headers={"authorization": f"Basic {API_KEY}"})[0] == 401
+    for path in ("/metrics", "/v1/completions", "/v1/tasks"):  # OPTIONS reaches Prometheus' app, which ignores methods
+        assert server.request("OPTIONS", path, key=None)[0] == 401, path
+    preflight = {"origin": "http://example.com", "access-control-request-method": "POST"}
+    status, body = server.request("OPTIONS", "/v1/completions", key=None, headers=preflight)
+    assert (status, body) == (400, b"Disallowed CORS origin")  # browsers send no key: vLLM's CORS answers (no origins
+    # are allowed unless --allowed-origins says so)
 
 
 def test_private_task_arguments_cannot_be_smuggled(server):
@@ -198,6 +206,15 @@ def test_a_task_selector_elsewhere_is_refused_never_answered_by_the_base(server)
     status, answer = server.request("POST", "/v1/responses", {"model": "law", "input": "x", "background": True,
                                                               "store": True})
     assert status == 400 and "background" in answer["error"]["message"]
+    # vLLM's beam search makes its own sampling parameters without the task's key (it would run the base experts
+    # under the task's cache salt and poison the task's prefix cache): refused for tasks.
+    beam = {"prompt": PROMPT, "max_tokens": 4, "use_beam_search": True, "n": 2}
+    status, answer = server.request("POST", "/v1/completions", {"model": "law", **beam})
+    assert status == 400 and "beam search" in answer["error"]["message"]
+    assert server.request("POST", "/v1/completions", {"model": server.base, **beam})[0] == 200
+    for salt in ("", 7, ["x"]):
+        status, answer = server.request("POST", "/v1/completions", {"model": "law", "prompt": "x", "cache_salt": salt})
+        assert status == 400 and "cache_salt" in answer["error"]["message"], salt
 
 
 def test_a_task_whose_tokens_turn_nan_cannot_change_any_other_request(server):
@@ -215,6 +232,11 @@ def test_a_task_whose_tokens_turn_nan_cannot_change_any_other_request(server):
         assert status == 200 and body["choices"][0]["token_ids"] == [0] * 8  # NaN logits: argmax is token 0
         for name in (other, "base"):
             assert jobs[name, PROMPT].result()["token_ids"] == server.expected[name]
+        huge = {"model": "huge", "prompt": PROMPT, "max_tokens": 8}
+        for name in server.expected:  # the next request gets the block huge's request just freed
+            assert server.request("POST", "/v1/completions", huge)[0] == 200
+            assert server.complete(server.base if name == "base" else name, PROMPT, 8)["token_ids"] == \
+                server.expected[name], name
         _unchanged(server)
     assert server.request("DELETE", "/v1/tasks/huge")[0] == 200
     _unchanged(server)
@@ -299,18 +321,18 @@ def test_tokens_of_disconnected_streams_are_counted(server):
     before = server.counters()
     connection = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]), timeout=60)
     connection.request("POST", "/v1/completions", json.dumps({
-        "model": "intent", "prompt": PROMPT, "max_tokens": 400, "stream": True, "ignore_eos": True}),
+        "model": "intent", "prompt": PROMPT, "max_tokens": 480, "stream": True, "ignore_eos": True}),
         {"content-type": "application/json", "authorization": f"Bearer {API_KEY}"})
     response = connection.getresponse()
     assert response.status == 200
-    received = [response.readline() for _ in range(12)]  # a few `data:` events and their blank lines
-    assert sum(line.startswith(b"data:") for line in received) >= 5
+    received = [response.readline() for _ in range(6)]  # a few `data:` events and their blank lines
+    assert sum(line.startswith(b"data:") for line in received) == 3
     connection.close()  # the client goes away mid-stream
     key = 'expert_hub_task_completion_tokens_total{task="intent"}'
     deadline = time.monotonic() + 30
     while (generated := server.counters().get(key, 0) - before.get(key, 0)) == 0 and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert 5 <= generated < 400
+    assert 3 <= generated < 480
 
 
 def test_serve_refuses_bad_tasks_and_options_in_one_line(server, tmp_path):

@@ -67,11 +67,12 @@ def bank_rows(tasks: dict[str, Task], num_experts: int, max_resident: int) -> in
 
 def run_server(base: str, model: ModelSummary, tasks: dict[str, Task], max_resident: int, registry,
                vllm_argv: list[str], extra_rows: int | None = None, bank_gb: float | None = None,
-               public_metrics: bool = False) -> None:
+               api_key: str | None = None, public_metrics: bool = False) -> None:
     """Start vLLM with the expert bank and serve until interrupted.
 
     The bank is `extra_rows` rows per MoE layer, or as many as `bank_gb` GiB (per GPU, over all MoE layers) holds,
-    or by default room for `max_resident` of the given tasks (`bank_rows`).
+    or by default room for `max_resident` of the given tasks (`bank_rows`). `api_key` guards every route but
+    `/health` (and `/metrics` unless `public_metrics`).
     """
     import uvloop
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
@@ -97,4 +98,4 @@ def run_server(base: str, model: ModelSummary, tasks: dict[str, Task], max_resid
     argv = ["--model", base, "--worker-extension-cls", WORKER_EXTENSION, *vllm_argv, *cpu_rotary_workaround(vllm_argv)]
     args = parser.parse_args(argv)
     validate_parsed_serve_args(args)
-    uvloop.run(serve(args, tasks, max_resident, registry, base, model, public_metrics))
+    uvloop.run(serve(args, tasks, max_resident, registry, base, model, [api_key] if api_key else [], public_metrics))

@@ -8,6 +8,7 @@ when the request ends, whether it finished, failed or its client went away mid-s
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 
 from prometheus_client import Counter
 
@@ -27,13 +28,14 @@ def count_tokens(generate: Callable[..., AsyncIterator], task_of_key: Callable[[
         task = task_of_key(extra_args.get(TASK_ARG)) or "base"
         delta = getattr(sampling_params, "output_kind", None) == RequestOutputKind.DELTA
         prompt_tokens, completion_tokens = 0, {}  # completion index -> tokens so far
-        try:
-            async for output in generate(prompt, sampling_params, request_id, *args, **kwargs):
-                prompt_tokens = prompt_tokens or len(output.prompt_token_ids or ())
-                for completion in output.outputs:
-                    before = completion_tokens.get(completion.index, 0) if delta else 0
-                    completion_tokens[completion.index] = before + len(completion.token_ids)
-                yield output
+        try:  # closing vLLM's generator when this one is closed is what aborts the request in the engine
+            async with aclosing(generate(prompt, sampling_params, request_id, *args, **kwargs)) as outputs:
+                async for output in outputs:
+                    prompt_tokens = prompt_tokens or len(output.prompt_token_ids or ())
+                    for completion in output.outputs:
+                        before = completion_tokens.get(completion.index, 0) if delta else 0
+                        completion_tokens[completion.index] = before + len(completion.token_ids)
+                    yield output
         finally:
             TASK_PROMPT_TOKENS.labels(task=task).inc(prompt_tokens)
             TASK_COMPLETION_TOKENS.labels(task=task).inc(sum(completion_tokens.values()))

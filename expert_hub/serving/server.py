@@ -45,15 +45,21 @@ class ApiKeys:
         self.public_paths = public_paths
 
     def allow(self, scope, path: str) -> bool:
-        if not self._digests or path in self.public_paths or scope.get("method") == "OPTIONS":  # CORS preflight
+        if not self._digests or path in self.public_paths:
             return True
-        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = header.partition(" ")
-        digest = hashlib.sha256(token.strip().encode("latin-1")).digest()
+        header = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
+        scheme, _, token = header.decode("latin-1").partition(" ")
+        digest = hashlib.sha256(token.encode("latin-1")).digest()
         matched = False
         for expected in self._digests:  # no early exit: the time taken does not depend on which key matched
             matched |= secrets.compare_digest(digest, expected)
         return scheme.lower() == "bearer" and matched
+
+
+def _is_preflight(scope) -> bool:
+    """A CORS preflight (answered by vLLM's CORS middleware, which runs nothing): browsers send it without a key."""
+    return scope["method"] == "OPTIONS" and any(name == b"access-control-request-method"
+                                                 for name, _ in scope["headers"])
 
 
 API_KEYS = ApiKeys([], frozenset())
@@ -83,10 +89,11 @@ class TaskRouting:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         path = scope["path"].removeprefix(scope.get("root_path", ""))
-        if not API_KEYS.allow(scope, path):  # before any task is loaded on the caller's behalf
+        if scope["type"] == "http" and _is_preflight(scope):
+            return await self.app(scope, receive, send)
+        if not API_KEYS.allow(scope, path):  # before anything is read, loaded or answered on the caller's behalf
             if scope["type"] == "websocket":
                 return await send({"type": "websocket.close", "code": 1008})
-            await _read_body(receive)
             return await _respond(send, *_error(401, "Unauthorized: give the API key as 'Authorization: Bearer KEY'"),
                                   [(b"www-authenticate", b"Bearer")])
         if scope["type"] == "websocket":
@@ -121,11 +128,10 @@ class TaskRouting:
         if task is None:
             TASK_REQUESTS.labels(task="base").inc()
             return await self.app(scope, _replay(body, receive), send)
-        if path == "/v1/responses" and request.get("background"):
-            return await _respond(send, *_error(400, "background responses cannot run on a task: the task must stay "
-                                                     "loaded until the response ends"))
+        manager = MANAGER  # the request releases its task even if the server shuts down meanwhile
         try:
-            served = await MANAGER.acquire(task)
+            _check_task_request(request)
+            served = await manager.acquire(task)
         except TaskError as error:
             return await _respond(send, *_task_error(error))
         try:
@@ -133,7 +139,7 @@ class TaskRouting:
             body = json.dumps(_as_task_request(request, served)).encode()
             await self.app(_with_length(scope, body), _replay(body, receive), _rename_model(task, send))
         finally:
-            MANAGER.release(task)
+            manager.release(task)
 
     async def _tokenize_for_task(self, scope, receive, send, request: dict, task: str) -> None:
         """Every task shares the base model's tokenizer: the task only has to exist."""
@@ -209,6 +215,19 @@ def _check_model_exists(scope, request: dict | None) -> None:
         raise MANAGER.unknown(model)
 
 
+def _check_task_request(request: dict) -> None:
+    """What a task request cannot ask for: options under which vLLM would drop the task's key but keep its salt
+    (beam search builds its own sampling parameters), or run after the task was released (background responses)."""
+    if request.get("use_beam_search"):
+        raise TaskError("beam search cannot run on a task: vLLM's beam search drops the request's task", 400)
+    if request.get("background"):
+        raise TaskError("background responses cannot run on a task: the task must stay loaded until the response "
+                        "ends", 400)
+    salt = request.get("cache_salt")
+    if salt is not None and not (isinstance(salt, str) and salt):
+        raise TaskError("Parameter 'cache_salt' must be a non-empty string if provided.", 400)
+
+
 def _as_task_request(request: dict, task: Task) -> dict:
     """The body vLLM sees: the base model, the task's private key, and a cache salt inside the task's namespace."""
     client_args = request.get("vllm_xargs")
@@ -216,7 +235,7 @@ def _as_task_request(request: dict, task: Task) -> dict:
     request = {key: value for key, value in request.items() if key != "task"}
     request["model"] = BASE_NAMES[0]
     request["vllm_xargs"] = {**(client_args if isinstance(client_args, dict) else {}), TASK_ARG: task.key}
-    request["cache_salt"] = task.cache_salt(salt if isinstance(salt, str) and salt else None)
+    request["cache_salt"] = task.cache_salt(salt)
     return request
 
 
@@ -235,12 +254,12 @@ def _json_object(body: bytes) -> dict | None:
 
 
 async def _read_body(receive) -> bytes:
-    body, more = b"", True
+    chunks, more = [], True
     while more:
         message = await receive()
-        body += message.get("body", b"")
+        chunks.append(message.get("body", b""))
         more = message.get("more_body", False)
-    return body
+    return b"".join(chunks)
 
 
 def _replay(body: bytes, receive):
@@ -292,20 +311,20 @@ def _rename_model(task: str, send):
 
 
 async def serve(args: Namespace, tasks: dict[str, Task], max_resident: int, registry, base: str, model,
-                public_metrics: bool) -> None:
+                api_keys: list[str], public_metrics: bool) -> None:
     """Start the engine with the bank worker, load the initial tasks, then serve HTTP until stopped."""
     global MANAGER, BASE_NAMES, API_KEYS
     from vllm import envs
-    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-    from vllm.entrypoints.launchers.app import build_app
-    from vllm.entrypoints.launchers.launcher import serve_http, setup_server
+    from vllm.entrypoints.launchers.api_server.entry import build_and_serve
+    from vllm.entrypoints.launchers.launcher import setup_server
 
     from .engine import start_engine
 
     BASE_NAMES = tuple(args.served_model_name or [args.model])
-    keys = [key for key in (args.api_key or [envs.VLLM_API_KEY]) if key]  # as vLLM reads them
+    keys = [key for key in (api_keys or [envs.VLLM_API_KEY]) if key]
     API_KEYS = ApiKeys(keys, frozenset({"/health", "/metrics"} if public_metrics else {"/health"}))
-    _, sock = setup_server(args, reuse_port=False)
+    args.middleware = [*args.middleware, f"{__name__}.TaskRouting"]  # outermost: it checks the key first
+    listen_address, sock = setup_server(args, reuse_port=False)
     async with start_engine(args) as engine:
         try:
             MANAGER = TaskManager(engine, dict(tasks), max_resident, model, registry, base, BASE_NAMES[0])
@@ -318,12 +337,7 @@ async def serve(args: Namespace, tasks: dict[str, Task], max_resident: int, regi
                 logger.warning("the base checkpoint has no per-expert tensors to check the bank's weight layout with")
             for name in list(tasks)[:max_resident]:
                 await MANAGER.ensure_resident(name)
-            supported = await engine.get_supported_tasks()
-            args.middleware = [*args.middleware, f"{__name__}.TaskRouting"]  # build_app freezes the middleware stack
-            app = build_app(args, supported, engine.model_config)
-            await init_app_state(engine, app.state, args, supported)
-            shutdown = await serve_http(app, sock=sock, host=args.host, port=args.port,
-                                        log_level=args.uvicorn_log_level, enable_ssl_refresh=False)
+            shutdown = await build_and_serve(engine, listen_address, sock, args)  # vLLM's app, TLS and all
         finally:
             MANAGER = None  # the engine shuts down with this block: nothing may keep it until interpreter exit
     await shutdown

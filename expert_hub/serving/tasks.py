@@ -26,7 +26,7 @@ from expert_hub.errors import ExpertHubError, InvalidInputError, UnsupportedMode
 from expert_hub.models import ModelSummary
 from expert_hub.registry import RegistryError
 
-from .worker import BANK_FULL
+from .worker import ADAPTER_REFUSED, BANK_FULL
 
 LOAD = "expert_hub_load_task"
 UNLOAD = "expert_hub_unload_task"
@@ -128,6 +128,9 @@ class TaskManager:
                          404)
 
     async def ensure_resident(self, name: str) -> Task:
+        if (task := self.known.get(name)) is not None and name in self.resident:  # no waiting behind others' loads
+            self.resident.move_to_end(name)
+            return task
         async with self._lock:
             task = self.known.get(name)
             if task is None:  # removed while this request waited
@@ -143,26 +146,25 @@ class TaskManager:
                 if len(self.resident) >= self.max_resident:
                     await self._evict_one(name)
                     continue
-                try:  # shielded: a load the worker finishes is recorded even if this request is cancelled
-                    await asyncio.shield(self._load(task))
-                    return task
+                started = asyncio.get_running_loop().time()
+                try:
+                    rows = await self.engine.collective_rpc(LOAD, args=(task.key, str(task.directory)))
                 except Exception as error:  # the worker's exceptions arrive as plain exceptions
                     message = _without_path(_worker_message(error), task.directory)
-                if not message.startswith(BANK_FULL):  # the adapter changed on disk since it was checked
+                else:
+                    self.load_seconds[name] = asyncio.get_running_loop().time() - started
+                    self.resident[name] = rows[0]
+                    return task
+                if message.startswith(ADAPTER_REFUSED):  # its files changed on disk since they were checked
                     del self.known[name]
-                    logger.error("task %s (%s) failed to load and is no longer servable: %s", name, task.directory,
-                                 message)
-                    raise TaskError(f"cannot load task {name}: {message}", 422)
+                    logger.error("task %s (%s) is no longer servable: %s", name, task.directory, message)
+                    raise TaskError(f"cannot load task {name}: {message.removeprefix(ADAPTER_REFUSED + ': ')}", 422)
+                if not message.startswith(BANK_FULL):
+                    raise TaskError(f"cannot load task {name} now: {message}", 503)
                 if not self._idle_resident(name):
                     raise TaskError(f"cannot load task {name} now: {message}, and every resident task has requests "
                                     "in flight; retry later", 503)
                 await self._evict_one(name)
-
-    async def _load(self, task: Task) -> None:
-        started = asyncio.get_running_loop().time()
-        rows = await self.engine.collective_rpc(LOAD, args=(task.key, str(task.directory)))
-        self.load_seconds[task.name] = asyncio.get_running_loop().time() - started
-        self.resident[task.name] = rows[0]
 
     async def add(self, ref: str) -> Task:
         """Make a registry task servable and resident (POST /v1/tasks/{ref}, `ref` = `law`, `law@3`, `law@1f3a`).
@@ -171,7 +173,7 @@ class TaskManager:
         """
         name, _, version = ref.partition("@")
         if name not in self.known or version:
-            task = self._from_registry(ref)
+            task = await asyncio.to_thread(self._from_registry, ref)  # hashing and checking every byte takes time
             current = self.known.setdefault(task.name, task)
             if current.directory != task.directory:
                 served = f"version {current.version}" if current.version else "an adapter directory"
@@ -200,10 +202,9 @@ class TaskManager:
                 raise self.unknown(name)
             if self.in_flight.get(name):
                 raise TaskError(f"task {name} has {self.in_flight[name]} requests in flight; retry when they end", 409)
-            if name in self.resident:
-                await self.engine.collective_rpc(UNLOAD, args=(self.known[name].key,))
-                del self.resident[name]
-            del self.known[name]
+            task = self.known.pop(name)  # gone before the first await: no request can pin it from here on
+            if self.resident.pop(name, None) is not None:
+                await self.engine.collective_rpc(UNLOAD, args=(task.key,))
 
     async def bank(self) -> dict:
         """The expert bank as the worker sees it: rows per layer, free rows, bytes."""
@@ -243,5 +244,5 @@ class TaskManager:
         if not idle:
             raise TaskError(f"cannot load task {keep} now: every resident task has requests in flight; retry later",
                             503)
+        del self.resident[idle[0]]  # before the first await: a request for it now waits for the lock and reloads
         await self.engine.collective_rpc(UNLOAD, args=(self.known[idle[0]].key,))
-        del self.resident[idle[0]]

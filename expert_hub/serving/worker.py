@@ -11,21 +11,29 @@ from pathlib import Path
 import torch
 
 from expert_hub.adapter import ExpertAdapter, checkpoint_tensors, expert_checkpoint_key
+from expert_hub.errors import ExpertHubError
 from expert_hub.families import PROJECTIONS
 
 from . import bank
 
 _EXPERT_TENSORS = tuple(f"{projection}.weight" for projection in PROJECTIONS)
+# vLLM passes only an exception's message across processes: these prefixes tell the front end what happened.
 BANK_FULL = "expert bank full"
+ADAPTER_REFUSED = "adapter refused"
 
 
 class BankFullError(RuntimeError):
-    """Not enough free expert rows in some layer; the front end evicts an idle task and retries.
-
-    vLLM passes only the message across processes, so it starts with `BANK_FULL` for the front end to recognise."""
+    """Not enough free expert rows in some layer; the front end evicts an idle task and retries."""
 
     def __init__(self, message: str):
         super().__init__(f"{BANK_FULL}: {message}")
+
+
+class AdapterRefusedError(ValueError):
+    """The adapter's files cannot be served (changed on disk since the front end checked them): never retried."""
+
+    def __init__(self, message: str):
+        super().__init__(f"{ADAPTER_REFUSED}: {message}")
 
 
 class ExpertBankWorker:
@@ -66,11 +74,14 @@ class ExpertBankWorker:
         """
         if key in bank.TASK_ROWS:
             return bank.TASK_ROWS[key]
-        adapter = ExpertAdapter.load(directory)  # refuses non-finite and non-float weights
         layers = _banked_layers(self.model_runner.model)
-        rows = {index: [(expert, *_kernel_row(layers[index], _expert_tensors(adapter, index, expert)))
-                        for expert in experts]
-                for index, experts in _checked_experts(adapter, layers).items()}
+        try:
+            adapter = ExpertAdapter.load(directory)  # refuses non-finite and non-float weights
+            rows = {index: [(expert, *_kernel_row(layers[index], _expert_tensors(adapter, index, expert)))
+                            for expert in experts]
+                    for index, experts in _checked_experts(adapter, layers).items()}
+        except (ExpertHubError, ValueError, OSError) as error:
+            raise AdapterRefusedError(str(error)) from None
         for index, experts in rows.items():
             if len(experts) > len(layers[index].free_rows):
                 raise BankFullError(f"the task needs {len(experts)} expert rows in layer {index}; "
