@@ -105,5 +105,5 @@ async def start_engine(args):
     except Exception as error:
         if started:
             raise
-        raise InvalidInputError(f"the vLLM engine did not start ({first_line(error)}): its log above says why; "
-                                "on CPU a smaller --max-model-len or --kv-cache-gb often helps") from None
+        raise InvalidInputError(f"the vLLM engine did not start ({first_line(error)}): the engine's log above says "
+                                "why") from None

@@ -115,7 +115,7 @@ class TaskRouting:
         except TaskError as error:
             return await _respond(send, *_task_error(error))
         if path in TASK_ROUTES and method == "POST" and request is not None:
-            return await self._run_task_request(scope, receive, send, path, request, body, task)
+            return await self._run_task_request(scope, receive, send, request, body, task)
         if task is not None and path in TOKENIZER_ROUTES and request is not None:
             return await self._tokenize_for_task(scope, receive, send, request, task)
         if task is not None:
@@ -123,7 +123,7 @@ class TaskRouting:
                                                      f"{', '.join(sorted(TASK_ROUTES))}"))
         return await self.app(scope, _replay(body, receive), send)
 
-    async def _run_task_request(self, scope, receive, send, path: str, request: dict, body: bytes, task: str | None):
+    async def _run_task_request(self, scope, receive, send, request: dict, body: bytes, task: str | None):
         """Run a generating request as its task (or the base model when it names none)."""
         if task is None:
             TASK_REQUESTS.labels(task="base").inc()
