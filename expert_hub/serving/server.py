@@ -145,8 +145,9 @@ class TaskRouting:
         """Every task shares the base model's tokenizer: the task only has to exist."""
         if task not in MANAGER.known:
             return await _respond(send, *_task_error(MANAGER.unknown(task)))
-        body = json.dumps({key: value for key, value in request.items() if key != "task"} | {"model": BASE_NAMES[0]})
-        await self.app(_with_length(scope, body.encode()), _replay(body.encode(), receive), send)
+        request = {key: value for key, value in request.items() if key != "task"} | {"model": BASE_NAMES[0]}
+        body = json.dumps(request).encode()
+        await self.app(_with_length(scope, body), _replay(body, receive), send)
 
     async def _manage(self, receive, send, ref: str, method: str) -> None:
         await _read_body(receive)
