@@ -31,11 +31,19 @@ def evaluate(model: nn.Module, tokenizer, data: str, metric: str = "loss", split
 
     `on_records(done, total)` is called as records are scored.
     """
-    if metric not in METRICS:
-        raise InvalidInputError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
     records = read_eval_records(data, split)[:limit]
     if not records:
         raise InvalidInputError(f"{data} holds no records to evaluate")
+    return evaluate_records(model, tokenizer, records, metric, chat_template, max_new_tokens, batch_size, seq_len,
+                            on_records)
+
+
+def evaluate_records(model: nn.Module, tokenizer, records: list[dict], metric: str = "loss",
+                     chat_template: bool = False, max_new_tokens: int = 128, batch_size: int = 8,
+                     seq_len: int = 4096, on_records: Callable[[int, int], None] | None = None) -> dict:
+    """`evaluate` on records already read (`{"prompt", "answers", "messages"}`, as `read_eval_records` gives)."""
+    if metric not in METRICS:
+        raise InvalidInputError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
     model.eval()
     progress = (lambda done: on_records(done, len(records))) if on_records else None
     if metric == "loss":
