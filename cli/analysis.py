@@ -11,7 +11,8 @@ from rich.table import Table
 
 from expert_hub.errors import InvalidInputError
 
-from .app import DType, ScoreFunction, app, check_output_file, console, progress_bar, status_console
+from .app import (DType, ScoreFunction, app, base_or_demo, check_output_file, console, data_or_builtin, progress_bar,
+                  status_console)
 
 
 @app.command()
@@ -19,6 +20,7 @@ def score(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the scores JSON.")],
     base: Annotated[Optional[str], typer.Option(help="Base MoE model: a local directory or a Hub id.")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Task data: JSONL of {\"messages\": [...]} lines.")] = None,
+    task: Annotated[Optional[str], typer.Option(help="Score a built-in task's train split instead of --data.")] = None,
     tokens: Annotated[int, typer.Option(min=1, help="How many tokens of the data to score (paper: 2^17).")] = 131072,
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 8,
     seq_len: Annotated[int, typer.Option(min=1, help="Longest sequence; longer conversations are cut.")] = 4096,
@@ -36,15 +38,15 @@ def score(
 
     check_output_file(output)
     if routing_logs is not None:
-        if base or data:
-            raise InvalidInputError("use either --routing-logs or --base with --data, not both")
+        if base or data or task:
+            raise InvalidInputError("use either --routing-logs or --base with --data / --task, not both")
         if top_k is None:
             raise InvalidInputError("--routing-logs needs --top-k (experts per token, 6 for DeepSeek-V2-Lite)")
         scores = scores_from_routing_logs(routing_logs, top_k=top_k, num_experts=num_experts)
-    elif base and data:
-        scores = _score_model(base, data, tokens, batch_size, seq_len, dtype.value, device, trust_remote_code)
     else:
-        raise InvalidInputError("give --base and --data (or --routing-logs with --top-k)")
+        data = Path(data_or_builtin(str(data) if data else None, task, "train"))
+        scores = _score_model(base_or_demo(base), data, tokens, batch_size, seq_len, dtype.value, device,
+                              trust_remote_code)
     scores.save(output)
     tokens_seen = max(c.tokens for c in scores.counts.values())
     console.print(f"Scored {tokens_seen:,} tokens over {len(scores.token_scores)} MoE layers -> {output}")
@@ -109,13 +111,14 @@ def select(
 
 @app.command()
 def inspect(
-    target: Annotated[str, typer.Argument(metavar="MODEL_OR_ADAPTER", help="A model (directory or Hub id) or an adapter directory.")],
+    target: Annotated[Optional[str], typer.Argument(metavar="[MODEL_OR_ADAPTER]", help="A model (directory or Hub id) or an adapter directory [default: the demo base].")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Run the model repo's own code (only if you trust it).")] = False,
 ) -> None:
     """Show a model's MoE layout (family, layers, experts, top-k) or an adapter's experts and size."""
     from expert_hub.adapter import CONFIG_FILE
 
+    target = base_or_demo(target)
     if (Path(target) / CONFIG_FILE).is_file():
         _inspect_adapter(Path(target), as_json)
     else:
@@ -125,6 +128,7 @@ def inspect(
 def _inspect_model(target: str, as_json: bool, trust_remote_code: bool) -> None:
     from dataclasses import asdict
 
+    from expert_hub.demo import base_metadata
     from expert_hub.models import describe_model
 
     summary = describe_model(target, trust_remote_code=trust_remote_code)
@@ -139,6 +143,9 @@ def _inspect_model(target: str, as_json: bool, trust_remote_code: bool) -> None:
     table.add_row("shared experts", "yes" if summary.shared_experts else "no")
     table.add_row("parameters per expert", f"{summary.expert_parameters:,}")
     table.add_row("expert biases", "yes" if summary.expert_biases else "no")
+    if recipe := base_metadata(target).get("recipe"):  # the demo base says how it was made
+        table.add_row("pretrained", f"{recipe['steps']:,} steps on {', '.join(recipe['data_mix'])} (seed {recipe['seed']})")
+        table.add_row("held-out tasks", ", ".join(recipe["held_out"]))
     console.print(table)
 
 

@@ -53,3 +53,49 @@ def progress_bar(unit: str) -> Progress:
         TimeRemainingColumn(),
         console=status_console,
     )
+
+
+def base_or_demo(base: str | None) -> str:
+    """`--base`, or the demo base shipped in the package when it is omitted."""
+    if base is not None:
+        return base
+    from expert_hub.demo import demo_base
+
+    if not Path(demo_base(), "model.safetensors").is_file():
+        raise InvalidInputError(f"the demo base is missing from {demo_base()} (re-make it with `make demo-base`); "
+                                "or give --base MODEL")
+    return demo_base()
+
+
+def builtin_data(task: str, split: str) -> str:
+    """The built-in task's `split` as a JSONL file under the expert-hub home (written afresh: same bytes each time)."""
+    from expert_hub.registry.store import default_root
+    from expert_hub.tasks import export
+
+    return str(export(task, default_root() / "tasks" / task)[split])
+
+
+def data_or_builtin(data: str | None, task: str | None, split: str) -> str:
+    """`--data`, or the built-in task's data when the task is a built-in one."""
+    from expert_hub.tasks import BUILTIN_TASKS
+
+    if data is not None:
+        return data
+    if task in BUILTIN_TASKS:
+        return builtin_data(task, split)
+    hint = f"{task!r} is not a built-in task" if task else "no --task given"
+    raise InvalidInputError(f"give --data FILE ({hint}; built-in tasks: {', '.join(BUILTIN_TASKS)})")
+
+
+def base_training_defaults(base: str, settings) -> dict:
+    """Defaults for `settings` that a local base ships in `expert_hub_base.json`'s `training_defaults`.
+
+    The demo base ships some so that it learns a task in minutes on a CPU; the general defaults stay the
+    reference's.
+    """
+    from expert_hub.demo import base_metadata
+
+    defaults = base_metadata(base).get("training_defaults", {})
+    if not isinstance(defaults, dict) or not set(defaults) <= set(settings):
+        raise InvalidInputError(f"{base}: expert_hub_base.json's training_defaults may only set {', '.join(settings)}")
+    return defaults

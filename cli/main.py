@@ -8,7 +8,7 @@ import typer
 
 from expert_hub.errors import ExpertHubError
 
-from . import analysis, registry_commands, serving, training  # noqa: F401  (importing registers their commands)
+from . import analysis, builtin_tasks, quickstart, registry_commands, serving, training  # noqa: F401  (importing registers their commands)
 from .app import app
 
 

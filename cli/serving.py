@@ -6,13 +6,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import DType, app, console
+from .app import DType, app, base_or_demo, console
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(
     ctx: typer.Context,
-    base: Annotated[str, typer.Option(help="Base MoE model (directory or Hub id) served to every task.")],
+    base: Annotated[Optional[str], typer.Option(help="Base MoE model (directory or Hub id) served to every task [default: the demo base].")] = None,
     tasks: Annotated[str, typer.Option(help="Comma-separated tasks: registry names (law, law@3) or NAME=ADAPTER_DIR.")] = "",
     all_tasks: Annotated[bool, typer.Option("--all-tasks", help="Serve every registered task of this base.")] = False,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -40,6 +40,7 @@ def serve(
             raise InvalidInputError(f"{flag} must be positive, got {value}")
     if expert_bank_rows and expert_bank_gb:
         raise InvalidInputError("give --expert-bank-rows or --expert-bank-gb, not both")
+    base = base_or_demo(base)
     registry = Registry()
     model = describe_model(base)
     served = resolve_tasks(base, model, [t.strip() for t in tasks.split(",") if t.strip()], all_tasks, registry)

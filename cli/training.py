@@ -13,7 +13,7 @@ from rich.table import Table
 from expert_hub.evaluation import METRICS
 from expert_hub.training.config import ESFT_METHODS, METHODS
 
-from .app import DType, app, console, progress_bar, status_console
+from .app import DType, app, base_or_demo, base_training_defaults, console, data_or_builtin, progress_bar, status_console
 
 Method = Enum("Method", {name.replace("-", "_"): name for name in METHODS}, type=str)
 Metric = Enum("Metric", {name: name for name in METRICS}, type=str)
@@ -21,25 +21,25 @@ Metric = Enum("Metric", {name: name for name in METRICS}, type=str)
 
 @app.command()
 def train(
-    task: Annotated[str, typer.Option(help="Task name, e.g. law; names the output and the adapter.")],
-    base: Annotated[str, typer.Option(help="Base MoE model: a local directory or a Hub id.")],
-    data: Annotated[str, typer.Option(help="Training data: JSONL of {\"messages\": [...]} lines, or a Hugging Face dataset (saved directory or name).")],
+    task: Annotated[str, typer.Option(help="Task name, e.g. law; names the output and the adapter. A built-in task (`expert-hub tasks`) brings its own data.")],
+    base: Annotated[Optional[str], typer.Option(help="Base MoE model: a local directory or a Hub id [default: the demo base shipped in the package].")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Training data: JSONL of {\"messages\": [...]} lines, or a Hugging Face dataset (saved directory or name) [default: the built-in task's train split].")] = None,
     method: Annotated[Method, typer.Option(help="esft-token / esft-gate (score, select, train), esft (with --experts), or the baselines full / lora.")] = Method.esft_token,
     experts: Annotated[Optional[Path], typer.Option(help="expert_cfg.json for --method esft.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output directory (default runs/TASK-METHOD); rerunning on it resumes.")] = None,
-    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 500,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Optimizer steps [default: 500; the demo base: 150].")] = None,
     split: Annotated[str, typer.Option(help="Split of a Hugging Face dataset.")] = "train",
     chat_template: Annotated[bool, typer.Option("--chat-template", help="Use the tokenizer's chat template instead of the reference `User: …\\n\\nAssistant:` format.")] = False,
-    score_tokens: Annotated[int, typer.Option(min=1, help="Task tokens scored to select experts (esft-token / esft-gate).")] = 131072,
+    score_tokens: Annotated[Optional[int], typer.Option(min=1, help="Task tokens scored to select experts (esft-token / esft-gate) [default: 131072; the demo base: 16384].")] = None,
     top_p: Annotated[Optional[float], typer.Option(help="Selection threshold; default 0.2 (token) / 0.1 (gate).")] = None,
     lora_rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 8,
     lora_alpha: Annotated[int, typer.Option(min=1, help="LoRA alpha.")] = 16,
     lora_targets: Annotated[str, typer.Option(help="Comma-separated LoRA target modules ('all-linear': every linear layer but lm_head).")] = "all-linear",
     lora_experts: Annotated[bool, typer.Option(help="Also put LoRA on the fused routed-expert tensors.")] = True,
-    batch_size: Annotated[int, typer.Option(min=1, help="Packed sequences per micro-batch.")] = 1,
-    grad_accumulation: Annotated[int, typer.Option(min=1, help="Micro-batches per optimizer step.")] = 16,
-    seq_len: Annotated[int, typer.Option(min=8, help="Packed sequence length.")] = 4096,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate; default 1e-5 (ESFT, full), 1e-4 (LoRA).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Packed sequences per micro-batch [default: 1; the demo base: 8].")] = None,
+    grad_accumulation: Annotated[Optional[int], typer.Option(min=1, help="Micro-batches per optimizer step [default: 16; the demo base: 1].")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(min=8, help="Packed sequence length [default: 4096; the demo base: 256].")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate [default: 1e-5 (ESFT, full), 1e-4 (LoRA); the demo base: 1e-3].")] = None,
     beta1: Annotated[float, typer.Option(help="AdamW beta1.")] = 0.9,
     beta2: Annotated[float, typer.Option(help="AdamW beta2.")] = 0.95,
     weight_decay: Annotated[float, typer.Option(min=0, help="AdamW weight decay.")] = 0.1,
@@ -47,35 +47,58 @@ def train(
     random_concat_ratio: Annotated[float, typer.Option(min=0, max=1, help="Chance a packed example drops its BOS (reference packing).")] = 0.2,
     eval_fraction: Annotated[float, typer.Option(min=0, max=0.99, help="Share of packed sequences held out for eval loss.")] = 0.02,
     dtype: Annotated[DType, typer.Option(help="Weights dtype; auto = bfloat16 on GPUs that support it, else float32 (ESFT keeps the trained rows in float32).")] = DType.auto,
-    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward to save memory.")] = True,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward to save memory [default: on; the demo base: off].")] = None,
     seed: Annotated[int, typer.Option(help="Seed for packing, data order and initialisation.")] = 5934875,
-    save_every: Annotated[int, typer.Option(min=1, help="Checkpoint every N steps.")] = 100,
-    eval_every: Annotated[int, typer.Option(min=1, help="Eval loss every N steps.")] = 100,
+    save_every: Annotated[Optional[int], typer.Option(min=1, help="Checkpoint every N steps [default: 100; the demo base: 50].")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(min=1, help="Eval loss every N steps [default: 100; the demo base: 50].")] = None,
     keep_checkpoints: Annotated[int, typer.Option(min=1, help="Checkpoints kept.")] = 2,
     trust_remote_code: Annotated[bool, typer.Option(help="Run the model repo's own code (only if you trust it).")] = False,
     register: Annotated[bool, typer.Option(help="Add the trained experts to the local registry (ESFT methods).")] = True,
 ) -> None:
-    """Train a task's experts with ESFT (or a full / LoRA baseline); resumable, with checkpoints."""
-    from expert_hub.training import TrainingConfig
-    from expert_hub.training import train as run_training
+    """Train a task's experts with ESFT (or a full / LoRA baseline); resumable, with checkpoints.
 
+    With no --base and --data, `expert-hub train --task law` trains the demo base on the built-in law data with
+    ESFT-Token in a few minutes on 2 CPU cores: a base may ship its own training defaults (the demo base does),
+    and every option given here overrides them.
+    """
+    from expert_hub.training import TrainingConfig
+
+    base = base_or_demo(base)
+    data = data_or_builtin(data, task, "train")
+    given = dict(steps=steps, score_tokens=score_tokens, batch_size=batch_size, grad_accumulation=grad_accumulation,
+                 seq_len=seq_len, learning_rate=lr, gradient_checkpointing=gradient_checkpointing,
+                 save_every=save_every, eval_every=eval_every)
     config = TrainingConfig(
+        **base_training_defaults(base, given) | {key: value for key, value in given.items() if value is not None},
         task=task, base=base, data=data, out=str(out or Path("runs") / f"{task}-{method.value}"), method=method.value,
-        experts=str(experts) if experts else None, split=split, chat_template=chat_template, score_tokens=score_tokens,
-        top_p=top_p, lora_rank=lora_rank, lora_alpha=lora_alpha,
+        experts=str(experts) if experts else None, split=split, chat_template=chat_template, top_p=top_p,
+        lora_rank=lora_rank, lora_alpha=lora_alpha,
         lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()], lora_experts=lora_experts,
-        steps=steps, batch_size=batch_size, grad_accumulation=grad_accumulation, seq_len=seq_len, learning_rate=lr,
         betas=(beta1, beta2), weight_decay=weight_decay, clip_grad_norm=clip_grad_norm,
-        random_concat_ratio=random_concat_ratio, eval_fraction=eval_fraction, dtype=dtype.value,
-        gradient_checkpointing=gradient_checkpointing, seed=seed, save_every=save_every, eval_every=eval_every,
+        random_concat_ratio=random_concat_ratio, eval_fraction=eval_fraction, dtype=dtype.value, seed=seed,
         keep_checkpoints=keep_checkpoints, trust_remote_code=trust_remote_code,
     )
+    result = run_with_progress(config)
+    if result is None:
+        return
+    if register and config.method in ESFT_METHODS:
+        from expert_hub.registry import Registry
+
+        entry = Registry().register(result.artifact, task=task, base=base)
+        console.print(f"Registered {entry.ref} ({entry.digest[:12]}); use it as `--adapter {task}` or in `serve`")
+
+
+def run_with_progress(config):
+    """Run training with a rich progress bar; returns the result on the main process, None on the others."""
+    from expert_hub.training import train as run_training
+
+    task, method, steps = config.task, config.method, config.steps
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
         TextColumn("loss {task.fields[loss]}"), TextColumn("eval {task.fields[eval_loss]}"),
         TextColumn("{task.fields[tokens_per_second]} tok/s"), TimeRemainingColumn(), console=status_console,
     )
-    bar = progress.add_task(f"Training {task} ({method.value})", total=steps, loss="-", eval_loss="-",
+    bar = progress.add_task(f"Training {task} ({method})", total=steps, loss="-", eval_loss="-",
                             tokens_per_second="-")
 
     def on_status(message: str) -> None:  # the bar appears with the first news: bad input fails without one
@@ -94,27 +117,24 @@ def train(
         if progress.live.is_started:
             progress.stop()
     if not result.main_process:
-        return
+        return None
     losses = ", ".join(f"{name} {value:.4f}" for name, value in (("train loss", result.train_loss),
                                                               ("eval loss", result.eval_loss)) if value is not None)
     resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
     console.print(f"Trained {result.steps} steps in {result.seconds:.1f}s{resumed}; {losses} -> {result.artifact}")
-    if register and config.method in ESFT_METHODS:
-        from expert_hub.registry import Registry
-
-        entry = Registry().register(result.artifact, task=task, base=base)
-        console.print(f"Registered {entry.ref} ({entry.digest[:12]}); use it as `--adapter {task}` or in `serve`")
+    return result
 
 
 @app.command(name="eval")
 def evaluate(
-    base: Annotated[str, typer.Option(help="Base model (a directory or Hub id), or a full fine-tuned checkpoint.")],
-    data: Annotated[str, typer.Option(help="Eval data: the reference eval JSONL (prompt / raw_answers), conversations, or a Hugging Face dataset.")],
-    adapter: Annotated[Optional[Path], typer.Option(help="An expert adapter or a PEFT (LoRA) adapter directory.")] = None,
-    metric: Annotated[Metric, typer.Option(help="loss (and perplexity), exact match, intent (JSON intent + slots) or bleu.")] = Metric.loss,
+    base: Annotated[Optional[str], typer.Option(help="Base model (a directory or Hub id), or a full fine-tuned checkpoint [default: the demo base].")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Eval data: the reference eval JSONL (prompt / raw_answers), conversations, or a Hugging Face dataset [default: the built-in task's eval split].")] = None,
+    task: Annotated[Optional[str], typer.Option(help="A built-in task: its eval split, metric and answer length are the defaults [default: --adapter's name when it is one].")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="An expert adapter or a PEFT (LoRA) adapter directory, or a registered task (law, law@2).")] = None,
+    metric: Annotated[Optional[Metric], typer.Option(help="loss (and perplexity), exact match, intent (JSON intent + slots) or bleu [default: the built-in task's, else loss].")] = None,
     split: Annotated[str, typer.Option(help="Split of a Hugging Face dataset.")] = "test",
     chat_template: Annotated[bool, typer.Option("--chat-template", help="Render conversations with the tokenizer's chat template.")] = False,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest generated answer.")] = 128,
+    max_new_tokens: Annotated[Optional[int], typer.Option(min=1, help="Longest generated answer [default: 128, or the built-in task's].")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Records per forward / generate call.")] = 8,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate only the first N records.")] = None,
     dtype: Annotated[DType, typer.Option(help="Weights dtype.")] = DType.auto,
@@ -123,10 +143,19 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Run the model repo's own code (only if you trust it).")] = False,
 ) -> None:
-    """Evaluate a base model, optionally with an adapter, on task data."""
+    """Evaluate a base model, optionally with an adapter, on task data (or a built-in task's eval split)."""
     from expert_hub.adapter import load_model
     from expert_hub.evaluation import evaluate as run_evaluation
     from expert_hub.models import load_tokenizer, resolve_device
+    from expert_hub.tasks import BUILTIN_TASKS
+
+    base = base_or_demo(base)
+    if task is None and adapter is not None and not adapter.exists() and str(adapter).split("@")[0] in BUILTIN_TASKS:
+        task = str(adapter).split("@")[0]
+    data = data_or_builtin(data, task, "eval")
+    builtin = BUILTIN_TASKS.get(task)
+    metric = metric or Metric(builtin.metric if builtin else "loss")
+    max_new_tokens = max_new_tokens or (builtin.max_new_tokens if builtin else 128)
 
     device = resolve_device(device)
     with status_console.status(f"Loading {base}" + (f" with {adapter}" if adapter else "")):
