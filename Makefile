@@ -1,10 +1,10 @@
-# `make install` builds .venv in the repo root; `make test` installs, then runs the suite.
+# `make demo` installs and runs the quickstart (offline, a few minutes); `make test` installs, then runs the suite.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.expert-hub-installed
 
-.PHONY: install test bench clean
+.PHONY: install demo test bench demo-base clean
 
 install: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $(STAMP)
 
+# The whole product on the demo base, offline: train two tasks' experts, serve them, query them.
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/expert-hub quickstart
+
 test: install
 	$(BIN)/python -m pytest -q
 
@@ -28,6 +32,10 @@ bench: install
 	$(BIN)/python benchmarks/bench_training.py
 	$(BIN)/python benchmarks/bench_registry.py
 	$(BIN)/python benchmarks/bench_serving.py
+
+# Re-make the demo base shipped in the package (about 45 minutes on 2 CPU cores; see its expert_hub_base.json).
+demo-base: install
+	$(BIN)/python -m expert_hub.demo.pretrain --out expert_hub/demo/base
 
 clean:
 	rm -rf $(VENV) build *.egg-info
