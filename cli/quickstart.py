@@ -62,7 +62,7 @@ def quickstart(
     console.print(Panel(
         f"registry:  {registry.root}  (`expert-hub list`)\n"
         + "".join(f"adapter:   {results[name]['artifact']}\n" for name in names)
-        + f"runs/logs: {out}  (training log: {out}/NAME/train_log.jsonl; server: {out}/server.log)\n"
+        + f"runs/logs: {out}  (training log: {out}/NAME/log.jsonl; server: {out}/server.log)\n"
         f"next:      expert-hub serve --tasks {','.join(names)}   |   expert-hub train --task translation\n"
         f"took {(time.monotonic() - started) / 60:.1f} min", title="where things are"))
 
