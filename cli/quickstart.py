@@ -85,9 +85,7 @@ def _teach(name: str, base: str, out: Path, eval_records: int, registry, steps: 
 
     base_model = load_base(base)
     before = score(base_model)
-    settings = ("steps", "score_tokens", "batch_size", "grad_accumulation", "seq_len", "learning_rate",
-                "gradient_checkpointing", "save_every", "eval_every")
-    defaults = base_training_defaults(base, settings) | ({"steps": steps} if steps else {})
+    defaults = base_training_defaults(base) | ({"steps": steps} if steps else {})
     config = TrainingConfig(task=name, base=base, data=builtin_data(name, "train"), out=str(out / name), **defaults)
     result = run_with_progress(config)
     entry = registry.register(result.artifact, task=name, base=base)

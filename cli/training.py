@@ -69,7 +69,7 @@ def train(
                  seq_len=seq_len, learning_rate=lr, gradient_checkpointing=gradient_checkpointing,
                  save_every=save_every, eval_every=eval_every)
     config = TrainingConfig(
-        **base_training_defaults(base, given) | {key: value for key, value in given.items() if value is not None},
+        **base_training_defaults(base) | {key: value for key, value in given.items() if value is not None},
         task=task, base=base, data=data, out=str(out or Path("runs") / f"{task}-{method.value}"), method=method.value,
         experts=str(experts) if experts else None, split=split, chat_template=chat_template, top_p=top_p,
         lora_rank=lora_rank, lora_alpha=lora_alpha,
