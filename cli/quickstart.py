@@ -69,7 +69,7 @@ def quickstart(
 
 def _teach(name: str, base: str, out: Path, eval_records: int, registry, steps: int | None) -> dict:
     """Score the base on the task, train the task's experts, register them, score again."""
-    from expert_hub.adapter import ExpertAdapter, load_model
+    from expert_hub.adapter import ExpertAdapter
     from expert_hub.evaluation import evaluate_records
     from expert_hub.models import load_base, load_tokenizer
     from expert_hub.tasks import builtin_task
@@ -90,8 +90,8 @@ def _teach(name: str, base: str, out: Path, eval_records: int, registry, steps: 
     result = run_with_progress(config)
     entry = registry.register(result.artifact, task=name, base=base)
     adapter = ExpertAdapter.load(result.artifact)
-    after = score(load_model(base, adapter))
     total = sum(p.numel() for p in base_model.parameters())
+    after = score(adapter.apply(base_model))  # the base already in memory, with the task's experts copied in
     return {"metric": task.metric, "before": before, "after": after, "ref": entry.ref, "artifact": result.artifact,
             "experts": adapter.selection.experts, "seconds": result.seconds,
             "share": sum(t.numel() for t in adapter.tensors.values()) / total}
