@@ -61,7 +61,10 @@ def list_entries(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Registered task experts: task, version, base, method, experts, size, created, metrics."""
-    entries = _registry().entries(base)
+    registry = _registry()
+    entries = registry.entries(base)
+    for why in registry.unreadable():  # named, never fatal: one bad record must not hide the others
+        typer.echo(f"warning: skipped {why}", err=True)
     if as_json:
         console.print_json(data=[asdict(entry) for entry in entries])
         return

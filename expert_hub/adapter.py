@@ -70,11 +70,31 @@ class AdapterMetadata:
 
     @classmethod
     def from_json(cls, data, origin: str = METADATA_FILE) -> AdapterMetadata:
-        """Metadata as stored; fields it lacks stay empty rather than taking today's values."""
-        if not isinstance(data, dict) or not isinstance(data.get("base_fingerprint") or "", str):
+        """Metadata as stored; fields it lacks stay empty rather than taking today's values.
+
+        Each field is checked for its type, since the registry lists and publishes what an import or pull brings.
+        """
+        if not isinstance(data, dict):
             raise InvalidInputError(f"{origin} is not expert-hub adapter metadata")
+        for name, value in data.items():
+            if name in _METADATA_CHECKS and not _METADATA_CHECKS[name](value):
+                raise InvalidInputError(f"{origin}: {name} = {value!r:.80} is not what expert-hub adapter metadata holds")
         known = {f.name for f in fields(cls)}
         return cls(**({"created": None, "versions": {}} | {k: v for k, v in data.items() if k in known}))
+
+
+def _is_number(value) -> bool:
+    return type(value) in (int, float)  # not bool, although bool is an int
+
+
+_METADATA_CHECKS = {
+    **{name: lambda value: value is None or isinstance(value, str)
+       for name in ("task", "method", "score_function", "base_model", "base_revision", "base_fingerprint", "created")},
+    "top_p": lambda value: value is None or _is_number(value),
+    "versions": lambda value: isinstance(value, dict),
+    "training": lambda value: isinstance(value, dict),
+    "metrics": lambda value: isinstance(value, dict) and all(isinstance(k, str) and _is_number(v) for k, v in value.items()),
+}
 
 
 @dataclass

@@ -30,6 +30,8 @@ def read_conversations(path: str | Path) -> Iterator[list[Message]]:
             yield parse_messages(json.loads(line))
         except (json.JSONDecodeError, ValueError) as error:
             raise InvalidInputError(f"{path}:{number}: {error}") from None
+        except RecursionError:
+            raise InvalidInputError(f"{path}:{number}: nested too deeply") from None
 
 
 
@@ -197,6 +199,6 @@ def _read_reference_eval(path: Path) -> Iterator[dict]:
             prompt, answers = record["prompt"], record["raw_answers"]
             if not isinstance(prompt, str) or not isinstance(answers, list) or not answers:
                 raise ValueError
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError):
             raise InvalidInputError(f'{path}:{number}: expected {{"prompt": str, "raw_answers": [str, ...]}}') from None
         yield {"prompt": prompt, "answers": [str(answer) for answer in answers], "messages": None}

@@ -97,6 +97,8 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InvalidInputError(f"{path} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise InvalidInputError(f"{path} is nested too deeply to be expert-hub JSON") from None
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from httpx2 import HTTPError as TransportError  # huggingface_hub's HTTP client:
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import (
     HfHubHTTPError,
+    HFValidationError,
     LocalEntryNotFoundError,
     LocalTokenNotFoundError,
     OfflineModeIsEnabled,
@@ -62,11 +63,12 @@ def pull(registry: Registry, repo_id: str, revision: str | None = None, task: st
 
     The task name defaults to the adapter's own, else the repo's name.
     """
-    with _hub_errors(repo_id, revision):
-        directory = Path(snapshot_download(repo_id, revision=revision, token=token))
-    header = AdapterHeader.read(directory)
-    task = validate_task_name(task or header.metadata.task or repo_id.split("/")[-1])
-    return registry.register(directory, task=task, base=base)
+    with tempfile.TemporaryDirectory() as download:
+        with _hub_errors(repo_id, revision):  # plain files of our own: the Hub cache's snapshot is symlinks
+            directory = Path(snapshot_download(repo_id, revision=revision, token=token, local_dir=download))
+        header = AdapterHeader.read(directory)
+        task = validate_task_name(task or header.metadata.task or repo_id.split("/")[-1])
+        return registry.register(directory, task=task, base=base)
 
 
 @contextmanager
@@ -74,6 +76,8 @@ def _hub_errors(repo_id: str, revision: str | None):
     where = f"{repo_id}" + (f"@{revision}" if revision else "")
     try:
         yield
+    except HFValidationError:
+        raise HubError(f"invalid repository id {repo_id!r}: use ORG/NAME (letters, digits, '-', '_', '.')") from None
     except LocalTokenNotFoundError:
         raise HubError("no Hugging Face token: set HF_TOKEN or run `hf auth login`") from None
     except RevisionNotFoundError:
@@ -91,3 +95,5 @@ def _hub_errors(repo_id: str, revision: str | None):
         raise HubError(f"cannot download {where}: {first_line(error)}") from None
     except (TransportError, ConnectionError) as error:  # network down, DNS, refused connection
         raise HubError(f"cannot reach the Hub for {where}: {first_line(error)}") from None
+    except ValueError as error:  # huggingface_hub's refusals, such as a file name that climbs out of the download
+        raise HubError(f"cannot download {where}: {first_line(error)}") from None

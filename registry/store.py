@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,6 +31,8 @@ from expert_hub.io import atomic_directory, fsync_tree, publish_permissions, rea
 MANIFEST_FILE = "manifest.json"
 _TASK = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 _CHUNK = 8 * 2**20
+_DIGEST = re.compile(r"[0-9a-f]{64}")  # an object's name: the sha256 of its manifest
+_SELECTOR = re.compile(r"[0-9]+|[0-9a-f]{4,64}")  # after `task@`: a version or a hash prefix
 
 
 class RegistryError(InvalidInputError):
@@ -77,6 +79,32 @@ class Entry:
     def ref(self) -> str:
         return f"{self.task}@{self.version}"
 
+    @classmethod
+    def from_json(cls, data) -> Entry:
+        """An index record, checked like any other input: its digest becomes a path that `rm` deletes."""
+        if not isinstance(data, dict):
+            raise RegistryError(f"is {type(data).__name__}, not an object")
+        if missing := [name for name in ("task", "version", "base_model", "digest", "created") if name not in data]:
+            raise RegistryError(f"lacks {', '.join(missing)}")
+        for name, kinds in _ENTRY_FIELD_TYPES.items():
+            if name in data and (isinstance(data[name], bool) or not isinstance(data[name], kinds)):
+                raise RegistryError(f"has {name} = {data[name]!r:.80}")
+        validate_task_name(data["task"])
+        if not _DIGEST.fullmatch(data["digest"]):
+            raise RegistryError(f"has digest {data['digest']!r}, which is not a sha256 in hex")
+        if data["version"] < 1 or data.get("bytes", 0) < 0:
+            raise RegistryError("has a version below 1 or a negative size")
+        if not all(isinstance(k, str) and type(v) is int for k, v in data.get("experts", {}).items()):
+            raise RegistryError(f"has experts = {data['experts']!r}")
+        if not all(isinstance(k, str) and type(v) in (int, float) for k, v in data.get("metrics", {}).items()):
+            raise RegistryError(f"has metrics = {data['metrics']!r}")
+        known = {f.name for f in fields(cls)}
+        return cls(**{name: value for name, value in data.items() if name in known})
+
+
+_ENTRY_FIELD_TYPES = {"task": str, "version": int, "base_model": (str, type(None)), "digest": str, "created": str,
+                      "method": (str, type(None)), "experts": dict, "bytes": int, "metrics": dict}
+
 
 class Registry:
     """A local store of expert adapters. Every method is safe to call from several processes at once."""
@@ -89,29 +117,31 @@ class Registry:
         return self.root / "index.json"
 
     def object_path(self, entry: Entry) -> Path:
+        if not _DIGEST.fullmatch(entry.digest):  # entries come from `Entry.from_json`; this is the last guard
+            raise RegistryError(f"{entry.ref}: digest {entry.digest!r} is not a sha256 in hex")
         return self.root / "objects" / entry.digest
 
     # --- reading -----------------------------------------------------------------------------------------------
     def entries(self, base: str | None = None) -> list[Entry]:
         """All entries (of one base model, if given), oldest first."""
-        if not self.index_path.is_file():
-            return []
-        data = read_json(self.index_path)
-        entries = [Entry(**entry) for entry in data.get("entries", [])]
         base = normalize_base(base)
-        return [entry for entry in entries if base is None or entry.base_model == base]
+        return [entry for entry in self._read_index()[0] if base is None or entry.base_model == base]
+
+    def unreadable(self) -> list[str]:
+        """Why each index record that cannot be used is skipped; they stay in the index untouched."""
+        return [why for _, why in self._read_index()[1]]
 
     def resolve(self, ref: str, base: str | None = None) -> Entry:
         """`law` (newest), `law@3` (a version) or `law@1f3a9c` (a content-hash prefix, at least 4 characters).
 
         An all-digit selector means a version if one has that number, else a hash prefix.
         """
-        task, _, selector = ref.partition("@")
+        task, at, selector = ref.partition("@")
         validate_task_name(task)
+        if at and not _SELECTOR.fullmatch(selector):
+            raise InvalidInputError(f"{ref!r}: after '@' give a version number or at least 4 hex digits of a hash")
         candidates = [entry for entry in self.entries(base) if entry.task == task]
         if selector:
-            if not selector.isdigit() and (len(selector) < 4 or not re.fullmatch(r"[0-9a-f]+", selector)):
-                raise InvalidInputError(f"{ref!r}: after '@' give a version number or at least 4 hex digits of a hash")
             by_version = [e for e in candidates if selector.isdigit() and e.version == int(selector)]
             # an all-digit selector is a version when one matches, else (4+ digits) a hash prefix
             candidates = by_version or [e for e in candidates if len(selector) >= 4 and e.digest.startswith(selector)]
@@ -144,6 +174,7 @@ class Registry:
         under the lock. A process killed at any point leaves the registry as it was.
         """
         directory = Path(directory)
+        _refuse_links_and_special_files(directory)
         adapter = AdapterHeader.read(directory)  # refuses anything that is not a complete adapter
         adapter.check_values()  # and weights that are NaN, infinite or not floating point
         task = validate_task_name(adapter.metadata.task or "" if task is None else task)
@@ -221,11 +252,28 @@ class Registry:
         with open(self.root / "index.lock", "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                entries = self.entries()
+                entries, unreadable = self._read_index()
                 yield entries
-                write_json_atomic(self.index_path, {"entries": [asdict(entry) for entry in entries]})
+                records = [asdict(entry) for entry in entries] + [record for record, _ in unreadable]
+                write_json_atomic(self.index_path, {"entries": records})
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _read_index(self) -> tuple[list[Entry], list[tuple[object, str]]]:
+        """The usable entries, and each unusable record with why; a file that is no index at all is refused."""
+        if not self.index_path.is_file():
+            return [], []
+        data = read_json(self.index_path)
+        if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
+            raise RegistryError(f"{self.index_path} is not a registry index (an object with a list of entries); "
+                                "move it aside and re-import the adapters")
+        entries, unreadable = [], []
+        for position, record in enumerate(data["entries"], 1):
+            try:
+                entries.append(Entry.from_json(record))
+            except InvalidInputError as error:
+                unreadable.append((record, f"{self.index_path} entry {position} {error}"))
+        return entries, unreadable
 
     def _remove_abandoned_staging(self) -> None:
         """Staging directories of processes that no longer run (killed mid-import)."""
@@ -233,6 +281,16 @@ class Registry:
             pid = path.name.split("-", 1)[0]
             if pid.isdigit() and not _process_alive(int(pid)):
                 shutil.rmtree(path, ignore_errors=True)
+
+
+def _refuse_links_and_special_files(directory: Path) -> None:
+    """A link would copy (and `push` publish) whatever it points at, such as a key file elsewhere on the disk."""
+    if not directory.is_dir():
+        raise InvalidInputError(f"{directory} is not a directory")
+    for path in sorted(directory.iterdir()):
+        if path.is_symlink() or not (path.is_file() or path.is_dir()):
+            kind = "a symlink" if path.is_symlink() else "not a regular file"
+            raise InvalidInputError(f"{path} is {kind}; an adapter directory holds regular files only")
 
 
 def _check_object(path: Path, digest: str) -> None:

@@ -170,3 +170,24 @@ def _pulled_file(hub, repo: str, name: str) -> bytes:
     from huggingface_hub import hf_hub_download
 
     return Path(hf_hub_download(repo, name)).read_bytes()
+
+
+@pytest.mark.parametrize("repo_id", ["not a repo", "a/b/c", "acme/../law", "-acme/law"])
+def test_an_invalid_repo_id_is_one_line(hub, registered, run_cli, repo_id):
+    _, first, _ = registered
+    with pytest.raises(HubError, match=r"invalid repository id .*: use ORG/NAME"):
+        push(first, "law", repo_id)
+    with pytest.raises(HubError, match=r"invalid repository id .*: use ORG/NAME"):
+        pull(first, repo_id)
+    code, _, err = run_cli("pull", "--", repo_id)
+    assert code == 1 and err.count("\n") == 1 and "invalid repository id" in err
+
+
+def test_pull_registers_plain_files_not_the_cache_symlinks(hub, registered, tmp_path):
+    """snapshot_download's cache is symlinks to blobs, which import refuses; pull downloads plain files instead."""
+    _, first, entry = registered
+    push(first, "law", "acme/law-experts")
+    second = Registry(tmp_path / "second")
+    pulled = pull(second, "acme/law-experts")
+    assert pulled.experts == entry.experts and pulled.bytes > entry.bytes  # plus the model card
+    assert not any(path.is_symlink() for path in second.verify(pulled).iterdir())

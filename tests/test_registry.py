@@ -176,3 +176,86 @@ def test_import_refuses_weights_that_are_not_finite(adapters, run_cli, registry_
     assert code == 1 and err.strip() == f"error: experts.safetensors: {key} holds NaN or infinite values " \
                                         "(did training diverge?)"
     assert Registry(registry_home).entries() == []
+
+
+def _write_index(home, *records) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "index.json").write_text(json.dumps({"entries": list(records)}))
+
+
+def test_rm_never_deletes_outside_the_store(adapters, run_cli, registry_home, tmp_path):
+    """index.json is untrusted: a digest that climbs out of objects/ makes the record unusable, never a path."""
+    _, made = adapters
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me")
+    hostile = {"task": "law", "version": 1, "base_model": None, "digest": "../../victim", "created": "now"}
+    _write_index(registry_home, hostile)
+    code, _, err = run_cli("rm", "law")
+    assert code == 1 and err.startswith("error: no registered task 'law'")
+    code, out, err = run_cli("list")
+    assert code == 0 and "No task experts registered" in out
+    assert "skipped" in err and "entry 1 has digest '../../victim', which is not a sha256" in err
+    entry = Registry().register(made["law"])  # the store keeps working, and keeps the record it cannot read
+    assert Registry().remove(entry.ref) == [entry]
+    assert json.loads((registry_home / "index.json").read_text())["entries"] == [hostile]
+    assert (victim / "precious.txt").read_text() == "keep me"
+
+
+def test_one_bad_entry_does_not_hide_the_others(adapters, run_cli, registry_home):
+    _, made = adapters
+    good = Registry().register(made["law"])
+    index = json.loads((registry_home / "index.json").read_text())
+    bad_metrics = dict(index["entries"][0], task="intent", metrics={"loss": "high"})
+    bad_method = dict(index["entries"][0], task="summary", method={"a": 1})
+    _write_index(registry_home, *index["entries"], bad_metrics, bad_method, None, {"task": "x"})
+    code, out, err = run_cli("list", "--json")
+    assert code == 0 and [e["task"] for e in json.loads(out)] == ["law"]
+    assert [line.split(" entry ")[1][:1] for line in err.splitlines()] == ["2", "3", "4", "5"]
+    assert "metrics = {'loss': 'high'}" in err and "is NoneType, not an object" in err and "lacks version" in err
+    code, out, _ = run_cli("show", good.ref)
+    assert code == 0 and "law@1" in out
+    for shape in ([], None, {"entries": {"a": 1}}):
+        (registry_home / "index.json").write_text(json.dumps(shape))
+        code, _, err = run_cli("list")
+        assert code == 1 and err.count("\n") == 1 and "is not a registry index" in err
+
+
+def test_import_refuses_metadata_of_the_wrong_types(adapters, run_cli, registry_home):
+    _, made = adapters
+    metadata_path = made["law"] / "expert_hub.json"
+    original = json.loads(metadata_path.read_text())
+    for field, value in (("method", {"a": 1}), ("metrics", {"loss": "high"}), ("metrics", {"loss": True}),
+                         ("top_p", "0.2"), ("versions", [1])):
+        metadata_path.write_text(json.dumps(original | {field: value}))
+        code, _, err = run_cli("import", made["law"])
+        assert code == 1 and err.count("\n") == 1 and f"{field} = {value!r}" in err, err
+    (made["law"] / "expert_cfg.json").write_text("[" * 100_000 + "]" * 100_000)
+    code, _, err = run_cli("import", made["law"])
+    assert code == 1 and err.strip().endswith("expert_cfg.json is nested too deeply to be expert-hub JSON")
+    assert Registry().entries() == []
+
+
+def test_import_refuses_symlinks_and_special_files(adapters, run_cli, registry_home, tmp_path):
+    """A link would be copied into the store, and `push` would publish what it points at."""
+    _, made = adapters
+    secret = tmp_path / "secret.txt"
+    secret.write_text("api key")
+    (made["law"] / "notes.txt").symlink_to(secret)
+    code, _, err = run_cli("import", made["law"])
+    assert code == 1 and err.strip() == f"error: {made['law'] / 'notes.txt'} is a symlink; an adapter directory " \
+                                        "holds regular files only"
+    (made["law"] / "notes.txt").unlink()
+    os.mkfifo(made["law"] / "pipe")
+    code, _, err = run_cli("import", made["law"])
+    assert code == 1 and "pipe is not a regular file" in err
+    assert Registry().entries() == [] and not (registry_home / "objects").exists()
+
+
+@pytest.mark.parametrize("ref", ["law@", "law@¹", "law@٣", "law@12ab!", "law@" + "a" * 65])
+def test_selectors_that_are_neither_versions_nor_hashes_are_refused(adapters, run_cli, ref):
+    _, made = adapters
+    Registry().register(made["law"])
+    code, _, err = run_cli("show", ref)
+    assert code == 1 and err.strip() == f"error: {ref!r}: after '@' give a version number or at least 4 hex " \
+                                        "digits of a hash"

@@ -249,7 +249,7 @@ def _known_to_vllm(scope, model: str) -> bool:
 def _json_object(body: bytes) -> dict | None:
     try:
         request = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return request if isinstance(request, dict) else None
 
