@@ -12,6 +12,7 @@ Layout of an adapter directory:
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -38,6 +39,7 @@ METADATA_FILE = "expert_hub.json"
 
 _EXPERT_KEY = re.compile(r"(?P<prefix>.+)\.experts\.(?P<expert>\d+)\.(?P<tensor>\w+\.(weight|bias))")
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+logger = logging.getLogger(__name__)
 
 
 def _library_versions() -> dict[str, str]:
@@ -78,7 +80,7 @@ class AdapterMetadata:
             raise InvalidInputError(f"{origin} is not expert-hub adapter metadata")
         for name, value in data.items():
             if name in _METADATA_CHECKS and not _METADATA_CHECKS[name](value):
-                raise InvalidInputError(f"{origin}: {name} = {value!r:.80} is not what expert-hub adapter metadata holds")
+                raise InvalidInputError(f"{origin} is not expert-hub adapter metadata: {name} = {value!r:.80}")
         known = {f.name for f in fields(cls)}
         return cls(**({"created": None, "versions": {}} | {k: v for k, v in data.items() if k in known}))
 
@@ -182,11 +184,19 @@ def check_weight(key: str, tensor: torch.Tensor, origin: str) -> None:
 
 
 def _check_tensors_match_selection(selection: ExpertSelection, keys, origin: str) -> None:
-    """The routed-expert tensors are exactly those of the selected experts."""
+    """The routed-expert tensors are exactly those of the selected experts, and nothing else is there unasked.
+
+    A shared-expert or other non-expert tensor is applied to the base like the experts, so one that the selection
+    does not train (`shared_experts` / `non_expert_modules` false) is refused rather than silently applied.
+    """
     held: dict[tuple[int, int], set[str]] = {}
     for key in keys:
         if (match := _EXPERT_KEY.fullmatch(key)) and (layer := re.search(r"layers\.(\d+)\.", match["prefix"])):
             held.setdefault((int(layer.group(1)), int(match["expert"])), set()).add(match["tensor"])
+        elif not match:
+            flag = "shared_experts" if "shared_expert" in key else "non_expert_modules"
+            if not getattr(selection, flag):
+                raise InvalidInputError(f"{origin} holds {key}, which {CONFIG_FILE} does not train ({flag} is false)")
     selected = set(selection.pairs)
     if extra := sorted(set(held) - selected):
         raise InvalidInputError(f"{origin} holds weights for experts {CONFIG_FILE} does not select: {extra[:5]}")
@@ -250,6 +260,8 @@ class ExpertAdapter:
         weights being replaced are not the ones the adapter was trained from.
         """
         views = _tensor_views(model, self.tensors)
+        for key, tensor in self.tensors.items():
+            check_weight(key, tensor, origin="the adapter")  # an integer or bool tensor is never cast into weights
         if missing := sorted(set(_selected_views(model, self.selection)) - set(self.tensors)):
             raise AdapterMismatchError(f"the adapter lacks {missing[0]}, which its selection replaces in this model")
         for key, tensor in self.tensors.items():
@@ -263,10 +275,17 @@ class ExpertAdapter:
                 f"the base model's weights differ from those the adapter was trained on (fingerprint {actual[:12]} "
                 f"!= {expected[:12]}); use the adapter's base model ({self.metadata.base_model}) or force it"
             )
+        if rounded := [key for key, tensor in self.tensors.items() if _rounds(tensor, views[key].dtype)]:
+            logger.warning("warning: %d adapter tensors (%s, ...) are %s and lose precision in the base model's %s",
+                           len(rounded), rounded[0], self.tensors[rounded[0]].dtype, views[rounded[0]].dtype)
         with torch.no_grad():
             for key, tensor in self.tensors.items():
                 views[key].copy_(tensor)
         return model
+
+
+def _rounds(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
+    return tensor.dtype != dtype and not torch.equal(tensor.to(dtype).to(tensor.dtype), tensor)
 
 
 def fingerprint_selection(model: nn.Module, selection: ExpertSelection) -> str:

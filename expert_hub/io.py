@@ -32,9 +32,18 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
             os.fsync(handle.fileno())
         os.chmod(handle.name, 0o666 & ~_umask())  # mkstemp makes files private; match a plain open()
         os.replace(handle.name, path)
-    except BaseException:
+    except BaseException as error:
         Path(handle.name).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise with_filename(error, path) from None
         raise
+
+
+def with_filename(error: OSError, path: str | Path) -> OSError:
+    """The same error naming `path` when it names no file: a full disk fails write() and fsync(), which don't."""
+    if error.filename is not None:
+        return error
+    return type(error)(error.errno, error.strerror or str(error), str(path))
 
 
 def publish_permissions(directory: Path) -> None:
@@ -119,5 +128,7 @@ def atomic_directory(directory: str | Path, overwrite: bool = False) -> Iterator
         publish_permissions(staging)
         fsync_tree(staging)
         replace_directory(staging, directory)
+    except OSError as error:
+        raise with_filename(error, directory) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)

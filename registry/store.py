@@ -26,7 +26,8 @@ from pathlib import Path
 
 from expert_hub.adapter import AdapterHeader, ExpertAdapter
 from expert_hub.errors import InvalidInputError
-from expert_hub.io import atomic_directory, fsync_tree, publish_permissions, read_json, write_json_atomic
+from expert_hub.io import (atomic_directory, fsync_tree, publish_permissions, read_json, with_filename,
+                           write_json_atomic)
 
 MANIFEST_FILE = "manifest.json"
 _TASK = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
@@ -204,6 +205,8 @@ class Registry:
                     bytes=sum(f["size"] for f in files.values()), metrics=dict(adapter.metadata.metrics),
                 )
                 entries.append(entry)
+        except OSError as error:
+            raise with_filename(error, self.root) from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return entry

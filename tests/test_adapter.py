@@ -255,3 +255,32 @@ def test_an_adapter_is_checked_against_a_model_from_its_headers(tiny_models, tmp
     deepseek = describe_model(str(tiny_models["deepseek_v2"]))  # layer 0 is dense there
     with pytest.raises(AdapterMismatchError, match="layer 0 is not an MoE layer of the model"):
         AdapterHeader.read(tmp_path / "fits").check_fits(deepseek)
+
+
+def test_tensors_the_selection_does_not_train_are_refused(tiny_models, tmp_path):
+    """Without a fingerprint nothing else would stop them: they would be applied to the base like the experts."""
+    adapter = _trained_adapter(tiny_models["qwen2_moe"], ExpertSelection({1: [0]}, shared_experts=True))
+    adapter.save(tmp_path / "law")
+    config = json.loads((tmp_path / "law" / "expert_cfg.json").read_text())
+    (tmp_path / "law" / "expert_cfg.json").write_text(json.dumps(config | {"shared_experts": False}))
+    with pytest.raises(InvalidInputError, match=r"holds model.layers.1.mlp.shared_expert.down_proj.weight, which "
+                                                r"expert_cfg.json does not train \(shared_experts is false\)"):
+        ExpertAdapter.load(tmp_path / "law")
+    experts_only = _trained_adapter(tiny_models["qwen3_moe"], _selection(tiny_models["qwen3_moe"]))
+    embed = dict(load_base(str(tiny_models["qwen3_moe"])).named_parameters())["model.embed_tokens.weight"]
+    save_file({**experts_only.tensors, "model.embed_tokens.weight": torch.zeros_like(embed)},
+              experts_only.save(tmp_path / "intent") / "experts.safetensors")
+    with pytest.raises(InvalidInputError, match=r"embed_tokens.weight, which .* \(non_expert_modules is false\)"):
+        load_model(str(tiny_models["qwen3_moe"]), tmp_path / "intent")
+
+
+def test_apply_refuses_integer_tensors_and_says_when_it_rounds(tiny_models, caplog):
+    base_dir = tiny_models["qwen3_moe"]
+    adapter = _trained_adapter(base_dir, _selection(base_dir))
+    key = sorted(adapter.tensors)[0]
+    with pytest.raises(InvalidInputError, match=f"{key} is int64, not a floating-point weight"):
+        ExpertAdapter(adapter.selection, {**adapter.tensors, key: adapter.tensors[key].long()}).apply(load_base(str(base_dir)))
+    adapter.apply(load_base(str(base_dir)))  # float32 into float32: exact, nothing to say
+    assert not caplog.records
+    adapter.apply(load_base(str(base_dir), dtype=torch.bfloat16))
+    assert "lose precision in the base model's torch.bfloat16" in caplog.text

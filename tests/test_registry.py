@@ -259,3 +259,17 @@ def test_selectors_that_are_neither_versions_nor_hashes_are_refused(adapters, ru
     code, _, err = run_cli("show", ref)
     assert code == 1 and err.strip() == f"error: {ref!r}: after '@' give a version number or at least 4 hex " \
                                         "digits of a hash"
+
+
+def test_a_full_disk_names_the_store(adapters, run_cli, registry_home, monkeypatch):
+    import errno
+
+    _, made = adapters
+
+    def disk_full(descriptor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    code, _, err = run_cli("import", made["law"])
+    assert code == 1 and err.strip() == f"error: [Errno 28] No space left on device: '{registry_home}'"
+    assert not (registry_home / "index.json").exists() and list((registry_home / "staging").iterdir()) == []
