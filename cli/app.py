@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from enum import Enum
 from pathlib import Path
 
@@ -18,11 +19,40 @@ app = typer.Typer(
     help="Expert-Specialized Fine-Tuning (ESFT) for Mixture-of-Experts models: score, select, train and share "
     "the routed experts a task uses.",
     no_args_is_help=True,
-    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
-console = Console()  # results
-status_console = Console(stderr=True)  # progress and status, so `--json` output stays clean
+
+
+def _console(stderr: bool = False) -> Console:
+    """Markup off, since paths and task names are printed; whole lines when writing to a pipe or a file.
+
+    Rich assumes 80 columns off a terminal, which cuts table columns and splits URLs over lines for
+    `expert-hub list | cat` or `url=$(expert-hub push ...)`; COLUMNS, when set, still wins.
+    """
+    piped = not (sys.stderr if stderr else sys.stdout).isatty() and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, markup=False, width=2**16 if piped else None, soft_wrap=piped)
+
+
+console = _console()  # results
+status_console = _console(stderr=True)  # progress and status, so `--json` output stays clean
+
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        from importlib.metadata import version
+
+        console.print(f"expert-hub {version('expert-hub')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Expert-Specialized Fine-Tuning (ESFT) for Mixture-of-Experts models: score, select, train and share the
+    routed experts a task uses."""
 
 ScoreFunction = Enum("ScoreFunction", {name: name for name in SCORE_FUNCTIONS}, type=str)
 
@@ -46,7 +76,7 @@ def check_output_file(path: Path) -> None:
 
 def progress_bar(unit: str) -> Progress:
     return Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn(unit),

@@ -20,6 +20,7 @@ import httpx
 import typer
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from expert_hub.errors import InvalidInputError
 
@@ -53,7 +54,7 @@ def quickstart(
         f"Demo base: {base}\nDeepSeek-V2-style MoE pretrained from scratch on {', '.join(recipe.get('data_mix', []))} "
         f"({recipe.get('steps', '?')} steps, {metadata.get('seconds', 0) / 60:.0f} min on "
         f"{metadata.get('machine', {}).get('cpu_threads', '?')} CPU threads); tasks it never saw: "
-        f"{', '.join(recipe.get('held_out', []))}.", title="expert-hub quickstart"))
+        f"{', '.join(recipe.get('held_out', []))}.", title="expert-hub quickstart", expand=False))
 
     results = {name: _teach(name, base, out, eval_records, registry, steps) for name in names}
     _print_results(results, base)
@@ -64,7 +65,7 @@ def quickstart(
         + "".join(f"adapter:   {results[name]['artifact']}\n" for name in names)
         + f"runs/logs: {out}  (training log: {out}/NAME/log.jsonl; server: {out}/server.log)\n"
         f"next:      expert-hub serve --tasks {','.join(names)}   |   expert-hub train --task translation\n"
-        f"took {(time.monotonic() - started) / 60:.1f} min", title="where things are"))
+        f"took {(time.monotonic() - started) / 60:.1f} min", title="where things are", expand=False))
 
 
 def _teach(name: str, base: str, out: Path, eval_records: int, registry, steps: int | None) -> dict:
@@ -103,7 +104,7 @@ def _print_results(results: dict, base: str) -> None:
         table.add_column(column, justify="left" if column in ("task", "metric", "experts per MoE layer") else "right")
     for name, r in results.items():
         experts = "  ".join(f"L{layer}:{len(ids)}" for layer, ids in sorted(r["experts"].items()))
-        table.add_row(name, r["metric"], f"{r['before']:.3f}", f"[bold]{r['after']:.3f}[/bold]", experts,
+        table.add_row(name, r["metric"], f"{r['before']:.3f}", Text(f"{r['after']:.3f}", style="bold"), experts,
                       f"{r['share']:.1%}", f"{r['seconds']:.0f} s")
     console.print(table)
 

@@ -94,7 +94,7 @@ def run_with_progress(config):
 
     task, method, steps = config.task, config.method, config.steps
     progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+        TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
         TextColumn("loss {task.fields[loss]}"), TextColumn("eval {task.fields[eval_loss]}"),
         TextColumn("{task.fields[tokens_per_second]} tok/s"), TimeRemainingColumn(), console=status_console,
     )

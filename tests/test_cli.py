@@ -112,3 +112,18 @@ def test_installed_console_script():
     result = subprocess.run([sys.executable, "-m", "expert_hub.cli", "select", "--top-p", "2"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2 and result.stderr == "error: Missing argument 'SCORES.json'.\n"
+
+
+def test_the_conventions_a_shell_user_expects(run_cli, tmp_path):
+    script = Path(sys.executable).with_name("expert-hub")
+    bare = subprocess.run([script], capture_output=True, text=True, timeout=120)
+    assert "Usage: expert-hub" in bare.stdout and bare.stderr == ""  # help, and no empty `error:` line
+    for args in (["-h"], ["train", "-h"]):
+        code, out, _ = run_cli(*args)
+        assert code == 0 and "Usage: " in out and "--help" in out
+    code, out, _ = run_cli("--version")
+    assert code == 0 and out.strip() == f"expert-hub {__import__('importlib.metadata').metadata.version('expert-hub')}"
+    code, out, _ = run_cli("--show-completion", "bash")
+    assert code == 0 and "complete -o default -F" in out
+    code, out, _ = run_cli("tasks", "export", "law", tmp_path / "out[bold]x")  # a path is never read as markup
+    assert code == 0 and f"{tmp_path}/out[bold]x/train.jsonl" in out

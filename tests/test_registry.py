@@ -273,3 +273,14 @@ def test_a_full_disk_names_the_store(adapters, run_cli, registry_home, monkeypat
     code, _, err = run_cli("import", made["law"])
     assert code == 1 and err.strip() == f"error: [Errno 28] No space left on device: '{registry_home}'"
     assert not (registry_home / "index.json").exists() and list((registry_home / "staging").iterdir()) == []
+
+
+def test_a_piped_listing_is_never_cut(adapters, registry_home):
+    """`expert-hub list | cat`: whole rows, whatever the width of a terminal would be."""
+    base, made = adapters
+    Registry().register(made["law"], task="a-rather-long-namespace/and-an-even-longer-task-name-for-the-law")
+    environment = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    listing = subprocess.run([sys.executable, "-m", "expert_hub.cli", "list"], capture_output=True, text=True,
+                             timeout=120, env=environment)
+    row = next(line for line in listing.stdout.splitlines() if "and-an-even-longer" in line)
+    assert "a-rather-long-namespace/and-an-even-longer-task-name-for-the-law" in row and str(base) in row
