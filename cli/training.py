@@ -63,6 +63,11 @@ def train(
     """
     from expert_hub.training import TrainingConfig
 
+    from expert_hub.registry import Registry, validate_task_name
+
+    validate_task_name(task)  # it names the output directory and the registry entry
+    if register and method.value in ESFT_METHODS:
+        Registry().check_writable()
     base = base_or_demo(base)
     data = data_or_builtin(data, task, "train")
     given = dict(steps=steps, score_tokens=score_tokens, batch_size=batch_size, grad_accumulation=grad_accumulation,
@@ -82,8 +87,6 @@ def train(
     if result is None:
         return
     if register and config.method in ESFT_METHODS:
-        from expert_hub.registry import Registry
-
         entry = Registry().register(result.artifact, task=task, base=base)
         console.print(f"Registered {entry.ref} ({entry.digest[:12]}); use it as `--adapter {task}` or in `serve`")
 

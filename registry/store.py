@@ -168,6 +168,13 @@ class Registry:
         return ExpertAdapter.load(self.verify(self.resolve(ref, base)))
 
     # --- writing -----------------------------------------------------------------------------------------------
+    def check_writable(self) -> None:
+        """Refuse now, before hours of training, when nothing could be registered at the end."""
+        existing = next(path for path in (self.root, *self.root.parents) if path.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise RegistryError(f"cannot write the registry at {self.root} ({existing} is not a writable directory); "
+                                "set EXPERT_HUB_HOME to another directory or pass --no-register")
+
     def register(self, directory: str | Path, task: str | None = None, base: str | None = None) -> Entry:
         """Copy an adapter directory in as the next version of its task; returns the new entry.
 

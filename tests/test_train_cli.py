@@ -69,6 +69,13 @@ def test_eval_tells_adapters_apart(run_cli, tmp_path, tiny_models, esft_data):
         (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
         (["--data", "{tmp}/missing.jsonl"], "data file not found"),
         (["--base", "{tmp}/no-model"], "cannot load model"),
+        (["--lr", "-0.1"], "--lr must be above 0, got -0.1"),
+        (["--lr", "nan"], "--lr must be above 0, got nan"),
+        (["--beta1", "1.5"], "--beta1 and --beta2 must be in [0, 1), got 1.5, 0.95"),
+        (["--clip-grad-norm", "nan"], "--clip-grad-norm must be above 0, got nan"),
+        (["--weight-decay", "inf"], "--weight-decay must be 0 or more, got inf"),
+        (["--seq-len", "100000"], "--seq-len 100000 is longer than the model's"),
+        (["--task", "../x"], "invalid task name '../x'"),
     ],
 )
 def test_train_bad_input_is_one_line(run_cli, tmp_path, tiny_models, esft_data, args, message):
@@ -78,9 +85,19 @@ def test_train_bad_input_is_one_line(run_cli, tmp_path, tiny_models, esft_data, 
     for flag, value in defaults.items():
         if flag not in args:
             args += [flag, value]
-    code, _, err = run_cli("train", "--task", "law", "--out", tmp_path / "run", *args, *SMALL_RUN)
+    code, _, err = run_cli("train", "--task", "law", "--out", tmp_path / "run", *SMALL_RUN, *args)  # args win
     assert code != 0 and err.startswith("error: ") and err.count("\n") == 1, err
     assert message in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "x-esft-token").exists()  # nothing written
+
+
+def test_an_unwritable_registry_is_refused_before_training(run_cli, tmp_path, tiny_models, esft_data, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("EXPERT_HUB_HOME", str(tmp_path / "a-file" / "registry"))
+    code, _, err = run_cli("train", "--task", "law", "--out", tmp_path / "run", "--base", tiny_models["olmoe"],
+                           "--data", esft_data / "datasets/train/law.jsonl", *SMALL_RUN)
+    assert code == 1 and "cannot write the registry at" in err and "--no-register" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_sigkill_mid_run_then_the_same_command_resumes(tmp_path, tiny_models, esft_data):

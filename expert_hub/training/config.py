@@ -6,6 +6,7 @@ for the same thing (only `steps` may grow) so resuming can never mix two differe
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -70,8 +71,17 @@ class TrainingConfig:
             raise InvalidInputError("--experts only applies to --method esft")
         if self.dtype == "float16":
             raise InvalidInputError("training in float16 overflows; use --dtype bfloat16 or float32")
-        if self.clip_grad_norm <= 0:
+        # every comparison is written so that NaN fails it
+        if not (math.isfinite(self.clip_grad_norm) and self.clip_grad_norm > 0):
             raise InvalidInputError(f"--clip-grad-norm must be above 0, got {self.clip_grad_norm}")
+        if self.learning_rate is not None and not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise InvalidInputError(f"--lr must be above 0, got {self.learning_rate}")
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise InvalidInputError(f"--beta1 and --beta2 must be in [0, 1), got {', '.join(map(str, self.betas))}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise InvalidInputError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        if not 0 <= self.random_concat_ratio <= 1:
+            raise InvalidInputError(f"--random-concat-ratio must be in [0, 1], got {self.random_concat_ratio}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise InvalidInputError(f"--top-p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.eval_fraction < 1:

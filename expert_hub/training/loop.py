@@ -75,7 +75,10 @@ def train(config: TrainingConfig, on_step: Callable[[StepReport], None] | None =
     _check_output(out, config)  # cheap checks first: bad input fails before any weights load
     if next(load_conversations(config.data, config.split), None) is None:
         raise InvalidInputError(f"{config.data} holds no conversations")
-    load_config(config.base, trust_remote_code=config.trust_remote_code)
+    positions = getattr(load_config(config.base, trust_remote_code=config.trust_remote_code),
+                        "max_position_embeddings", None)
+    if positions and config.seq_len > positions:
+        raise InvalidInputError(f"--seq-len {config.seq_len} is longer than the model's {positions} positions")
     main_process = accelerator.is_main_process  # the one that reports and writes files
     status = on_status if on_status and main_process else (lambda message: None)
     torch.manual_seed(config.seed)
