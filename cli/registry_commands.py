@@ -123,12 +123,13 @@ def push(
     commit_message: Annotated[Optional[str], typer.Option(help="Commit message.")] = None,
     license: Annotated[str, typer.Option(help="License for the model card.")] = "other",
     base: Base = None,
+    base_model: Annotated[Optional[str], typer.Option(help="Hub id of the base model, when the experts were trained on a local copy of it: the card links it, and no local path is published.")] = None,
 ) -> None:
     """Upload a task's experts with a generated model card to the Hugging Face Hub (HF_TOKEN / `hf auth login`)."""
     from expert_hub.registry.hub import push as push_entry
 
     url = push_entry(_registry(), ref, repo, private=private, revision=revision, commit_message=commit_message,
-                     base=base, license=license)
+                     base=base, license=license, base_model=base_model)
     console.print(f"Pushed {ref} -> {url}")
 
 

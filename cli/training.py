@@ -34,8 +34,8 @@ def train(
     top_p: Annotated[Optional[float], typer.Option(help="Selection threshold; default 0.2 (token) / 0.1 (gate).")] = None,
     lora_rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 8,
     lora_alpha: Annotated[int, typer.Option(min=1, help="LoRA alpha.")] = 16,
-    lora_targets: Annotated[str, typer.Option(help="Comma-separated LoRA target modules ('all-linear': every linear layer but lm_head).")] = "all-linear",
-    lora_experts: Annotated[bool, typer.Option(help="Also put LoRA on the fused routed-expert tensors.")] = True,
+    lora_targets: Annotated[str, typer.Option(help="Comma-separated LoRA target modules ('all-linear': the attention projections and other linear layers, not lm_head, the routers, the routed experts or MLP projections that PEFT would redirect to the routed experts).")] = "all-linear",
+    lora_experts: Annotated[bool, typer.Option(help="Also put LoRA on the fused routed-expert tensors (gate_up_proj, down_proj); routers never get LoRA.")] = True,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Packed sequences per micro-batch [default: 1; the demo base: 8].")] = None,
     grad_accumulation: Annotated[Optional[int], typer.Option(min=1, help="Micro-batches per optimizer step [default: 16; the demo base: 1].")] = None,
     seq_len: Annotated[Optional[int], typer.Option(min=8, help="Packed sequence length [default: 4096; the demo base: 256].")] = None,
@@ -64,11 +64,12 @@ def train(
     from expert_hub.training import TrainingConfig
 
     from expert_hub.registry import Registry, validate_task_name
+    from expert_hub.registry.store import normalize_base
 
     validate_task_name(task)  # it names the output directory and the registry entry
     if register and method.value in ESFT_METHODS:
         Registry().check_writable()
-    base = base_or_demo(base)
+    base = normalize_base(base_or_demo(base))  # absolute: the artifacts find a local base from anywhere
     data = data_or_builtin(data, task, "train")
     given = dict(steps=steps, score_tokens=score_tokens, batch_size=batch_size, grad_accumulation=grad_accumulation,
                  seq_len=seq_len, learning_rate=lr, gradient_checkpointing=gradient_checkpointing,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -10,15 +11,37 @@ from expert_hub.adapter import AdapterMetadata
 from expert_hub.selection import ExpertSelection
 
 
+def is_local_path(value) -> bool:
+    return isinstance(value, str) and (Path(value).is_absolute() or Path(value).exists())
+
+
+def public_metadata(metadata: AdapterMetadata, base_model: str | None) -> AdapterMetadata:
+    """The metadata as published: the base's Hub id instead of a local directory, and no local paths at all.
+
+    Locally the registry keeps absolute paths (they find the base again); on the Hub they would only leak the
+    uploader's directories. A local path keeps its last component (`train.jsonl`), which says what it was.
+    """
+    training = dict(metadata.training or {})
+    if isinstance(training.get("config"), dict):
+        training["config"] = {key: Path(value).name if is_local_path(value) else value
+                              for key, value in training["config"].items()}
+    public_base = base_model or (None if is_local_path(metadata.base_model) else metadata.base_model)
+    if public_base and isinstance(training.get("config"), dict):
+        training["config"]["base"] = public_base
+    return replace(metadata, base_model=public_base, training=training)
+
+
 def model_card(repo_id: str, task: str, selection: ExpertSelection, metadata: AdapterMetadata,
                license: str = "other") -> ModelCard:
+    """The card for `metadata` as `public_metadata` leaves it."""
     counts = [len(ids) for ids in selection.experts.values()] or [0]
     training = metadata.training or {}
     config = training.get("config", {})
     data = config.get("data")
-    hub_dataset = data if data and not Path(data).exists() and data.count("/") == 1 and not data.endswith(".jsonl") else None
+    hub_dataset = data if data and data.count("/") == 1 and not data.endswith(".jsonl") else None
     card_data = ModelCardData(
-        base_model=metadata.base_model if metadata.base_model and not Path(metadata.base_model).exists() else None,
+        base_model=metadata.base_model,
+        pipeline_tag="text-generation",
         base_model_relation="adapter",
         library_name="expert-hub",
         tags=["esft", "moe", task],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 from httpx2 import HTTPError as TransportError  # huggingface_hub's HTTP client: network failures
@@ -24,11 +25,11 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from expert_hub.adapter import AdapterHeader
+from expert_hub.adapter import METADATA_FILE, AdapterHeader
 from expert_hub.errors import ExpertHubError
-from expert_hub.io import first_line
+from expert_hub.io import first_line, write_json_atomic
 
-from .card import model_card
+from .card import model_card, public_metadata
 from .store import MANIFEST_FILE, Entry, Registry, validate_task_name
 
 
@@ -38,17 +39,23 @@ class HubError(ExpertHubError):
 
 def push(registry: Registry, ref: str, repo_id: str, private: bool = False, revision: str | None = None,
          commit_message: str | None = None, base: str | None = None, license: str = "other",
-         token: str | None = None) -> str:
-    """Upload a verified registry entry, with a generated model card, to `repo_id`; returns the commit URL."""
+         token: str | None = None, base_model: str | None = None) -> str:
+    """Upload a verified registry entry, with a generated model card, to `repo_id`; returns the commit URL.
+
+    `base_model` is the Hub id of the base the experts were trained from, for an entry trained on a local copy:
+    the card and `expert_hub.json` name it, and no local path is published.
+    """
     entry = registry.resolve(ref, base)
     source = registry.verify(entry)
     header = AdapterHeader.read(source)
+    metadata = public_metadata(header.metadata, base_model)
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as staging, _hub_errors(repo_id, revision):
         for file in source.iterdir():
-            if file.name not in (MANIFEST_FILE, "README.md"):
+            if file.name not in (MANIFEST_FILE, "README.md", METADATA_FILE):
                 shutil.copyfile(file, Path(staging) / file.name)
-        model_card(repo_id, entry.task, header.selection, header.metadata, license).save(Path(staging) / "README.md")
+        write_json_atomic(Path(staging) / METADATA_FILE, asdict(metadata))
+        model_card(repo_id, entry.task, header.selection, metadata, license).save(Path(staging) / "README.md")
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)

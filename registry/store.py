@@ -148,6 +148,11 @@ class Registry:
             candidates = by_version or [e for e in candidates if len(selector) >= 4 and e.digest.startswith(selector)]
         if not candidates:
             where = f" for base {base}" if base else ""
+            others = sorted({str(e.base_model) for e in self.entries() if e.task == task}) if base else []
+            if others:  # pulled for a Hub id, used with a local copy (or the other way round): say how to re-point
+                raise RegistryError(
+                    f"no registered task {ref!r}{where}; it is registered for {', '.join(others)}. To use it with "
+                    f"this base: expert-hub export {ref} DIR && expert-hub import DIR --base {base}")
             raise RegistryError(f"no registered task {ref!r}{where} (see `expert-hub list`)")
         bases = sorted({str(entry.base_model) for entry in candidates})
         if len(bases) > 1:

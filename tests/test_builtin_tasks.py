@@ -41,6 +41,21 @@ def test_each_metric_rewards_the_right_answer_and_not_a_wrong_one(name):
     assert SCORERS[task.metric](wrong, answers) < 0.5 * perfect
 
 
+def test_generic_text_uses_the_held_out_words_but_never_their_answers():
+    """The demo base may know a held-out task's words (ESFT cannot teach new ones) but not its answers."""
+    generic = " ".join(m["content"] for c in BUILTIN_TASKS["general"].examples("train", 3000) for m in c)
+    held_out = [name for name, task in BUILTIN_TASKS.items() if not task.in_demo_base]
+    for name in held_out:
+        conversations = BUILTIN_TASKS[name].examples("eval", 100)
+        answers = {c[-1]["content"] for c in conversations}
+        assert not [answer for answer in answers if answer in generic], name
+        assert not [c[0]["content"] for c in conversations if c[0]["content"] in generic], name
+    for word in ("verdict", "prison", "warning", "offence", "weapon", "intent", "slots", "alarm", "nina simone",
+                 "sailor", "quiet", "carried", '{"title": '):
+        assert word in generic.lower(), word
+    assert '"intent":' not in generic and "Give the verdict" not in generic and "Velan" not in generic
+
+
 def test_known_answers_score_as_expected():
     law = [["Verdict: fine. Reason: low value, not returned."]]
     assert SCORERS["exact"](["Verdict: fine. Reason: low value, not returned."], law) == 1.0

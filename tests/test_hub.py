@@ -191,3 +191,28 @@ def test_pull_registers_plain_files_not_the_cache_symlinks(hub, registered, tmp_
     pulled = pull(second, "acme/law-experts")
     assert pulled.experts == entry.experts and pulled.bytes > entry.bytes  # plus the model card
     assert not any(path.is_symlink() for path in second.verify(pulled).iterdir())
+
+
+def test_push_publishes_no_local_paths(hub, tiny_models, tmp_path, run_cli):
+    base = tiny_models["qwen3_moe"]
+    training = {"steps": 5, "config": {"base": str(base), "data": "/home/me/secret/law.jsonl",
+                                       "out": "/home/me/runs/law-esft-token", "learning_rate": 1e-3}}
+    adapter = ExpertAdapter.from_model(load_base(str(base)), ExpertSelection({1: [2]}), task="law",
+                                       base_model=str(base), training=training)
+    Registry().register(adapter.save(tmp_path / "adapter"))
+    code, out, err = run_cli("push", "law", "--repo", "acme/law", "--base-model", "acme/tiny-moe")
+    assert code == 0, err
+    card, metadata = (_pulled_file(hub, "acme/law", name).decode() for name in ("README.md", "expert_hub.json"))
+    for text in (card, metadata):
+        assert str(tmp_path) not in text and "/home/me" not in text
+    front = yaml.safe_load(card.split("---", 2)[1])
+    assert front["base_model"] == "acme/tiny-moe" and front["pipeline_tag"] == "text-generation"
+    published = json.loads(metadata)
+    assert published["base_model"] == "acme/tiny-moe" and published["training"]["config"]["data"] == "law.jsonl"
+    assert "law experts for acme/tiny-moe" in card and "--base acme/tiny-moe" in card
+    # locally nothing changed: the entry still finds its local base
+    assert Registry().load("law", base=str(base)).metadata.base_model == str(base)
+    code, _, err = run_cli("pull", "acme/law", "--task", "law-hub")
+    assert code == 0, err
+    code, _, err = run_cli("show", "law-hub", "--base", str(base))
+    assert code == 1 and "it is registered for acme/tiny-moe" in err and f"import DIR --base {base}" in err

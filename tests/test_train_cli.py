@@ -143,3 +143,15 @@ def test_data_parallel_training_through_torchrun(tmp_path, tiny_models, esft_dat
     assert [entry["step"] for entry in log] == [1, 2, 3, 4]
     adapter = ExpertAdapter.load(tmp_path / "run" / "adapter")
     assert adapter.metadata.training["steps"] == 4 and adapter.selection.pairs
+
+
+def test_a_relative_base_is_recorded_as_an_absolute_path(run_cli, tmp_path, tiny_models, esft_data, monkeypatch):
+    """Artifacts must find their base from any directory (PEFT would take `w/base` for a Hub id)."""
+    base = tiny_models["olmoe"]
+    monkeypatch.chdir(base.parent)
+    code, _, err = run_cli("train", "--task", "law", "--method", "lora", "--out", tmp_path / "run", "--base",
+                           base.name, "--data", esft_data / "datasets/train/law.jsonl", *SMALL_RUN)
+    assert code == 0, err
+    adapter_config = json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(base)
+    assert json.loads((tmp_path / "run/train_config.json").read_text())["base"] == str(base)

@@ -211,3 +211,20 @@ def test_training_refuses_what_cannot_work(tiny_models, tmp_path, overrides, mes
     data = overrides.pop("data", esft_data / "datasets/train/law.jsonl")
     with pytest.raises(InvalidInputError, match=message):
         train(_config(tiny_models["qwen3_moe"], data, tmp_path / "run", **overrides))
+
+
+@pytest.mark.parametrize("lora_experts", [True, False])
+def test_lora_never_touches_routers_and_no_lora_experts_means_none(tiny_models, family, lora_experts):
+    from expert_hub.training.methods import prepare_lora
+
+    model = load_base(str(tiny_models[family]))
+    layers = moe_layers(model)
+    routers = tuple(f"{layer.prefix}.{layer.family.router}." for layer in layers)
+    routed = tuple(f"{layer.prefix}.experts." for layer in layers)
+    lora = [name for name, p in prepare_lora(model, 4, 8, ["all-linear"], lora_experts).named_parameters()
+            if p.requires_grad]
+    assert lora and all("lora_" in name for name in lora)
+    assert not [name for name in lora if any(router in name for router in routers)]
+    on_experts = [name for name in lora if any(prefix in name for prefix in routed)]
+    assert bool(on_experts) == lora_experts
+    assert any("self_attn" in name for name in lora)

@@ -125,7 +125,7 @@ def prepare_lora(model: nn.Module, rank: int, alpha: int, targets: list[str], ex
     from peft import LoraConfig, get_peft_model
 
     _disable_router_aux_loss(model)
-    target_modules = targets[0] if targets == ["all-linear"] else targets
+    target_modules = _all_linear_but_routers(model) if targets == ["all-linear"] else targets
     target_parameters = None
     if experts:
         target_parameters = sorted({
@@ -137,6 +137,25 @@ def prepare_lora(model: nn.Module, rank: int, alpha: int, targets: list[str], ex
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules,
                         target_parameters=target_parameters, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def _all_linear_but_routers(model: nn.Module) -> list[str]:
+    """PEFT's `all-linear` (every linear layer but the output head) without the routers and the routed experts.
+
+    A LoRA router would move tokens to other experts, which no baseline in the paper does, and routed experts get
+    LoRA through `experts=True` only, so `--no-lora-experts` leaves every one of them untouched. Linear layers named
+    like a transformers-v4 expert projection (the dense and shared-expert MLPs' gate_proj / up_proj / down_proj) are
+    left out too: PEFT rewrites any such target into the routed experts' fused tensors (huggingface/peft#3711).
+    """
+    layers = moe_layers(model)
+    excluded = {id(module) for layer in layers for owner in (layer.router, layer.experts) for module in owner.modules()}
+    excluded.add(id(model.get_output_embeddings()))
+    return sorted(name for name, module in model.named_modules()
+                  if isinstance(module, nn.Linear) and id(module) not in excluded
+                  and name.rsplit(".", 1)[-1] not in _PEFT_REWRITTEN_NAMES)
+
+
+_PEFT_REWRITTEN_NAMES = frozenset({"gate", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"})
 
 
 def _disable_router_aux_loss(model: nn.Module) -> None:
