@@ -228,3 +228,41 @@ def test_lora_never_touches_routers_and_no_lora_experts_means_none(tiny_models, 
     on_experts = [name for name in lora if any(prefix in name for prefix in routed)]
     assert bool(on_experts) == lora_experts
     assert any("self_attn" in name for name in lora)
+
+
+@pytest.mark.parametrize("damage", ["cut", "truncate"])
+def test_a_damaged_last_checkpoint_falls_back_to_the_one_before(tiny_models, tmp_path, esft_data, damage):
+    """A tensor cut to [..., :1] would be broadcast by copy_ into every column; a truncated file, a traceback."""
+    from safetensors.torch import load_file, save_file
+
+    data = esft_data / "datasets/train/law.jsonl"
+    whole = train(_config(tiny_models["mixtral"], data, tmp_path / "whole", steps=10))
+
+    def interrupt(report):
+        if report.step == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tiny_models["mixtral"], data, tmp_path / "split", steps=10, save_every=2), on_step=interrupt)
+    checkpoints = sorted((tmp_path / "split" / "checkpoints").glob("step-*"))
+    weights = checkpoints[-1] / "trainable.safetensors"
+    if damage == "cut":
+        save_file({name: tensor[..., :1].contiguous() for name, tensor in load_file(weights).items()}, weights)
+    else:
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    messages = []
+    resumed = train(_config(tiny_models["mixtral"], data, tmp_path / "split", steps=10, save_every=2), on_status=messages.append)
+    assert resumed.resumed_from == int(checkpoints[-2].name.split("-")[1])
+    assert any(m.startswith(f"warning: {checkpoints[-1].name}") for m in messages), messages
+    first, second = ExpertAdapter.load(whole.artifact), ExpertAdapter.load(resumed.artifact)
+    assert all(torch.equal(first.tensors[key], second.tensors[key]) for key in first.tensors)
+
+
+def test_no_intact_checkpoint_is_one_clear_error(tiny_models, tmp_path, esft_data):
+    data = esft_data / "datasets/train/law.jsonl"
+    train(_config(tiny_models["mixtral"], data, tmp_path / "run", steps=4))
+    (tmp_path / "run" / "adapter").rename(tmp_path / "adapter-kept")
+    for checkpoint in (tmp_path / "run" / "checkpoints").glob("step-*"):
+        (checkpoint / "optimizer.json").write_text("{}")
+    with pytest.raises(InvalidInputError, match=r"no checkpoint in .* can be resumed .*use a new --out"):
+        train(_config(tiny_models["mixtral"], data, tmp_path / "run", steps=6))

@@ -13,9 +13,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..io import fsync_tree, publish_permissions, read_json, replace_directory, write_json_atomic
+from ..errors import InvalidInputError
+from ..io import first_line, fsync_tree, publish_permissions, read_json, replace_directory, write_json_atomic
 
 _STEP_DIR = re.compile(r"step-(\d+)")
 
@@ -52,18 +54,45 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+class DamagedCheckpointError(InvalidInputError):
+    """A checkpoint that cannot be this run's: unreadable, truncated, or of other names, shapes or dtypes."""
+
+
 def load_checkpoint(path: Path, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> dict:
-    """Restore weights, optimizer and RNG in place; returns the saved progress (`step`, ...)."""
-    saved = load_file(path / "trainable.safetensors")
+    """Restore weights, optimizer and RNG in place; returns the saved progress (`step`, ...).
+
+    Everything is read and checked before anything is restored, so a damaged checkpoint changes nothing: a
+    tensor cut to `[:1]` would otherwise be broadcast by `copy_` into every row.
+    """
+    try:
+        saved = load_file(path / "trainable.safetensors")
+        optimizer_tensors = load_file(path / "optimizer.safetensors")
+        layout, progress = read_json(path / "optimizer.json"), read_json(path / "progress.json")
+        rng = load_file(path / "rng.safetensors")
+        state = _unflatten_optimizer(optimizer_tensors, layout)
+    except (SafetensorError, OSError, InvalidInputError, KeyError, TypeError, ValueError) as error:
+        raise DamagedCheckpointError(f"{path.name} cannot be read ({first_line(error)})") from None
     if set(saved) != set(trainable):
-        raise RuntimeError(f"{path} holds other trainable tensors than this run ({len(saved)} vs {len(trainable)})")
+        raise DamagedCheckpointError(f"{path.name} holds other trainable tensors than this run")
+    for name, tensor in trainable.items():
+        if saved[name].shape != tensor.shape or saved[name].dtype != tensor.dtype:
+            raise DamagedCheckpointError(f"{path.name}: {name} is {tuple(saved[name].shape)} {saved[name].dtype}, "
+                                         f"this run trains {tuple(tensor.shape)} {tensor.dtype}")
+    if [len(g["params"]) for g in state["param_groups"]] != [len(g["params"]) for g in optimizer.param_groups]:
+        raise DamagedCheckpointError(f"{path.name}: the optimizer's parameter groups differ from this run's")
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, moments in state["state"].items():
+        for key, value in moments.items():
+            if torch.is_tensor(value) and value.dim() and (index >= len(parameters) or value.shape != parameters[index].shape):
+                raise DamagedCheckpointError(f"{path.name}: optimizer state {index}.{key} does not fit this run")
+    if not isinstance(progress, dict) or not isinstance(progress.get("step"), int) or "cpu" not in rng:
+        raise DamagedCheckpointError(f"{path.name}: progress.json or rng.safetensors is incomplete")
     with torch.no_grad():
         for name, tensor in trainable.items():
             tensor.copy_(saved[name])
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(path / "optimizer.safetensors"),
-                                                   read_json(path / "optimizer.json")))
-    _set_rng_state(load_file(path / "rng.safetensors"))
-    return read_json(path / "progress.json")
+    optimizer.load_state_dict(state)
+    _set_rng_state(rng)
+    return progress
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:

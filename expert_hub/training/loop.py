@@ -33,7 +33,7 @@ from ..models import load_base, load_config, load_tokenizer
 from ..routing import score_model, token_sequences
 from ..selection import ExpertSelection, select_experts
 from .artifacts import write_artifact
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import DamagedCheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import ESFT_METHODS, TrainingConfig
 from .methods import merge_esft, prepare_esft, prepare_full, prepare_lora, trainable_parameters
 
@@ -115,8 +115,8 @@ def train(config: TrainingConfig, on_step: Callable[[StepReport], None] | None =
     # 3. resume where the last checkpoint left off
     start_step, elapsed, train_loss = 0, 0.0, None
     if checkpoints := list_checkpoints(out / "checkpoints"):
-        progress = load_checkpoint(checkpoints[-1], trainable, optimizer)
-        start_step, elapsed, train_loss = progress["step"], progress["seconds"], progress.get("loss")
+        progress = _load_newest_intact(checkpoints, trainable, optimizer, status)
+        start_step, elapsed, train_loss = progress["step"], progress.get("seconds", 0.0), progress.get("loss")
         if start_step > config.steps:
             raise InvalidInputError(f"{out} already holds step {start_step}; ask for --steps {start_step} or more")
         status(f"Resuming from step {start_step}")
@@ -188,6 +188,19 @@ def _step(model, optimizer, batches, trainable, config: TrainingConfig, accelera
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return accelerator.reduce(total, reduction="mean").item()  # the same figure on every rank
+
+
+def _load_newest_intact(checkpoints: list[Path], trainable, optimizer, status) -> dict:
+    """Resume from the newest checkpoint that is whole; a damaged one (a disk error, an edit) is skipped, loudly."""
+    damaged = []
+    for path in reversed(checkpoints):
+        try:
+            return load_checkpoint(path, trainable, optimizer)
+        except DamagedCheckpointError as error:
+            damaged.append(str(error))
+            status(f"warning: {error}; trying the checkpoint before it")
+    raise InvalidInputError(f"no checkpoint in {checkpoints[0].parent} can be resumed ({'; '.join(damaged)}); "
+                            "remove them to start over, or use a new --out")
 
 
 def _check_output(out: Path, config: TrainingConfig) -> None:
