@@ -37,7 +37,9 @@ def import_adapter(
     task: Annotated[Optional[str], typer.Option(help="Task name (default: the adapter's own).")] = None,
     base: Annotated[Optional[str], typer.Option(help="Base model it was trained from (default: from its metadata).")] = None,
 ) -> None:
-    """Register an existing adapter directory as the next version of its task."""
+    """Register an existing adapter directory (or the run directory `train` wrote it in) as the next version."""
+    if not (directory / "expert_cfg.json").exists() and (directory / "adapter" / "expert_cfg.json").is_file():
+        directory = directory / "adapter"  # `expert-hub import runs/law-esft-token`
     entry = _registry().register(directory, task=task, base=base)
     console.print(f"Registered {entry.ref} ({entry.digest[:12]}, {_size(entry.bytes)}) for base {entry.base_model}")
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .errors import InvalidInputError
-from .io import numbered_lines
+from .io import first_line, numbered_lines
 
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
@@ -38,14 +38,31 @@ def read_conversations(path: str | Path) -> Iterator[list[Message]]:
 def load_conversations(data: str | Path, split: str = "train") -> Iterator[list[Message]]:
     """Conversations from a JSONL file, or from a Hugging Face dataset (a saved directory or a Hub name)."""
     path = Path(data)
-    if path.is_file() or path.suffix in (".jsonl", ".json"):
+    if path.suffix in _DATASET_FILES and path.is_file():  # one file in a format `datasets` reads
+        records = _load_dataset_file(path)
+    elif path.is_file() or path.suffix == ".jsonl":
         yield from read_conversations(path)
         return
-    for number, record in enumerate(_load_dataset(str(data), split)):
+    else:
+        records = _load_dataset(str(data), split)
+    for number, record in enumerate(records):
         try:
             yield parse_messages(record)
         except ValueError as error:
             raise InvalidInputError(f"{data} [{split}] row {number}: {error}") from None
+
+
+_DATASET_FILES = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def _load_dataset_file(path: Path):
+    """A .json (JSON lines or one array), .parquet or .csv file, read as `datasets.load_dataset` reads it."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(_DATASET_FILES[path.suffix], data_files=str(path), split="train")
+    except Exception as error:  # noqa: BLE001 (datasets' builders raise many types; the user needs one line)
+        raise InvalidInputError(f"cannot read {path} as {_DATASET_FILES[path.suffix]}: {first_line(error)}") from None
 
 
 def _load_dataset(name: str, split: str):
@@ -56,8 +73,8 @@ def _load_dataset(name: str, split: str):
             loaded = datasets.load_from_disk(name)
             return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
         return datasets.load_dataset(name, split=split)
-    except (FileNotFoundError, ValueError, KeyError, ConnectionError) as error:
-        raise InvalidInputError(f"cannot load dataset {name!r} split {split!r}: {error}") from None
+    except Exception as error:  # noqa: BLE001 (a directory of other files, a missing name, no network, ...)
+        raise InvalidInputError(f"cannot load dataset {name!r} split {split!r}: {first_line(error)}") from None
 
 
 def parse_messages(record) -> list[Message]:
@@ -69,6 +86,11 @@ def parse_messages(record) -> list[Message]:
             raise ValueError(f'each message needs a "role" in {ROLES}')
         if not isinstance(message.get("content"), str):
             raise ValueError('each message needs a string "content"')
+        if not message["content"].isascii():
+            try:
+                message["content"].encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate such as "\ud800": JSON allows it, no tokenizer does
+                raise ValueError("a message holds a lone surrogate (\\ud800-\\udfff), which is not text") from None
         messages.append({"role": message["role"], "content": message["content"]})
     return messages
 
@@ -180,7 +202,7 @@ def read_eval_records(data: str | Path, split: str = "test") -> list[dict]:
     assistant turn is the answer and everything before it the prompt.
     """
     path = Path(data)
-    if path.is_file():
+    if path.is_file() and path.suffix not in (".parquet", ".csv"):
         first = next(numbered_lines(path), (0, ""))[1]
         if '"raw_answers"' in first:
             return list(_read_reference_eval(path))

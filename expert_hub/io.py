@@ -80,12 +80,24 @@ def _umask() -> int:
     return mask
 
 
+MAX_LINE_BYTES = 64 * 2**20  # one JSONL record; parsing a longer one would take several GB of memory
+
+
 def numbered_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """Non-blank lines of a text file with their 1-based numbers; a line that is not UTF-8 is reported."""
+    """Non-blank lines of a text file with their 1-based numbers; a line that is not UTF-8 is reported.
+
+    A UTF-8 byte-order mark (what some Windows editors write) is dropped. A line is read at most `MAX_LINE_BYTES`
+    at a time, so one enormous record is refused instead of exhausting memory.
+    """
     with Path(path).open("rb") as lines:
-        for number, raw in enumerate(lines, start=1):
+        number = 0
+        while raw := lines.readline(MAX_LINE_BYTES + 1):
+            number += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                raise InvalidInputError(f"{path}:{number}: longer than {MAX_LINE_BYTES // 2**20} MiB; "
+                                        "one record per line, each under that size")
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError:
                 raise InvalidInputError(f"{path}:{number}: not UTF-8 text") from None
             if line.strip():

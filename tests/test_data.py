@@ -82,3 +82,40 @@ def test_answer_scorers():
     assert intent_match(predictions, [[answer]] * 3) == pytest.approx(1 / 3)
     assert bleu(["the cat sat on the mat"], [["the cat sat on the mat"]]) == pytest.approx(100.0)
     assert 0 < bleu(["今天天气很好"], [["今天天气不错"]]) < 100
+
+
+def test_single_files_are_read_as_datasets_reads_them(tmp_path):
+    import datasets
+
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(3)]
+    expected = [row["messages"] for row in rows]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "law.parquet"))
+    (tmp_path / "law.json").write_text(json.dumps(rows))  # one JSON array, not JSON lines
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in rows).encode())
+    for name in ("law.parquet", "law.json", "bom.jsonl"):
+        assert list(load_conversations(tmp_path / name)) == expected, name
+    assert read_eval_records(tmp_path / "law.parquet")[0]["answers"] == ["a0"]
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(InvalidInputError, match="cannot read .*broken.parquet as parquet"):
+        list(load_conversations(tmp_path / "broken.parquet"))
+
+
+def test_input_that_is_not_text_or_too_long_is_one_line(tmp_path, monkeypatch):
+    from expert_hub import io
+
+    (tmp_path / "surrogate.jsonl").write_text('{"messages": [{"role": "user", "content": "a\\ud800b"}]}\n')
+    with pytest.raises(InvalidInputError, match=r"surrogate.jsonl:1: a message holds a lone surrogate"):
+        list(load_conversations(tmp_path / "surrogate.jsonl"))
+    monkeypatch.setattr(io, "MAX_LINE_BYTES", 1000)
+    (tmp_path / "long.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}]}\n'
+                                         + json.dumps({"messages": [{"role": "user", "content": "x" * 5000}]}) + "\n")
+    with pytest.raises(InvalidInputError, match=r"long.jsonl:2: longer than 0 MiB"):
+        list(load_conversations(tmp_path / "long.jsonl"))
+    (tmp_path / "not-a-dataset").mkdir()
+    (tmp_path / "not-a-dataset" / "notes.txt").write_text("hello")
+    with pytest.raises(InvalidInputError, match=r"not-a-dataset \[train\] row 0: expected an object"):
+        list(load_conversations(tmp_path / "not-a-dataset"))  # datasets reads it as text: not conversations
+    (tmp_path / "empty-dir").mkdir()
+    with pytest.raises(InvalidInputError, match="cannot load dataset"):
+        list(load_conversations(tmp_path / "empty-dir"))

@@ -284,3 +284,13 @@ def test_a_piped_listing_is_never_cut(adapters, registry_home):
                              timeout=120, env=environment)
     row = next(line for line in listing.stdout.splitlines() if "and-an-even-longer" in line)
     assert "a-rather-long-namespace/and-an-even-longer-task-name-for-the-law" in row and str(base) in row
+
+
+def test_import_finds_the_adapter_in_a_run_directory(adapters, run_cli, tmp_path):
+    _, made = adapters
+    run = tmp_path / "runs" / "law-esft-token"
+    run.mkdir(parents=True)
+    made["law"].rename(run / "adapter")
+    (run / "train_config.json").write_text("{}")
+    code, out, err = run_cli("import", run)
+    assert code == 0 and "Registered law@1" in out, err
