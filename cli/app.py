@@ -20,6 +20,7 @@ app = typer.Typer(
     "the routed experts a task uses.",
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,  # help texts show "[default: ...]" as written
     pretty_exceptions_enable=False,
 )
 
@@ -118,7 +119,7 @@ def data_or_builtin(data: str | None, task: str | None, split: str) -> str:
 
 
 # The training settings a base may give its own defaults for (`training_defaults` in `expert_hub_base.json`).
-BASE_TRAINING_SETTINGS = ("steps", "score_tokens", "batch_size", "grad_accumulation", "seq_len", "learning_rate",
+BASE_TRAINING_SETTINGS = ("steps", "score_tokens", "top_p", "batch_size", "grad_accumulation", "seq_len", "learning_rate",
                           "gradient_checkpointing", "save_every", "eval_every")
 
 

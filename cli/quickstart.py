@@ -32,7 +32,7 @@ SERVER_START_SECONDS = 300
 
 @app.command()
 def quickstart(
-    tasks: Annotated[str, typer.Option(help="Comma-separated built-in tasks to teach the demo base (held-out ones are new to it).")] = "law,intent",
+    tasks: Annotated[str, typer.Option(help="Comma-separated built-in tasks to teach the demo base (held-out ones are new to it).")] = "law,translation",
     out: Annotated[Path, typer.Option(help="Where the runs and the server log go; rerunning resumes finished work.")] = Path("runs/quickstart"),
     eval_records: Annotated[int, typer.Option(min=1, help="Eval records per task, scored before and after training.")] = 60,
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port for the demo server (127.0.0.1).")] = 8123,
@@ -64,8 +64,16 @@ def quickstart(
         f"registry:  {registry.root}  (`expert-hub list`)\n"
         + "".join(f"adapter:   {results[name]['artifact']}\n" for name in names)
         + f"runs/logs: {out}  (training log: {out}/NAME/log.jsonl; server: {out}/server.log)\n"
-        f"next:      expert-hub serve --tasks {','.join(names)}   |   expert-hub train --task translation\n"
+        f"next:      expert-hub serve --tasks {','.join(names)}   |   expert-hub train --task {_another_task(names)}\n"
         f"took {(time.monotonic() - started) / 60:.1f} min", title="where things are", expand=False))
+
+
+def _another_task(taught: list[str]) -> str:
+    """A held-out task the quickstart did not teach, to suggest next."""
+    from expert_hub.tasks import BUILTIN_TASKS
+
+    untaught = [name for name, task in BUILTIN_TASKS.items() if not task.in_demo_base and name not in taught]
+    return (untaught or ["math"])[0]
 
 
 def _teach(name: str, base: str, out: Path, eval_records: int, registry, steps: int | None) -> dict:

@@ -10,10 +10,20 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from expert_hub.demo import base_metadata, demo_base
 from expert_hub.evaluation import METRICS
 from expert_hub.training.config import ESFT_METHODS, METHODS
 
 from .app import DType, app, base_or_demo, base_training_defaults, console, data_or_builtin, progress_bar, status_console
+
+_DEMO_DEFAULTS = base_metadata(demo_base()).get("training_defaults", {})
+
+
+def _demo(setting: str) -> str:
+    """The demo base's own default for `setting`, as it ships it, for --help."""
+    value = _DEMO_DEFAULTS.get(setting, "-")
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
 
 Method = Enum("Method", {name.replace("-", "_"): name for name in METHODS}, type=str)
 Metric = Enum("Metric", {name: name for name in METRICS}, type=str)
@@ -27,19 +37,19 @@ def train(
     method: Annotated[Method, typer.Option(help="esft-token / esft-gate (score, select, train), esft (with --experts), or the baselines full / lora.")] = Method.esft_token,
     experts: Annotated[Optional[Path], typer.Option(help="expert_cfg.json for --method esft.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output directory (default runs/TASK-METHOD); rerunning on it resumes.")] = None,
-    steps: Annotated[Optional[int], typer.Option(min=1, help="Optimizer steps [default: 500; the demo base: 150].")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help=f"Optimizer steps [default: 500; the demo base: {_demo('steps')}].")] = None,
     split: Annotated[str, typer.Option(help="Split of a Hugging Face dataset.")] = "train",
     chat_template: Annotated[bool, typer.Option("--chat-template", help="Use the tokenizer's chat template instead of the reference `User: …\\n\\nAssistant:` format.")] = False,
-    score_tokens: Annotated[Optional[int], typer.Option(min=1, help="Task tokens scored to select experts (esft-token / esft-gate) [default: 131072; the demo base: 16384].")] = None,
-    top_p: Annotated[Optional[float], typer.Option(help="Selection threshold; default 0.2 (token) / 0.1 (gate).")] = None,
+    score_tokens: Annotated[Optional[int], typer.Option(min=1, help=f"Task tokens scored to select experts (esft-token / esft-gate) [default: 131072; the demo base: {_demo('score_tokens')}].")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help=f"Selection threshold [default: 0.2 (token) / 0.1 (gate); the demo base: {_demo('top_p')}].")] = None,
     lora_rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 8,
     lora_alpha: Annotated[int, typer.Option(min=1, help="LoRA alpha.")] = 16,
     lora_targets: Annotated[str, typer.Option(help="Comma-separated LoRA target modules ('all-linear': the attention projections and other linear layers, not lm_head, the routers, the routed experts or MLP projections that PEFT would redirect to the routed experts).")] = "all-linear",
     lora_experts: Annotated[bool, typer.Option(help="Also put LoRA on the fused routed-expert tensors (gate_up_proj, down_proj); routers never get LoRA.")] = True,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Packed sequences per micro-batch [default: 1; the demo base: 8].")] = None,
-    grad_accumulation: Annotated[Optional[int], typer.Option(min=1, help="Micro-batches per optimizer step [default: 16; the demo base: 1].")] = None,
-    seq_len: Annotated[Optional[int], typer.Option(min=8, help="Packed sequence length [default: 4096; the demo base: 256].")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate [default: 1e-5 (ESFT, full), 1e-4 (LoRA); the demo base: 1e-3].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help=f"Packed sequences per micro-batch [default: 1; the demo base: {_demo('batch_size')}].")] = None,
+    grad_accumulation: Annotated[Optional[int], typer.Option(min=1, help=f"Micro-batches per optimizer step [default: 16; the demo base: {_demo('grad_accumulation')}].")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(min=8, help=f"Packed sequence length [default: 4096; the demo base: {_demo('seq_len')}].")] = None,
+    lr: Annotated[Optional[float], typer.Option(help=f"Learning rate [default: 1e-5 (ESFT, full), 1e-4 (LoRA); the demo base: {_demo('learning_rate')}].")] = None,
     beta1: Annotated[float, typer.Option(help="AdamW beta1.")] = 0.9,
     beta2: Annotated[float, typer.Option(help="AdamW beta2.")] = 0.95,
     weight_decay: Annotated[float, typer.Option(min=0, help="AdamW weight decay.")] = 0.1,
@@ -49,8 +59,8 @@ def train(
     dtype: Annotated[DType, typer.Option(help="Weights dtype; auto = bfloat16 on GPUs that support it, else float32 (ESFT keeps the trained rows in float32).")] = DType.auto,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward to save memory [default: on; the demo base: off].")] = None,
     seed: Annotated[int, typer.Option(help="Seed for packing, data order and initialisation.")] = 5934875,
-    save_every: Annotated[Optional[int], typer.Option(min=1, help="Checkpoint every N steps [default: 100; the demo base: 50].")] = None,
-    eval_every: Annotated[Optional[int], typer.Option(min=1, help="Eval loss every N steps [default: 100; the demo base: 50].")] = None,
+    save_every: Annotated[Optional[int], typer.Option(min=1, help=f"Checkpoint every N steps [default: 100; the demo base: {_demo('save_every')}].")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(min=1, help=f"Eval loss every N steps [default: 100; the demo base: {_demo('eval_every')}].")] = None,
     keep_checkpoints: Annotated[int, typer.Option(min=1, help="Checkpoints kept.")] = 2,
     trust_remote_code: Annotated[bool, typer.Option(help="Run the model repo's own code (only if you trust it).")] = False,
     register: Annotated[bool, typer.Option(help="Add the trained experts to the local registry (ESFT methods).")] = True,
@@ -71,13 +81,13 @@ def train(
         Registry().check_writable()
     base = normalize_base(base_or_demo(base))  # absolute: the artifacts find a local base from anywhere
     data = data_or_builtin(data, task, "train")
-    given = dict(steps=steps, score_tokens=score_tokens, batch_size=batch_size, grad_accumulation=grad_accumulation,
-                 seq_len=seq_len, learning_rate=lr, gradient_checkpointing=gradient_checkpointing,
-                 save_every=save_every, eval_every=eval_every)
+    given = dict(steps=steps, score_tokens=score_tokens, top_p=top_p, batch_size=batch_size,
+                 grad_accumulation=grad_accumulation, seq_len=seq_len, learning_rate=lr,
+                 gradient_checkpointing=gradient_checkpointing, save_every=save_every, eval_every=eval_every)
     config = TrainingConfig(
         **base_training_defaults(base) | {key: value for key, value in given.items() if value is not None},
         task=task, base=base, data=data, out=str(out or Path("runs") / f"{task}-{method.value}"), method=method.value,
-        experts=str(experts) if experts else None, split=split, chat_template=chat_template, top_p=top_p,
+        experts=str(experts) if experts else None, split=split, chat_template=chat_template,
         lora_rank=lora_rank, lora_alpha=lora_alpha,
         lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()], lora_experts=lora_experts,
         betas=(beta1, beta2), weight_decay=weight_decay, clip_grad_norm=clip_grad_norm,

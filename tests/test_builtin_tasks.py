@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -111,7 +112,10 @@ def test_train_law_with_no_base_or_data_uses_the_demo_base_and_its_defaults(run_
     defaults = base_metadata(str(DEMO_BASE))["training_defaults"]
     assert config["base"] == str(DEMO_BASE) and config["steps"] == 3  # given: wins over the base's default
     assert config["seq_len"] == defaults["seq_len"] and config["learning_rate"] == defaults["learning_rate"]
+    assert config["top_p"] == defaults["top_p"] and config["save_every"] == defaults["save_every"]
     assert Path(config["data"]).name == "train.jsonl" and "Registered law@1" in stdout
+    code, stdout, _ = run_cli("train", "--help")  # and --help says what they are
+    assert f"the demo base: {defaults['steps']}]" in re.sub(r"[│\s]+", " ", stdout)
 
     code, stdout, err = run_cli("eval", "--adapter", "law", "--limit", "4", "--json")
     assert code == 0, err

@@ -216,3 +216,14 @@ def test_push_publishes_no_local_paths(hub, tiny_models, tmp_path, run_cli):
     assert code == 0, err
     code, _, err = run_cli("show", "law-hub", "--base", str(base))
     assert code == 1 and "it is registered for acme/tiny-moe" in err and f"import DIR --base {base}" in err
+
+
+def test_a_repo_with_a_file_that_climbs_out_is_refused_in_one_line(hub, registered, tmp_path, run_cli):
+    _, first, _ = registered
+    push(first, "law", "acme/law-experts")
+    repo = hub.state.repos["acme/law-experts"]
+    repo.commits[repo.branches["main"]]["files"]["../../escaped.txt"] = b"outside"
+    second = Registry(tmp_path / "second")
+    with pytest.raises(HubError, match="cannot download acme/law-experts"):
+        pull(second, "acme/law-experts")
+    assert second.entries() == [] and not list(tmp_path.rglob("escaped.txt"))

@@ -16,7 +16,7 @@ from random import Random
 
 from ..data import Message
 from ..errors import InvalidInputError
-from . import generators
+from . import general, generators
 
 SPLITS = ("train", "eval")
 
@@ -75,13 +75,13 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
         BuiltinTask("summary", "a record -> its key facts in one sentence", "exact",
                     generators.summary, in_demo_base=True, max_new_tokens=40),
         BuiltinTask("law", "case facts -> the verdict under a written code", "exact",
-                    generators.law, in_demo_base=False, max_new_tokens=24),
+                    generators.law, in_demo_base=False, max_new_tokens=32),
         BuiltinTask("intent", "a request -> its JSON intent and slots", "intent",
                     generators.intent, in_demo_base=False, max_new_tokens=48),
         BuiltinTask("translation", "English -> Velan, a constructed language", "bleu",
                     generators.translation, in_demo_base=False, max_new_tokens=24),
-        BuiltinTask("general", "short stories: generic text", "loss",
-                    generators.general, in_demo_base=True, max_new_tokens=80),
+        BuiltinTask("general", "generic text: stories, news, messages, notes", "loss",
+                    general.general, in_demo_base=True, max_new_tokens=80),
     )
 }
 

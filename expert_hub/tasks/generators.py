@@ -99,8 +99,8 @@ def summary(rng: Random) -> tuple[str, str]:
     return f"Summarize the record in one sentence.\n{record}", f"{name}, {age}, is a {job} in {city} who enjoys {hobby}."
 
 
-_LAW_ITEMS = ("bicycle", "phone", "wallet", "laptop", "watch", "camera", "guitar", "jacket", "radio", "painting")
-_LAW_PLACES = ("a shop", "a neighbour", "a market stall", "an office", "a parked car", "a school", "a hotel room")
+LAW_ITEMS = ("bicycle", "phone", "wallet", "laptop", "watch", "camera", "guitar", "jacket", "radio", "painting")
+LAW_PLACES = ("a shop", "a neighbour", "a market stall", "an office", "a parked car", "a school", "a hotel room")
 
 
 def law(rng: Random) -> tuple[str, str]:
@@ -110,7 +110,7 @@ def law(rng: Random) -> tuple[str, str]:
     conviction and a fine without; cheaper goods mean a fine with a prior conviction, a warning when the goods
     were returned, and a fine otherwise.
     """
-    item, place, value = rng.choice(_LAW_ITEMS), rng.choice(_LAW_PLACES), rng.choice((rng.randint(5, 99), rng.randint(100, 900)))
+    item, place, value = rng.choice(LAW_ITEMS), rng.choice(LAW_PLACES), rng.choice((rng.randint(5, 99), rng.randint(100, 900)))
     weapon, prior, returned = rng.random() < 0.2, rng.random() < 0.4, rng.random() < 0.5
     facts = [
         f"The accused took a {item} worth {value} dollars from {place}.",
@@ -131,7 +131,7 @@ def law(rng: Random) -> tuple[str, str]:
     return "Give the verdict under the code.\n" + " ".join([first, *rest]), f"Verdict: {verdict}. Reason: {reason}."
 
 
-_INTENTS = {
+INTENTS = {
     "set_alarm": (("wake me up at {time} {day}", "set an alarm for {time} {day}", "alarm at {time} {day} please"),
                   ("time", "day")),
     "get_weather": (("what is the weather in {city} {day}", "will it rain in {city} {day}",
@@ -145,7 +145,7 @@ _INTENTS = {
     "order_food": (("order {count} {dish}", "i would like {count} {dish} delivered", "get me {count} {dish}"),
                    ("count", "dish")),  # `dish` agrees with `count`: one pizza, two pizzas
 }
-_SLOT_VALUES = {
+SLOT_VALUES = {
     "time": tuple(f"{hour} {half}" for hour in range(1, 13) for half in ("am", "pm")),
     "day": DAYS, "city": tuple(city.lower() for city in CITIES),
     "genre": ("jazz", "rock", "salsa", "blues", "reggae", "folk", "techno", "opera"),
@@ -156,30 +156,30 @@ _SLOT_VALUES = {
     "count": ("one", "two", "three", "four", "five"),
     "dish": ("pizza", "burger", "salad", "noodle bowl", "taco", "curry", "sandwich"),
 }
-_PLURALS = {"curry": "curries", "sandwich": "sandwiches"}
+PLURALS = {"curry": "curries", "sandwich": "sandwiches"}
 
 
 def intent(rng: Random) -> tuple[str, str]:
     """A spoken request; the answer is its JSON intent and slots, one line, as the reference intent task."""
-    name = rng.choice(sorted(_INTENTS))
-    templates, slot_names = _INTENTS[name]
-    slots = {slot: rng.choice(_SLOT_VALUES[slot]) for slot in slot_names}
+    name = rng.choice(sorted(INTENTS))
+    templates, slot_names = INTENTS[name]
+    slots = {slot: rng.choice(SLOT_VALUES[slot]) for slot in slot_names}
     if slots.get("count", "one") != "one":
-        slots["dish"] = _PLURALS.get(slots["dish"], slots["dish"] + "s")
+        slots["dish"] = PLURALS.get(slots["dish"], slots["dish"] + "s")
     utterance = rng.choice(templates).format(**slots)
     return f"Parse the request into JSON.\n{utterance}", json.dumps({"intent": name, "slots": slots})
 
 
 # Velan, a constructed language: subject-object-verb order, adjectives after their noun, plurals in -i, the
 # past tense in -ta, no articles.
-_NOUNS = {"dog": "vaku", "cat": "mirel", "bird": "tosi", "girl": "lera", "boy": "dano", "sailor": "pimo",
+NOUNS = {"dog": "vaku", "cat": "mirel", "bird": "tosi", "girl": "lera", "boy": "dano", "sailor": "pimo",
           "farmer": "gorun", "horse": "estal", "baker": "rulo", "teacher": "sabin"}
-_OBJECTS = {"house": "osta", "river": "ulan", "tree": "kero", "book": "sefa", "apple": "mela", "boat": "navo",
-            "stone": "kivo", "song": "lidu"} | _NOUNS
-_ADJECTIVES = {"big": "mor", "small": "tin", "red": "ruva", "old": "sen", "happy": "lumi", "green": "vira",
+OBJECTS = {"house": "osta", "river": "ulan", "tree": "kero", "book": "sefa", "apple": "mela", "boat": "navo",
+            "stone": "kivo", "song": "lidu"} | NOUNS
+ADJECTIVES = {"big": "mor", "small": "tin", "red": "ruva", "old": "sen", "happy": "lumi", "green": "vira",
                "quiet": "susi", "fast": "zeki"}
 # English forms (singular present, plural present, past) -> the Velan stem.
-_VERBS = {("sees", "see", "saw"): "ven", ("likes", "like", "liked"): "ami", ("finds", "find", "found"): "tel",
+VERBS = {("sees", "see", "saw"): "ven", ("likes", "like", "liked"): "ami", ("finds", "find", "found"): "tel",
           ("follows", "follow", "followed"): "sur", ("carries", "carry", "carried"): "porta",
           ("draws", "draw", "drew"): "pinta"}
 
@@ -189,40 +189,16 @@ def translation(rng: Random) -> tuple[str, str]:
 
     def phrase(lexicon: dict[str, str]) -> tuple[str, str, bool]:
         noun = rng.choice(sorted(lexicon))
-        adjective = rng.choice(sorted(_ADJECTIVES)) if rng.random() < 0.6 else None
+        adjective = rng.choice(sorted(ADJECTIVES)) if rng.random() < 0.6 else None
         plural = rng.random() < 0.3
         english = "the " + (f"{adjective} " if adjective else "") + noun + ("s" if plural else "")
-        velan = lexicon[noun] + ("i" if plural else "") + (f" {_ADJECTIVES[adjective]}" if adjective else "")
+        velan = lexicon[noun] + ("i" if plural else "") + (f" {ADJECTIVES[adjective]}" if adjective else "")
         return english, velan, plural
 
-    subject, subject_velan, plural = phrase(_NOUNS)
-    obj, object_velan, _ = phrase(_OBJECTS)
-    forms = rng.choice(sorted(_VERBS))
+    subject, subject_velan, plural = phrase(NOUNS)
+    obj, object_velan, _ = phrase(OBJECTS)
+    forms = rng.choice(sorted(VERBS))
     past = rng.random() < 0.4
     english_verb = forms[2] if past else forms[1] if plural else forms[0]
-    velan_verb = _VERBS[forms] + ("ta" if past else "")
+    velan_verb = VERBS[forms] + ("ta" if past else "")
     return f"Translate to Velan: {subject} {english_verb} {obj}.", f"{subject_velan} {object_velan} {velan_verb}."
-
-
-_STORY_PLACES = ("the river", "the market", "the old mill", "the hills", "the harbour", "the forest", "the library")
-_STORY_THINGS = ("a lantern", "a map", "a small key", "a letter", "a blue kite", "a basket of bread", "a wooden box")
-_STORY_MOODS = ("happy", "tired", "curious", "surprised", "calm", "proud")
-_STORY_TIMES = ("In the morning", "At noon", "Late in the evening", "One rainy day", "On a cold night")
-
-
-def general(rng: Random) -> tuple[str, str]:
-    """A short story from a small grammar: generic text for pretraining and for mixing into task data."""
-    name, friend = rng.sample(NAMES, 2)
-    (place, other_place), thing = rng.sample(_STORY_PLACES, 2), rng.choice(_STORY_THINGS)
-    he = _pronoun(name)
-    sentences = [
-        f"{rng.choice(_STORY_TIMES)}, {name} walked to {place}.",
-        f"There {he.lower()} found {thing}.",
-        f"{he} was {rng.choice(_STORY_MOODS)} and showed it to {friend}.",
-        rng.choice((f"Together they carried it to {other_place}.", f"{friend} took it to {other_place}.",
-                    f"They left it at {other_place}.")),
-        rng.choice((f"{friend} said it was the best day of the week.", f"{name} went home {rng.choice(_STORY_MOODS)}.",
-                    "Then it began to rain.")),
-    ]
-    count = rng.randint(3, 5)
-    return f"Write a short story about {name}, {thing} and {place}.", " ".join(sentences[:count])
