@@ -40,7 +40,7 @@ def load_conversations(data: str | Path, split: str = "train") -> Iterator[list[
     path = Path(data)
     if path.suffix in _DATASET_FILES and path.is_file():  # one file in a format `datasets` reads
         records = _load_dataset_file(path)
-    elif path.is_file() or path.suffix == ".jsonl":
+    elif path.is_file() or path.suffix in (".jsonl", *_DATASET_FILES):  # (a missing file: "data file not found")
         yield from read_conversations(path)
         return
     else:

@@ -96,9 +96,9 @@ class Entry:
         if data["version"] < 1 or data.get("bytes", 0) < 0:
             raise RegistryError("has a version below 1 or a negative size")
         if not all(isinstance(k, str) and type(v) is int for k, v in data.get("experts", {}).items()):
-            raise RegistryError(f"has experts = {data['experts']!r}")
+            raise RegistryError(f"has experts = {data['experts']!r:.80}")
         if not all(isinstance(k, str) and type(v) in (int, float) for k, v in data.get("metrics", {}).items()):
-            raise RegistryError(f"has metrics = {data['metrics']!r}")
+            raise RegistryError(f"has metrics = {data['metrics']!r:.80}")
         known = {f.name for f in fields(cls)}
         return cls(**{name: value for name, value in data.items() if name in known})
 

@@ -96,6 +96,8 @@ def test_single_files_are_read_as_datasets_reads_them(tmp_path):
     for name in ("law.parquet", "law.json", "bom.jsonl"):
         assert list(load_conversations(tmp_path / name)) == expected, name
     assert read_eval_records(tmp_path / "law.parquet")[0]["answers"] == ["a0"]
+    with pytest.raises(InvalidInputError, match="data file not found"):
+        list(load_conversations(tmp_path / "missing.parquet"))
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(InvalidInputError, match="cannot read .*broken.parquet as parquet"):
         list(load_conversations(tmp_path / "broken.parquet"))
