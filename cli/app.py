@@ -52,8 +52,7 @@ def _options(
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
-    """Expert-Specialized Fine-Tuning (ESFT) for Mixture-of-Experts models: score, select, train and share the
-    routed experts a task uses."""
+    """Options of `expert-hub` itself (the app's help is `Typer(help=...)` above)."""
 
 ScoreFunction = Enum("ScoreFunction", {name: name for name in SCORE_FUNCTIONS}, type=str)
 

@@ -29,10 +29,10 @@ def main() -> None:
         print("aborted", file=sys.stderr)
         sys.exit(130)
     except typer.TyperException as error:  # usage errors: unknown option, bad value, missing argument
-        message = error.format_message().strip()
-        if "\n" in message:  # no arguments at all: the message is the help text
+        message = error.format_message()
+        if "\n" in message.strip():  # no arguments at all: the message is the help text
             print(message, file=sys.stderr)
-        elif message:  # (typer prints the help itself and leaves the message empty)
+        else:
             print(f"error: {message}", file=sys.stderr)
         sys.exit(error.exit_code)
     except ExpertHubError as error:
