@@ -176,11 +176,15 @@ def check_weight(key: str, tensor: torch.Tensor, origin: str) -> None:
     outlives the request, so such adapters never get in: not at import, not at load. The test reads min and max,
     which NaN propagates to: one pass, about 30 times faster on a CPU than `isfinite(tensor).all()`.
     """
+    check_dtype(key, tensor, origin)
+    if tensor.numel() and not all(torch.isfinite(bound) for bound in torch.aminmax(tensor)):
+        raise InvalidInputError(f"{origin}: {key} holds NaN or infinite values (did training diverge?)")
+
+
+def check_dtype(key: str, tensor: torch.Tensor, origin: str) -> None:
     if tensor.dtype not in _WEIGHT_DTYPES:
         raise InvalidInputError(f"{origin}: {key} is {str(tensor.dtype).removeprefix('torch.')}, "
                                 "not a floating-point weight")
-    if tensor.numel() and not all(torch.isfinite(bound) for bound in torch.aminmax(tensor)):
-        raise InvalidInputError(f"{origin}: {key} holds NaN or infinite values (did training diverge?)")
 
 
 def _check_tensors_match_selection(selection: ExpertSelection, keys, origin: str) -> None:
@@ -261,7 +265,7 @@ class ExpertAdapter:
         """
         views = _tensor_views(model, self.tensors)
         for key, tensor in self.tensors.items():
-            check_weight(key, tensor, origin="the adapter")  # an integer or bool tensor is never cast into weights
+            check_dtype(key, tensor, origin="the adapter")  # an integer or bool tensor is never cast into weights
         if missing := sorted(set(_selected_views(model, self.selection)) - set(self.tensors)):
             raise AdapterMismatchError(f"the adapter lacks {missing[0]}, which its selection replaces in this model")
         for key, tensor in self.tensors.items():
