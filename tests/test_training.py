@@ -82,16 +82,22 @@ def test_loss_falls_and_the_adapter_reproduces_the_trained_logits(tiny_models, t
     assert torch.equal(trained, reloaded) and not torch.equal(trained, base)
 
 
-def test_an_interrupted_run_resumes_and_ends_where_an_uninterrupted_one_does(tiny_models, tmp_path, esft_data):
-    data = esft_data / "datasets/train/law.jsonl"
-    whole = train(_config(tiny_models["mixtral"], data, tmp_path / "whole", steps=10))
+def _train_until_interrupted_at_step_6(config: TrainingConfig) -> None:
+    """Ctrl-C as step 6 ends: whatever checkpoints that step wrote stay, the run stops there."""
 
     def interrupt(report):
         if report.step == 6:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(_config(tiny_models["mixtral"], data, tmp_path / "split", steps=10), on_step=interrupt)
+        train(config, on_step=interrupt)
+
+
+def test_an_interrupted_run_resumes_and_ends_where_an_uninterrupted_one_does(tiny_models, tmp_path, esft_data):
+    data = esft_data / "datasets/train/law.jsonl"
+    whole = train(_config(tiny_models["mixtral"], data, tmp_path / "whole", steps=10))
+
+    _train_until_interrupted_at_step_6(_config(tiny_models["mixtral"], data, tmp_path / "split", steps=10))
     assert not (tmp_path / "split" / "adapter").exists()
     resumed = train(_config(tiny_models["mixtral"], data, tmp_path / "split", steps=10))
     assert resumed.resumed_from == 4  # the step-6 checkpoint was never written: lost 2 steps at most
@@ -238,12 +244,7 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_one_before(tiny_models, tmp
     data = esft_data / "datasets/train/law.jsonl"
     whole = train(_config(tiny_models["mixtral"], data, tmp_path / "whole", steps=10))
 
-    def interrupt(report):
-        if report.step == 6:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(_config(tiny_models["mixtral"], data, tmp_path / "split", steps=10, save_every=2), on_step=interrupt)
+    _train_until_interrupted_at_step_6(_config(tiny_models["mixtral"], data, tmp_path / "split", steps=10, save_every=2))
     checkpoints = sorted((tmp_path / "split" / "checkpoints").glob("step-*"))
     weights = checkpoints[-1] / "trainable.safetensors"
     if damage == "cut":
