@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -26,18 +24,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import AdapterMismatchError, InvalidInputError
-from .families import PROJECTIONS, expert_views, moe_layers, split_parameters
+from .families import (PROJECTIONS, canonical_key, expert_checkpoint_key, expert_views, moe_layers, parse_expert_key,
+                       split_parameters)
 from .io import atomic_directory, read_json, write_json_atomic
+from .models import ModelSummary, checkpoint_tensors, load_base
 from .selection import ExpertSelection
-
-if TYPE_CHECKING:
-    from .models import ModelSummary
 
 CONFIG_FILE = "expert_cfg.json"
 WEIGHTS_FILE = "experts.safetensors"
 METADATA_FILE = "expert_hub.json"
 
-_EXPERT_KEY = re.compile(r"(?P<prefix>.+)\.experts\.(?P<expert>\d+)\.(?P<tensor>\w+\.(weight|bias))")
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 logger = logging.getLogger(__name__)
 
@@ -128,7 +124,7 @@ class AdapterHeader:
             except (SafetensorError, OSError) as error:
                 raise InvalidInputError(f"cannot read {file}: {error}") from None
             for key in keys:
-                if (canonical := _canonical_key(key)) in shards:
+                if (canonical := canonical_key(key)) in shards:
                     raise InvalidInputError(f"{directory} holds {canonical} twice (in {file.name} as {key})")
                 shards[canonical] = file
         metadata_path = directory / METADATA_FILE
@@ -153,13 +149,13 @@ class AdapterHeader:
         for file in sorted(set(self.shards.values())):
             with safe_open(file, "pt") as handle:
                 for key in handle.keys():
-                    match = _EXPERT_KEY.fullmatch(_canonical_key(key))
-                    expected = model.expert_shapes.get(match["tensor"]) if match else None
+                    parsed = parse_expert_key(canonical_key(key))
+                    expected = model.expert_shapes.get(parsed.tensor) if parsed else None
                     if expected is None:
                         raise AdapterMismatchError(f"{file.name}: {key} is not a routed-expert tensor of the model")
                     if (shape := tuple(handle.get_slice(key).get_shape())) != expected:
                         raise AdapterMismatchError(f"{file.name}: {key} has shape {shape}; the model's "
-                                                   f"{match['tensor']} is {expected}")
+                                                   f"{parsed.tensor} is {expected}")
 
     def check_values(self) -> None:
         """Every tensor is a finite floating-point weight (read tensor by tensor, memory-mapped)."""
@@ -195,9 +191,9 @@ def _check_tensors_match_selection(selection: ExpertSelection, keys, origin: str
     """
     held: dict[tuple[int, int], set[str]] = {}
     for key in keys:
-        if (match := _EXPERT_KEY.fullmatch(key)) and (layer := re.search(r"layers\.(\d+)\.", match["prefix"])):
-            held.setdefault((int(layer.group(1)), int(match["expert"])), set()).add(match["tensor"])
-        elif not match:
+        if (parsed := parse_expert_key(key)) and parsed.layer is not None:
+            held.setdefault((parsed.layer, parsed.expert), set()).add(parsed.tensor)
+        elif not parsed:
             flag = "shared_experts" if "shared_expert" in key else "non_expert_modules"
             if not getattr(selection, flag):
                 raise InvalidInputError(f"{origin} holds {key}, which {CONFIG_FILE} does not train ({flag} is false)")
@@ -254,7 +250,7 @@ class ExpertAdapter:
         for shard in sorted(set(header.shards.values())):
             for key, tensor in load_file(shard).items():
                 check_weight(key, tensor, origin=shard.name)
-                tensors[_canonical_key(key)] = tensor
+                tensors[canonical_key(key)] = tensor
         return cls(header.selection, tensors, header.metadata)
 
     def apply(self, model: nn.Module, force: bool = False) -> nn.Module:
@@ -310,20 +306,6 @@ def checkpoint_fingerprint(base: str, selection: ExpertSelection) -> str | None:
         and not selection.non_expert_modules else None
 
 
-def expert_checkpoint_key(layer: int, expert: int, tensor: str) -> str:
-    """A routed expert's tensor as checkpoints and adapters name it (`model.layers.3.mlp.experts.7.up_proj.weight`)."""
-    return f"model.layers.{layer}.mlp.experts.{expert}.{tensor}"
-
-
-def checkpoint_tensors(base: str, keys: set[str]) -> dict[str, torch.Tensor]:
-    """Those of `keys` that a local checkpoint directory's safetensors files hold, read without loading the model."""
-    found = {}
-    for file in sorted(Path(base).glob("*.safetensors")) if Path(base).is_dir() else []:
-        with safe_open(file, "pt") as handle:
-            found |= {key: handle.get_tensor(key) for key in keys & set(handle.keys())}
-    return found
-
-
 def _fingerprint(views: dict[str, torch.Tensor]) -> str:
     """sha256 of tensors by checkpoint key: names, shapes and values rounded to bfloat16.
 
@@ -346,8 +328,6 @@ def load_model(base: str, adapter: str | Path | ExpertAdapter | None = None, for
     LoRA baseline), which comes back as a `PeftModel`. `force` skips the base-fingerprint check only; keys and
     shapes are always checked, and registry entries are verified against their recorded sha256 first.
     """
-    from .models import load_base
-
     if adapter is not None and not isinstance(adapter, ExpertAdapter):
         path = Path(adapter)
         if not path.is_dir():
@@ -386,10 +366,10 @@ def _tensor_views(model: nn.Module, keys) -> dict[str, torch.Tensor]:
     named = dict(model.named_parameters()) | dict(model.named_buffers())
     views = {}
     for key in keys:
-        match = _EXPERT_KEY.fullmatch(key)
-        if match and match["prefix"] in layers:
-            layer, expert = layers[match["prefix"]], int(match["expert"])
-            view = expert_views(layer.experts, expert).get(match["tensor"]) if expert < layer.num_experts else None
+        parsed = parse_expert_key(key)
+        if parsed and parsed.prefix in layers:
+            layer, expert = layers[parsed.prefix], parsed.expert
+            view = expert_views(layer.experts, expert).get(parsed.tensor) if expert < layer.num_experts else None
         else:
             view = named.get(key)
         if view is None:
@@ -397,7 +377,3 @@ def _tensor_views(model: nn.Module, keys) -> dict[str, torch.Tensor]:
         views[key] = view
     return views
 
-
-def _canonical_key(key: str) -> str:
-    """Published ESFT adapters sometimes drop the leading `model.`."""
-    return f"model.{key}" if key.startswith("layers.") else key

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .errors import InvalidInputError
@@ -92,3 +94,12 @@ def describe_model(base: str, trust_remote_code: bool = False) -> ModelSummary:
         expert_biases=bool(getattr(first.experts, "has_bias", False)),
         expert_shapes=shapes,
     )
+
+
+def checkpoint_tensors(base: str, keys: set[str]) -> dict[str, torch.Tensor]:
+    """Those of `keys` that a local checkpoint directory's safetensors files hold, read without loading the model."""
+    found = {}
+    for file in sorted(Path(base).glob("*.safetensors")) if Path(base).is_dir() else []:
+        with safe_open(file, "pt") as handle:
+            found |= {key: handle.get_tensor(key) for key in keys & set(handle.keys())}
+    return found

@@ -1,7 +1,8 @@
 """The Mixture-of-Experts families expert-hub supports, and where each keeps its routers and experts.
 
 Everything family-specific lives here; the rest of the package asks `moe_layers(model)` and works on
-`MoELayer`s. The fused expert tensors' layout is read from the experts module itself (see `layout.py`).
+`MoELayer`s. The fused expert tensors' layout is read from the experts module itself (see `layout.py`); the
+checkpoint names of one expert's tensors are spelled in `keys.py`.
 """
 
 from __future__ import annotations
@@ -11,16 +12,21 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from .keys import ExpertKey, canonical_key, expert_checkpoint_key, parse_expert_key
 from .layout import PROJECTIONS, expert_views, read_expert, write_expert
 
 __all__ = [
     "FAMILIES",
     "PROJECTIONS",
+    "ExpertKey",
     "MoEFamily",
     "MoELayer",
+    "canonical_key",
+    "expert_checkpoint_key",
     "expert_views",
     "family_of",
     "moe_layers",
+    "parse_expert_key",
     "read_expert",
     "split_parameters",
     "write_expert",

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
-from expert_hub.adapter import ExpertAdapter, checkpoint_tensors, expert_checkpoint_key
+from expert_hub.adapter import ExpertAdapter
 from expert_hub.errors import ExpertHubError
-from expert_hub.families import PROJECTIONS
+from expert_hub.families import PROJECTIONS, expert_checkpoint_key
+from expert_hub.models import checkpoint_tensors
 
 from . import bank
 
