@@ -17,7 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from expert_hub.models import load_base
-from expert_hub.routing import pad_batch, score_model
+from expert_hub.data import pad
+from expert_hub.routing import score_model
 from expert_hub.testing import TINY_FAMILIES, build_tiny_model
 
 # hidden 512, 6 layers, 64 experts of width 256, top-6: small enough for a 2-core CPU, big enough that
@@ -52,7 +53,7 @@ def main() -> None:
     def plain() -> None:
         with torch.inference_mode():
             for start in range(0, len(sequences), args.batch_size):
-                input_ids, attention_mask = pad_batch(sequences[start : start + args.batch_size], torch.device("cpu"))
+                input_ids, attention_mask = pad(sequences[start : start + args.batch_size], 0)
                 model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
     def hooked() -> None:

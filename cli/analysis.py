@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from expert_hub.errors import InvalidInputError
+from expert_hub.routing import DEFAULT_SCORE_TOKENS
 
 from .app import (DType, ScoreFunction, app, base_or_demo, check_output_file, console, data_or_builtin, progress_bar,
                   status_console)
@@ -21,7 +22,7 @@ def score(
     base: Annotated[Optional[str], typer.Option(help="Base MoE model: a local directory or a Hub id.")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Task data: JSONL of {\"messages\": [...]} lines.")] = None,
     task: Annotated[Optional[str], typer.Option(help="Score a built-in task's train split instead of --data.")] = None,
-    tokens: Annotated[int, typer.Option(min=1, help="How many tokens of the data to score (paper: 2^17).")] = 131072,
+    tokens: Annotated[int, typer.Option(min=1, help="How many tokens of the data to score (paper: 2^17).")] = DEFAULT_SCORE_TOKENS,
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 8,
     seq_len: Annotated[int, typer.Option(min=1, help="Longest sequence; longer conversations are cut.")] = 4096,
     dtype: Annotated[DType, typer.Option(help="Weights dtype to load the model in.")] = DType.auto,

@@ -12,6 +12,8 @@ import random
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import torch
+
 from .errors import InvalidInputError
 from .io import first_line, numbered_lines
 
@@ -193,6 +195,26 @@ def pack(
         padding = seq_len - len(ids)
         blocks.append((ids + [pad_token_id] * padding, labels + [IGNORE_INDEX] * padding))
     return blocks
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's padding token, or its end-of-sequence token when it has none (as most causal LMs)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def pad(sequences: list[list[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences as one `[batch, longest]` tensor filled with `value`, and the attention mask of the real tokens.
+
+    Right padding for scoring and losses; left padding (`left=True`) for generation, so every prompt ends where
+    the new tokens start.
+    """
+    length = max(len(ids) for ids in sequences)
+    padded = torch.full((len(sequences), length), value, dtype=torch.long)
+    mask = torch.zeros(len(sequences), length, dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        span = slice(length - len(ids), length) if left else slice(0, len(ids))
+        padded[row, span], mask[row, span] = torch.tensor(ids, dtype=torch.long), 1
+    return padded, mask
 
 
 def read_eval_records(data: str | Path, split: str = "test") -> list[dict]:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .data import IGNORE_INDEX, prompt_ids, read_eval_records, tokenize_conversation
+from .data import IGNORE_INDEX, pad, pad_token_id, prompt_ids, read_eval_records, tokenize_conversation
 from .errors import InvalidInputError
 
 METRICS = ("loss", "exact", "intent", "bleu")
@@ -80,13 +80,8 @@ def loss_over_examples(model, examples: list[tuple[list[int], list[int]]], batch
     for start in range(0, len(examples), batch_size):
         batch = [(ids[-seq_len:], labels[-seq_len:]) if seq_len else (ids, labels)
                  for ids, labels in examples[start : start + batch_size]]
-        length = max(len(ids) for ids, _ in batch)
-        input_ids = torch.zeros(len(batch), length, dtype=torch.long)
-        labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros(len(batch), length, dtype=torch.long)
-        for row, (ids, target) in enumerate(batch):
-            input_ids[row, : len(ids)], labels[row, : len(ids)], attention_mask[row, : len(ids)] = (
-                torch.tensor(ids), torch.tensor(target), 1)
+        input_ids, attention_mask = pad([ids for ids, _ in batch], 0)
+        labels, _ = pad([target for _, target in batch], IGNORE_INDEX)
         items = int((labels[:, 1:] != IGNORE_INDEX).sum())
         if items:
             output = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
@@ -108,19 +103,15 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
              progress: Callable[[int], None] | None = None) -> list[str]:
     """Greedy completions of prompt token ids, batched with left padding, cut at EOS."""
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    padding = pad_token_id(tokenizer)
     outputs = []
     for start in range(0, len(prompts), batch_size):
         encoded = prompts[start : start + batch_size]
-        length = max(len(ids) for ids in encoded)
-        input_ids = torch.full((len(encoded), length), pad, dtype=torch.long)
-        attention_mask = torch.zeros(len(encoded), length, dtype=torch.long)
-        for row, ids in enumerate(encoded):
-            input_ids[row, length - len(ids):], attention_mask[row, length - len(ids):] = torch.tensor(ids), 1
+        input_ids, attention_mask = pad(encoded, padding, left=True)
         generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                   max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                   max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=padding,
                                    eos_token_id=tokenizer.eos_token_id)
-        outputs += tokenizer.batch_decode(generated[:, length:], skip_special_tokens=True)
+        outputs += tokenizer.batch_decode(generated[:, input_ids.shape[1]:], skip_special_tokens=True)
         if progress:
             progress(len(encoded))
     return [output.strip() for output in outputs]

@@ -12,9 +12,11 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from .data import Message, tokenize_conversation
+from .data import Message, pad, tokenize_conversation
 from .families import moe_layers
 from .scores import ExpertScores, LayerCounts
+
+DEFAULT_SCORE_TOKENS = 2**17  # task tokens scored to select experts, as the paper does
 
 
 class RoutingRecorder:
@@ -111,7 +113,7 @@ def score_model(
     device = next(model.parameters()).device
     with RoutingRecorder(model) as recorder:
         for batch in _batches(sequences, batch_size):
-            input_ids, attention_mask = pad_batch(batch, device)
+            input_ids, attention_mask = (tensor.to(device) for tensor in pad(batch, 0))
             recorder.token_mask = attention_mask.bool() if len({len(ids) for ids in batch}) > 1 else None
             model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             if on_tokens:
@@ -128,14 +130,3 @@ def _batches(sequences: Iterable[list[int]], size: int) -> Iterator[list[list[in
             batch = []
     if batch:
         yield batch
-
-
-def pad_batch(batch: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad with token 0; the attention mask (and the recorder's token mask) hide the padding."""
-    length = max(len(ids) for ids in batch)
-    input_ids = torch.zeros(len(batch), length, dtype=torch.long)
-    attention_mask = torch.zeros(len(batch), length, dtype=torch.long)
-    for row, ids in enumerate(batch):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
-    return input_ids.to(device), attention_mask.to(device)
