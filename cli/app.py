@@ -115,23 +115,3 @@ def data_or_builtin(data: str | None, task: str | None, split: str) -> str:
         return builtin_data(task, split)
     hint = f"{task!r} is not a built-in task" if task else "no --task given"
     raise InvalidInputError(f"give --data FILE ({hint}; built-in tasks: {', '.join(BUILTIN_TASKS)})")
-
-
-# The training settings a base may give its own defaults for (`training_defaults` in `expert_hub_base.json`).
-BASE_TRAINING_SETTINGS = ("steps", "score_tokens", "top_p", "batch_size", "grad_accumulation", "seq_len", "learning_rate",
-                          "gradient_checkpointing", "save_every", "eval_every")
-
-
-def base_training_defaults(base: str) -> dict:
-    """The training defaults a local base ships in `expert_hub_base.json`, or {}.
-
-    The demo base ships some so that it learns a task in minutes on a CPU; the general defaults stay the
-    reference's.
-    """
-    from expert_hub.demo import base_metadata
-
-    defaults = base_metadata(base).get("training_defaults", {})
-    if not isinstance(defaults, dict) or not set(defaults) <= set(BASE_TRAINING_SETTINGS):
-        raise InvalidInputError(f"{base}: expert_hub_base.json's training_defaults may only set "
-                                f"{', '.join(BASE_TRAINING_SETTINGS)}")
-    return defaults

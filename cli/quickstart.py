@@ -24,7 +24,7 @@ from rich.text import Text
 
 from expert_hub.errors import InvalidInputError
 
-from .app import app, base_training_defaults, builtin_data, console, status_console
+from .app import app, builtin_data, console, status_console
 from .training import run_with_progress
 
 SERVER_START_SECONDS = 300
@@ -82,7 +82,7 @@ def _teach(name: str, base: str, out: Path, eval_records: int, registry, steps: 
     from expert_hub.evaluation import evaluate_records
     from expert_hub.models import load_base, load_tokenizer
     from expert_hub.tasks import builtin_task
-    from expert_hub.training import TrainingConfig
+    from expert_hub.training import TrainingConfig, base_training_defaults
 
     task, tokenizer = builtin_task(name), load_tokenizer(base)
     records = task.eval_records(eval_records)

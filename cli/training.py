@@ -12,92 +12,57 @@ from rich.table import Table
 
 from expert_hub.demo import base_metadata, demo_base
 from expert_hub.evaluation import METRICS
-from expert_hub.training.config import ESFT_METHODS, METHODS
+from expert_hub.training import TrainingConfig, base_training_defaults, get_method
 
-from .app import DType, app, base_or_demo, base_training_defaults, console, data_or_builtin, progress_bar, status_console
+from .app import DType, app, base_or_demo, console, data_or_builtin, progress_bar, status_console
+from .config_options import config_values, with_config_options
 
 _DEMO_DEFAULTS = base_metadata(demo_base()).get("training_defaults", {})
 
 
-def _demo(setting: str) -> str:
-    """The demo base's own default for `setting`, as it ships it, for --help."""
-    value = _DEMO_DEFAULTS.get(setting, "-")
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-Method = Enum("Method", {name.replace("-", "_"): name for name in METHODS}, type=str)
 Metric = Enum("Metric", {name: name for name in METRICS}, type=str)
 
 
+def _demo_note(setting: str) -> str:
+    """The demo base's own default for `setting`, as it ships it, for --help."""
+    value = _DEMO_DEFAULTS.get(setting, "-")
+    if isinstance(value, bool):
+        value = "on" if value else "off"
+    return f"; the demo base: {value:g}" if isinstance(value, float) else f"; the demo base: {value}"
+
+
 @app.command()
+@with_config_options(TrainingConfig, base_note=_demo_note)
 def train(
     task: Annotated[str, typer.Option(help="Task name, e.g. law; names the output and the adapter. A built-in task (`expert-hub tasks`) brings its own data.")],
     base: Annotated[Optional[str], typer.Option(help="Base MoE model: a local directory or a Hub id [default: the demo base shipped in the package].")] = None,
     data: Annotated[Optional[str], typer.Option(help="Training data: JSONL of {\"messages\": [...]} lines, or a Hugging Face dataset (saved directory or name) [default: the built-in task's train split].")] = None,
-    method: Annotated[Method, typer.Option(help="esft-token / esft-gate (score, select, train), esft (with --experts), or the baselines full / lora.")] = Method.esft_token,
-    experts: Annotated[Optional[Path], typer.Option(help="expert_cfg.json for --method esft.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output directory (default runs/TASK-METHOD); rerunning on it resumes.")] = None,
-    steps: Annotated[Optional[int], typer.Option(min=1, help=f"Optimizer steps [default: 500; the demo base: {_demo('steps')}].")] = None,
-    split: Annotated[str, typer.Option(help="Split of a Hugging Face dataset.")] = "train",
-    chat_template: Annotated[bool, typer.Option("--chat-template", help="Use the tokenizer's chat template instead of the reference `User: …\\n\\nAssistant:` format.")] = False,
-    score_tokens: Annotated[Optional[int], typer.Option(min=1, help=f"Task tokens scored to select experts (esft-token / esft-gate) [default: 131072; the demo base: {_demo('score_tokens')}].")] = None,
-    top_p: Annotated[Optional[float], typer.Option(help=f"Selection threshold [default: 0.2 (token) / 0.1 (gate); the demo base: {_demo('top_p')}].")] = None,
-    lora_rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 8,
-    lora_alpha: Annotated[int, typer.Option(min=1, help="LoRA alpha.")] = 16,
-    lora_targets: Annotated[str, typer.Option(help="Comma-separated LoRA target modules ('all-linear': the attention projections and other linear layers, not lm_head, the routers, the routed experts or MLP projections that PEFT would redirect to the routed experts).")] = "all-linear",
-    lora_experts: Annotated[bool, typer.Option(help="Also put LoRA on the fused routed-expert tensors (gate_up_proj, down_proj); routers never get LoRA.")] = True,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help=f"Packed sequences per micro-batch [default: 1; the demo base: {_demo('batch_size')}].")] = None,
-    grad_accumulation: Annotated[Optional[int], typer.Option(min=1, help=f"Micro-batches per optimizer step [default: 16; the demo base: {_demo('grad_accumulation')}].")] = None,
-    seq_len: Annotated[Optional[int], typer.Option(min=8, help=f"Packed sequence length [default: 4096; the demo base: {_demo('seq_len')}].")] = None,
-    lr: Annotated[Optional[float], typer.Option(help=f"Learning rate [default: 1e-5 (ESFT, full), 1e-4 (LoRA); the demo base: {_demo('learning_rate')}].")] = None,
-    beta1: Annotated[float, typer.Option(help="AdamW beta1.")] = 0.9,
-    beta2: Annotated[float, typer.Option(help="AdamW beta2.")] = 0.95,
-    weight_decay: Annotated[float, typer.Option(min=0, help="AdamW weight decay.")] = 0.1,
-    clip_grad_norm: Annotated[float, typer.Option(help="Gradient-norm clip (above 0).")] = 1.0,
-    random_concat_ratio: Annotated[float, typer.Option(min=0, max=1, help="Chance a packed example drops its BOS (reference packing).")] = 0.2,
-    eval_fraction: Annotated[float, typer.Option(min=0, max=0.99, help="Share of packed sequences held out for eval loss.")] = 0.02,
-    dtype: Annotated[DType, typer.Option(help="Weights dtype; auto = bfloat16 on GPUs that support it, else float32 (ESFT keeps the trained rows in float32).")] = DType.auto,
-    gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward to save memory [default: on; the demo base: off].")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for packing, data order and initialisation.")] = 5934875,
-    save_every: Annotated[Optional[int], typer.Option(min=1, help=f"Checkpoint every N steps [default: 100; the demo base: {_demo('save_every')}].")] = None,
-    eval_every: Annotated[Optional[int], typer.Option(min=1, help=f"Eval loss every N steps [default: 100; the demo base: {_demo('eval_every')}].")] = None,
-    keep_checkpoints: Annotated[int, typer.Option(min=1, help="Checkpoints kept.")] = 2,
-    trust_remote_code: Annotated[bool, typer.Option(help="Run the model repo's own code (only if you trust it).")] = False,
     register: Annotated[bool, typer.Option(help="Add the trained experts to the local registry (ESFT methods).")] = True,
+    **settings,
 ) -> None:
     """Train a task's experts with ESFT (or a full / LoRA baseline); resumable, with checkpoints.
 
     With no --base and --data, `expert-hub train --task law` trains the demo base on the built-in law data with
     ESFT-Token in a few minutes on 2 CPU cores: a base may ship its own training defaults (the demo base does),
-    and every option given here overrides them.
+    and every option given here overrides them. Every other option is a field of `TrainingConfig`.
     """
-    from expert_hub.training import TrainingConfig
-
     from expert_hub.registry import Registry, validate_task_name
     from expert_hub.registry.store import normalize_base
 
+    values = config_values(TrainingConfig, settings)
     validate_task_name(task)  # it names the output directory and the registry entry
-    if register and method.value in ESFT_METHODS:
+    method = get_method(values["method"])
+    if register and method.ships_expert_adapter:
         Registry().check_writable()
     base = normalize_base(base_or_demo(base))  # absolute: the artifacts find a local base from anywhere
     data = data_or_builtin(data, task, "train")
-    given = dict(steps=steps, score_tokens=score_tokens, top_p=top_p, batch_size=batch_size,
-                 grad_accumulation=grad_accumulation, seq_len=seq_len, learning_rate=lr,
-                 gradient_checkpointing=gradient_checkpointing, save_every=save_every, eval_every=eval_every)
-    config = TrainingConfig(
-        **base_training_defaults(base) | {key: value for key, value in given.items() if value is not None},
-        task=task, base=base, data=data, out=str(out or Path("runs") / f"{task}-{method.value}"), method=method.value,
-        experts=str(experts) if experts else None, split=split, chat_template=chat_template,
-        lora_rank=lora_rank, lora_alpha=lora_alpha,
-        lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()], lora_experts=lora_experts,
-        betas=(beta1, beta2), weight_decay=weight_decay, clip_grad_norm=clip_grad_norm,
-        random_concat_ratio=random_concat_ratio, eval_fraction=eval_fraction, dtype=dtype.value, seed=seed,
-        keep_checkpoints=keep_checkpoints, trust_remote_code=trust_remote_code,
-    )
+    config = TrainingConfig(**base_training_defaults(base) | values, task=task, base=base, data=data,
+                            out=str(out or Path("runs") / f"{task}-{method.name}"))
     result = run_with_progress(config)
     if result is None:
         return
-    if register and config.method in ESFT_METHODS:
+    if register and method.ships_expert_adapter:
         entry = Registry().register(result.artifact, task=task, base=base)
         console.print(f"Registered {entry.ref} ({entry.digest[:12]}); use it as `--adapter {task}` or in `serve`")
 
@@ -158,7 +123,7 @@ def evaluate(
     trust_remote_code: Annotated[bool, typer.Option(help="Run the model repo's own code (only if you trust it).")] = False,
 ) -> None:
     """Evaluate a base model, optionally with an adapter, on task data (or a built-in task's eval split)."""
-    from expert_hub.adapter import load_model
+    from expert_hub import load_model
     from expert_hub.evaluation import evaluate as run_evaluation
     from expert_hub.models import load_tokenizer, resolve_device
     from expert_hub.tasks import BUILTIN_TASKS

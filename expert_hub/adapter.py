@@ -7,6 +7,9 @@ Layout of an adapter directory:
   under their model keys when those were trained. The published `deepseek-ai/ESFT-*-lite` adapters use the
   same keys (some with a legacy `layers.` prefix), so they load as they are;
 - `expert_hub.json` — metadata, including a fingerprint of the base weights the experts replace.
+
+`expert_hub.load_model` (in `loading.py`) puts an adapter, given as a directory or a registry reference, into a
+base model.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from .errors import AdapterMismatchError, InvalidInputError
 from .families import (PROJECTIONS, canonical_key, expert_checkpoint_key, expert_views, moe_layers, parse_expert_key,
                        split_parameters)
 from .io import atomic_directory, read_json, write_json_atomic
-from .models import ModelSummary, checkpoint_tensors, load_base
+from .models import ModelSummary, checkpoint_tensors
 from .selection import ExpertSelection
 
 CONFIG_FILE = "expert_cfg.json"
@@ -317,31 +320,6 @@ def _fingerprint(views: dict[str, torch.Tensor]) -> str:
         digest.update(f"{key}:{tuple(value.shape)};".encode())
         digest.update(value.view(torch.int16).cpu().numpy().tobytes())
     return digest.hexdigest()
-
-
-def load_model(base: str, adapter: str | Path | ExpertAdapter | None = None, force: bool = False,
-               **from_pretrained_kwargs) -> nn.Module:
-    """Load a base MoE model with a task's experts in place.
-
-    `adapter` is an expert adapter directory (ours or a published ESFT one), a registry reference (`law`,
-    `law@3`, `law@1f3a`) of an adapter trained from `base`, an `ExpertAdapter`, or a PEFT adapter directory (the
-    LoRA baseline), which comes back as a `PeftModel`. `force` skips the base-fingerprint check only; keys and
-    shapes are always checked, and registry entries are verified against their recorded sha256 first.
-    """
-    if adapter is not None and not isinstance(adapter, ExpertAdapter):
-        path = Path(adapter)
-        if not path.is_dir():
-            from expert_hub.registry import Registry
-
-            adapter = Registry().load(str(adapter), base=base)  # before loading weights: a bad ref fails fast
-        elif not (path / CONFIG_FILE).is_file() and (path / "adapter_config.json").is_file():
-            from peft import PeftModel
-
-            return PeftModel.from_pretrained(load_base(base, **from_pretrained_kwargs), str(path))
-        else:
-            adapter = ExpertAdapter.load(path)
-    model = load_base(base, **from_pretrained_kwargs)
-    return adapter.apply(model, force=force) if adapter is not None else model
 
 
 def _selected_views(model: nn.Module, selection: ExpertSelection) -> dict[str, torch.Tensor]:

@@ -1,74 +1,118 @@
-"""`TrainingConfig`: every knob of a training run, with the reference repo's defaults.
+"""`TrainingConfig`: every setting of a training run, each declared once, with the reference repo's defaults.
+
+A field's metadata (`setting(...)`) carries its help text, its command-line flag and bounds, and whether a base
+model may ship its own default for it (`training_defaults` in `expert_hub_base.json`, as the demo base does):
+`expert-hub train` builds its options from these fields, so a new option is one new field.
 
 The config is written into the output directory when a run starts; a later run on the same directory must ask
-for the same thing (only `steps` may grow) so resuming can never mix two different runs.
+for the same thing (only `steps` and the checkpoint cadence may change) so resuming can never mix two runs.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from ..errors import InvalidInputError
-
-Method = Literal["esft-token", "esft-gate", "esft", "full", "lora"]
-METHODS: tuple[str, ...] = ("esft-token", "esft-gate", "esft", "full", "lora")
-ESFT_METHODS = ("esft-token", "esft-gate", "esft")
+from ..routing import DEFAULT_SCORE_TOKENS
+from ..selection import DEFAULT_TOP_P
+from .methods import get_method, method_names
 
 # Fields a resumed run may change without changing what is being trained.
 RESUMABLE_CHANGES = frozenset({"out", "steps", "save_every", "eval_every", "keep_checkpoints"})
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def setting(default=MISSING, *, help: str, default_factory=MISSING, flags: tuple[str, ...] = (),
+            min: float | None = None, max: float | None = None, choices: tuple[str, ...] = (),
+            base_default: bool = False, default_help: str | None = None, cli: bool = True):
+    """A `TrainingConfig` field with what the command line needs to offer it.
+
+    `flags`: the option names (default `--field-name`; a tuple field takes one flag per element). `min` / `max`:
+    bounds the command line enforces. `base_default`: a base model may ship its own default. `default_help`: how
+    `--help` states the default when the field's default is computed (None) or a flag. `cli=False`: not an option.
+    """
+    metadata = dict(help=help, flags=flags, min=min, max=max, choices=choices, base_default=base_default,
+                    default_help=default_help, cli=cli)
+    return field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def _default_lr_help() -> str:
+    by_rate: dict[float, list[str]] = {}
+    for name in method_names():
+        by_rate.setdefault(get_method(name).default_learning_rate, []).append(name)
+    return ", ".join(f"{_scientific(rate)} ({', '.join(names)})" for rate, names in by_rate.items())
+
+
+def _scientific(value: float) -> str:
+    """1e-05 -> 1e-5, as learning rates are written."""
+    mantissa, exponent = f"{value:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 @dataclass
 class TrainingConfig:
-    """A training run. Defaults follow the reference ESFT training config."""
+    """A training run. Defaults follow the reference ESFT training config (`configs/base.yaml`)."""
 
-    task: str
-    base: str
-    data: str
-    out: str
-    method: Method = "esft-token"
-    experts: str | None = None  # expert_cfg.json for method "esft"
-    split: str = "train"  # split of a Hugging Face dataset
-    chat_template: bool = False
+    task: str = setting(help="Task name, e.g. law; names the output and the adapter.", cli=False)
+    base: str = setting(help="Base MoE model: a local directory or a Hub id.", cli=False)
+    data: str = setting(help="Training data: JSONL conversations or a Hugging Face dataset.", cli=False)
+    out: str = setting(help="Output directory; rerunning on it resumes.", cli=False)
+    method: str = setting(
+        "esft-token", choices=tuple(method_names()),
+        help="esft-token / esft-gate (score, select, train), esft (with --experts), or the baselines full / lora.")
+    experts: str | None = setting(None, help="expert_cfg.json for --method esft.")
+    split: str = setting("train", help="Split of a Hugging Face dataset.")
+    chat_template: bool = setting(
+        False, flags=("--chat-template",),
+        help="Use the tokenizer's chat template instead of the reference `User: …\\n\\nAssistant:` format.")
     # ESFT selection (esft-token / esft-gate): score this many task tokens, then select with top-p
-    score_tokens: int = 131072
-    top_p: float | None = None  # None: 0.2 for token scores, 0.1 for gate scores
+    score_tokens: int = setting(DEFAULT_SCORE_TOKENS, min=1, base_default=True,
+                                help="Task tokens scored to select experts (esft-token / esft-gate).")
+    top_p: float | None = setting(None, base_default=True, help="Selection threshold.",
+                                  default_help=" / ".join(f"{p:g} ({by})" for by, p in DEFAULT_TOP_P.items()))
     # LoRA baseline (paper: rank 8 on every linear layer but embeddings and lm_head)
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
-    lora_experts: bool = True  # also put LoRA on the fused expert tensors
+    lora_rank: int = setting(8, min=1, help="LoRA rank.")
+    lora_alpha: int = setting(16, min=1, help="LoRA alpha.")
+    lora_targets: list[str] = setting(
+        default_factory=lambda: ["all-linear"], default_help="all-linear",
+        help="Comma-separated LoRA target modules ('all-linear': the attention projections and other linear layers, "
+             "not lm_head, the routers, the routed experts or MLP projections that PEFT would redirect to the routed "
+             "experts).")
+    lora_experts: bool = setting(True, help="Also put LoRA on the fused routed-expert tensors (gate_up_proj, "
+                                            "down_proj); routers never get LoRA.")
     # optimisation
-    steps: int = 500
-    batch_size: int = 1
-    grad_accumulation: int = 16
-    seq_len: int = 4096
-    learning_rate: float | None = None  # None: 1e-5 (ESFT, full), 1e-4 (LoRA)
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.1
-    clip_grad_norm: float = 1.0
-    random_concat_ratio: float = 0.2
-    eval_fraction: float = 0.02
-    dtype: str = "auto"  # auto: bfloat16 where the hardware supports it, else float32
-    gradient_checkpointing: bool = True
-    seed: int = 5934875
+    steps: int = setting(500, min=1, base_default=True, help="Optimizer steps.")
+    batch_size: int = setting(1, min=1, base_default=True, help="Packed sequences per micro-batch.")
+    grad_accumulation: int = setting(16, min=1, base_default=True, help="Micro-batches per optimizer step.")
+    seq_len: int = setting(4096, min=8, base_default=True, help="Packed sequence length.")
+    learning_rate: float | None = setting(None, flags=("--lr",), base_default=True, help="Learning rate.",
+                                          default_help=_default_lr_help())
+    betas: tuple[float, float] = setting((0.9, 0.95), flags=("--beta1", "--beta2"),
+                                         help="AdamW beta{n}.")
+    weight_decay: float = setting(0.1, min=0, help="AdamW weight decay.")
+    clip_grad_norm: float = setting(1.0, help="Gradient-norm clip (above 0).")
+    random_concat_ratio: float = setting(0.2, min=0, max=1,
+                                         help="Chance a packed example drops its BOS (reference packing).")
+    eval_fraction: float = setting(0.02, min=0, max=0.99, help="Share of packed sequences held out for eval loss.")
+    dtype: str = setting("auto", choices=DTYPES, help="Weights dtype; auto = bfloat16 on GPUs that support it, else "
+                                                      "float32 (ESFT keeps the trained rows in float32).")
+    gradient_checkpointing: bool = setting(True, base_default=True, default_help="on",
+                                           help="Recompute activations in backward to save memory.")
+    seed: int = setting(5934875, help="Seed for packing, data order and initialisation.")
     # checkpoints and evaluation
-    save_every: int = 100
-    eval_every: int = 100
-    keep_checkpoints: int = 2
-    trust_remote_code: bool = False
-    processes: int = 1  # data-parallel processes; set by the loop, recorded because the data order depends on it
+    save_every: int = setting(100, min=1, base_default=True, help="Checkpoint every N steps.")
+    eval_every: int = setting(100, min=1, base_default=True, help="Eval loss every N steps.")
+    keep_checkpoints: int = setting(2, min=1, help="Checkpoints kept.")
+    trust_remote_code: bool = setting(False, help="Run the model repo's own code (only if you trust it).")
+    # data-parallel processes; set by the loop, recorded because the data order depends on it
+    processes: int = setting(1, help="Data-parallel processes (set by the loop).", cli=False)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
-        if self.method not in METHODS:
-            raise InvalidInputError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
-        if self.method == "esft" and not self.experts:
-            raise InvalidInputError("--method esft needs --experts EXPERT_CFG.json (or use esft-token / esft-gate)")
-        if self.experts and self.method != "esft":
-            raise InvalidInputError("--experts only applies to --method esft")
+        if self.method not in method_names():
+            raise InvalidInputError(f"unknown method {self.method!r}; use one of {', '.join(method_names())}")
+        get_method(self.method).check_config(self)
         if self.dtype == "float16":
             raise InvalidInputError("training in float16 overflows; use --dtype bfloat16 or float32")
         # every comparison is written so that NaN fails it
@@ -95,11 +139,7 @@ class TrainingConfig:
     def lr(self) -> float:
         if self.learning_rate is not None:
             return self.learning_rate
-        return 1e-4 if self.method == "lora" else 1e-5
-
-    @property
-    def score_function(self) -> str | None:
-        return {"esft-token": "token", "esft-gate": "gate"}.get(self.method)
+        return get_method(self.method).default_learning_rate
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -115,3 +155,23 @@ class TrainingConfig:
 
 def _norm(value):
     return list(value) if isinstance(value, tuple) else value
+
+
+def base_settings() -> tuple[str, ...]:
+    """The settings a base may give its own defaults for (`training_defaults` in `expert_hub_base.json`)."""
+    return tuple(f.name for f in fields(TrainingConfig) if f.metadata["base_default"])
+
+
+def base_training_defaults(base: str) -> dict:
+    """The training defaults a local base ships in `expert_hub_base.json`, or {}.
+
+    The demo base ships some so that it learns a task in minutes on a CPU; the general defaults stay the
+    reference's.
+    """
+    from ..demo import base_metadata
+
+    defaults = base_metadata(base).get("training_defaults", {})
+    if not isinstance(defaults, dict) or not set(defaults) <= set(base_settings()):
+        raise InvalidInputError(f"{base}: expert_hub_base.json's training_defaults may only set "
+                                f"{', '.join(base_settings())}")
+    return defaults

@@ -1,10 +1,11 @@
 """`train(config)`: one training run, top to bottom, resumable from its last checkpoint.
 
-1. Load the base; for ESFT, score the task data and select experts (or read --experts), fingerprint the base.
-2. Make only what the method trains trainable (see `methods.py`).
+1. Load the base.
+2. The method (`methods/`, looked up by name) makes what it trains trainable; ESFT scores the task data and
+   selects experts here (or reads --experts) and fingerprints the base rows it will replace.
 3. Tokenize and pack the data; hold out a split for eval loss.
 4. AdamW steps with gradient accumulation; every `save_every` steps an atomic checkpoint.
-5. Write the artifact: an expert adapter (ESFT), a PEFT adapter (lora) or a full checkpoint (full).
+5. The method writes its artifact: an expert adapter (ESFT), a PEFT adapter (lora) or a full checkpoint (full).
 
 Data order is a pure function of the seed and the step, so a resumed run sees exactly the batches an
 uninterrupted one would. Launched by `torchrun` / `accelerate launch`, it trains data-parallel through accelerate.
@@ -22,20 +23,15 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import broadcast_object_list
 
-from ..adapter import fingerprint_selection
-from ..data import IGNORE_INDEX, load_conversations, pack, tokenize_conversation
+from ..data import IGNORE_INDEX, load_conversations, pack, pad_token_id, tokenize_conversation
 from ..errors import ExpertHubError, InvalidInputError
 from ..evaluation import loss_over_examples
 from ..io import read_json, write_json_atomic
 from ..models import load_base, load_config, load_tokenizer
-from ..routing import score_model, token_sequences
-from ..selection import ExpertSelection, select_experts
-from .artifacts import write_artifact
 from .checkpoint import DamagedCheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
-from .config import ESFT_METHODS, TrainingConfig
-from .methods import merge_esft, prepare_esft, prepare_full, prepare_lora, trainable_parameters
+from .config import TrainingConfig
+from .methods import RunContext, get_method, trainable_parameters
 
 CONFIG_FILE = "train_config.json"
 LOG_FILE = "log.jsonl"
@@ -91,15 +87,8 @@ def train(config: TrainingConfig, on_step: Callable[[StepReport], None] | None =
     model.config.use_cache = False
     if main_process:
         write_json_atomic(out / CONFIG_FILE, config.to_json())  # from here on, rerunning resumes this run
-    selection = fingerprint = None
-    if config.method in ESFT_METHODS:
-        selection = _selection(config, model, tokenizer, out, status, accelerator)
-        fingerprint = fingerprint_selection(model, selection)
-        model = prepare_esft(model, selection)
-    elif config.method == "lora":
-        model = prepare_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_experts)
-    else:
-        model = prepare_full(model)
+    method = get_method(config.method)(config)
+    model = method.prepare(model, RunContext(out, tokenizer, accelerator, status))
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = trainable_parameters(model)
@@ -152,15 +141,14 @@ def train(config: TrainingConfig, on_step: Callable[[StepReport], None] | None =
     model = accelerator.unwrap_model(model)
     if main_process and eval_blocks and eval_loss is None:
         eval_loss = loss_over_examples(model, eval_blocks, config.batch_size)["value"]
-    if selection is not None:
-        model = merge_esft(model)
+    model = method.finish(model)
     model.config.use_cache = True
-    artifact = out / ("model" if config.method == "full" else "adapter")
+    artifact = out / method.artifact_name
     if main_process:
         status(f"Writing {artifact}")
         summary = {"steps": config.steps, "train_loss": train_loss, "eval_loss": eval_loss, "seconds": round(elapsed, 3),
                    "train_blocks": len(train_blocks), "eval_blocks": len(eval_blocks)}
-        write_artifact(model, config, artifact, selection, fingerprint, tokenizer, summary)
+        method.write_artifact(model, artifact, tokenizer, method.artifact_metadata(summary))
     accelerator.wait_for_everyone()
     return TrainingResult(model, artifact, config.steps, train_loss, eval_loss, elapsed, start_step, main_process)
 
@@ -212,35 +200,12 @@ def _check_output(out: Path, config: TrainingConfig) -> None:
         raise InvalidInputError(f"{out} is not empty and holds no expert-hub run; choose another --out")
 
 
-def _selection(config: TrainingConfig, model, tokenizer, out: Path, status, accelerator) -> ExpertSelection:
-    """The experts to train: given (--experts), or scored and selected once, then kept in `out` for resumes.
-
-    Rank 0 scores and selects; the other ranks receive its selection, so every rank trains the same rows.
-    """
-    chosen = out / "expert_cfg.json"
-    if config.method == "esft":
-        return ExpertSelection.load(config.experts)
-    selection = [None]  # every rank reaches the broadcast, whichever way rank 0 gets the selection
-    if accelerator.is_main_process and chosen.is_file():
-        selection = [ExpertSelection.load(chosen)]
-    elif accelerator.is_main_process:
-        status(f"Scoring experts on {config.score_tokens:,} task tokens")
-        sequences = token_sequences(load_conversations(config.data, config.split), tokenizer,
-                                    max_tokens=config.score_tokens, max_length=config.seq_len)
-        scores = score_model(model, sequences, source={"model": config.base, "data": config.data})
-        scores.save(out / "scores.json")
-        selection = [select_experts(scores, by=config.score_function, top_p=config.top_p)]
-        selection[0].save(chosen)
-    return broadcast_object_list(selection)[0]
-
-
 def _packed_data(config: TrainingConfig, tokenizer):
     examples = [tokenize_conversation(messages, tokenizer, config.chat_template)
                 for messages in load_conversations(config.data, config.split)]
     if not examples:
         raise InvalidInputError(f"{config.data} holds no conversations")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    blocks = pack(examples, config.seq_len, pad, config.random_concat_ratio, config.seed)
+    blocks = pack(examples, config.seq_len, pad_token_id(tokenizer), config.random_concat_ratio, config.seed)
     if all(label == IGNORE_INDEX for _, labels in blocks for label in labels[1:]):
         raise InvalidInputError(f"{config.data} has no assistant answers to learn from")
     held_out = int(len(blocks) * config.eval_fraction)

@@ -1,22 +1,33 @@
-"""What each training method makes trainable, and the artifact it ships.
+"""ESFT: train only the experts a task uses, ship them as an expert adapter.
 
-- ESFT: only the selected experts train. Their rows are copied into a small trainable `ExpertRows` module beside
-  the frozen fused Parameters, and an experts implementation registered with transformers (`esft`) sends each
-  token-expert pair to one or the other: two grouped matmuls, the frozen one computing no weight gradients. So
-  gradients, optimizer state and weight decay touch only the selected rows, and the base stays bit-identical.
-  `shared_experts` / `non_expert_modules` in the selection unfreeze those modules too.
-- full: every parameter. lora: PEFT LoRA adapters, the base frozen.
-Router auxiliary losses stay off for all of them.
+Only the selected experts train. Their rows are copied into a small trainable `ExpertRows` module beside the
+frozen fused Parameters, and an experts implementation registered with transformers (`esft`) sends each
+token-expert pair to one or the other: two grouped matmuls, the frozen one computing no weight gradients. So
+gradients, optimizer state and weight decay touch only the selected rows, and the base stays bit-identical.
+`shared_experts` / `non_expert_modules` in the selection unfreeze those modules too.
+
+Three methods: `esft-token` and `esft-gate` score the task data and select experts with top-p (Token Selection
+Ratio / Average Gate Score); `esft` trains the experts of a given `expert_cfg.json`.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import ClassVar
+
 import torch
+from accelerate.utils import broadcast_object_list
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 
-from ..families import moe_layers, split_parameters
-from ..selection import ExpertSelection
+from ...adapter import CONFIG_FILE, ExpertAdapter, fingerprint_selection
+from ...data import load_conversations
+from ...errors import InvalidInputError
+from ...families import moe_layers, split_parameters
+from ...models import load_base
+from ...routing import score_model, token_sequences
+from ...selection import DEFAULT_TOP_P, ExpertSelection, select_experts
+from .base import RunContext, TrainingMethod, disable_router_aux_loss, register_method
 
 ESFT_EXPERTS = "esft"
 
@@ -98,7 +109,7 @@ def prepare_esft(model: nn.Module, selection: ExpertSelection) -> nn.Module:
             layer.experts.esft_rows = ExpertRows(layer.experts, rows)
     model.esft_previous_experts_implementation = model.config._experts_implementation
     model.set_experts_implementation(ESFT_EXPERTS)
-    _disable_router_aux_loss(model)
+    disable_router_aux_loss(model)
     return model
 
 
@@ -114,54 +125,86 @@ def merge_esft(model: nn.Module) -> nn.Module:
     return model
 
 
-def prepare_full(model: nn.Module) -> nn.Module:
-    model.requires_grad_(True)
-    _disable_router_aux_loss(model)
-    return model
+class _ESFT(TrainingMethod):
+    """What the three ESFT methods share: they differ only in how the experts are chosen (`select`)."""
+
+    artifact_file = CONFIG_FILE
+    ships_expert_adapter = True
+
+    def select(self, model: nn.Module, run: RunContext) -> ExpertSelection:
+        raise NotImplementedError
+
+    def prepare(self, model: nn.Module, run: RunContext) -> nn.Module:
+        self.selection = self.select(model, run)
+        self.fingerprint = fingerprint_selection(model, self.selection)  # of the base rows, before any step
+        return prepare_esft(model, self.selection)
+
+    def finish(self, model: nn.Module) -> nn.Module:
+        return merge_esft(model)
+
+    def write_artifact(self, model: nn.Module, path: Path, tokenizer, metadata: dict) -> Path:
+        adapter = ExpertAdapter.from_model(model, self.selection, base_fingerprint=self.fingerprint, **metadata)
+        return adapter.save(path, overwrite=True)
+
+    @classmethod
+    def load_artifact(cls, base: str, directory: Path, force: bool = False, **from_pretrained_kwargs) -> nn.Module:
+        adapter = ExpertAdapter.load(directory)  # before loading weights: a bad adapter fails fast
+        return adapter.apply(load_base(base, **from_pretrained_kwargs), force=force)
 
 
-def prepare_lora(model: nn.Module, rank: int, alpha: int, targets: list[str], experts: bool) -> nn.Module:
-    """PEFT LoRA on the given linear modules and, with `experts`, on every layer's fused expert tensors."""
-    from peft import LoraConfig, get_peft_model
+class _ScoredESFT(_ESFT):
+    score_function: ClassVar[str]
 
-    _disable_router_aux_loss(model)
-    target_modules = _all_linear_but_routers(model) if targets == ["all-linear"] else targets
-    target_parameters = None
-    if experts:
-        target_parameters = sorted({
-            f"{layer.prefix}.experts.{name}"
-            for layer in moe_layers(model)
-            for name, _ in layer.experts.named_parameters(recurse=False)
-            if name in ("gate_up_proj", "down_proj")
-        })
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules,
-                        target_parameters=target_parameters, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    def select(self, model: nn.Module, run: RunContext) -> ExpertSelection:
+        """Score the task data and select once, then keep the selection in the run directory for resumes.
 
+        Rank 0 scores and selects; the other ranks receive its selection, so every rank trains the same rows.
+        """
+        config, chosen = self.config, run.out / CONFIG_FILE
+        selection = [None]  # every rank reaches the broadcast, whichever way rank 0 gets the selection
+        if run.accelerator.is_main_process and chosen.is_file():
+            selection = [ExpertSelection.load(chosen)]
+        elif run.accelerator.is_main_process:
+            run.status(f"Scoring experts on {config.score_tokens:,} task tokens")
+            sequences = token_sequences(load_conversations(config.data, config.split), run.tokenizer,
+                                        max_tokens=config.score_tokens, max_length=config.seq_len)
+            scores = score_model(model, sequences, source={"model": config.base, "data": config.data})
+            scores.save(run.out / "scores.json")
+            selection = [select_experts(scores, by=self.score_function, top_p=config.top_p)]
+            selection[0].save(chosen)
+        return broadcast_object_list(selection)[0]
 
-def _all_linear_but_routers(model: nn.Module) -> list[str]:
-    """PEFT's `all-linear` (every linear layer but the output head) without the routers and the routed experts.
-
-    A LoRA router would move tokens to other experts, which no baseline in the paper does, and routed experts get
-    LoRA through `experts=True` only, so `--no-lora-experts` leaves every one of them untouched. Linear layers named
-    like a transformers-v4 expert projection (the dense and shared-expert MLPs' gate_proj / up_proj / down_proj) are
-    left out too: PEFT rewrites any such target into the routed experts' fused tensors (huggingface/peft#3711).
-    """
-    layers = moe_layers(model)
-    excluded = {id(module) for layer in layers for owner in (layer.router, layer.experts) for module in owner.modules()}
-    excluded.add(id(model.get_output_embeddings()))
-    return sorted(name for name, module in model.named_modules()
-                  if isinstance(module, nn.Linear) and id(module) not in excluded
-                  and name.rsplit(".", 1)[-1] not in _PEFT_REWRITTEN_NAMES)
+    def artifact_metadata(self, summary: dict) -> dict:
+        top_p = self.config.top_p or DEFAULT_TOP_P[self.score_function]
+        return super().artifact_metadata(summary) | {"score_function": self.score_function, "top_p": top_p}
 
 
-_PEFT_REWRITTEN_NAMES = frozenset({"gate", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"})
+@register_method
+class ESFTToken(_ScoredESFT):
+    """ESFT-Token: experts chosen by Token Selection Ratio (the share of the task's tokens routed to them)."""
+
+    name = "esft-token"
+    score_function = "token"
 
 
-def _disable_router_aux_loss(model: nn.Module) -> None:
-    """The load-balancing loss would train the router; ESFT keeps routing as the base model does."""
-    model.config.output_router_logits = False
+@register_method
+class ESFTGate(_ScoredESFT):
+    """ESFT-Gate: experts chosen by Average Gate Score (the mean router weight they get)."""
+
+    name = "esft-gate"
+    score_function = "gate"
 
 
-def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
+@register_method
+class ESFTGiven(_ESFT):
+    """ESFT on the experts of a given `expert_cfg.json` (`--experts`), e.g. one selected with `expert-hub select`."""
+
+    name = "esft"
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        if not config.experts:
+            raise InvalidInputError("--method esft needs --experts EXPERT_CFG.json (or use esft-token / esft-gate)")
+
+    def select(self, model: nn.Module, run: RunContext) -> ExpertSelection:
+        return ExpertSelection.load(self.config.experts)

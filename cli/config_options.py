@@ -1,0 +1,115 @@
+"""Command-line options made from a config dataclass's fields, so each setting is declared once (in the config).
+
+`with_config_options(TrainingConfig, ...)` gives a command one Typer option per field that has `cli` metadata (see
+`expert_hub.training.config.setting`), and `config_values` turns what the command received back into field values.
+Field kinds map to options as follows: a `bool` is `--x/--no-x` (or the given flag alone), a `tuple` one option per
+element, a `list[str]` one comma-separated option, `choices` a fixed set, and a setting a base may default is
+optional: left out, it takes the base's default, then the config's.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING, Field, fields
+from enum import Enum
+from typing import Annotated, Optional
+
+import typer
+
+
+_UNION = type(int | None)
+
+
+def _option_fields(config_class) -> list[tuple[Field, type]]:
+    hints = typing.get_type_hints(config_class)
+    return [(f, hints[f.name]) for f in fields(config_class) if f.metadata.get("cli")]
+
+
+def _plain(annotation) -> type:
+    """`int | None` -> int."""
+    arguments = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return arguments[0] if typing.get_origin(annotation) in (typing.Union, _UNION) and len(arguments) == 1 \
+        else annotation
+
+
+def _default(f: Field):
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def _describe(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ",".join(value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _parameters(f: Field, annotation, base_note: Callable[[str], str]) -> list[inspect.Parameter]:
+    meta, kind = f.metadata, _plain(annotation)
+    default, help_text = _default(f), meta["help"]
+    flags = meta["flags"] or (f"--{f.name.replace('_', '-')}",)
+    if kind is bool and not meta["base_default"]:
+        flags = meta["flags"]  # none given: Typer's own --x/--no-x
+    bounds = {key: meta[key] for key in ("min", "max") if meta[key] is not None}
+    if meta["base_default"]:  # optional: a base's own default applies when it is left out
+        stated = meta["default_help"] or _describe(default)
+        help_text = f"{help_text.removesuffix('.')} [default: {stated}{base_note(f.name)}]."
+        if kind is bool:
+            flags = (f"{flags[0]}/--no-{flags[0].removeprefix('--')}",)
+        return [_keyword(f.name, Optional[kind], None, typer.Option(*flags, help=help_text, **bounds))]
+    if typing.get_origin(kind) is tuple:
+        return [_keyword(f"{f.name}{_ELEMENT}{i}", typing.get_args(kind)[i], value,
+                         typer.Option(flag, help=help_text.format(n=i + 1)))
+                for i, (flag, value) in enumerate(zip(flags, default))]
+    if meta["choices"]:
+        choices = Enum(f.name.title().replace("_", ""), {c.replace("-", "_"): c for c in meta["choices"]}, type=str)
+        return [_keyword(f.name, choices, choices(default), typer.Option(*flags, help=help_text))]
+    if typing.get_origin(kind) is list:
+        return [_keyword(f.name, str, ",".join(default), typer.Option(*flags, help=help_text))]
+    if kind is not annotation:
+        kind = Optional[kind]
+    return [_keyword(f.name, kind, default, typer.Option(*flags, help=help_text, **bounds))]
+
+
+_ELEMENT = "__"  # a tuple field's element options are named FIELD__0, FIELD__1, ...
+
+
+def _keyword(name: str, annotation, default, option) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[annotation, option])
+
+
+def with_config_options(config_class, base_note: Callable[[str], str] = lambda name: ""):
+    """Decorator: the command takes one option per `cli` field of `config_class`, received in its `**settings`.
+
+    `base_note(field)` adds to a base-defaulted setting's stated default (e.g. the demo base's value).
+    """
+
+    def decorate(command):
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+               for p in inspect.signature(command, eval_str=True).parameters.values()
+               if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        derived = [p for f, annotation in _option_fields(config_class) for p in _parameters(f, annotation, base_note)]
+        command.__signature__ = inspect.Signature([*own[:-1], *derived, own[-1]])  # the command's last option last
+        return command
+
+    return decorate
+
+
+def config_values(config_class, settings: dict) -> dict:
+    """Field values from the options `with_config_options` made; base-defaulted settings left out are omitted."""
+    values = {}
+    for f, annotation in _option_fields(config_class):
+        kind = _plain(annotation)
+        if typing.get_origin(kind) is tuple:
+            values[f.name] = tuple(settings[f"{f.name}{_ELEMENT}{i}"] for i in range(len(typing.get_args(kind))))
+        elif typing.get_origin(kind) is list:
+            values[f.name] = [item.strip() for item in settings[f.name].split(",") if item.strip()]
+        elif f.metadata["base_default"] and settings[f.name] is None:
+            continue
+        else:
+            value = settings[f.name]
+            values[f.name] = value.value if isinstance(value, Enum) else value
+    return values

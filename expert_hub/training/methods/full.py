@@ -1,0 +1,30 @@
+"""Full fine-tuning, the paper's upper baseline: every parameter trains, the artifact is a whole model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from .base import RunContext, TrainingMethod, disable_router_aux_loss, register_method, write_model_directory
+
+
+def prepare_full(model: nn.Module) -> nn.Module:
+    model.requires_grad_(True)
+    disable_router_aux_loss(model)
+    return model
+
+
+@register_method
+class FullFineTuning(TrainingMethod):
+    """Every parameter trains. The artifact (`model/`) is a complete checkpoint with its tokenizer: serve or
+    evaluate it as a base model (`--base RUN/model`)."""
+
+    name = "full"
+    artifact_name = "model"
+
+    def prepare(self, model: nn.Module, run: RunContext) -> nn.Module:
+        return prepare_full(model)
+
+    def write_artifact(self, model: nn.Module, path: Path, tokenizer, metadata: dict) -> Path:
+        return write_model_directory(model, path, metadata, tokenizer)
