@@ -7,6 +7,7 @@ import sys
 import typer
 
 from expert_hub.errors import ExpertHubError
+from expert_hub.io import first_line
 
 from . import analysis, builtin_tasks, quickstart, registry_commands, serving, training  # noqa: F401  (importing registers their commands)
 from .app import app
@@ -40,4 +41,7 @@ def main() -> None:
         sys.exit(1)
     except OSError as error:  # disk full, permission denied, ...: say which file, not where in the code
         print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except RuntimeError as error:  # torch and vLLM report out-of-memory, device and kernel failures this way
+        print(f"error: {type(error).__name__}: {first_line(error)}", file=sys.stderr)
         sys.exit(1)

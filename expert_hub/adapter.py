@@ -125,7 +125,7 @@ class AdapterHeader:
                 with safe_open(file, "pt") as handle:
                     keys = list(handle.keys())
             except (SafetensorError, OSError) as error:
-                raise InvalidInputError(f"cannot read {file}: {error}") from None
+                raise InvalidInputError(f"cannot read {file}: {error}") from error
             for key in keys:
                 if (canonical := canonical_key(key)) in shards:
                     raise InvalidInputError(f"{directory} holds {canonical} twice (in {file.name} as {key})")

@@ -31,9 +31,9 @@ def read_conversations(path: str | Path) -> Iterator[list[Message]]:
         try:
             yield parse_messages(json.loads(line))
         except (json.JSONDecodeError, ValueError) as error:
-            raise InvalidInputError(f"{path}:{number}: {error}") from None
-        except RecursionError:
-            raise InvalidInputError(f"{path}:{number}: nested too deeply") from None
+            raise InvalidInputError(f"{path}:{number}: {error}") from error
+        except RecursionError as error:
+            raise InvalidInputError(f"{path}:{number}: nested too deeply") from error
 
 
 
@@ -51,7 +51,7 @@ def load_conversations(data: str | Path, split: str = "train") -> Iterator[list[
         try:
             yield parse_messages(record)
         except ValueError as error:
-            raise InvalidInputError(f"{data} [{split}] row {number}: {error}") from None
+            raise InvalidInputError(f"{data} [{split}] row {number}: {error}") from error
 
 
 _DATASET_FILES = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -64,7 +64,7 @@ def _load_dataset_file(path: Path):
     try:
         return datasets.load_dataset(_DATASET_FILES[path.suffix], data_files=str(path), split="train")
     except Exception as error:  # noqa: BLE001 (datasets' builders raise many types; the user needs one line)
-        raise InvalidInputError(f"cannot read {path} as {_DATASET_FILES[path.suffix]}: {first_line(error)}") from None
+        raise InvalidInputError(f"cannot read {path} as {_DATASET_FILES[path.suffix]}: {first_line(error)}") from error
 
 
 def _load_dataset(name: str, split: str):
@@ -76,7 +76,7 @@ def _load_dataset(name: str, split: str):
             return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
         return datasets.load_dataset(name, split=split)
     except Exception as error:  # noqa: BLE001 (a directory of other files, a missing name, no network, ...)
-        raise InvalidInputError(f"cannot load dataset {name!r} split {split!r}: {first_line(error)}") from None
+        raise InvalidInputError(f"cannot load dataset {name!r} split {split!r}: {first_line(error)}") from error
 
 
 def parse_messages(record) -> list[Message]:
@@ -91,8 +91,8 @@ def parse_messages(record) -> list[Message]:
         if not message["content"].isascii():
             try:
                 message["content"].encode("utf-8")
-            except UnicodeEncodeError:  # a lone surrogate such as "\ud800": JSON allows it, no tokenizer does
-                raise ValueError("a message holds a lone surrogate (\\ud800-\\udfff), which is not text") from None
+            except UnicodeEncodeError as error:  # a lone surrogate such as "\ud800": JSON allows it, no tokenizer does
+                raise ValueError("a message holds a lone surrogate (\\ud800-\\udfff), which is not text") from error
         messages.append({"role": message["role"], "content": message["content"]})
     return messages
 
@@ -243,6 +243,6 @@ def _read_reference_eval(path: Path) -> Iterator[dict]:
             prompt, answers = record["prompt"], record["raw_answers"]
             if not isinstance(prompt, str) or not isinstance(answers, list) or not answers:
                 raise ValueError
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError):
-            raise InvalidInputError(f'{path}:{number}: expected {{"prompt": str, "raw_answers": [str, ...]}}') from None
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as error:
+            raise InvalidInputError(f'{path}:{number}: expected {{"prompt": str, "raw_answers": [str, ...]}}') from error
         yield {"prompt": prompt, "answers": [str(answer) for answer in answers], "messages": None}

@@ -23,7 +23,7 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False)
     except OSError as error:
-        raise InvalidInputError(f"cannot write {path}: {error.strerror}") from None
+        raise InvalidInputError(f"cannot write {path}: {error.strerror}") from error
     try:
         with handle:
             json.dump(data, handle, indent=2, ensure_ascii=False)
@@ -35,7 +35,7 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     except BaseException as error:
         Path(handle.name).unlink(missing_ok=True)
         if isinstance(error, OSError):
-            raise with_filename(error, path) from None
+            raise with_filename(error, path) from error
         raise
 
 
@@ -98,8 +98,8 @@ def numbered_lines(path: str | Path) -> Iterator[tuple[int, str]]:
                                         "one record per line, each under that size")
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError:
-                raise InvalidInputError(f"{path}:{number}: not UTF-8 text") from None
+            except UnicodeDecodeError as error:
+                raise InvalidInputError(f"{path}:{number}: not UTF-8 text") from error
             if line.strip():
                 yield number, line
 
@@ -117,9 +117,9 @@ def read_json(path: str | Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InvalidInputError(f"{path} is not valid JSON: {error}") from None
-    except RecursionError:
-        raise InvalidInputError(f"{path} is nested too deeply to be expert-hub JSON") from None
+        raise InvalidInputError(f"{path} is not valid JSON: {error}") from error
+    except RecursionError as error:
+        raise InvalidInputError(f"{path} is nested too deeply to be expert-hub JSON") from error
 
 
 @contextmanager
@@ -141,6 +141,6 @@ def atomic_directory(directory: str | Path, overwrite: bool = False) -> Iterator
         fsync_tree(staging)
         replace_directory(staging, directory)
     except OSError as error:
-        raise with_filename(error, directory) from None
+        raise with_filename(error, directory) from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -24,7 +24,7 @@ def load_config(base: str, **hub_options):
     try:
         config = AutoConfig.from_pretrained(base, **hub_options)
     except (OSError, ValueError) as error:
-        raise InvalidInputError(f"cannot load model {base!r}: {first_line(error)}") from None
+        raise InvalidInputError(f"cannot load model {base!r}: {first_line(error)}") from error
     family_of(config)
     return config
 
@@ -36,7 +36,7 @@ def load_base(base: str, **from_pretrained_kwargs) -> PreTrainedModel:
     try:
         return AutoModelForCausalLM.from_pretrained(base, config=config, **from_pretrained_kwargs)
     except (OSError, ValueError) as error:
-        raise InvalidInputError(f"cannot load model {base!r}: {first_line(error)}") from None
+        raise InvalidInputError(f"cannot load model {base!r}: {first_line(error)}") from error
 
 
 def load_tokenizer(base: str, **hub_options):
@@ -45,7 +45,7 @@ def load_tokenizer(base: str, **hub_options):
     try:
         return AutoTokenizer.from_pretrained(base, **hub_options)
     except (OSError, ValueError) as error:
-        raise InvalidInputError(f"cannot load the tokenizer of {base!r}: {first_line(error)}") from None
+        raise InvalidInputError(f"cannot load the tokenizer of {base!r}: {first_line(error)}") from error
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -56,7 +56,7 @@ def resolve_device(name: str | None) -> torch.device:
         device = torch.device(name)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as error:
-        raise InvalidInputError(f"device {name!r} is not usable here: {first_line(error)}") from None
+        raise InvalidInputError(f"device {name!r} is not usable here: {first_line(error)}") from error
     return device
 
 

@@ -96,7 +96,7 @@ class ExpertScores:
         except (AttributeError, KeyError, TypeError, ValueError) as error:
             raise InvalidInputError(
                 f"{path} is not an expert scores file (expected token_scores and gate_scores per layer): {error}"
-            ) from None
+            ) from error
 
 
 def _stringify(scores: dict[int, dict[int, float]]) -> dict[str, dict[str, float]]:
@@ -151,10 +151,10 @@ def _read_routing_logs(paths: list[Path], top_k: int) -> tuple[int, dict[int, in
                 ids_part, weights_part = line.rstrip("\n").split("\t\t")
                 ids = [int(value) for value in ids_part.split("\t")]
                 weights = [float(value) for value in weights_part.split("\t")]
-            except ValueError:
+            except ValueError as error:
                 raise InvalidInputError(
                     f"{path}:{number}: expected tab-separated expert ids, a double tab, then their gate weights"
-                ) from None
+                ) from error
             if len(ids) != len(weights) or len(ids) % top_k:
                 raise InvalidInputError(
                     f"{path}:{number}: {len(ids)} ids and {len(weights)} weights do not form tokens of top-{top_k}"

@@ -45,10 +45,10 @@ class ExpertSelection:
             shared, non_expert = data.get("shared_experts", False), data.get("non_expert_modules", False)
             if not all(isinstance(ids, list) and all(type(e) is int for e in ids) for ids in experts.values()):
                 raise TypeError
-        except (AttributeError, KeyError, TypeError, ValueError):
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
             raise InvalidInputError(
                 f'{origin} is not an expert config: expected {{"experts": {{"<layer>": [integer ids]}}, ...}}'
-            ) from None
+            ) from error
         if not isinstance(shared, bool) or not isinstance(non_expert, bool):
             raise InvalidInputError(f"{origin}: shared_experts and non_expert_modules must be true or false")
         for layer, ids in experts.items():

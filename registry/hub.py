@@ -83,24 +83,24 @@ def _hub_errors(repo_id: str, revision: str | None):
     where = f"{repo_id}" + (f"@{revision}" if revision else "")
     try:
         yield
-    except HFValidationError:
-        raise HubError(f"invalid repository id {repo_id!r}: use ORG/NAME (letters, digits, '-', '_', '.')") from None
-    except LocalTokenNotFoundError:
-        raise HubError("no Hugging Face token: set HF_TOKEN or run `hf auth login`") from None
-    except RevisionNotFoundError:
-        raise HubError(f"revision {revision!r} not found in {repo_id}") from None
-    except RepositoryNotFoundError:
-        raise HubError(f"repository {repo_id} not found, or your token cannot access it") from None
+    except HFValidationError as error:
+        raise HubError(f"invalid repository id {repo_id!r}: use ORG/NAME (letters, digits, '-', '_', '.')") from error
+    except LocalTokenNotFoundError as error:
+        raise HubError("no Hugging Face token: set HF_TOKEN or run `hf auth login`") from error
+    except RevisionNotFoundError as error:
+        raise HubError(f"revision {revision!r} not found in {repo_id}") from error
+    except RepositoryNotFoundError as error:
+        raise HubError(f"repository {repo_id} not found, or your token cannot access it") from error
     except HfHubHTTPError as error:
         status = error.response.status_code if error.response is not None else None
         hint = "; check HF_TOKEN or `hf auth login`" if status in (401, 403) else ""
         detail = (getattr(error, "server_message", None) or first_line(error)).strip().splitlines()[0]
-        raise HubError(f"the Hub refused {where} (HTTP {status}): {detail}{hint}") from None
-    except OfflineModeIsEnabled:
-        raise HubError(f"cannot reach the Hub for {where}: HF_HUB_OFFLINE is set") from None
+        raise HubError(f"the Hub refused {where} (HTTP {status}): {detail}{hint}") from error
+    except OfflineModeIsEnabled as error:
+        raise HubError(f"cannot reach the Hub for {where}: HF_HUB_OFFLINE is set") from error
     except LocalEntryNotFoundError as error:
-        raise HubError(f"cannot download {where}: {first_line(error)}") from None
+        raise HubError(f"cannot download {where}: {first_line(error)}") from error
     except (TransportError, ConnectionError) as error:  # network down, DNS, refused connection
-        raise HubError(f"cannot reach the Hub for {where}: {first_line(error)}") from None
+        raise HubError(f"cannot reach the Hub for {where}: {first_line(error)}") from error
     except ValueError as error:  # huggingface_hub's refusals, such as a file name that climbs out of the download
-        raise HubError(f"cannot download {where}: {first_line(error)}") from None
+        raise HubError(f"cannot download {where}: {first_line(error)}") from error

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from expert_hub.adapter import AdapterHeader, ExpertAdapter
-from expert_hub.errors import InvalidInputError
+from expert_hub.errors import ExpertHubError, InvalidInputError
 from expert_hub.io import (atomic_directory, fsync_tree, publish_permissions, read_json, with_filename,
                            write_json_atomic)
 
@@ -36,8 +36,15 @@ _DIGEST = re.compile(r"[0-9a-f]{64}")  # an object's name: the sha256 of its man
 _SELECTOR = re.compile(r"[0-9]+|[0-9a-f]{4,64}")  # after `task@`: a version or a hash prefix
 
 
-class RegistryError(InvalidInputError):
-    """A registry entry is missing, ambiguous or damaged."""
+class RegistryError(ExpertHubError):
+    """The registry holds no entry that matches a reference, or several, or cannot be written."""
+
+
+class RegistryDamagedError(RegistryError):
+    """The registry's own files (its index, a stored adapter) were changed or lost after they were written.
+
+    Not invalid input: the caller asked for something that exists, and what is stored cannot be trusted.
+    """
 
 
 def validate_task_name(name: str) -> str:
@@ -84,21 +91,21 @@ class Entry:
     def from_json(cls, data) -> Entry:
         """An index record, checked like any other input: its digest becomes a path that `rm` deletes."""
         if not isinstance(data, dict):
-            raise RegistryError(f"is {type(data).__name__}, not an object")
+            raise RegistryDamagedError(f"is {type(data).__name__}, not an object")
         if missing := [name for name in ("task", "version", "base_model", "digest", "created") if name not in data]:
-            raise RegistryError(f"lacks {', '.join(missing)}")
+            raise RegistryDamagedError(f"lacks {', '.join(missing)}")
         for name, kinds in _ENTRY_FIELD_TYPES.items():
             if name in data and (isinstance(data[name], bool) or not isinstance(data[name], kinds)):
-                raise RegistryError(f"has {name} = {data[name]!r:.80}")
+                raise RegistryDamagedError(f"has {name} = {data[name]!r:.80}")
         validate_task_name(data["task"])
         if not _DIGEST.fullmatch(data["digest"]):
-            raise RegistryError(f"has digest {data['digest']!r}, which is not a sha256 in hex")
+            raise RegistryDamagedError(f"has digest {data['digest']!r}, which is not a sha256 in hex")
         if data["version"] < 1 or data.get("bytes", 0) < 0:
-            raise RegistryError("has a version below 1 or a negative size")
+            raise RegistryDamagedError("has a version below 1 or a negative size")
         if not all(isinstance(k, str) and type(v) is int for k, v in data.get("experts", {}).items()):
-            raise RegistryError(f"has experts = {data['experts']!r:.80}")
+            raise RegistryDamagedError(f"has experts = {data['experts']!r:.80}")
         if not all(isinstance(k, str) and type(v) in (int, float) for k, v in data.get("metrics", {}).items()):
-            raise RegistryError(f"has metrics = {data['metrics']!r:.80}")
+            raise RegistryDamagedError(f"has metrics = {data['metrics']!r:.80}")
         known = {f.name for f in fields(cls)}
         return cls(**{name: value for name, value in data.items() if name in known})
 
@@ -119,7 +126,7 @@ class Registry:
 
     def object_path(self, entry: Entry) -> Path:
         if not _DIGEST.fullmatch(entry.digest):  # entries come from `Entry.from_json`; this is the last guard
-            raise RegistryError(f"{entry.ref}: digest {entry.digest!r} is not a sha256 in hex")
+            raise RegistryDamagedError(f"{entry.ref}: digest {entry.digest!r} is not a sha256 in hex")
         return self.root / "objects" / entry.digest
 
     # --- reading -----------------------------------------------------------------------------------------------
@@ -164,8 +171,8 @@ class Registry:
         path = self.object_path(entry)
         try:
             _check_object(path, entry.digest)
-        except RegistryError as error:
-            raise RegistryError(f"{entry.ref}: {error}") from None
+        except RegistryDamagedError as error:
+            raise RegistryDamagedError(f"{entry.ref}: {error}") from error
         return path
 
     def load(self, ref: str, base: str | None = None) -> ExpertAdapter:
@@ -218,7 +225,7 @@ class Registry:
                 )
                 entries.append(entry)
         except OSError as error:
-            raise with_filename(error, self.root) from None
+            raise with_filename(error, self.root) from error
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return entry
@@ -256,7 +263,7 @@ class Registry:
             try:
                 _check_object(target, digest)
                 return
-            except RegistryError:  # a damaged copy of the same content: the fresh one takes its place
+            except RegistryDamagedError:  # a damaged copy of the same content: the fresh one takes its place
                 _remove_tree(target)
         os.replace(staging, target)
 
@@ -280,13 +287,13 @@ class Registry:
             return [], []
         data = read_json(self.index_path)
         if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
-            raise RegistryError(f"{self.index_path} is not a registry index (an object with a list of entries); "
+            raise RegistryDamagedError(f"{self.index_path} is not a registry index (an object with a list of entries); "
                                 "move it aside and re-import the adapters")
         entries, unreadable = [], []
         for position, record in enumerate(data["entries"], 1):
             try:
                 entries.append(Entry.from_json(record))
-            except InvalidInputError as error:
+            except (RegistryDamagedError, InvalidInputError) as error:  # a task name that is not one: damaged too
                 unreadable.append((record, f"{self.index_path} entry {position} {error}"))
         return entries, unreadable
 
@@ -311,19 +318,19 @@ def _refuse_links_and_special_files(directory: Path) -> None:
 def _check_object(path: Path, digest: str) -> None:
     manifest_path = path / MANIFEST_FILE
     if not manifest_path.is_file():
-        raise RegistryError(f"stored files are missing ({path})")
+        raise RegistryDamagedError(f"stored files are missing ({path})")
     if _sha256_bytes(manifest_path.read_bytes()) != digest:
-        raise RegistryError(f"{manifest_path} was modified")
+        raise RegistryDamagedError(f"{manifest_path} was modified")
     files = json.loads(manifest_path.read_text())["files"]
     present = {p.name for p in path.iterdir() if p.name != MANIFEST_FILE}
     if extra := sorted(present - set(files)):
-        raise RegistryError(f"unexpected file {path / extra[0]}")
+        raise RegistryDamagedError(f"unexpected file {path / extra[0]}")
     for name, expected in files.items():
         file = path / name
         if not file.is_file():
-            raise RegistryError(f"missing file {file}")
+            raise RegistryDamagedError(f"missing file {file}")
         if file.stat().st_size != expected["size"] or _sha256_file(file) != expected["sha256"]:
-            raise RegistryError(f"file {file} does not match its recorded sha256 (corrupted?)")
+            raise RegistryDamagedError(f"file {file} does not match its recorded sha256 (corrupted?)")
 
 
 def _copy_and_hash(source: Path, target: Path) -> dict:

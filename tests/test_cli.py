@@ -127,3 +127,33 @@ def test_the_conventions_a_shell_user_expects(run_cli, tmp_path):
     assert code == 0 and "complete -o default -F" in out
     code, out, _ = run_cli("tasks", "export", "law", tmp_path / "out[bold]x")  # a path is never read as markup
     assert code == 0 and f"{tmp_path}/out[bold]x/train.jsonl" in out
+
+
+def test_train_offers_every_training_setting_as_an_option(run_cli):
+    """The options are made from `TrainingConfig`'s fields: a field with CLI metadata is an option."""
+    from dataclasses import fields
+
+    from expert_hub.training import TrainingConfig
+
+    code, out, _ = run_cli("train", "--help")
+    assert code == 0
+    for field in fields(TrainingConfig):
+        if field.metadata["cli"]:
+            for flag in field.metadata["flags"] or (f"--{field.name.replace('_', '-')}",):
+                assert flag in out, flag
+    assert "--no-lora-experts" in out and "--processes" not in out
+    assert "[default: 1e-5 (esft-token, esft-gate, esft, full), 1e-4 (lora); the demo base: 0.003]" in " ".join(out.split())
+
+
+def test_a_runtime_error_is_one_line(run_cli, monkeypatch, tmp_path, tiny_models):
+    """torch reports out-of-memory as a RuntimeError: the user sees it as one line, not a traceback."""
+    import torch
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
+
+    monkeypatch.setattr("expert_hub.training.loop.load_base", out_of_memory)
+    code, _, err = run_cli("train", "--task", "law", "--base", tiny_models["qwen3_moe"], "--out", tmp_path / "run",
+                           "--seq-len", "64")
+    assert code == 1 and "Traceback" not in err and "more details" not in err
+    assert err.strip().splitlines()[-1] == "error: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"

@@ -294,3 +294,19 @@ def test_import_finds_the_adapter_in_a_run_directory(adapters, run_cli, tmp_path
     (run / "train_config.json").write_text("{}")
     code, out, err = run_cli("import", run)
     assert code == 0 and "Registered law@1" in out, err
+
+
+def test_a_damaged_registry_is_not_called_invalid_input_and_keeps_its_cause(adapters, registry_home):
+    from expert_hub.errors import ExpertHubError
+    from expert_hub.registry import RegistryDamagedError
+
+    _, made = adapters
+    entry = Registry().register(made["law"])
+    (registry_home / "objects" / entry.digest / "expert_cfg.json").write_text("{}")
+    with pytest.raises(RegistryDamagedError) as damaged:
+        Registry().load("law")
+    assert not isinstance(damaged.value, InvalidInputError) and isinstance(damaged.value, ExpertHubError)
+    assert isinstance(damaged.value.__cause__, RegistryDamagedError)  # the check that failed, for library users
+    with pytest.raises(RegistryError) as missing:  # a reference that matches nothing is the caller's
+        Registry().resolve("tax")
+    assert not isinstance(missing.value, RegistryDamagedError)

@@ -267,3 +267,40 @@ def test_no_intact_checkpoint_is_one_clear_error(tiny_models, tmp_path, esft_dat
         (checkpoint / "optimizer.json").write_text("{}")
     with pytest.raises(InvalidInputError, match=r"no checkpoint in .* can be resumed .*use a new --out"):
         train(_config(tiny_models["mixtral"], data, tmp_path / "run", steps=6))
+
+
+def test_a_new_method_is_one_registered_class(tiny_models, tmp_path, esft_data):
+    """What `register_method` promises: a method registered from outside the package trains through `train`,
+    and writes the artifact it defines, without any other file knowing its name."""
+    from expert_hub.training.methods import base as methods_base
+    from expert_hub.training.methods.base import TrainingMethod, register_method, write_model_directory
+
+    @register_method
+    class RoutersOnly(TrainingMethod):
+        name = "routers-only"
+        default_learning_rate = 2e-3
+        artifact_name = "routers"
+
+        def prepare(self, model, run):
+            model.requires_grad_(False)
+            for layer in moe_layers(model):
+                layer.router.requires_grad_(True)
+            return model
+
+        def write_artifact(self, model, path, tokenizer, metadata):
+            return write_model_directory(model, path, metadata)
+
+    try:
+        config = _config(tiny_models["qwen3_moe"], esft_data / "datasets/train/law.jsonl", tmp_path / "run",
+                         method="routers-only", learning_rate=None, steps=2)
+        assert config.lr == 2e-3
+        result = train(config)
+        assert result.artifact == tmp_path / "run" / "routers"
+        assert json.loads((result.artifact / "expert_hub.json").read_text())["method"] == "routers-only"
+        base, trained = load_base(str(tiny_models["qwen3_moe"])), dict(result.model.named_parameters())
+        changed = {name for name, tensor in base.named_parameters() if not torch.equal(tensor, trained[name])}
+        assert changed and all(".mlp.gate." in name for name in changed)
+    finally:
+        del methods_base._METHODS["routers-only"]
+    with pytest.raises(InvalidInputError, match="unknown method 'routers-only'"):
+        _config(tiny_models["qwen3_moe"], esft_data / "datasets/train/law.jsonl", tmp_path / "x", method="routers-only")

@@ -71,7 +71,7 @@ def load_checkpoint(path: Path, trainable: dict[str, torch.Tensor], optimizer: t
         rng = load_file(path / "rng.safetensors")
         state = _unflatten_optimizer(optimizer_tensors, layout)
     except (SafetensorError, OSError, InvalidInputError, KeyError, TypeError, ValueError) as error:
-        raise DamagedCheckpointError(f"{path.name} cannot be read ({first_line(error)})") from None
+        raise DamagedCheckpointError(f"{path.name} cannot be read ({first_line(error)})") from error
     if set(saved) != set(trainable):
         raise DamagedCheckpointError(f"{path.name} holds other trainable tensors than this run")
     for name, tensor in trainable.items():
