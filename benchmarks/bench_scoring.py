@@ -16,8 +16,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from expert_hub.models import load_base
 from expert_hub.data import pad
+from expert_hub.models import load_base
 from expert_hub.routing import score_model
 from expert_hub.testing import TINY_FAMILIES, build_tiny_model
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from itertools import chain
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -12,27 +12,36 @@ from rich.table import Table
 from expert_hub.errors import InvalidInputError
 from expert_hub.routing import DEFAULT_SCORE_TOKENS
 
-from .app import (DType, ScoreFunction, app, base_or_demo, check_output_file, console, data_or_builtin, progress_bar,
-                  status_console)
+from .app import (
+    DType,
+    ScoreFunction,
+    app,
+    base_or_demo,
+    check_output_file,
+    console,
+    data_or_builtin,
+    progress_bar,
+    status_console,
+)
 
 
 @app.command()
 def score(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the scores JSON.")],
-    base: Annotated[Optional[str], typer.Option(help="Base MoE model: a local directory or a Hub id.")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="Task data: JSONL of {\"messages\": [...]} lines.")] = None,
-    task: Annotated[Optional[str], typer.Option(help="Score a built-in task's train split instead of --data.")] = None,
+    base: Annotated[str | None, typer.Option(help="Base MoE model: a local directory or a Hub id.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Task data: JSONL of {\"messages\": [...]} lines.")] = None,
+    task: Annotated[str | None, typer.Option(help="Score a built-in task's train split instead of --data.")] = None,
     tokens: Annotated[int, typer.Option(min=1, help="How many tokens of the data to score (paper: 2^17).")] = DEFAULT_SCORE_TOKENS,
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 8,
     seq_len: Annotated[int, typer.Option(min=1, help="Longest sequence; longer conversations are cut.")] = 4096,
     dtype: Annotated[DType, typer.Option(help="Weights dtype to load the model in.")] = DType.auto,
-    device: Annotated[Optional[str], typer.Option(help="torch device (default: cuda when available).")] = None,
+    device: Annotated[str | None, typer.Option(help="torch device (default: cuda when available).")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Run the model repo's own code (only if you trust it).")] = False,
     routing_logs: Annotated[
-        Optional[Path], typer.Option(help="Score the reference repo's raw logs (expert_weights_<layer>.txt) instead.")
+        Path | None, typer.Option(help="Score the reference repo's raw logs (expert_weights_<layer>.txt) instead.")
     ] = None,
-    top_k: Annotated[Optional[int], typer.Option(min=1, help="Experts per token in the routing logs.")] = None,
-    num_experts: Annotated[Optional[int], typer.Option(min=1, help="Routed experts per layer in the logs.")] = None,
+    top_k: Annotated[int | None, typer.Option(min=1, help="Experts per token in the routing logs.")] = None,
+    num_experts: Annotated[int | None, typer.Option(min=1, help="Routed experts per layer in the logs.")] = None,
 ) -> None:
     """Score every routed expert on task data: Token Selection Ratio and Average Gate Score per layer."""
     from expert_hub.scores import scores_from_routing_logs
@@ -86,7 +95,7 @@ def select(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write expert_cfg.json.")],
     by: Annotated[ScoreFunction, typer.Option(help="Score to rank experts by.")] = ScoreFunction.token,
     top_p: Annotated[
-        Optional[float], typer.Option(help="Cumulative score to reach per layer, in (0, 1]; default 0.2 token / 0.1 gate.")
+        float | None, typer.Option(help="Cumulative score to reach per layer, in (0, 1]; default 0.2 token / 0.1 gate.")
     ] = None,
     shared_experts: Annotated[bool, typer.Option("--shared-experts", help="Also train the shared experts.")] = False,
     non_expert_modules: Annotated[
@@ -112,7 +121,7 @@ def select(
 
 @app.command()
 def inspect(
-    target: Annotated[Optional[str], typer.Argument(metavar="[MODEL_OR_ADAPTER]", help="A model (directory or Hub id) or an adapter directory [default: the demo base].")] = None,
+    target: Annotated[str | None, typer.Argument(metavar="[MODEL_OR_ADAPTER]", help="A model (directory or Hub id) or an adapter directory [default: the demo base].")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Run the model repo's own code (only if you trust it).")] = False,
 ) -> None:

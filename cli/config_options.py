@@ -14,10 +14,9 @@ import typing
 from collections.abc import Callable
 from dataclasses import MISSING, Field, fields
 from enum import Enum
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
-
 
 _UNION = type(int | None)
 
@@ -58,7 +57,7 @@ def _parameters(f: Field, annotation, base_note: Callable[[str], str]) -> list[i
         help_text = f"{help_text.removesuffix('.')} [default: {stated}{base_note(f.name)}]."
         if kind is bool:
             flags = (f"{flags[0]}/--no-{flags[0].removeprefix('--')}",)
-        return [_keyword(f.name, Optional[kind], None, typer.Option(*flags, help=help_text, **bounds))]
+        return [_keyword(f.name, kind | None, None, typer.Option(*flags, help=help_text, **bounds))]
     if typing.get_origin(kind) is tuple:
         return [_keyword(f"{f.name}{_ELEMENT}{i}", typing.get_args(kind)[i], value,
                          typer.Option(flag, help=help_text.format(n=i + 1)))
@@ -69,7 +68,7 @@ def _parameters(f: Field, annotation, base_note: Callable[[str], str]) -> list[i
     if typing.get_origin(kind) is list:
         return [_keyword(f.name, str, ",".join(default), typer.Option(*flags, help=help_text))]
     if kind is not annotation:
-        kind = Optional[kind]
+        kind = kind | None
     return [_keyword(f.name, kind, default, typer.Option(*flags, help=help_text, **bounds))]
 
 

@@ -7,6 +7,7 @@ before and after, and the answers next to the references.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import httpx
 import typer
@@ -36,7 +37,7 @@ def quickstart(
     out: Annotated[Path, typer.Option(help="Where the runs and the server log go; rerunning resumes finished work.")] = Path("runs/quickstart"),
     eval_records: Annotated[int, typer.Option(min=1, help="Eval records per task, scored before and after training.")] = 60,
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port for the demo server (127.0.0.1).")] = 8123,
-    steps: Annotated[Optional[int], typer.Option(min=1, help="Training steps per task [default: the demo base's, 150].")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Training steps per task [default: the demo base's, 150].")] = None,
 ) -> None:
     """Train two tasks' experts on the demo base, serve them, query them, and show the before / after."""
     from expert_hub.demo import base_metadata, demo_base
@@ -192,10 +193,8 @@ def _stop(server: subprocess.Popen) -> None:
         pass
     except ProcessLookupError:
         return
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(server.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     server.wait()
 
 

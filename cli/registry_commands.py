@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from .app import app, console
 
-Base = Annotated[Optional[str], typer.Option(help="Only entries of this base model (directory or Hub id).")]
+Base = Annotated[str | None, typer.Option(help="Only entries of this base model (directory or Hub id).")]
 
 
 def _registry():
@@ -34,8 +34,8 @@ def _experts(entry) -> str:
 @app.command(name="import")
 def import_adapter(
     directory: Annotated[Path, typer.Argument(help="An adapter directory (expert-hub's or a published ESFT one).")],
-    task: Annotated[Optional[str], typer.Option(help="Task name (default: the adapter's own).")] = None,
-    base: Annotated[Optional[str], typer.Option(help="Base model it was trained from (default: from its metadata).")] = None,
+    task: Annotated[str | None, typer.Option(help="Task name (default: the adapter's own).")] = None,
+    base: Annotated[str | None, typer.Option(help="Base model it was trained from (default: from its metadata).")] = None,
 ) -> None:
     """Register an existing adapter directory (or the run directory `train` wrote it in) as the next version."""
     if not (directory / "expert_cfg.json").exists() and (directory / "adapter" / "expert_cfg.json").is_file():
@@ -121,11 +121,11 @@ def push(
     ref: Annotated[str, typer.Argument(metavar="TASK[@V]", help="The registered experts to share.")],
     repo: Annotated[str, typer.Option(help="Hub repository, ORG/NAME (created if missing).")],
     private: Annotated[bool, typer.Option("--private", help="Create the repository private.")] = False,
-    revision: Annotated[Optional[str], typer.Option(help="Branch to push to (created if missing).")] = None,
-    commit_message: Annotated[Optional[str], typer.Option(help="Commit message.")] = None,
+    revision: Annotated[str | None, typer.Option(help="Branch to push to (created if missing).")] = None,
+    commit_message: Annotated[str | None, typer.Option(help="Commit message.")] = None,
     license: Annotated[str, typer.Option(help="License for the model card.")] = "other",
     base: Base = None,
-    base_model: Annotated[Optional[str], typer.Option(help="Hub id of the base model, when the experts were trained on a local copy of it: the card links it, and no local path is published.")] = None,
+    base_model: Annotated[str | None, typer.Option(help="Hub id of the base model, when the experts were trained on a local copy of it: the card links it, and no local path is published.")] = None,
 ) -> None:
     """Upload a task's experts with a generated model card to the Hugging Face Hub (HF_TOKEN / `hf auth login`)."""
     from expert_hub.registry.hub import push as push_entry
@@ -138,9 +138,9 @@ def push(
 @app.command()
 def pull(
     repo: Annotated[str, typer.Argument(metavar="ORG/NAME", help="Hub repository holding an expert adapter.")],
-    revision: Annotated[Optional[str], typer.Option(help="Branch, tag or commit.")] = None,
-    task: Annotated[Optional[str], typer.Option(help="Task name (default: the adapter's own, else the repo name).")] = None,
-    base: Annotated[Optional[str], typer.Option(help="Base model it was trained from (default: from its metadata).")] = None,
+    revision: Annotated[str | None, typer.Option(help="Branch, tag or commit.")] = None,
+    task: Annotated[str | None, typer.Option(help="Task name (default: the adapter's own, else the repo name).")] = None,
+    base: Annotated[str | None, typer.Option(help="Base model it was trained from (default: from its metadata).")] = None,
 ) -> None:
     """Download an adapter from the Hub (expert-hub's or a published ESFT one) and register it."""
     from expert_hub.registry.hub import pull as pull_entry

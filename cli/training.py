@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -35,9 +35,9 @@ def _demo_note(setting: str) -> str:
 @with_config_options(TrainingConfig, base_note=_demo_note)
 def train(
     task: Annotated[str, typer.Option(help="Task name, e.g. law; names the output and the adapter. A built-in task (`expert-hub tasks`) brings its own data.")],
-    base: Annotated[Optional[str], typer.Option(help="Base MoE model: a local directory or a Hub id [default: the demo base shipped in the package].")] = None,
-    data: Annotated[Optional[str], typer.Option(help="Training data: JSONL of {\"messages\": [...]} lines, or a Hugging Face dataset (saved directory or name) [default: the built-in task's train split].")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output directory (default runs/TASK-METHOD); rerunning on it resumes.")] = None,
+    base: Annotated[str | None, typer.Option(help="Base MoE model: a local directory or a Hub id [default: the demo base shipped in the package].")] = None,
+    data: Annotated[str | None, typer.Option(help="Training data: JSONL of {\"messages\": [...]} lines, or a Hugging Face dataset (saved directory or name) [default: the built-in task's train split].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory (default runs/TASK-METHOD); rerunning on it resumes.")] = None,
     register: Annotated[bool, typer.Option(help="Add the trained experts to the local registry (ESFT methods).")] = True,
     **settings,
 ) -> None:
@@ -106,18 +106,18 @@ def run_with_progress(config):
 
 @app.command(name="eval")
 def evaluate(
-    base: Annotated[Optional[str], typer.Option(help="Base model (a directory or Hub id), or a full fine-tuned checkpoint [default: the demo base].")] = None,
-    data: Annotated[Optional[str], typer.Option(help="Eval data: the reference eval JSONL (prompt / raw_answers), conversations, or a Hugging Face dataset [default: the built-in task's eval split].")] = None,
-    task: Annotated[Optional[str], typer.Option(help="A built-in task: its eval split, metric and answer length are the defaults [default: --adapter's name when it is one].")] = None,
-    adapter: Annotated[Optional[Path], typer.Option(help="An expert adapter or a PEFT (LoRA) adapter directory, or a registered task (law, law@2).")] = None,
-    metric: Annotated[Optional[Metric], typer.Option(help="loss (and perplexity), exact match, intent (JSON intent + slots) or bleu [default: the built-in task's, else loss].")] = None,
+    base: Annotated[str | None, typer.Option(help="Base model (a directory or Hub id), or a full fine-tuned checkpoint [default: the demo base].")] = None,
+    data: Annotated[str | None, typer.Option(help="Eval data: the reference eval JSONL (prompt / raw_answers), conversations, or a Hugging Face dataset [default: the built-in task's eval split].")] = None,
+    task: Annotated[str | None, typer.Option(help="A built-in task: its eval split, metric and answer length are the defaults [default: --adapter's name when it is one].")] = None,
+    adapter: Annotated[Path | None, typer.Option(help="An expert adapter or a PEFT (LoRA) adapter directory, or a registered task (law, law@2).")] = None,
+    metric: Annotated[Metric | None, typer.Option(help="loss (and perplexity), exact match, intent (JSON intent + slots) or bleu [default: the built-in task's, else loss].")] = None,
     split: Annotated[str, typer.Option(help="Split of a Hugging Face dataset.")] = "test",
     chat_template: Annotated[bool, typer.Option("--chat-template", help="Render conversations with the tokenizer's chat template.")] = False,
-    max_new_tokens: Annotated[Optional[int], typer.Option(min=1, help="Longest generated answer [default: 128, or the built-in task's].")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Longest generated answer [default: 128, or the built-in task's].")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Records per forward / generate call.")] = 8,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate only the first N records.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Evaluate only the first N records.")] = None,
     dtype: Annotated[DType, typer.Option(help="Weights dtype.")] = DType.auto,
-    device: Annotated[Optional[str], typer.Option(help="torch device (default: cuda when available).")] = None,
+    device: Annotated[str | None, typer.Option(help="torch device (default: cuda when available).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Apply an expert adapter even if the base fingerprint differs.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Run the model repo's own code (only if you trust it).")] = False,

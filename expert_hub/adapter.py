@@ -14,6 +14,7 @@ base model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from dataclasses import asdict, dataclass, field, fields
@@ -21,14 +22,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import AdapterMismatchError, InvalidInputError
-from .families import (PROJECTIONS, canonical_key, expert_checkpoint_key, expert_views, moe_layers, parse_expert_key,
-                       split_parameters)
+from .families import (
+    PROJECTIONS,
+    canonical_key,
+    expert_checkpoint_key,
+    expert_views,
+    moe_layers,
+    parse_expert_key,
+    split_parameters,
+)
 from .io import atomic_directory, read_json, write_json_atomic
 from .models import ModelSummary, checkpoint_tensors
 from .selection import ExpertSelection
@@ -46,10 +53,8 @@ def _library_versions() -> dict[str, str]:
 
     versions = {}
     for name in ("expert-hub", "torch", "transformers"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             versions[name] = version(name)
-        except PackageNotFoundError:
-            pass
     return versions
 
 

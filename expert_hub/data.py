@@ -63,7 +63,7 @@ def _load_dataset_file(path: Path):
 
     try:
         return datasets.load_dataset(_DATASET_FILES[path.suffix], data_files=str(path), split="train")
-    except Exception as error:  # noqa: BLE001 (datasets' builders raise many types; the user needs one line)
+    except Exception as error:
         raise InvalidInputError(f"cannot read {path} as {_DATASET_FILES[path.suffix]}: {first_line(error)}") from error
 
 
@@ -75,7 +75,7 @@ def _load_dataset(name: str, split: str):
             loaded = datasets.load_from_disk(name)
             return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
         return datasets.load_dataset(name, split=split)
-    except Exception as error:  # noqa: BLE001 (a directory of other files, a missing name, no network, ...)
+    except Exception as error:
         raise InvalidInputError(f"cannot load dataset {name!r} split {split!r}: {first_line(error)}") from error
 
 

@@ -21,7 +21,7 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
         raise InvalidInputError(f"{path} is a directory; give a file path")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False)
+        handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False)  # noqa: SIM115 (closed below; removed on failure)
     except OSError as error:
         raise InvalidInputError(f"cannot write {path}: {error.strerror}") from error
     try:

@@ -11,9 +11,8 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .errors import InvalidInputError
-from .io import first_line
 from .families import expert_views, family_of, moe_layers
-
+from .io import first_line
 
 # from_pretrained options that also decide where the config comes from
 _HUB_OPTIONS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code")

@@ -26,8 +26,7 @@ from pathlib import Path
 
 from expert_hub.adapter import AdapterHeader, ExpertAdapter
 from expert_hub.errors import ExpertHubError, InvalidInputError
-from expert_hub.io import (atomic_directory, fsync_tree, publish_permissions, read_json, with_filename,
-                           write_json_atomic)
+from expert_hub.io import atomic_directory, fsync_tree, publish_permissions, read_json, with_filename, write_json_atomic
 
 MANIFEST_FILE = "manifest.json"
 _TASK = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}")

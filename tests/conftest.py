@@ -10,7 +10,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub; fail fast instead of retrying
 
-from expert_hub.testing import TINY_FAMILIES, build_tiny_model  # noqa: E402
+from expert_hub.testing import TINY_FAMILIES, build_tiny_model
 
 ESFT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "esft"
 

@@ -13,7 +13,7 @@ from expert_hub.errors import InvalidInputError
 
 def _example(start: int, length: int) -> tuple[list[int], list[int]]:
     ids = list(range(start, start + length))
-    return ids, [IGNORE_INDEX] + ids[1:]
+    return ids, [IGNORE_INDEX, *ids[1:]]
 
 
 def test_packing_follows_the_reference():

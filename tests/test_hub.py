@@ -201,7 +201,7 @@ def test_push_publishes_no_local_paths(hub, tiny_models, tmp_path, run_cli):
     adapter = ExpertAdapter.from_model(load_base(str(base)), ExpertSelection({1: [2]}), task="law",
                                        base_model=str(base), training=training)
     Registry().register(adapter.save(tmp_path / "adapter"))
-    code, out, err = run_cli("push", "law", "--repo", "acme/law", "--base-model", "acme/tiny-moe")
+    code, _out, err = run_cli("push", "law", "--repo", "acme/law", "--base-model", "acme/tiny-moe")
     assert code == 0, err
     card, metadata = (_pulled_file(hub, "acme/law", name).decode() for name in ("README.md", "expert_hub.json"))
     for text in (card, metadata):

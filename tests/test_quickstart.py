@@ -22,7 +22,7 @@ def test_quickstart_trains_serves_answers_and_stops_the_server(tmp_path, registr
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "ESFT on the demo base" in out and "One request per model" in out and "where things are" in out
-    question, reference = BUILTIN_TASKS["law"].examples("eval", 1)[0]
+    _question, reference = BUILTIN_TASKS["law"].examples("eval", 1)[0]
     assert reference["content"] in out  # the answers table shows the reference next to each answer
     assert [entry.ref for entry in Registry(registry_home).entries()] == ["law@1"]
     assert (tmp_path / "runs/quickstart/law/adapter").is_dir() and (tmp_path / "runs/quickstart/server.log").is_file()

@@ -69,6 +69,6 @@ def test_empty_scores_are_refused():
 
 @pytest.mark.parametrize("ids", ['"12"', "[1.5]", "[true]"])
 def test_expert_ids_must_be_integers(tmp_path, ids):
-    (tmp_path / "cfg.json").write_text('{"experts": {"1": %s}}' % ids)
+    (tmp_path / "cfg.json").write_text(f'{{"experts": {{"1": {ids}}}}}')
     with pytest.raises(InvalidInputError, match="integer ids"):
         ExpertSelection.load(tmp_path / "cfg.json")

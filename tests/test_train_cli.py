@@ -32,10 +32,7 @@ def test_every_method_trains_and_its_output_evaluates(run_cli, tmp_path, tiny_mo
     assert registered == (["law@1"] if method.startswith("esft") else [])
     metadata = json.loads((artifact / "expert_hub.json").read_text())
     assert metadata["method"] == method and metadata["training"]["steps"] == 4
-    if method == "full":
-        eval_args = ["--base", artifact]
-    else:
-        eval_args = ["--base", base, "--adapter", artifact]
+    eval_args = ["--base", artifact] if method == "full" else ["--base", base, "--adapter", artifact]
     code, out, err = run_cli("eval", *eval_args, "--data", esft_data / "datasets/eval/law.jsonl", "--limit", 3, "--json")
     assert code == 0, err
     result = json.loads(out)

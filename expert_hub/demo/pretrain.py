@@ -116,7 +116,7 @@ def pretrain(out: Path, recipe: Recipe, console: Console) -> dict:
     metadata = {
         "name": "expert-hub demo base",
         "recipe": {"command": "python -m expert_hub.demo.pretrain --out DIR", **asdict(recipe),
-                   "data_mix": {name: recipe.examples_per_task for name in recipe.tasks},
+                   "data_mix": dict.fromkeys(recipe.tasks, recipe.examples_per_task),
                    "held_out": [name for name, task in BUILTIN_TASKS.items() if not task.in_demo_base]},
         "seconds": round(seconds, 1),
         "final_train_loss": round(losses[-1], 4),

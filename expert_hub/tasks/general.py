@@ -13,8 +13,23 @@ from __future__ import annotations
 import json
 from random import Random
 
-from .generators import (ADJECTIVES, CITIES, DAYS, HOBBIES, JOBS, LAW_ITEMS, LAW_PLACES, NAMES, NOUNS, OBJECTS,
-                         PLURALS, SLOT_VALUES, SURNAMES, VERBS, _pronoun)
+from .generators import (
+    ADJECTIVES,
+    CITIES,
+    DAYS,
+    HOBBIES,
+    JOBS,
+    LAW_ITEMS,
+    LAW_PLACES,
+    NAMES,
+    NOUNS,
+    OBJECTS,
+    PLURALS,
+    SLOT_VALUES,
+    SURNAMES,
+    VERBS,
+    _pronoun,
+)
 
 _PLACES = ("the river", "the market", "the old mill", "the hills", "the harbour", "the forest", "the library")
 _THINGS = ("a lantern", "a map", "a small key", "a letter", "a blue kite", "a basket of bread", "a wooden box")

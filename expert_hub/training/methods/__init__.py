@@ -4,8 +4,15 @@ Each method is one module with one registered `TrainingMethod` class (see `base.
 registration. To add a method: write `methods/NAME.py` with a `@register_method` class, and import it below.
 """
 
-from .base import (RunContext, TrainingMethod, artifact_method, get_method, method_names, register_method,
-                   trainable_parameters)
+from .base import (
+                   RunContext,
+                   TrainingMethod,
+                   artifact_method,
+                   get_method,
+                   method_names,
+                   register_method,
+                   trainable_parameters,
+)
 from .esft import ExpertRows, merge_esft, prepare_esft
 from .full import prepare_full
 from .lora import prepare_lora
