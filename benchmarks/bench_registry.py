@@ -27,8 +27,11 @@ HIDDEN, INTERMEDIATE = 2048, 1408  # DeepSeek-V2-Lite's routed experts
 
 
 def _adapter(num_experts: int, task: str) -> ExpertAdapter:
-    selection = ExpertSelection({1 + e // 6: [e % 6] for e in range(0, num_experts, 6)} if num_experts < 6 else
-                                {layer: list(range(6)) for layer in range(1, 1 + num_experts // 6)})
+    selection = ExpertSelection(
+        {1 + e // 6: [e % 6] for e in range(0, num_experts, 6)}
+        if num_experts < 6
+        else {layer: list(range(6)) for layer in range(1, 1 + num_experts // 6)}
+    )
     tensors = {}
     for layer, expert in selection.pairs:
         prefix = f"model.layers.{layer}.mlp.experts.{expert}"
@@ -77,8 +80,11 @@ def main() -> None:
         table.add_column("median s", justify="right")
         table.add_column("GiB/s", justify="right")
         table.add_column("x raw copy", justify="right")
-        for name, seconds in (("raw file copy", raw), ("import (copy + sha256 + publish)", imported),
-                              ("load (verify sha256 + read tensors)", loaded)):
+        for name, seconds in (
+            ("raw file copy", raw),
+            ("import (copy + sha256 + publish)", imported),
+            ("load (verify sha256 + read tensors)", loaded),
+        ):
             table.add_row(name, f"{seconds:.3f}", f"{size / 2**30 / seconds:.2f}", f"{seconds / raw:.2f}")
         console.print(table)
         console.print(f"import / raw copy: {imported / raw:.2f} (goal <= 1.5)")

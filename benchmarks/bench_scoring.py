@@ -23,11 +23,25 @@ from expert_hub.testing import TINY_FAMILIES, build_tiny_model
 
 # hidden 512, 6 layers, 64 experts of width 256, top-6: small enough for a 2-core CPU, big enough that
 # expert matmuls, not Python overhead, dominate a forward pass.
-SHAPE = dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8,
-             num_experts_per_tok=6, moe_intermediate_size=256, intermediate_size=1024, vocab_size=320)
-EXPERTS = {"deepseek_v2": "n_routed_experts", "deepseek_v3": "n_routed_experts", "qwen2_moe": "num_experts",
-           "qwen3_moe": "num_experts", "olmoe": "num_experts", "mixtral": "num_local_experts",
-           "gpt_oss": "num_local_experts"}
+SHAPE = dict(
+    hidden_size=512,
+    num_hidden_layers=6,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    num_experts_per_tok=6,
+    moe_intermediate_size=256,
+    intermediate_size=1024,
+    vocab_size=320,
+)
+EXPERTS = {
+    "deepseek_v2": "n_routed_experts",
+    "deepseek_v3": "n_routed_experts",
+    "qwen2_moe": "num_experts",
+    "qwen3_moe": "num_experts",
+    "olmoe": "num_experts",
+    "mixtral": "num_local_experts",
+    "gpt_oss": "num_local_experts",
+}
 
 
 def main() -> None:
@@ -69,8 +83,10 @@ def main() -> None:
 
     medians = {name: statistics.median(values) for name, values in rates.items()}
     parameters = sum(p.numel() for p in model.parameters())
-    table = Table(title=f"Scoring throughput: {args.family}, {parameters / 1e6:.0f}M params, "
-                        f"{args.batch_size}x{args.seq_len} tokens/batch, {args.rounds} rounds")
+    table = Table(
+        title=f"Scoring throughput: {args.family}, {parameters / 1e6:.0f}M params, "
+        f"{args.batch_size}x{args.seq_len} tokens/batch, {args.rounds} rounds"
+    )
     table.add_column("run")
     table.add_column("median tokens/s", justify="right")
     table.add_column("min..max", justify="right")

@@ -27,9 +27,17 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "esft" / "datasets" / "train" / "law.jsonl"
 METHODS = ("esft-token", "esft-gate", "full", "lora")
-SHAPE = dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8,
-             num_experts_per_tok=6, n_routed_experts=64, moe_intermediate_size=256, intermediate_size=1024,
-             vocab_size=320)
+SHAPE = dict(
+    hidden_size=512,
+    num_hidden_layers=6,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    num_experts_per_tok=6,
+    n_routed_experts=64,
+    moe_intermediate_size=256,
+    intermediate_size=1024,
+    vocab_size=320,
+)
 
 
 def worker(method: str, base: str, out: str, args) -> dict:
@@ -47,10 +55,23 @@ def worker(method: str, base: str, out: str, args) -> dict:
     def on_status(message: str) -> None:
         last[0] = time.perf_counter()
 
-    config = TrainingConfig(task="law", base=base, data=str(DATA), out=out, method=method, steps=args.steps,
-                            seq_len=args.seq_len, batch_size=1, grad_accumulation=args.grad_accumulation,
-                            score_tokens=args.score_tokens, save_every=args.steps, eval_every=args.steps,
-                            eval_fraction=0.0, gradient_checkpointing=True, dtype="float32")
+    config = TrainingConfig(
+        task="law",
+        base=base,
+        data=str(DATA),
+        out=out,
+        method=method,
+        steps=args.steps,
+        seq_len=args.seq_len,
+        batch_size=1,
+        grad_accumulation=args.grad_accumulation,
+        score_tokens=args.score_tokens,
+        save_every=args.steps,
+        eval_every=args.steps,
+        eval_fraction=0.0,
+        gradient_checkpointing=True,
+        dtype="float32",
+    )
     result = train(config, on_step=on_step, on_status=on_status)
     checkpoint = next((Path(out) / "checkpoints").glob("step-*"))
     trainable_bytes = (checkpoint / "trainable.safetensors").stat().st_size
@@ -100,34 +121,67 @@ def main() -> None:
         rows = {}
         for method in METHODS:
             console.print(f"[dim]training {method} ...[/dim]")
-            command = [sys.executable, __file__, "--steps", str(args.steps), "--seq-len", str(args.seq_len),
-                       "--grad-accumulation", str(args.grad_accumulation), "--score-tokens", str(args.score_tokens),
-                       "--worker", method, str(base), str(Path(directory) / method)]
+            command = [
+                sys.executable,
+                __file__,
+                "--steps",
+                str(args.steps),
+                "--seq-len",
+                str(args.seq_len),
+                "--grad-accumulation",
+                str(args.grad_accumulation),
+                "--score-tokens",
+                str(args.score_tokens),
+                "--worker",
+                method,
+                str(base),
+                str(Path(directory) / method),
+            ]
             finished = subprocess.run(command, capture_output=True, text=True, check=True)
             rows[method] = json.loads(finished.stdout.strip().splitlines()[-1])
         model_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
 
     full = rows["full"]
-    table = Table(title=f"Training efficiency: deepseek_v2-shaped, {model_bytes / 2**20:.0f} MiB of float32 weights, "
-                        f"{args.steps} steps x {args.grad_accumulation} x {args.seq_len} tokens, CPU")
-    for column in ("method", "experts", "trainable params", "step s", "x full", "trainable state MiB", "x full",
-                   "peak RSS MiB", "artifact MiB", "x model"):
+    table = Table(
+        title=f"Training efficiency: deepseek_v2-shaped, {model_bytes / 2**20:.0f} MiB of float32 weights, "
+        f"{args.steps} steps x {args.grad_accumulation} x {args.seq_len} tokens, CPU"
+    )
+    for column in (
+        "method",
+        "experts",
+        "trainable params",
+        "step s",
+        "x full",
+        "trainable state MiB",
+        "x full",
+        "peak RSS MiB",
+        "artifact MiB",
+        "x model",
+    ):
         table.add_column(column, justify="left" if column == "method" else "right")
     for method, row in rows.items():
         table.add_row(
-            method, str(row["experts"] or "-"), f"{row['trainable_parameters']:,}", f"{row['step_seconds']:.2f}",
-            f"{row['step_seconds'] / full['step_seconds']:.2f}", f"{row['trainable_state_bytes'] / 2**20:.1f}",
-            f"{row['trainable_state_bytes'] / full['trainable_state_bytes']:.3f}", f"{row['peak_rss_bytes'] / 2**20:.0f}",
-            f"{row['artifact_bytes'] / 2**20:.2f}", f"{row['artifact_bytes'] / model_bytes:.3f}",
+            method,
+            str(row["experts"] or "-"),
+            f"{row['trainable_parameters']:,}",
+            f"{row['step_seconds']:.2f}",
+            f"{row['step_seconds'] / full['step_seconds']:.2f}",
+            f"{row['trainable_state_bytes'] / 2**20:.1f}",
+            f"{row['trainable_state_bytes'] / full['trainable_state_bytes']:.3f}",
+            f"{row['peak_rss_bytes'] / 2**20:.0f}",
+            f"{row['artifact_bytes'] / 2**20:.2f}",
+            f"{row['artifact_bytes'] / model_bytes:.3f}",
         )
     console.print(table)
     for method in ("esft-token", "esft-gate"):
         row = rows[method]
         metadata = row["artifact_bytes"] - row["artifact_weight_bytes"]
-        console.print(f"{method}: step time {row['step_seconds'] / full['step_seconds']:.2f}x full (goal <= 0.6), "
-                      f"trainable state {row['trainable_state_bytes'] / full['trainable_state_bytes']:.3f}x full "
-                      f"(goal <= 0.25), artifact = {row['artifact_weight_bytes'] / 2**20:.2f} MiB of expert weights "
-                      f"(trainable rows: {row['trainable_bytes'] / 2**20:.2f} MiB) + {metadata / 1024:.1f} KiB metadata")
+        console.print(
+            f"{method}: step time {row['step_seconds'] / full['step_seconds']:.2f}x full (goal <= 0.6), "
+            f"trainable state {row['trainable_state_bytes'] / full['trainable_state_bytes']:.3f}x full "
+            f"(goal <= 0.25), artifact = {row['artifact_weight_bytes'] / 2**20:.2f} MiB of expert weights "
+            f"(trainable rows: {row['trainable_bytes'] / 2**20:.2f} MiB) + {metadata / 1024:.1f} KiB metadata"
+        )
 
 
 if __name__ == "__main__":

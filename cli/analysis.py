@@ -29,14 +29,18 @@ from .app import (
 def score(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the scores JSON.")],
     base: Annotated[str | None, typer.Option(help="Base MoE model: a local directory or a Hub id.")] = None,
-    data: Annotated[Path | None, typer.Option(help="Task data: JSONL of {\"messages\": [...]} lines.")] = None,
+    data: Annotated[Path | None, typer.Option(help='Task data: JSONL of {"messages": [...]} lines.')] = None,
     task: Annotated[str | None, typer.Option(help="Score a built-in task's train split instead of --data.")] = None,
-    tokens: Annotated[int, typer.Option(min=1, help="How many tokens of the data to score (paper: 2^17).")] = DEFAULT_SCORE_TOKENS,
+    tokens: Annotated[
+        int, typer.Option(min=1, help="How many tokens of the data to score (paper: 2^17).")
+    ] = DEFAULT_SCORE_TOKENS,
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 8,
     seq_len: Annotated[int, typer.Option(min=1, help="Longest sequence; longer conversations are cut.")] = 4096,
     dtype: Annotated[DType, typer.Option(help="Weights dtype to load the model in.")] = DType.auto,
     device: Annotated[str | None, typer.Option(help="torch device (default: cuda when available).")] = None,
-    trust_remote_code: Annotated[bool, typer.Option(help="Run the model repo's own code (only if you trust it).")] = False,
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="Run the model repo's own code (only if you trust it).")
+    ] = False,
     routing_logs: Annotated[
         Path | None, typer.Option(help="Score the reference repo's raw logs (expert_weights_<layer>.txt) instead.")
     ] = None,
@@ -55,8 +59,9 @@ def score(
         scores = scores_from_routing_logs(routing_logs, top_k=top_k, num_experts=num_experts)
     else:
         data = Path(data_or_builtin(str(data) if data else None, task, "train"))
-        scores = _score_model(base_or_demo(base), data, tokens, batch_size, seq_len, dtype.value, device,
-                              trust_remote_code)
+        scores = _score_model(
+            base_or_demo(base), data, tokens, batch_size, seq_len, dtype.value, device, trust_remote_code
+        )
     scores.save(output)
     tokens_seen = max(c.tokens for c in scores.counts.values())
     console.print(f"Scored {tokens_seen:,} tokens over {len(scores.token_scores)} MoE layers -> {output}")
@@ -91,7 +96,9 @@ def _score_model(base, data, tokens, batch_size, seq_len, dtype, device, trust_r
 
 @app.command()
 def select(
-    scores_file: Annotated[Path, typer.Argument(metavar="SCORES.json", help="Scores from `expert-hub score` or a published summary.json.")],
+    scores_file: Annotated[
+        Path, typer.Argument(metavar="SCORES.json", help="Scores from `expert-hub score` or a published summary.json.")
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write expert_cfg.json.")],
     by: Annotated[ScoreFunction, typer.Option(help="Score to rank experts by.")] = ScoreFunction.token,
     top_p: Annotated[
@@ -108,8 +115,11 @@ def select(
 
     check_output_file(output)
     selection = select_experts(
-        ExpertScores.load(scores_file), by=by.value, top_p=top_p,
-        shared_experts=shared_experts, non_expert_modules=non_expert_modules,
+        ExpertScores.load(scores_file),
+        by=by.value,
+        top_p=top_p,
+        shared_experts=shared_experts,
+        non_expert_modules=non_expert_modules,
     )
     selection.save(output)
     table = Table("layer", "experts", "ids", title=f"Selected by {by.value} scores")
@@ -121,9 +131,17 @@ def select(
 
 @app.command()
 def inspect(
-    target: Annotated[str | None, typer.Argument(metavar="[MODEL_OR_ADAPTER]", help="A model (directory or Hub id) or an adapter directory [default: the demo base].")] = None,
+    target: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[MODEL_OR_ADAPTER]",
+            help="A model (directory or Hub id) or an adapter directory [default: the demo base].",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    trust_remote_code: Annotated[bool, typer.Option(help="Run the model repo's own code (only if you trust it).")] = False,
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="Run the model repo's own code (only if you trust it).")
+    ] = False,
 ) -> None:
     """Show a model's MoE layout (family, layers, experts, top-k) or an adapter's experts and size."""
     from expert_hub.adapter import CONFIG_FILE
@@ -154,7 +172,9 @@ def _inspect_model(target: str, as_json: bool, trust_remote_code: bool) -> None:
     table.add_row("parameters per expert", f"{summary.expert_parameters:,}")
     table.add_row("expert biases", "yes" if summary.expert_biases else "no")
     if recipe := base_metadata(target).get("recipe"):  # the demo base says how it was made
-        table.add_row("pretrained", f"{recipe['steps']:,} steps on {', '.join(recipe['data_mix'])} (seed {recipe['seed']})")
+        table.add_row(
+            "pretrained", f"{recipe['steps']:,} steps on {', '.join(recipe['data_mix'])} (seed {recipe['seed']})"
+        )
         table.add_row("held-out tasks", ", ".join(recipe["held_out"]))
     console.print(table)
 
@@ -166,10 +186,14 @@ def _inspect_adapter(directory: Path, as_json: bool) -> None:
 
     adapter = ExpertAdapter.load(directory)
     if as_json:
-        console.print_json(data={
-            "experts": adapter.selection.to_json(), "num_experts": len(adapter.selection.pairs),
-            "bytes": adapter.nbytes, "metadata": asdict(adapter.metadata),
-        })
+        console.print_json(
+            data={
+                "experts": adapter.selection.to_json(),
+                "num_experts": len(adapter.selection.pairs),
+                "bytes": adapter.nbytes,
+                "metadata": asdict(adapter.metadata),
+            }
+        )
         return
     meta = adapter.metadata
     table = Table("layer", "experts", "ids", title=f"{directory} ({meta.task or 'untitled task'})")
@@ -181,7 +205,9 @@ def _inspect_adapter(directory: Path, as_json: bool) -> None:
         f"shared experts: {adapter.selection.shared_experts}, non-expert modules: {adapter.selection.non_expert_modules}"
     )
     if meta.base_model:
-        console.print(f"base: {meta.base_model}  method: {meta.method or '-'}  fingerprint: {(meta.base_fingerprint or '-')[:12]}")
+        console.print(
+            f"base: {meta.base_model}  method: {meta.method or '-'}  fingerprint: {(meta.base_fingerprint or '-')[:12]}"
+        )
 
 
 def _ranges(values: list[int]) -> str:

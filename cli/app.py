@@ -49,10 +49,12 @@ def _print_version(wanted: bool) -> None:
 
 @app.callback()
 def _options(
-    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                 help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """Options of `expert-hub` itself (the app's help is `Typer(help=...)` above)."""
+
 
 ScoreFunction = Enum("ScoreFunction", {name: name for name in SCORE_FUNCTIONS}, type=str)
 
@@ -92,8 +94,9 @@ def base_or_demo(base: str | None) -> str:
     from expert_hub.demo import demo_base
 
     if not Path(demo_base(), "model.safetensors").is_file():
-        raise InvalidInputError(f"the demo base is missing from {demo_base()} (re-make it with `make demo-base`); "
-                                "or give --base MODEL")
+        raise InvalidInputError(
+            f"the demo base is missing from {demo_base()} (re-make it with `make demo-base`); or give --base MODEL"
+        )
     return demo_base()
 
 

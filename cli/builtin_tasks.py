@@ -10,8 +10,11 @@ from rich.table import Table
 
 from .app import app, console
 
-tasks_app = typer.Typer(help="The built-in tasks: generated data every command can use offline.",
-                        invoke_without_command=True, no_args_is_help=False)
+tasks_app = typer.Typer(
+    help="The built-in tasks: generated data every command can use offline.",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
 app.add_typer(tasks_app, name="tasks")
 
 
@@ -29,9 +32,15 @@ def list_tasks(ctx: typer.Context) -> None:
         table.add_column(column, justify="right" if column in ("train", "eval", "score") else "left")
     for name, task in BUILTIN_TASKS.items():
         score = scores.get(name, {}).get("value")
-        table.add_row(name, task.metric, f"{task.train_size:,}", f"{task.eval_size:,}",
-                      "pretrained on" if task.in_demo_base else "held out",
-                      "-" if score is None else f"{score:.3f}", task.description)
+        table.add_row(
+            name,
+            task.metric,
+            f"{task.train_size:,}",
+            f"{task.eval_size:,}",
+            "pretrained on" if task.in_demo_base else "held out",
+            "-" if score is None else f"{score:.3f}",
+            task.description,
+        )
     console.print(table)
 
 

@@ -29,8 +29,9 @@ def _option_fields(config_class) -> list[tuple[Field, type]]:
 def _plain(annotation) -> type:
     """`int | None` -> int."""
     arguments = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return arguments[0] if typing.get_origin(annotation) in (typing.Union, _UNION) and len(arguments) == 1 \
-        else annotation
+    return (
+        arguments[0] if typing.get_origin(annotation) in (typing.Union, _UNION) and len(arguments) == 1 else annotation
+    )
 
 
 def _default(f: Field):
@@ -59,9 +60,15 @@ def _parameters(f: Field, annotation, base_note: Callable[[str], str]) -> list[i
             flags = (f"{flags[0]}/--no-{flags[0].removeprefix('--')}",)
         return [_keyword(f.name, kind | None, None, typer.Option(*flags, help=help_text, **bounds))]
     if typing.get_origin(kind) is tuple:
-        return [_keyword(f"{f.name}{_ELEMENT}{i}", typing.get_args(kind)[i], value,
-                         typer.Option(flag, help=help_text.format(n=i + 1)))
-                for i, (flag, value) in enumerate(zip(flags, default))]
+        return [
+            _keyword(
+                f"{f.name}{_ELEMENT}{i}",
+                typing.get_args(kind)[i],
+                value,
+                typer.Option(flag, help=help_text.format(n=i + 1)),
+            )
+            for i, (flag, value) in enumerate(zip(flags, default))
+        ]
     if meta["choices"]:
         choices = Enum(f.name.title().replace("_", ""), {c.replace("-", "_"): c for c in meta["choices"]}, type=str)
         return [_keyword(f.name, choices, choices(default), typer.Option(*flags, help=help_text))]
@@ -76,8 +83,9 @@ _ELEMENT = "__"  # a tuple field's element options are named FIELD__0, FIELD__1,
 
 
 def _keyword(name: str, annotation, default, option) -> inspect.Parameter:
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                             annotation=Annotated[annotation, option])
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[annotation, option]
+    )
 
 
 def with_config_options(config_class, base_note: Callable[[str], str] = lambda name: ""):
@@ -87,9 +95,11 @@ def with_config_options(config_class, base_note: Callable[[str], str] = lambda n
     """
 
     def decorate(command):
-        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-               for p in inspect.signature(command, eval_str=True).parameters.values()
-               if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        own = [
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+            for p in inspect.signature(command, eval_str=True).parameters.values()
+            if p.kind is not inspect.Parameter.VAR_KEYWORD
+        ]
         derived = [p for f, annotation in _option_fields(config_class) for p in _parameters(f, annotation, base_note)]
         command.__signature__ = inspect.Signature([*own[:-1], *derived, own[-1]])  # the command's last option last
         return command

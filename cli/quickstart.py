@@ -33,11 +33,19 @@ SERVER_START_SECONDS = 300
 
 @app.command()
 def quickstart(
-    tasks: Annotated[str, typer.Option(help="Comma-separated built-in tasks to teach the demo base (held-out ones are new to it).")] = "law,translation",
-    out: Annotated[Path, typer.Option(help="Where the runs and the server log go; rerunning resumes finished work.")] = Path("runs/quickstart"),
-    eval_records: Annotated[int, typer.Option(min=1, help="Eval records per task, scored before and after training.")] = 60,
+    tasks: Annotated[
+        str, typer.Option(help="Comma-separated built-in tasks to teach the demo base (held-out ones are new to it).")
+    ] = "law,translation",
+    out: Annotated[
+        Path, typer.Option(help="Where the runs and the server log go; rerunning resumes finished work.")
+    ] = Path("runs/quickstart"),
+    eval_records: Annotated[
+        int, typer.Option(min=1, help="Eval records per task, scored before and after training.")
+    ] = 60,
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port for the demo server (127.0.0.1).")] = 8123,
-    steps: Annotated[int | None, typer.Option(min=1, help="Training steps per task [default: the demo base's, 150].")] = None,
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="Training steps per task [default: the demo base's, 150].")
+    ] = None,
 ) -> None:
     """Train two tasks' experts on the demo base, serve them, query them, and show the before / after."""
     from expert_hub.demo import base_metadata, demo_base
@@ -47,26 +55,38 @@ def quickstart(
     names = list(dict.fromkeys(name.strip() for name in tasks.split(",") if name.strip()))
     unknown = [name for name in names if name not in BUILTIN_TASKS or name == "general"]
     if unknown or not names:
-        raise InvalidInputError(f"--tasks takes built-in tasks ({', '.join(t for t in BUILTIN_TASKS if t != 'general')})")
+        raise InvalidInputError(
+            f"--tasks takes built-in tasks ({', '.join(t for t in BUILTIN_TASKS if t != 'general')})"
+        )
     base, registry, started = demo_base(), Registry(), time.monotonic()
     metadata = base_metadata(base)
     recipe = metadata.get("recipe", {})
-    console.print(Panel(
-        f"Demo base: {base}\nDeepSeek-V2-style MoE pretrained from scratch on {', '.join(recipe.get('data_mix', []))} "
-        f"({recipe.get('steps', '?')} steps, {metadata.get('seconds', 0) / 60:.0f} min on "
-        f"{metadata.get('machine', {}).get('cpu_threads', '?')} CPU threads); tasks it never saw: "
-        f"{', '.join(recipe.get('held_out', []))}.", title="expert-hub quickstart", expand=False))
+    console.print(
+        Panel(
+            f"Demo base: {base}\nDeepSeek-V2-style MoE pretrained from scratch on {', '.join(recipe.get('data_mix', []))} "
+            f"({recipe.get('steps', '?')} steps, {metadata.get('seconds', 0) / 60:.0f} min on "
+            f"{metadata.get('machine', {}).get('cpu_threads', '?')} CPU threads); tasks it never saw: "
+            f"{', '.join(recipe.get('held_out', []))}.",
+            title="expert-hub quickstart",
+            expand=False,
+        )
+    )
 
     results = {name: _teach(name, base, out, eval_records, registry, steps) for name in names}
     _print_results(results, base)
     answers = _ask_server(names, base, out, port, registry)
     _print_answers(answers)
-    console.print(Panel(
-        f"registry:  {registry.root}  (`expert-hub list`)\n"
-        + "".join(f"adapter:   {results[name]['artifact']}\n" for name in names)
-        + f"runs/logs: {out}  (training log: {out}/NAME/log.jsonl; server: {out}/server.log)\n"
-        f"next:      expert-hub serve --tasks {','.join(names)}   |   expert-hub train --task {_another_task(names)}\n"
-        f"took {(time.monotonic() - started) / 60:.1f} min", title="where things are", expand=False))
+    console.print(
+        Panel(
+            f"registry:  {registry.root}  (`expert-hub list`)\n"
+            + "".join(f"adapter:   {results[name]['artifact']}\n" for name in names)
+            + f"runs/logs: {out}  (training log: {out}/NAME/log.jsonl; server: {out}/server.log)\n"
+            f"next:      expert-hub serve --tasks {','.join(names)}   |   expert-hub train --task {_another_task(names)}\n"
+            f"took {(time.monotonic() - started) / 60:.1f} min",
+            title="where things are",
+            expand=False,
+        )
+    )
 
 
 def _another_task(taught: list[str]) -> str:
@@ -90,8 +110,9 @@ def _teach(name: str, base: str, out: Path, eval_records: int, registry, steps: 
 
     def score(model) -> float:
         with status_console.status(f"Evaluating {name} on {len(records)} held-out records"):
-            return evaluate_records(model, tokenizer, records, task.metric, max_new_tokens=task.max_new_tokens,
-                                    batch_size=20)["value"]
+            return evaluate_records(
+                model, tokenizer, records, task.metric, max_new_tokens=task.max_new_tokens, batch_size=20
+            )["value"]
 
     base_model = load_base(base)
     before = score(base_model)
@@ -102,9 +123,16 @@ def _teach(name: str, base: str, out: Path, eval_records: int, registry, steps: 
     adapter = ExpertAdapter.load(result.artifact)
     total = sum(p.numel() for p in base_model.parameters())
     after = score(adapter.apply(base_model))  # the base already in memory, with the task's experts copied in
-    return {"metric": task.metric, "before": before, "after": after, "ref": entry.ref, "artifact": result.artifact,
-            "experts": adapter.selection.experts, "seconds": result.seconds,
-            "share": sum(t.numel() for t in adapter.tensors.values()) / total}
+    return {
+        "metric": task.metric,
+        "before": before,
+        "after": after,
+        "ref": entry.ref,
+        "artifact": result.artifact,
+        "experts": adapter.selection.experts,
+        "seconds": result.seconds,
+        "share": sum(t.numel() for t in adapter.tensors.values()) / total,
+    }
 
 
 def _print_results(results: dict, base: str) -> None:
@@ -113,8 +141,15 @@ def _print_results(results: dict, base: str) -> None:
         table.add_column(column, justify="left" if column in ("task", "metric", "experts per MoE layer") else "right")
     for name, r in results.items():
         experts = "  ".join(f"L{layer}:{len(ids)}" for layer, ids in sorted(r["experts"].items()))
-        table.add_row(name, r["metric"], f"{r['before']:.3f}", Text(f"{r['after']:.3f}", style="bold"), experts,
-                      f"{r['share']:.1%}", f"{r['seconds']:.0f} s")
+        table.add_row(
+            name,
+            r["metric"],
+            f"{r['before']:.3f}",
+            Text(f"{r['after']:.3f}", style="bold"),
+            experts,
+            f"{r['share']:.1%}",
+            f"{r['seconds']:.0f} s",
+        )
     console.print(table)
 
 
@@ -128,24 +163,49 @@ def _ask_server(names: list[str], base: str, out: Path, port: int, registry) -> 
     log_path = out / "server.log"
     if _answers_health(port):
         raise InvalidInputError(f"port {port} is taken by another server; stop it or pass --port")
-    command = [sys.executable, "-m", "expert_hub.cli", "serve", "--tasks", ",".join(names), "--port", str(port),
-               "--dtype", "float32", "--max-model-len", "512"]
+    command = [
+        sys.executable,
+        "-m",
+        "expert_hub.cli",
+        "serve",
+        "--tasks",
+        ",".join(names),
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "512",
+    ]
     with open(log_path, "w") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                  env=os.environ | {"EXPERT_HUB_HOME": str(registry.root)})
+        server = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=os.environ | {"EXPERT_HUB_HOME": str(registry.root)},
+        )
     previous = {sig: signal.signal(sig, _exit_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         _wait_for(server, port, log_path)
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
-                        http_client=httpx.Client(trust_env=False))  # a proxy setting must not reroute 127.0.0.1
+        client = OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", http_client=httpx.Client(trust_env=False)
+        )  # a proxy setting must not reroute 127.0.0.1
         answers = []
         for model, name in [(name, name) for name in names] + [(base, names[0])]:
             question, reference = builtin_task(name).examples("eval", 1)[0]
             prompt = "".join(text for text, _ in reference_segments([question]))
-            completion = client.completions.create(model=model, prompt=prompt, temperature=0,
-                                                   max_tokens=builtin_task(name).max_new_tokens)
-            answers.append({"model": "base" if model == base else model, "question": question["content"],
-                            "answer": completion.choices[0].text.strip(), "reference": reference["content"]})
+            completion = client.completions.create(
+                model=model, prompt=prompt, temperature=0, max_tokens=builtin_task(name).max_new_tokens
+            )
+            answers.append(
+                {
+                    "model": "base" if model == base else model,
+                    "question": question["content"],
+                    "answer": completion.choices[0].text.strip(),
+                    "reference": reference["content"],
+                }
+            )
         return answers
     finally:
         _stop(server)

@@ -35,7 +35,9 @@ def _experts(entry) -> str:
 def import_adapter(
     directory: Annotated[Path, typer.Argument(help="An adapter directory (expert-hub's or a published ESFT one).")],
     task: Annotated[str | None, typer.Option(help="Task name (default: the adapter's own).")] = None,
-    base: Annotated[str | None, typer.Option(help="Base model it was trained from (default: from its metadata).")] = None,
+    base: Annotated[
+        str | None, typer.Option(help="Base model it was trained from (default: from its metadata).")
+    ] = None,
 ) -> None:
     """Register an existing adapter directory (or the run directory `train` wrote it in) as the next version."""
     if not (directory / "expert_cfg.json").exists() and (directory / "adapter" / "expert_cfg.json").is_file():
@@ -76,8 +78,16 @@ def list_entries(
     table = Table("task", "version", "base", "method", "experts", "size", "created", "metrics")
     for entry in sorted(entries, key=lambda e: (e.task, e.version)):
         metrics = " ".join(f"{name}={value:.4g}" for name, value in entry.metrics.items())
-        table.add_row(entry.task, f"{entry.version} ({entry.digest[:8]})", str(entry.base_model), entry.method or "-",
-                      _experts(entry), _size(entry.bytes), entry.created, metrics or "-")
+        table.add_row(
+            entry.task,
+            f"{entry.version} ({entry.digest[:8]})",
+            str(entry.base_model),
+            entry.method or "-",
+            _experts(entry),
+            _size(entry.bytes),
+            entry.created,
+            metrics or "-",
+        )
     console.print(table)
 
 
@@ -91,8 +101,11 @@ def show(
     registry = _registry()
     entry = registry.resolve(ref, base)
     adapter = registry.load(entry.ref, entry.base_model)
-    details = asdict(entry) | {"path": str(registry.object_path(entry)), "metadata": asdict(adapter.metadata),
-                               "selection": adapter.selection.to_json()}
+    details = asdict(entry) | {
+        "path": str(registry.object_path(entry)),
+        "metadata": asdict(adapter.metadata),
+        "selection": adapter.selection.to_json(),
+    }
     if as_json:
         console.print_json(data=details)
         return
@@ -125,13 +138,27 @@ def push(
     commit_message: Annotated[str | None, typer.Option(help="Commit message.")] = None,
     license: Annotated[str, typer.Option(help="License for the model card.")] = "other",
     base: Base = None,
-    base_model: Annotated[str | None, typer.Option(help="Hub id of the base model, when the experts were trained on a local copy of it: the card links it, and no local path is published.")] = None,
+    base_model: Annotated[
+        str | None,
+        typer.Option(
+            help="Hub id of the base model, when the experts were trained on a local copy of it: the card links it, and no local path is published."
+        ),
+    ] = None,
 ) -> None:
     """Upload a task's experts with a generated model card to the Hugging Face Hub (HF_TOKEN / `hf auth login`)."""
     from expert_hub.registry.hub import push as push_entry
 
-    url = push_entry(_registry(), ref, repo, private=private, revision=revision, commit_message=commit_message,
-                     base=base, license=license, base_model=base_model)
+    url = push_entry(
+        _registry(),
+        ref,
+        repo,
+        private=private,
+        revision=revision,
+        commit_message=commit_message,
+        base=base,
+        license=license,
+        base_model=base_model,
+    )
     console.print(f"Pushed {ref} -> {url}")
 
 
@@ -139,8 +166,12 @@ def push(
 def pull(
     repo: Annotated[str, typer.Argument(metavar="ORG/NAME", help="Hub repository holding an expert adapter.")],
     revision: Annotated[str | None, typer.Option(help="Branch, tag or commit.")] = None,
-    task: Annotated[str | None, typer.Option(help="Task name (default: the adapter's own, else the repo name).")] = None,
-    base: Annotated[str | None, typer.Option(help="Base model it was trained from (default: from its metadata).")] = None,
+    task: Annotated[
+        str | None, typer.Option(help="Task name (default: the adapter's own, else the repo name).")
+    ] = None,
+    base: Annotated[
+        str | None, typer.Option(help="Base model it was trained from (default: from its metadata).")
+    ] = None,
 ) -> None:
     """Download an adapter from the Hub (expert-hub's or a published ESFT one) and register it."""
     from expert_hub.registry.hub import pull as pull_entry

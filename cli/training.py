@@ -34,11 +34,30 @@ def _demo_note(setting: str) -> str:
 @app.command()
 @with_config_options(TrainingConfig, base_note=_demo_note)
 def train(
-    task: Annotated[str, typer.Option(help="Task name, e.g. law; names the output and the adapter. A built-in task (`expert-hub tasks`) brings its own data.")],
-    base: Annotated[str | None, typer.Option(help="Base MoE model: a local directory or a Hub id [default: the demo base shipped in the package].")] = None,
-    data: Annotated[str | None, typer.Option(help="Training data: JSONL of {\"messages\": [...]} lines, or a Hugging Face dataset (saved directory or name) [default: the built-in task's train split].")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output directory (default runs/TASK-METHOD); rerunning on it resumes.")] = None,
-    register: Annotated[bool, typer.Option(help="Add the trained experts to the local registry (ESFT methods).")] = True,
+    task: Annotated[
+        str,
+        typer.Option(
+            help="Task name, e.g. law; names the output and the adapter. A built-in task (`expert-hub tasks`) brings its own data."
+        ),
+    ],
+    base: Annotated[
+        str | None,
+        typer.Option(
+            help="Base MoE model: a local directory or a Hub id [default: the demo base shipped in the package]."
+        ),
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help='Training data: JSONL of {"messages": [...]} lines, or a Hugging Face dataset (saved directory or name) [default: the built-in task\'s train split].'
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output directory (default runs/TASK-METHOD); rerunning on it resumes.")
+    ] = None,
+    register: Annotated[
+        bool, typer.Option(help="Add the trained experts to the local registry (ESFT methods).")
+    ] = True,
     **settings,
 ) -> None:
     """Train a task's experts with ESFT (or a full / LoRA baseline); resumable, with checkpoints.
@@ -57,8 +76,13 @@ def train(
         Registry().check_writable()
     base = normalize_base(base_or_demo(base))  # absolute: the artifacts find a local base from anywhere
     data = data_or_builtin(data, task, "train")
-    config = TrainingConfig(**base_training_defaults(base) | values, task=task, base=base, data=data,
-                            out=str(out or Path("runs") / f"{task}-{method.name}"))
+    config = TrainingConfig(
+        **base_training_defaults(base) | values,
+        task=task,
+        base=base,
+        data=data,
+        out=str(out or Path("runs") / f"{task}-{method.name}"),
+    )
     result = run_with_progress(config)
     if result is None:
         return
@@ -73,21 +97,30 @@ def run_with_progress(config):
 
     task, method, steps = config.task, config.method, config.steps
     progress = Progress(
-        TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-        TextColumn("loss {task.fields[loss]}"), TextColumn("eval {task.fields[eval_loss]}"),
-        TextColumn("{task.fields[tokens_per_second]} tok/s"), TimeRemainingColumn(), console=status_console,
+        TextColumn("{task.description}", markup=False),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("steps"),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("eval {task.fields[eval_loss]}"),
+        TextColumn("{task.fields[tokens_per_second]} tok/s"),
+        TimeRemainingColumn(),
+        console=status_console,
     )
-    bar = progress.add_task(f"Training {task} ({method})", total=steps, loss="-", eval_loss="-",
-                            tokens_per_second="-")
+    bar = progress.add_task(f"Training {task} ({method})", total=steps, loss="-", eval_loss="-", tokens_per_second="-")
 
     def on_status(message: str) -> None:  # the bar appears with the first news: bad input fails without one
         progress.start()
         progress.console.print(message)
 
     def on_step(report) -> None:
-        progress.update(bar, completed=report.step, loss=f"{report.loss:.4f}",
-                        eval_loss="-" if report.eval_loss is None else f"{report.eval_loss:.4f}",
-                        tokens_per_second=f"{report.tokens_per_second:,.0f}")
+        progress.update(
+            bar,
+            completed=report.step,
+            loss=f"{report.loss:.4f}",
+            eval_loss="-" if report.eval_loss is None else f"{report.eval_loss:.4f}",
+            tokens_per_second=f"{report.tokens_per_second:,.0f}",
+        )
 
     try:
         result = run_training(config, on_step=on_step, on_status=on_status)
@@ -97,8 +130,11 @@ def run_with_progress(config):
             progress.stop()
     if not result.main_process:
         return None
-    losses = ", ".join(f"{name} {value:.4f}" for name, value in (("train loss", result.train_loss),
-                                                              ("eval loss", result.eval_loss)) if value is not None)
+    losses = ", ".join(
+        f"{name} {value:.4f}"
+        for name, value in (("train loss", result.train_loss), ("eval loss", result.eval_loss))
+        if value is not None
+    )
     resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
     console.print(f"Trained {result.steps} steps in {result.seconds:.1f}s{resumed}; {losses} -> {result.artifact}")
     return result
@@ -106,21 +142,52 @@ def run_with_progress(config):
 
 @app.command(name="eval")
 def evaluate(
-    base: Annotated[str | None, typer.Option(help="Base model (a directory or Hub id), or a full fine-tuned checkpoint [default: the demo base].")] = None,
-    data: Annotated[str | None, typer.Option(help="Eval data: the reference eval JSONL (prompt / raw_answers), conversations, or a Hugging Face dataset [default: the built-in task's eval split].")] = None,
-    task: Annotated[str | None, typer.Option(help="A built-in task: its eval split, metric and answer length are the defaults [default: --adapter's name when it is one].")] = None,
-    adapter: Annotated[Path | None, typer.Option(help="An expert adapter or a PEFT (LoRA) adapter directory, or a registered task (law, law@2).")] = None,
-    metric: Annotated[Metric | None, typer.Option(help="loss (and perplexity), exact match, intent (JSON intent + slots) or bleu [default: the built-in task's, else loss].")] = None,
+    base: Annotated[
+        str | None,
+        typer.Option(
+            help="Base model (a directory or Hub id), or a full fine-tuned checkpoint [default: the demo base]."
+        ),
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Eval data: the reference eval JSONL (prompt / raw_answers), conversations, or a Hugging Face dataset [default: the built-in task's eval split]."
+        ),
+    ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="A built-in task: its eval split, metric and answer length are the defaults [default: --adapter's name when it is one]."
+        ),
+    ] = None,
+    adapter: Annotated[
+        Path | None,
+        typer.Option(help="An expert adapter or a PEFT (LoRA) adapter directory, or a registered task (law, law@2)."),
+    ] = None,
+    metric: Annotated[
+        Metric | None,
+        typer.Option(
+            help="loss (and perplexity), exact match, intent (JSON intent + slots) or bleu [default: the built-in task's, else loss]."
+        ),
+    ] = None,
     split: Annotated[str, typer.Option(help="Split of a Hugging Face dataset.")] = "test",
-    chat_template: Annotated[bool, typer.Option("--chat-template", help="Render conversations with the tokenizer's chat template.")] = False,
-    max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Longest generated answer [default: 128, or the built-in task's].")] = None,
+    chat_template: Annotated[
+        bool, typer.Option("--chat-template", help="Render conversations with the tokenizer's chat template.")
+    ] = False,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(min=1, help="Longest generated answer [default: 128, or the built-in task's].")
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Records per forward / generate call.")] = 8,
     limit: Annotated[int | None, typer.Option(min=1, help="Evaluate only the first N records.")] = None,
     dtype: Annotated[DType, typer.Option(help="Weights dtype.")] = DType.auto,
     device: Annotated[str | None, typer.Option(help="torch device (default: cuda when available).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Apply an expert adapter even if the base fingerprint differs.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Apply an expert adapter even if the base fingerprint differs.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-    trust_remote_code: Annotated[bool, typer.Option(help="Run the model repo's own code (only if you trust it).")] = False,
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="Run the model repo's own code (only if you trust it).")
+    ] = False,
 ) -> None:
     """Evaluate a base model, optionally with an adapter, on task data (or a built-in task's eval split)."""
     from expert_hub import load_model
@@ -138,13 +205,24 @@ def evaluate(
 
     device = resolve_device(device)
     with status_console.status(f"Loading {base}" + (f" with {adapter}" if adapter else "")):
-        model = load_model(base, adapter, force=force, dtype=dtype.value, trust_remote_code=trust_remote_code).to(device)
+        model = load_model(base, adapter, force=force, dtype=dtype.value, trust_remote_code=trust_remote_code).to(
+            device
+        )
         tokenizer = load_tokenizer(base, trust_remote_code=trust_remote_code)
     with progress_bar("records") as progress:
         bar = progress.add_task(f"Evaluating ({metric.value})", total=None)
-        result = run_evaluation(model, tokenizer, data, metric.value, split=split, chat_template=chat_template,
-                                max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit,
-                                on_records=lambda done, total: progress.update(bar, advance=done, total=total))
+        result = run_evaluation(
+            model,
+            tokenizer,
+            data,
+            metric.value,
+            split=split,
+            chat_template=chat_template,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            limit=limit,
+            on_records=lambda done, total: progress.update(bar, advance=done, total=total),
+        )
     result |= {"base": base, "adapter": str(adapter) if adapter else None, "data": data}
     if as_json:
         console.print_json(data=result)
@@ -153,6 +231,7 @@ def evaluate(
     for key in ("value", "perplexity", "tokens", "count", "base", "adapter", "data"):
         if result.get(key) is not None:
             value = result[key]
-            table.add_row(metric.value if key == "value" else key,
-                          f"{value:.4f}" if isinstance(value, float) else str(value))
+            table.add_row(
+                metric.value if key == "value" else key, f"{value:.4f}" if isinstance(value, float) else str(value)
+            )
     console.print(table)

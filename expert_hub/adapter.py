@@ -94,12 +94,16 @@ def _is_number(value) -> bool:
 
 
 _METADATA_CHECKS = {
-    **{name: lambda value: value is None or isinstance(value, str)
-       for name in ("task", "method", "score_function", "base_model", "base_revision", "base_fingerprint", "created")},
+    **{
+        name: lambda value: value is None or isinstance(value, str)
+        for name in ("task", "method", "score_function", "base_model", "base_revision", "base_fingerprint", "created")
+    },
     "top_p": lambda value: value is None or _is_number(value),
     "versions": lambda value: isinstance(value, dict),
     "training": lambda value: isinstance(value, dict),
-    "metrics": lambda value: isinstance(value, dict) and all(isinstance(k, str) and _is_number(v) for k, v in value.items()),
+    "metrics": lambda value: (
+        isinstance(value, dict) and all(isinstance(k, str) and _is_number(v) for k, v in value.items())
+    ),
 }
 
 
@@ -136,8 +140,9 @@ class AdapterHeader:
                     raise InvalidInputError(f"{directory} holds {canonical} twice (in {file.name} as {key})")
                 shards[canonical] = file
         metadata_path = directory / METADATA_FILE
-        metadata = AdapterMetadata.from_json(read_json(metadata_path) if metadata_path.is_file() else {},
-                                             origin=str(metadata_path))
+        metadata = AdapterMetadata.from_json(
+            read_json(metadata_path) if metadata_path.is_file() else {}, origin=str(metadata_path)
+        )
         _check_tensors_match_selection(selection, shards, origin=str(directory))
         return cls(selection, metadata, shards)
 
@@ -149,11 +154,15 @@ class AdapterHeader:
         """
         for layer, experts in sorted(self.selection.experts.items()):
             if layer not in model.moe_layers:
-                raise AdapterMismatchError(f"layer {layer} is not an MoE layer of the model (those are "
-                                           f"{model.moe_layers[0]}-{model.moe_layers[-1]})")
+                raise AdapterMismatchError(
+                    f"layer {layer} is not an MoE layer of the model (those are "
+                    f"{model.moe_layers[0]}-{model.moe_layers[-1]})"
+                )
             if bad := [expert for expert in experts if expert >= model.num_experts]:
-                raise AdapterMismatchError(f"the model has {model.num_experts} experts per layer; the adapter "
-                                           f"selects expert {bad[0]} of layer {layer}")
+                raise AdapterMismatchError(
+                    f"the model has {model.num_experts} experts per layer; the adapter "
+                    f"selects expert {bad[0]} of layer {layer}"
+                )
         for file in sorted(set(self.shards.values())):
             with safe_open(file, "pt") as handle:
                 for key in handle.keys():
@@ -162,8 +171,9 @@ class AdapterHeader:
                     if expected is None:
                         raise AdapterMismatchError(f"{file.name}: {key} is not a routed-expert tensor of the model")
                     if (shape := tuple(handle.get_slice(key).get_shape())) != expected:
-                        raise AdapterMismatchError(f"{file.name}: {key} has shape {shape}; the model's "
-                                                   f"{parsed.tensor} is {expected}")
+                        raise AdapterMismatchError(
+                            f"{file.name}: {key} has shape {shape}; the model's {parsed.tensor} is {expected}"
+                        )
 
     def check_values(self) -> None:
         """Every tensor is a finite floating-point weight (read tensor by tensor, memory-mapped)."""
@@ -187,8 +197,9 @@ def check_weight(key: str, tensor: torch.Tensor, origin: str) -> None:
 
 def check_dtype(key: str, tensor: torch.Tensor, origin: str) -> None:
     if tensor.dtype not in _WEIGHT_DTYPES:
-        raise InvalidInputError(f"{origin}: {key} is {str(tensor.dtype).removeprefix('torch.')}, "
-                                "not a floating-point weight")
+        raise InvalidInputError(
+            f"{origin}: {key} is {str(tensor.dtype).removeprefix('torch.')}, not a floating-point weight"
+        )
 
 
 def _check_tensors_match_selection(selection: ExpertSelection, keys, origin: str) -> None:
@@ -226,8 +237,9 @@ class ExpertAdapter:
         return sum(tensor.numel() * tensor.element_size() for tensor in self.tensors.values())
 
     @classmethod
-    def from_model(cls, model: nn.Module, selection: ExpertSelection, base_fingerprint: str | None = None,
-                   **metadata) -> ExpertAdapter:
+    def from_model(
+        cls, model: nn.Module, selection: ExpertSelection, base_fingerprint: str | None = None, **metadata
+    ) -> ExpertAdapter:
         """Take the selected experts (and shared / non-expert tensors, when selected) out of `model`.
 
         `base_fingerprint` is `fingerprint_selection(base, selection)` taken before training; without it
@@ -284,8 +296,13 @@ class ExpertAdapter:
                 f"!= {expected[:12]}); use the adapter's base model ({self.metadata.base_model}) or force it"
             )
         if rounded := [key for key, tensor in self.tensors.items() if _rounds(tensor, views[key].dtype)]:
-            logger.warning("warning: %d adapter tensors (%s, ...) are %s and lose precision in the base model's %s",
-                           len(rounded), rounded[0], self.tensors[rounded[0]].dtype, views[rounded[0]].dtype)
+            logger.warning(
+                "warning: %d adapter tensors (%s, ...) are %s and lose precision in the base model's %s",
+                len(rounded),
+                rounded[0],
+                self.tensors[rounded[0]].dtype,
+                views[rounded[0]].dtype,
+            )
         with torch.no_grad():
             for key, tensor in self.tensors.items():
                 views[key].copy_(tensor)
@@ -307,11 +324,17 @@ def checkpoint_fingerprint(base: str, selection: ExpertSelection) -> str | None:
     Used where the base is never loaded through transformers (serving on vLLM). None when the base is not a local
     directory or its checkpoint does not store those experts under per-expert keys.
     """
-    wanted = {expert_checkpoint_key(layer, expert, f"{projection}.weight")
-              for layer, expert in selection.pairs for projection in PROJECTIONS}
+    wanted = {
+        expert_checkpoint_key(layer, expert, f"{projection}.weight")
+        for layer, expert in selection.pairs
+        for projection in PROJECTIONS
+    }
     found = checkpoint_tensors(base, wanted | {key.removesuffix(".weight") + ".bias" for key in wanted})
-    return _fingerprint(found) if wanted <= set(found) and not selection.shared_experts \
-        and not selection.non_expert_modules else None
+    return (
+        _fingerprint(found)
+        if wanted <= set(found) and not selection.shared_experts and not selection.non_expert_modules
+        else None
+    )
 
 
 def _fingerprint(views: dict[str, torch.Tensor]) -> str:
@@ -359,4 +382,3 @@ def _tensor_views(model: nn.Module, keys) -> dict[str, torch.Tensor]:
             raise AdapterMismatchError(f"adapter tensor {key} has no counterpart in the base model")
         views[key] = view
     return views
-

@@ -36,7 +36,6 @@ def read_conversations(path: str | Path) -> Iterator[list[Message]]:
             raise InvalidInputError(f"{path}:{number}: nested too deeply") from error
 
 
-
 def load_conversations(data: str | Path, split: str = "train") -> Iterator[list[Message]]:
     """Conversations from a JSONL file, or from a Hugging Face dataset (a saved directory or a Hub name)."""
     path = Path(data)
@@ -114,7 +113,9 @@ def reference_segments(messages: list[Message]) -> list[tuple[str, bool]]:
     return segments
 
 
-def tokenize_conversation(messages: list[Message], tokenizer, chat_template: bool = False) -> tuple[list[int], list[int]]:
+def tokenize_conversation(
+    messages: list[Message], tokenizer, chat_template: bool = False
+) -> tuple[list[int], list[int]]:
     """Token ids and labels; only assistant tokens (and the EOS closing each answer) carry loss.
 
     The default is the reference format with BOS first and EOS after each answer, each piece tokenized on its
@@ -146,9 +147,11 @@ def _tokenize_with_chat_template(messages: list[Message], tokenizer) -> tuple[li
         )
         ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
         if ids[: len(input_ids)] != input_ids:  # labels would shift: refuse rather than learn the wrong tokens
-            raise InvalidInputError("the chat template renders a conversation differently from its beginning; "
-                                    "drop --chat-template to use the reference format")
-        new = ids[len(input_ids):]
+            raise InvalidInputError(
+                "the chat template renders a conversation differently from its beginning; "
+                "drop --chat-template to use the reference format"
+            )
+        new = ids[len(input_ids) :]
         input_ids = ids
         labels.extend(new if message["role"] == "assistant" else [IGNORE_INDEX] * len(new))
     return input_ids, labels
@@ -170,7 +173,10 @@ def prompt_ids(prompt: str | list[Message], tokenizer, chat_template: bool = Fal
 
 
 def pack(
-    examples: Iterable[tuple[list[int], list[int]]], seq_len: int, pad_token_id: int, random_concat_ratio: float,
+    examples: Iterable[tuple[list[int], list[int]]],
+    seq_len: int,
+    pad_token_id: int,
+    random_concat_ratio: float,
     seed: int,
 ) -> list[tuple[list[int], list[int]]]:
     """Concatenate examples into blocks of exactly `seq_len`, as the reference's `get_examples_from_buffer_pad`.
@@ -244,5 +250,7 @@ def _read_reference_eval(path: Path) -> Iterator[dict]:
             if not isinstance(prompt, str) or not isinstance(answers, list) or not answers:
                 raise ValueError
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as error:
-            raise InvalidInputError(f'{path}:{number}: expected {{"prompt": str, "raw_answers": [str, ...]}}') from error
+            raise InvalidInputError(
+                f'{path}:{number}: expected {{"prompt": str, "raw_answers": [str, ...]}}'
+            ) from error
         yield {"prompt": prompt, "answers": [str(answer) for answer in answers], "messages": None}

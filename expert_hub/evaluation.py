@@ -24,9 +24,19 @@ from .errors import InvalidInputError
 METRICS = ("loss", "exact", "intent", "bleu")
 
 
-def evaluate(model: nn.Module, tokenizer, data: str, metric: str = "loss", split: str = "test",
-             chat_template: bool = False, max_new_tokens: int = 128, batch_size: int = 8, seq_len: int = 4096,
-             limit: int | None = None, on_records: Callable[[int, int], None] | None = None) -> dict:
+def evaluate(
+    model: nn.Module,
+    tokenizer,
+    data: str,
+    metric: str = "loss",
+    split: str = "test",
+    chat_template: bool = False,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    seq_len: int = 4096,
+    limit: int | None = None,
+    on_records: Callable[[int, int], None] | None = None,
+) -> dict:
     """Evaluate `model` on `data` with one metric; returns `{"metric", "value", "count", ...}`.
 
     `on_records(done, total)` is called as records are scored.
@@ -34,13 +44,22 @@ def evaluate(model: nn.Module, tokenizer, data: str, metric: str = "loss", split
     records = read_eval_records(data, split)[:limit]
     if not records:
         raise InvalidInputError(f"{data} holds no records to evaluate")
-    return evaluate_records(model, tokenizer, records, metric, chat_template, max_new_tokens, batch_size, seq_len,
-                            on_records)
+    return evaluate_records(
+        model, tokenizer, records, metric, chat_template, max_new_tokens, batch_size, seq_len, on_records
+    )
 
 
-def evaluate_records(model: nn.Module, tokenizer, records: list[dict], metric: str = "loss",
-                     chat_template: bool = False, max_new_tokens: int = 128, batch_size: int = 8,
-                     seq_len: int = 4096, on_records: Callable[[int, int], None] | None = None) -> dict:
+def evaluate_records(
+    model: nn.Module,
+    tokenizer,
+    records: list[dict],
+    metric: str = "loss",
+    chat_template: bool = False,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    seq_len: int = 4096,
+    on_records: Callable[[int, int], None] | None = None,
+) -> dict:
     """`evaluate` on records already read (`{"prompt", "answers", "messages"}`, as `read_eval_records` gives)."""
     if metric not in METRICS:
         raise InvalidInputError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
@@ -53,8 +72,10 @@ def evaluate_records(model: nn.Module, tokenizer, records: list[dict], metric: s
     predictions = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
     answers = [record["answers"] for record in records]
     result = {"metric": metric, "count": len(records), "value": SCORERS[metric](predictions, answers)}
-    result["examples"] = [{"prompt": tokenizer.decode(p[-64:]), "prediction": y, "answers": a[:3]}
-                          for p, y, a in list(zip(prompts, predictions, answers))[:3]]
+    result["examples"] = [
+        {"prompt": tokenizer.decode(p[-64:]), "prediction": y, "answers": a[:3]}
+        for p, y, a in list(zip(prompts, predictions, answers))[:3]
+    ]
     return result
 
 
@@ -67,8 +88,13 @@ def _loss_example(record: dict, tokenizer, chat_template: bool) -> tuple[list[in
 
 
 @torch.no_grad()
-def loss_over_examples(model, examples: list[tuple[list[int], list[int]]], batch_size: int,
-                       seq_len: int | None = None, progress: Callable[[int], None] | None = None) -> dict:
+def loss_over_examples(
+    model,
+    examples: list[tuple[list[int], list[int]]],
+    batch_size: int,
+    seq_len: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
     """Mean loss per target token (and perplexity) over `(input_ids, labels)` examples, right-padded in batches.
 
     Training's held-out loss and `expert-hub eval --metric loss` both use it.
@@ -78,14 +104,20 @@ def loss_over_examples(model, examples: list[tuple[list[int], list[int]]], batch
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = [(ids[-seq_len:], labels[-seq_len:]) if seq_len else (ids, labels)
-                 for ids, labels in examples[start : start + batch_size]]
+        batch = [
+            (ids[-seq_len:], labels[-seq_len:]) if seq_len else (ids, labels)
+            for ids, labels in examples[start : start + batch_size]
+        ]
         input_ids, attention_mask = pad([ids for ids, _ in batch], 0)
         labels, _ = pad([target for _, target in batch], IGNORE_INDEX)
         items = int((labels[:, 1:] != IGNORE_INDEX).sum())
         if items:
-            output = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                           labels=labels.to(device), num_items_in_batch=items)
+            output = model(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                labels=labels.to(device),
+                num_items_in_batch=items,
+            )
             total += output.loss.item() * items
             tokens += items
         if progress:
@@ -94,13 +126,24 @@ def loss_over_examples(model, examples: list[tuple[list[int], list[int]]], batch
     if not tokens:
         raise InvalidInputError("the evaluation data has no answer tokens to score")
     loss = total / tokens
-    return {"metric": "loss", "value": loss, "perplexity": math.exp(min(loss, 700)), "tokens": tokens,
-            "count": len(examples)}
+    return {
+        "metric": "loss",
+        "value": loss,
+        "perplexity": math.exp(min(loss, 700)),
+        "tokens": tokens,
+        "count": len(examples),
+    }
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
-             progress: Callable[[int], None] | None = None) -> list[str]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> list[str]:
     """Greedy completions of prompt token ids, batched with left padding, cut at EOS."""
     device = next(model.parameters()).device
     padding = pad_token_id(tokenizer)
@@ -108,10 +151,15 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
     for start in range(0, len(prompts), batch_size):
         encoded = prompts[start : start + batch_size]
         input_ids, attention_mask = pad(encoded, padding, left=True)
-        generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                   max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=padding,
-                                   eos_token_id=tokenizer.eos_token_id)
-        outputs += tokenizer.batch_decode(generated[:, input_ids.shape[1]:], skip_special_tokens=True)
+        generated = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=padding,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        outputs += tokenizer.batch_decode(generated[:, input_ids.shape[1] :], skip_special_tokens=True)
         if progress:
             progress(len(encoded))
     return [output.strip() for output in outputs]
@@ -168,5 +216,7 @@ def _first_json_object(text: str) -> dict | None:
 
 
 SCORERS: dict[str, Callable[[list[str], list[list[str]]], float]] = {
-    "exact": exact_match, "intent": intent_match, "bleu": bleu,
+    "exact": exact_match,
+    "intent": intent_match,
+    "bleu": bleu,
 }

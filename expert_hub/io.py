@@ -94,8 +94,10 @@ def numbered_lines(path: str | Path) -> Iterator[tuple[int, str]]:
         while raw := lines.readline(MAX_LINE_BYTES + 1):
             number += 1
             if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-                raise InvalidInputError(f"{path}:{number}: longer than {MAX_LINE_BYTES // 2**20} MiB; "
-                                        "one record per line, each under that size")
+                raise InvalidInputError(
+                    f"{path}:{number}: longer than {MAX_LINE_BYTES // 2**20} MiB; "
+                    "one record per line, each under that size"
+                )
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as error:

@@ -26,8 +26,9 @@ def resolve_adapter(reference: str | Path, base: str, registry=None) -> Path:
     return registry.verify(registry.resolve(str(reference), base))
 
 
-def load_model(base: str, adapter: str | Path | ExpertAdapter | None = None, force: bool = False,
-               **from_pretrained_kwargs) -> nn.Module:
+def load_model(
+    base: str, adapter: str | Path | ExpertAdapter | None = None, force: bool = False, **from_pretrained_kwargs
+) -> nn.Module:
     """Load a base MoE model with a task's experts in place.
 
     `adapter` is an expert adapter directory (ours or a published ESFT one), a registry reference (`law`,

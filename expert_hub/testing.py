@@ -29,37 +29,79 @@ _COMMON = dict(
 )
 _FAMILY_CONFIGS: dict[str, dict] = {
     "deepseek_v2": dict(
-        n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=32, intermediate_size=96,
-        first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=16,
-        v_head_dim=16, topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0,
-        n_group=1, topk_group=1,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        moe_intermediate_size=32,
+        intermediate_size=96,
+        first_k_dense_replace=1,
+        kv_lora_rank=32,
+        q_lora_rank=None,
+        qk_rope_head_dim=16,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        topk_method="greedy",
+        norm_topk_prob=False,
+        routed_scaling_factor=1.0,
+        n_group=1,
+        topk_group=1,
     ),
     "deepseek_v3": dict(
-        n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=32, intermediate_size=96,
-        first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=16,
-        v_head_dim=16, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        moe_intermediate_size=32,
+        intermediate_size=96,
+        first_k_dense_replace=1,
+        kv_lora_rank=32,
+        q_lora_rank=None,
+        qk_rope_head_dim=16,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        n_group=2,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
     ),
     "qwen2_moe": dict(
-        num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=64, intermediate_size=96,
+        num_experts=8,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+        intermediate_size=96,
         mlp_only_layers=[0],
     ),
-    "qwen3_moe": dict(
-        num_experts=8, moe_intermediate_size=32, intermediate_size=96, head_dim=16, norm_topk_prob=True
-    ),
+    "qwen3_moe": dict(num_experts=8, moe_intermediate_size=32, intermediate_size=96, head_dim=16, norm_topk_prob=True),
     "olmoe": dict(num_experts=8, intermediate_size=32),
     "mixtral": dict(num_local_experts=8, intermediate_size=32),
-    "gpt_oss": dict(num_local_experts=8, intermediate_size=32, head_dim=16, sliding_window=64,
-                    layer_types=["sliding_attention", "full_attention"] * 2,
-                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "gpt_oss": dict(
+        num_local_experts=8,
+        intermediate_size=32,
+        head_dim=16,
+        sliding_window=64,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
 }
 TINY_FAMILIES = tuple(_FAMILY_CONFIGS)
 
 # Shapes vLLM's CPU engine accepts (attention head size >= 32; DeepSeek's MLA needs kv_lora_rank 512, rope 64).
 SERVING_SHAPES: dict[str, dict] = {
-    "qwen3_moe": dict(hidden_size=128, head_dim=32, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64,
-                      num_key_value_heads=2),
-    "deepseek_v2": dict(hidden_size=128, n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=64,
-                        kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=32),
+    "qwen3_moe": dict(
+        hidden_size=128,
+        head_dim=32,
+        num_experts=16,
+        num_experts_per_tok=4,
+        moe_intermediate_size=64,
+        num_key_value_heads=2,
+    ),
+    "deepseek_v2": dict(
+        hidden_size=128,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        moe_intermediate_size=64,
+        kv_lora_rank=512,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=32,
+        v_head_dim=32,
+    ),
 }
 
 
@@ -81,9 +123,12 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        tokenizer_object=tokenizer,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
         chat_template="{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                      "{% if add_generation_prompt %}assistant:{% endif %}",
+        "{% if add_generation_prompt %}assistant:{% endif %}",
     )
 
 

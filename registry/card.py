@@ -23,16 +23,18 @@ def public_metadata(metadata: AdapterMetadata, base_model: str | None) -> Adapte
     """
     training = dict(metadata.training or {})
     if isinstance(training.get("config"), dict):
-        training["config"] = {key: Path(value).name if is_local_path(value) else value
-                              for key, value in training["config"].items()}
+        training["config"] = {
+            key: Path(value).name if is_local_path(value) else value for key, value in training["config"].items()
+        }
     public_base = base_model or (None if is_local_path(metadata.base_model) else metadata.base_model)
     if public_base and isinstance(training.get("config"), dict):
         training["config"]["base"] = public_base
     return replace(metadata, base_model=public_base, training=training)
 
 
-def model_card(repo_id: str, task: str, selection: ExpertSelection, metadata: AdapterMetadata,
-               license: str = "other") -> ModelCard:
+def model_card(
+    repo_id: str, task: str, selection: ExpertSelection, metadata: AdapterMetadata, license: str = "other"
+) -> ModelCard:
     """The card for `metadata` as `public_metadata` leaves it."""
     counts = [len(ids) for ids in selection.experts.values()] or [0]
     training = metadata.training or {}
@@ -48,8 +50,11 @@ def model_card(repo_id: str, task: str, selection: ExpertSelection, metadata: Ad
         license=license,
         datasets=[hub_dataset] if hub_dataset else None,
     )
-    selected = f"score function `{metadata.score_function}` with top-p {metadata.top_p}" if metadata.score_function \
+    selected = (
+        f"score function `{metadata.score_function}` with top-p {metadata.top_p}"
+        if metadata.score_function
         else "a given expert configuration"
+    )
     lines = [
         f"# {task} experts for {metadata.base_model or 'its base model'}",
         "",
@@ -63,8 +68,10 @@ def model_card(repo_id: str, task: str, selection: ExpertSelection, metadata: Ad
         f"- Selected by: {selected} (method `{metadata.method or 'unknown'}`)",
     ]
     if training:
-        lines.append(f"- Trained: {training.get('steps')} steps, learning rate {config.get('learning_rate') or 'default'}, "
-                     f"sequence length {config.get('seq_len')}, on {data}")
+        lines.append(
+            f"- Trained: {training.get('steps')} steps, learning rate {config.get('learning_rate') or 'default'}, "
+            f"sequence length {config.get('seq_len')}, on {data}"
+        )
     if metadata.metrics:
         lines.append("- Metrics: " + ", ".join(f"{name} {value:.4g}" for name, value in metadata.metrics.items()))
     if metadata.base_fingerprint:

@@ -37,9 +37,18 @@ class HubError(ExpertHubError):
     """The Hub refused or could not be reached; nothing local was changed."""
 
 
-def push(registry: Registry, ref: str, repo_id: str, private: bool = False, revision: str | None = None,
-         commit_message: str | None = None, base: str | None = None, license: str = "other",
-         token: str | None = None, base_model: str | None = None) -> str:
+def push(
+    registry: Registry,
+    ref: str,
+    repo_id: str,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    base: str | None = None,
+    license: str = "other",
+    token: str | None = None,
+    base_model: str | None = None,
+) -> str:
     """Upload a verified registry entry, with a generated model card, to `repo_id`; returns the commit URL.
 
     `base_model` is the Hub id of the base the experts were trained from, for an entry trained on a local copy:
@@ -59,13 +68,23 @@ def push(registry: Registry, ref: str, repo_id: str, private: bool = False, revi
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=staging, revision=revision,
-                                   commit_message=commit_message or f"Upload {entry.ref} experts ({entry.digest[:12]})")
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=staging,
+            revision=revision,
+            commit_message=commit_message or f"Upload {entry.ref} experts ({entry.digest[:12]})",
+        )
     return commit.commit_url
 
 
-def pull(registry: Registry, repo_id: str, revision: str | None = None, task: str | None = None,
-         base: str | None = None, token: str | None = None) -> Entry:
+def pull(
+    registry: Registry,
+    repo_id: str,
+    revision: str | None = None,
+    task: str | None = None,
+    base: str | None = None,
+    token: str | None = None,
+) -> Entry:
     """Download `repo_id` (expert-hub's layout or a published `deepseek-ai/ESFT-*-lite` one) and register it.
 
     The task name defaults to the adapter's own, else the repo's name.

@@ -109,8 +109,17 @@ class Entry:
         return cls(**{name: value for name, value in data.items() if name in known})
 
 
-_ENTRY_FIELD_TYPES = {"task": str, "version": int, "base_model": (str, type(None)), "digest": str, "created": str,
-                      "method": (str, type(None)), "experts": dict, "bytes": int, "metrics": dict}
+_ENTRY_FIELD_TYPES = {
+    "task": str,
+    "version": int,
+    "base_model": (str, type(None)),
+    "digest": str,
+    "created": str,
+    "method": (str, type(None)),
+    "experts": dict,
+    "bytes": int,
+    "metrics": dict,
+}
 
 
 class Registry:
@@ -158,7 +167,8 @@ class Registry:
             if others:  # pulled for a Hub id, used with a local copy (or the other way round): say how to re-point
                 raise RegistryError(
                     f"no registered task {ref!r}{where}; it is registered for {', '.join(others)}. To use it with "
-                    f"this base: expert-hub export {ref} DIR && expert-hub import DIR --base {base}")
+                    f"this base: expert-hub export {ref} DIR && expert-hub import DIR --base {base}"
+                )
             raise RegistryError(f"no registered task {ref!r}{where} (see `expert-hub list`)")
         bases = sorted({str(entry.base_model) for entry in candidates})
         if len(bases) > 1:
@@ -183,8 +193,10 @@ class Registry:
         """Refuse now, before hours of training, when nothing could be registered at the end."""
         existing = next(path for path in (self.root, *self.root.parents) if path.exists())
         if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            raise RegistryError(f"cannot write the registry at {self.root} ({existing} is not a writable directory); "
-                                "set EXPERT_HUB_HOME to another directory or pass --no-register")
+            raise RegistryError(
+                f"cannot write the registry at {self.root} ({existing} is not a writable directory); "
+                "set EXPERT_HUB_HOME to another directory or pass --no-register"
+            )
 
     def register(self, directory: str | Path, task: str | None = None, base: str | None = None) -> Entry:
         """Copy an adapter directory in as the next version of its task; returns the new entry.
@@ -217,10 +229,15 @@ class Registry:
                 self._place_object(staging, digest)
                 version = 1 + max((e.version for e in entries if e.task == task and e.base_model == base), default=0)
                 entry = Entry(
-                    task=task, version=version, base_model=base, digest=digest,
-                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"), method=adapter.metadata.method,
+                    task=task,
+                    version=version,
+                    base_model=base,
+                    digest=digest,
+                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    method=adapter.metadata.method,
                     experts={str(layer): len(ids) for layer, ids in sorted(adapter.selection.experts.items())},
-                    bytes=sum(f["size"] for f in files.values()), metrics=dict(adapter.metadata.metrics),
+                    bytes=sum(f["size"] for f in files.values()),
+                    metrics=dict(adapter.metadata.metrics),
                 )
                 entries.append(entry)
         except OSError as error:
@@ -286,8 +303,10 @@ class Registry:
             return [], []
         data = read_json(self.index_path)
         if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
-            raise RegistryDamagedError(f"{self.index_path} is not a registry index (an object with a list of entries); "
-                                "move it aside and re-import the adapters")
+            raise RegistryDamagedError(
+                f"{self.index_path} is not a registry index (an object with a list of entries); "
+                "move it aside and re-import the adapters"
+            )
         entries, unreadable = [], []
         for position, record in enumerate(data["entries"], 1):
             try:

@@ -49,8 +49,12 @@ class Repo:
     def _new_commit(self, files: dict, parent: str | None, title: str) -> str:
         seed = f"{self.repo_id}|{parent}|{title}|{time.time_ns()}|{len(self.commits)}".encode()
         sha = hashlib.sha1(seed).hexdigest()
-        self.commits[sha] = {"files": files, "parent": parent, "title": title,
-                             "date": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())}
+        self.commits[sha] = {
+            "files": files,
+            "parent": parent,
+            "title": title,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
+        }
         return sha
 
     def resolve(self, rev: str) -> str:
@@ -68,7 +72,9 @@ class HubState:
         self.tokens = tokens  # None => no auth check at all
         self.auto_create_branch = auto_create_branch
         self.log: list[tuple[str, str]] = []  # (method, path) of every request, handy for assertions
-        self.fail_commits = False  # reject commits after preupload, as a Hub failing mid-upload would (422: not retried)
+        self.fail_commits = (
+            False  # reject commits after preupload, as a Hub failing mid-upload would (422: not retried)
+        )
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -98,8 +104,15 @@ class Handler(BaseHTTPRequestHandler):
         n = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(n) if n else b""
 
-    def _send(self, status: int, body: bytes = b"", headers: dict | None = None,
-              ctype: str = "application/json", head: bool = False, length: int | None = None):
+    def _send(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: dict | None = None,
+        ctype: str = "application/json",
+        head: bool = False,
+        length: int | None = None,
+    ):
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body) if length is None else length))
@@ -191,13 +204,24 @@ class Handler(BaseHTTPRequestHandler):
                 rev = unquote(rest[1]) if rest else "main"
                 sha = repo.resolve(rev)
                 files = repo.commits[sha]["files"]
-                return self._json(200, {
-                    "_id": hashlib.md5(repo_id.encode()).hexdigest()[:24], "id": repo_id, "modelId": repo_id,
-                    "author": repo_id.split("/")[0], "sha": sha, "private": repo.private, "gated": False,
-                    "disabled": False, "downloads": 0, "likes": 0, "tags": [],
-                    "lastModified": repo.commits[sha]["date"],
-                    "siblings": [{"rfilename": p} for p in sorted(files)],
-                })
+                return self._json(
+                    200,
+                    {
+                        "_id": hashlib.md5(repo_id.encode()).hexdigest()[:24],
+                        "id": repo_id,
+                        "modelId": repo_id,
+                        "author": repo_id.split("/")[0],
+                        "sha": sha,
+                        "private": repo.private,
+                        "gated": False,
+                        "disabled": False,
+                        "downloads": 0,
+                        "likes": 0,
+                        "tags": [],
+                        "lastModified": repo.commits[sha]["date"],
+                        "siblings": [{"rfilename": p} for p in sorted(files)],
+                    },
+                )
 
             # GET /api/models/{repo}/tree/{rev}[/{path}]?recursive=true|false&expand=...
             if method == "GET" and rest and rest[0] == "tree":
@@ -209,7 +233,7 @@ class Handler(BaseHTTPRequestHandler):
                 for path in sorted(files):
                     if prefix and not path.startswith(prefix + "/"):
                         continue
-                    rel = path[len(prefix) + 1:] if prefix else path
+                    rel = path[len(prefix) + 1 :] if prefix else path
                     parts = rel.split("/")
                     for i in range(1, len(parts)):  # parent folders
                         d = "/".join(([prefix] if prefix else []) + parts[:i])
@@ -225,11 +249,16 @@ class Handler(BaseHTTPRequestHandler):
 
             # GET /api/models/{repo}/refs
             if method == "GET" and rest and rest[0] == "refs":
-                return self._json(200, {
-                    "branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": s}
-                                 for b, s in repo.branches.items()],
-                    "tags": [], "converts": [],
-                })
+                return self._json(
+                    200,
+                    {
+                        "branches": [
+                            {"name": b, "ref": f"refs/heads/{b}", "targetCommit": s} for b, s in repo.branches.items()
+                        ],
+                        "tags": [],
+                        "converts": [],
+                    },
+                )
 
             # POST /api/models/{repo}/branch/{branch}  {"startingPoint"?: rev}
             if method == "POST" and rest and rest[0] == "branch":
@@ -250,12 +279,14 @@ class Handler(BaseHTTPRequestHandler):
                 out = []
                 for f in p["files"]:
                     old = current.get(f["path"])
-                    out.append({
-                        "path": f["path"],
-                        "uploadMode": "regular",  # <- never "lfs": avoids LFS/S3 and Xet entirely
-                        "shouldIgnore": False,     # REQUIRED key (client indexes it directly)
-                        "oid": git_blob_sha1(old) if old is not None else None,  # lets client skip unchanged
-                    })
+                    out.append(
+                        {
+                            "path": f["path"],
+                            "uploadMode": "regular",  # <- never "lfs": avoids LFS/S3 and Xet entirely
+                            "shouldIgnore": False,  # REQUIRED key (client indexes it directly)
+                            "oid": git_blob_sha1(old) if old is not None else None,  # lets client skip unchanged
+                        }
+                    )
                 return self._json(200, {"files": out, "commitOid": repo.branches.get(rev)})
 
             # POST /api/models/{repo}/commit/{rev}  (application/x-ndjson)
@@ -296,9 +327,15 @@ class Handler(BaseHTTPRequestHandler):
                             del files[k]
                 sha = repo._new_commit(files, parent, title)
                 repo.branches[rev] = sha
-                return self._json(200, {"success": True, "commitOid": sha,
-                                        "commitUrl": f"{base}/{repo_id}/commit/{sha}",
-                                        "pullRequestUrl": None})
+                return self._json(
+                    200,
+                    {
+                        "success": True,
+                        "commitOid": sha,
+                        "commitUrl": f"{base}/{repo_id}/commit/{sha}",
+                        "pullRequestUrl": None,
+                    },
+                )
 
             raise HubError(404, None, f"Not implemented: {method} /{'/'.join(segs)}")
 
@@ -320,7 +357,7 @@ class Handler(BaseHTTPRequestHandler):
                 start_s, _, end_s = rng[6:].partition("-")
                 start = int(start_s or 0)
                 end = int(end_s) if end_s else len(data) - 1
-                chunk = data[start:end + 1]
+                chunk = data[start : end + 1]
                 hdrs["Content-Range"] = f"bytes {start}-{start + len(chunk) - 1}/{len(data)}"
                 return self._send(206, chunk, hdrs, ctype="application/octet-stream")
             return self._send(200, data, hdrs, ctype="application/octet-stream", head=head)
@@ -338,8 +375,9 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class HubServer:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, tokens: set[str] | None = None,
-                 auto_create_branch: bool = False):
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, tokens: set[str] | None = None, auto_create_branch: bool = False
+    ):
         self.state = HubState(tokens, auto_create_branch)
         handler = type("BoundHandler", (Handler,), {"state": self.state})
         self.httpd = ThreadingHTTPServer((host, port), handler)

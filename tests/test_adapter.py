@@ -68,9 +68,14 @@ def test_saved_adapter_gives_the_same_logits_as_the_model_it_came_from(tiny_mode
 def test_adapter_files_and_metadata(tiny_models, tmp_path):
     adapter = _trained_adapter(tiny_models["deepseek_v2"], ExpertSelection({1: [2], 3: [0, 5]}))
     adapter.save(tmp_path / "law")
-    assert sorted(p.name for p in (tmp_path / "law").iterdir()) == ["expert_cfg.json", "expert_hub.json", "experts.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "law").iterdir()) == [
+        "expert_cfg.json",
+        "expert_hub.json",
+        "experts.safetensors",
+    ]
     assert sorted(adapter.tensors) == sorted(
-        f"model.layers.{layer}.mlp.experts.{e}.{p}_proj.weight" for layer, e in [(1, 2), (3, 0), (3, 5)]
+        f"model.layers.{layer}.mlp.experts.{e}.{p}_proj.weight"
+        for layer, e in [(1, 2), (3, 0), (3, 5)]
         for p in ("gate", "up", "down")
     )
     metadata = json.loads((tmp_path / "law" / METADATA_FILE).read_text())
@@ -107,7 +112,10 @@ def test_keys_and_shapes_must_match_even_when_forced(tiny_models, tmp_path):
     adapter.tensors[key] = adapter.tensors[key][:-1]
     with pytest.raises(AdapterMismatchError, match="shape"):
         adapter.apply(load_base(str(tiny_models["qwen3_moe"])), force=True)
-    out_of_range = ExpertAdapter(ExpertSelection({1: [8]}), {f"model.layers.1.mlp.experts.8.{p}_proj.weight": torch.zeros(1) for p in ("gate", "up", "down")})
+    out_of_range = ExpertAdapter(
+        ExpertSelection({1: [8]}),
+        {f"model.layers.1.mlp.experts.8.{p}_proj.weight": torch.zeros(1) for p in ("gate", "up", "down")},
+    )
     with pytest.raises(AdapterMismatchError, match="experts.8"):
         out_of_range.apply(load_base(str(tiny_models["qwen3_moe"])), force=True)
 
@@ -127,14 +135,18 @@ def test_tensors_must_agree_with_the_selection(tiny_models, tmp_path):
 def test_shared_experts_travel_with_the_adapter(tiny_models, tmp_path):
     base_dir = tiny_models["qwen2_moe"]
     adapter = _trained_adapter(base_dir, ExpertSelection({1: [0]}, shared_experts=True))
-    assert {"model.layers.1.mlp.shared_expert.gate_proj.weight", "model.layers.3.mlp.shared_expert_gate.weight"} <= set(adapter.tensors)
+    assert {"model.layers.1.mlp.shared_expert.gate_proj.weight", "model.layers.3.mlp.shared_expert_gate.weight"} <= set(
+        adapter.tensors
+    )
     adapter.save(tmp_path / "law")
     loaded = load_model(str(base_dir), tmp_path / "law")
     params = dict(loaded.named_parameters())
     for key in ("model.layers.1.mlp.shared_expert.gate_proj.weight", "model.layers.3.mlp.shared_expert_gate.weight"):
         assert torch.equal(params[key], adapter.tensors[key])
-    assert torch.equal(params["model.layers.1.self_attn.q_proj.weight"],
-                       dict(load_base(str(base_dir)).named_parameters())["model.layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(
+        params["model.layers.1.self_attn.q_proj.weight"],
+        dict(load_base(str(base_dir)).named_parameters())["model.layers.1.self_attn.q_proj.weight"],
+    )
 
 
 def test_published_deepseek_layout_loads(tiny_models, tmp_path):
@@ -146,11 +158,18 @@ def test_published_deepseek_layout_loads(tiny_models, tmp_path):
     published.mkdir()
     keys = sorted(adapter.tensors)
     half = len(keys) // 2
-    save_file({k: adapter.tensors[k].to(torch.bfloat16) for k in keys[:half]}, published / "model-00001-of-00002.safetensors")
-    save_file({k.removeprefix("model."): adapter.tensors[k].to(torch.bfloat16) for k in keys[half:]},
-              published / "model-00002-of-00002.safetensors")
-    (published / "expert_cfg.json").write_text(json.dumps(
-        {"experts": {"1": [4, 6], "2": [0], "3": [7, 1]}, "shared_experts": False, "non_expert_modules": False}))
+    save_file(
+        {k: adapter.tensors[k].to(torch.bfloat16) for k in keys[:half]}, published / "model-00001-of-00002.safetensors"
+    )
+    save_file(
+        {k.removeprefix("model."): adapter.tensors[k].to(torch.bfloat16) for k in keys[half:]},
+        published / "model-00002-of-00002.safetensors",
+    )
+    (published / "expert_cfg.json").write_text(
+        json.dumps(
+            {"experts": {"1": [4, 6], "2": [0], "3": [7, 1]}, "shared_experts": False, "non_expert_modules": False}
+        )
+    )
     (published / "config.json").write_text((base_dir / "config.json").read_text())
     loaded = load_model(str(base_dir), published)
     expected = ExpertAdapter(selection, {k: v.to(torch.bfloat16).float() for k, v in adapter.tensors.items()})
@@ -209,14 +228,21 @@ def test_malformed_metadata_is_refused(tiny_models, tmp_path):
             ExpertAdapter.load(tmp_path / "law")
 
 
-@pytest.mark.parametrize("bad, message", [
-    (float("nan"), "holds NaN or infinite values"), (float("inf"), "holds NaN or infinite values"),
-    (torch.int32, "is int32, not a floating-point weight")])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (float("nan"), "holds NaN or infinite values"),
+        (float("inf"), "holds NaN or infinite values"),
+        (torch.int32, "is int32, not a floating-point weight"),
+    ],
+)
 def test_weights_that_are_not_finite_floats_are_refused(tiny_models, tmp_path, bad, message):
     adapter = _trained_adapter(tiny_models["qwen3_moe"], _selection(tiny_models["qwen3_moe"]))
     key = sorted(adapter.tensors)[1]
     with pytest.raises(InvalidInputError, match=message):  # never written
-        ExpertAdapter(adapter.selection, {**adapter.tensors, key: _spoiled(adapter.tensors[key], bad)}).save(tmp_path / "x")
+        ExpertAdapter(adapter.selection, {**adapter.tensors, key: _spoiled(adapter.tensors[key], bad)}).save(
+            tmp_path / "x"
+        )
     assert not (tmp_path / "x").exists()
     adapter.save(tmp_path / "adapter")  # written by something else: refused when read
     tensors = dict(adapter.tensors)
@@ -246,11 +272,17 @@ def test_an_adapter_is_checked_against_a_model_from_its_headers(tiny_models, tmp
     AdapterHeader.read(adapter.save(tmp_path / "fits")).check_fits(summary)
     gate = next(key for key in adapter.tensors if "gate_proj" in key)
     adapter.tensors[gate] = adapter.tensors[gate][:-1]
-    with pytest.raises(AdapterMismatchError, match=r"gate_proj.weight has shape \(31, 64\); the model's gate_proj.weight is \(32, 64\)"):
+    with pytest.raises(
+        AdapterMismatchError, match=r"gate_proj.weight has shape \(31, 64\); the model's gate_proj.weight is \(32, 64\)"
+    ):
         AdapterHeader.read(adapter.save(tmp_path / "misshapen")).check_fits(summary)
-    expert = {f"model.layers.1.mlp.experts.8.{p}_proj.weight": torch.zeros(shape) for p, shape in
-              (("gate", (32, 64)), ("up", (32, 64)), ("down", (64, 32)))}
-    with pytest.raises(AdapterMismatchError, match="the model has 8 experts per layer; the adapter selects expert 8 of layer 1"):
+    expert = {
+        f"model.layers.1.mlp.experts.8.{p}_proj.weight": torch.zeros(shape)
+        for p, shape in (("gate", (32, 64)), ("up", (32, 64)), ("down", (64, 32)))
+    }
+    with pytest.raises(
+        AdapterMismatchError, match="the model has 8 experts per layer; the adapter selects expert 8 of layer 1"
+    ):
         AdapterHeader.read(ExpertAdapter(ExpertSelection({1: [8]}), expert).save(tmp_path / "far")).check_fits(summary)
     deepseek = describe_model(str(tiny_models["deepseek_v2"]))  # layer 0 is dense there
     with pytest.raises(AdapterMismatchError, match="layer 0 is not an MoE layer of the model"):
@@ -263,13 +295,18 @@ def test_tensors_the_selection_does_not_train_are_refused(tiny_models, tmp_path)
     adapter.save(tmp_path / "law")
     config = json.loads((tmp_path / "law" / "expert_cfg.json").read_text())
     (tmp_path / "law" / "expert_cfg.json").write_text(json.dumps(config | {"shared_experts": False}))
-    with pytest.raises(InvalidInputError, match=r"holds model.layers.1.mlp.shared_expert.down_proj.weight, which "
-                                                r"expert_cfg.json does not train \(shared_experts is false\)"):
+    with pytest.raises(
+        InvalidInputError,
+        match=r"holds model.layers.1.mlp.shared_expert.down_proj.weight, which "
+        r"expert_cfg.json does not train \(shared_experts is false\)",
+    ):
         ExpertAdapter.load(tmp_path / "law")
     experts_only = _trained_adapter(tiny_models["qwen3_moe"], _selection(tiny_models["qwen3_moe"]))
     embed = dict(load_base(str(tiny_models["qwen3_moe"])).named_parameters())["model.embed_tokens.weight"]
-    save_file({**experts_only.tensors, "model.embed_tokens.weight": torch.zeros_like(embed)},
-              experts_only.save(tmp_path / "intent") / "experts.safetensors")
+    save_file(
+        {**experts_only.tensors, "model.embed_tokens.weight": torch.zeros_like(embed)},
+        experts_only.save(tmp_path / "intent") / "experts.safetensors",
+    )
     with pytest.raises(InvalidInputError, match=r"embed_tokens.weight, which .* \(non_expert_modules is false\)"):
         load_model(str(tiny_models["qwen3_moe"]), tmp_path / "intent")
 
@@ -279,7 +316,9 @@ def test_apply_refuses_integer_tensors_and_says_when_it_rounds(tiny_models, capl
     adapter = _trained_adapter(base_dir, _selection(base_dir))
     key = sorted(adapter.tensors)[0]
     with pytest.raises(InvalidInputError, match=f"{key} is int64, not a floating-point weight"):
-        ExpertAdapter(adapter.selection, {**adapter.tensors, key: adapter.tensors[key].long()}).apply(load_base(str(base_dir)))
+        ExpertAdapter(adapter.selection, {**adapter.tensors, key: adapter.tensors[key].long()}).apply(
+            load_base(str(base_dir))
+        )
     adapter.apply(load_base(str(base_dir)))  # float32 into float32: exact, nothing to say
     assert not caplog.records
     adapter.apply(load_base(str(base_dir), dtype=torch.bfloat16))

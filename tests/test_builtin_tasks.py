@@ -20,14 +20,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("name", list(BUILTIN_TASKS))
 def test_export_is_deterministic_and_splits_are_disjoint(name, tmp_path):
-    first, again, other = export(name, tmp_path / "a"), export(name, tmp_path / "b"), export(name, tmp_path / "c", seed=1)
+    first, again, other = (
+        export(name, tmp_path / "a"),
+        export(name, tmp_path / "b"),
+        export(name, tmp_path / "c", seed=1),
+    )
     task = BUILTIN_TASKS[name]
     for split, size in (("train", task.train_size), ("eval", task.eval_size)):
         assert first[split].read_bytes() == again[split].read_bytes()
         assert first[split].read_bytes() != other[split].read_bytes()
         assert len(first[split].read_text().splitlines()) == size
-    questions = {split: {json.loads(line)["messages"][0]["content"] for line in path.read_text().splitlines()}
-                 for split, path in first.items()}
+    questions = {
+        split: {json.loads(line)["messages"][0]["content"] for line in path.read_text().splitlines()}
+        for split, path in first.items()
+    }
     assert not questions["train"] & questions["eval"]
 
 
@@ -51,8 +57,21 @@ def test_generic_text_uses_the_held_out_words_but_never_their_answers():
         answers = {c[-1]["content"] for c in conversations}
         assert not [answer for answer in answers if answer in generic], name
         assert not [c[0]["content"] for c in conversations if c[0]["content"] in generic], name
-    for word in ("verdict", "prison", "warning", "offence", "weapon", "intent", "slots", "alarm", "nina simone",
-                 "sailor", "quiet", "carried", '{"title": '):
+    for word in (
+        "verdict",
+        "prison",
+        "warning",
+        "offence",
+        "weapon",
+        "intent",
+        "slots",
+        "alarm",
+        "nina simone",
+        "sailor",
+        "quiet",
+        "carried",
+        '{"title": ',
+    ):
         assert word in generic.lower(), word
     assert '"intent":' not in generic and "Give the verdict" not in generic and "Velan" not in generic
 
@@ -75,12 +94,14 @@ def test_the_demo_base_ships_in_the_package_and_knows_its_pretraining_tasks():
     assert (DEMO_BASE / "model.safetensors").stat().st_size < 30 * 2**20
     model, tokenizer = load_base(str(DEMO_BASE)), load_tokenizer(str(DEMO_BASE))
     math = BUILTIN_TASKS["math"]  # the pretraining task it has learned best (see expert_hub_base.json)
-    result = evaluate_records(model, tokenizer, math.eval_records(20), math.metric,
-                              max_new_tokens=math.max_new_tokens, batch_size=20)
+    result = evaluate_records(
+        model, tokenizer, math.eval_records(20), math.metric, max_new_tokens=math.max_new_tokens, batch_size=20
+    )
     assert result["value"] >= 0.8, result["examples"]
     law = BUILTIN_TASKS["law"]
-    held_out = evaluate_records(model, tokenizer, law.eval_records(20), law.metric, max_new_tokens=law.max_new_tokens,
-                                batch_size=20)
+    held_out = evaluate_records(
+        model, tokenizer, law.eval_records(20), law.metric, max_new_tokens=law.max_new_tokens, batch_size=20
+    )
     assert held_out["value"] < 0.5  # something left for ESFT to teach
 
 
@@ -127,19 +148,51 @@ def test_a_task_that_is_not_built_in_needs_data(run_cli, tmp_path, tiny_models):
     code, _, err = run_cli("train", "--task", "poems", "--out", tmp_path / "p")
     assert code == 1 and "give --data FILE ('poems' is not a built-in task" in err
     # a base without expert_hub_base.json keeps the reference defaults
-    code, _, err = run_cli("train", "--task", "law", "--base", tiny_models["qwen3_moe"], "--steps", "1",
-                           "--out", tmp_path / "q", "--score-tokens", "64", "--seq-len", "64", "--no-register")
+    code, _, err = run_cli(
+        "train",
+        "--task",
+        "law",
+        "--base",
+        tiny_models["qwen3_moe"],
+        "--steps",
+        "1",
+        "--out",
+        tmp_path / "q",
+        "--score-tokens",
+        "64",
+        "--seq-len",
+        "64",
+        "--no-register",
+    )
     assert code == 0, err
     config = json.loads((tmp_path / "q/train_config.json").read_text())
     assert config["learning_rate"] is None and config["grad_accumulation"] == 16
 
 
 def test_the_wheel_carries_the_demo_base_and_the_task_generators(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                    "--wheel-dir", str(tmp_path), str(REPO)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--quiet",
+            "--wheel-dir",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+    )
     (wheel,) = tmp_path.glob("expert_hub-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for required in ("expert_hub/demo/base/model.safetensors", "expert_hub/demo/base/tokenizer.json",
-                     "expert_hub/demo/base/config.json", "expert_hub/demo/base/expert_hub_base.json",
-                     "expert_hub/tasks/generators.py", "expert_hub/cli/quickstart.py"):
+    for required in (
+        "expert_hub/demo/base/model.safetensors",
+        "expert_hub/demo/base/tokenizer.json",
+        "expert_hub/demo/base/config.json",
+        "expert_hub/demo/base/expert_hub_base.json",
+        "expert_hub/tasks/generators.py",
+        "expert_hub/cli/quickstart.py",
+    ):
         assert required in names

@@ -14,27 +14,53 @@ from expert_hub.selection import ExpertSelection
 
 
 def test_score_routing_logs_then_select(run_cli, tmp_path, esft_data):
-    code, out, _ = run_cli("score", "--routing-logs", esft_data / "routing_logs/law", "--top-k", 6, "-o", tmp_path / "s.json")
+    code, out, _ = run_cli(
+        "score", "--routing-logs", esft_data / "routing_logs/law", "--top-k", 6, "-o", tmp_path / "s.json"
+    )
     assert code == 0 and "8,327 tokens over 3 MoE layers" in out
     published = json.loads((esft_data / "expert_scores/law/summary.json").read_text())
     scores = ExpertScores.load(tmp_path / "s.json")
     assert {str(e): round(v, 4) for e, v in scores.gate_scores[13].items()} == published["gate_scores"]["13"]
 
-    code, out, _ = run_cli("select", esft_data / "expert_scores/law/summary.json", "--by", "token", "--top-p", 0.2, "-o", tmp_path / "cfg.json")
+    code, out, _ = run_cli(
+        "select",
+        esft_data / "expert_scores/law/summary.json",
+        "--by",
+        "token",
+        "--top-p",
+        0.2,
+        "-o",
+        tmp_path / "cfg.json",
+    )
     assert code == 0 and "153 experts over 26 layers" in out
-    assert json.loads((tmp_path / "cfg.json").read_text()) == json.loads((esft_data / "expert_configs/law.json").read_text())
+    assert json.loads((tmp_path / "cfg.json").read_text()) == json.loads(
+        (esft_data / "expert_configs/law.json").read_text()
+    )
 
 
 def test_score_a_model_on_task_data_then_select_and_inspect(run_cli, tmp_path, tiny_models, esft_data):
     model = tiny_models["deepseek_v3"]
-    code, out, err = run_cli("score", "--base", model, "--data", esft_data / "datasets/train/law.jsonl",
-                             "--tokens", 1500, "--seq-len", 256, "-o", tmp_path / "s.json")
+    code, out, err = run_cli(
+        "score",
+        "--base",
+        model,
+        "--data",
+        esft_data / "datasets/train/law.jsonl",
+        "--tokens",
+        1500,
+        "--seq-len",
+        256,
+        "-o",
+        tmp_path / "s.json",
+    )
     assert code == 0, err
     scores = ExpertScores.load(tmp_path / "s.json")
     assert scores.source["model"] == str(model) and scores.top_k == 2
     assert {c.tokens for c in scores.counts.values()} == {1500}
 
-    code, out, _ = run_cli("select", tmp_path / "s.json", "--by", "gate", "-o", tmp_path / "cfg.json", "--shared-experts")
+    code, out, _ = run_cli(
+        "select", tmp_path / "s.json", "--by", "gate", "-o", tmp_path / "cfg.json", "--shared-experts"
+    )
     selection = ExpertSelection.load(tmp_path / "cfg.json")
     assert code == 0 and selection.shared_experts and sorted(selection.experts) == [1, 2, 3]
 
@@ -48,12 +74,17 @@ def test_inspect_an_adapter(run_cli, tmp_path, tiny_models):
     from expert_hub import ExpertAdapter
     from expert_hub.models import load_base
 
-    adapter = ExpertAdapter.from_model(load_base(str(tiny_models["gpt_oss"])), ExpertSelection({0: [1, 2], 3: [5]}), task="law")
+    adapter = ExpertAdapter.from_model(
+        load_base(str(tiny_models["gpt_oss"])), ExpertSelection({0: [1, 2], 3: [5]}), task="law"
+    )
     adapter.save(tmp_path / "law")
     code, out, _ = run_cli("inspect", tmp_path / "law")
     assert code == 0 and "3 experts" in out and "law" in out
     code, out, _ = run_cli("inspect", tmp_path / "law", "--json")
-    assert json.loads(out)["bytes"] == adapter.nbytes and json.loads(out)["experts"]["experts"] == {"0": [1, 2], "3": [5]}
+    assert json.loads(out)["bytes"] == adapter.nbytes and json.loads(out)["experts"]["experts"] == {
+        "0": [1, 2],
+        "3": [5],
+    }
 
 
 @pytest.mark.parametrize(
@@ -78,7 +109,10 @@ def test_inspect_an_adapter(run_cli, tmp_path, tiny_models):
         (["select", "{summary}", "-o", "{tmp}"], "is a directory"),
         (["select", "{summary}", "-o", "{tmp}/bad.json/c.json"], "not a writable directory"),
         (["score", "--base", "{model}", "--data", "{latin1}", "-o", "{tmp}/s.json"], "latin1.jsonl:2: not UTF-8"),
-        (["score", "--base", "{model}", "--data", "{good_jsonl}", "--device", "tpu9", "-o", "{tmp}/s.json"], "device 'tpu9'"),
+        (
+            ["score", "--base", "{model}", "--data", "{good_jsonl}", "--device", "tpu9", "-o", "{tmp}/s.json"],
+            "device 'tpu9'",
+        ),
         (["score", "--routing-logs", "{tmp}", "--top-k", "2", "-o", "{tmp}/s.json"], "no expert_weights"),
         (["serve", "--base", "{model}", "--tasks", "nosuch"], "no registered task 'nosuch'"),
         (["serve", "--base", "{model}", "--tasks", "law={tmp}/missing"], "has no expert_cfg.json"),
@@ -93,9 +127,16 @@ def test_bad_input_exits_non_zero_with_one_line(run_cli, tmp_path, tiny_models, 
     (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}]}\n{"messages": 5}\n')
     (tmp_path / "good.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}]}\n')
     (tmp_path / "latin1.jsonl").write_bytes(b'{"messages": [{"role": "user", "content": "q"}]}\n{"x": "\xe9"}\n')
-    values = {"tmp": tmp_path, "summary": esft_data / "expert_scores/law/summary.json", "model": tiny_models["olmoe"], "gpt_oss": tiny_models["gpt_oss"],
-              "bad_json": tmp_path / "bad.json", "bad_jsonl": tmp_path / "bad.jsonl", "good_jsonl": tmp_path / "good.jsonl",
-              "latin1": tmp_path / "latin1.jsonl"}
+    values = {
+        "tmp": tmp_path,
+        "summary": esft_data / "expert_scores/law/summary.json",
+        "model": tiny_models["olmoe"],
+        "gpt_oss": tiny_models["gpt_oss"],
+        "bad_json": tmp_path / "bad.json",
+        "bad_jsonl": tmp_path / "bad.jsonl",
+        "good_jsonl": tmp_path / "good.jsonl",
+        "latin1": tmp_path / "latin1.jsonl",
+    }
     code, out, err = run_cli(*[arg.format(**values) for arg in args])
     assert code != 0
     # One error line, last; a progress bar may precede it when the problem shows up mid-stream.
@@ -109,8 +150,9 @@ def test_installed_console_script():
     assert result.returncode == 0
     for command in ("score", "select", "inspect"):
         assert command in result.stdout
-    result = subprocess.run([sys.executable, "-m", "expert_hub.cli", "select", "--top-p", "2"], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "expert_hub.cli", "select", "--top-p", "2"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2 and result.stderr == "error: Missing argument 'SCORES.json'.\n"
 
 
@@ -142,7 +184,9 @@ def test_train_offers_every_training_setting_as_an_option(run_cli):
             for flag in field.metadata["flags"] or (f"--{field.name.replace('_', '-')}",):
                 assert flag in out, flag
     assert "--no-lora-experts" in out and "--processes" not in out
-    assert "[default: 1e-5 (esft-token, esft-gate, esft, full), 1e-4 (lora); the demo base: 0.003]" in " ".join(out.split())
+    assert "[default: 1e-5 (esft-token, esft-gate, esft, full), 1e-4 (lora); the demo base: 0.003]" in " ".join(
+        out.split()
+    )
 
 
 def test_a_runtime_error_is_one_line(run_cli, monkeypatch, tmp_path, tiny_models):
@@ -153,7 +197,8 @@ def test_a_runtime_error_is_one_line(run_cli, monkeypatch, tmp_path, tiny_models
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
 
     monkeypatch.setattr("expert_hub.training.loop.load_base", out_of_memory)
-    code, _, err = run_cli("train", "--task", "law", "--base", tiny_models["qwen3_moe"], "--out", tmp_path / "run",
-                           "--seq-len", "64")
+    code, _, err = run_cli(
+        "train", "--task", "law", "--base", tiny_models["qwen3_moe"], "--out", tmp_path / "run", "--seq-len", "64"
+    )
     assert code == 1 and "Traceback" not in err and "more details" not in err
     assert err.strip().splitlines()[-1] == "error: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"

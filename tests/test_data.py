@@ -31,10 +31,16 @@ def test_packing_follows_the_reference():
 
 def test_chat_template_labels_only_the_assistant_turns(tiny_models):
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["qwen3_moe"])
-    tokenizer.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<eos>{% endfor %}"
-                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
-                {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<eos>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+    ]
     ids, labels = tokenize_conversation(messages, tokenizer, chat_template=True)
     assert tokenizer.decode(ids) == "<|user|>hi<eos><|assistant|>yo<eos><|user|>q<eos><|assistant|>a<eos>"
     learned = tokenizer.decode([i for i, label in zip(ids, labels) if label != IGNORE_INDEX])
@@ -47,8 +53,10 @@ def test_chat_template_labels_only_the_assistant_turns(tiny_models):
 def test_hugging_face_datasets_are_read(tmp_path):
     import datasets
 
-    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
-            for i in range(3)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(3)
+    ]
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(tmp_path / "saved")
     assert list(load_conversations(tmp_path / "saved", "train")) == [row["messages"] for row in rows]
     with pytest.raises(InvalidInputError, match="split 'test'"):
@@ -77,7 +85,7 @@ def test_answer_scorers():
     predictions = [
         '{"intent": "Alarm-Update", "slots": {"datetime_date": "今 天", "notes": ["b", "a"]}}\nmore text',
         'sure: {"intent": "Alarm-Update", "slots": {"datetime_date": "明天", "notes": ["a", "b"]}}',
-        'not json at all',
+        "not json at all",
     ]
     assert intent_match(predictions, [[answer]] * 3) == pytest.approx(1 / 3)
     assert bleu(["the cat sat on the mat"], [["the cat sat on the mat"]]) == pytest.approx(100.0)
@@ -87,8 +95,10 @@ def test_answer_scorers():
 def test_single_files_are_read_as_datasets_reads_them(tmp_path):
     import datasets
 
-    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
-            for i in range(3)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(3)
+    ]
     expected = [row["messages"] for row in rows]
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "law.parquet"))
     (tmp_path / "law.json").write_text(json.dumps(rows))  # one JSON array, not JSON lines
@@ -110,8 +120,11 @@ def test_input_that_is_not_text_or_too_long_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(InvalidInputError, match=r"surrogate.jsonl:1: a message holds a lone surrogate"):
         list(load_conversations(tmp_path / "surrogate.jsonl"))
     monkeypatch.setattr(io, "MAX_LINE_BYTES", 1000)
-    (tmp_path / "long.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}]}\n'
-                                         + json.dumps({"messages": [{"role": "user", "content": "x" * 5000}]}) + "\n")
+    (tmp_path / "long.jsonl").write_text(
+        '{"messages": [{"role": "user", "content": "q"}]}\n'
+        + json.dumps({"messages": [{"role": "user", "content": "x" * 5000}]})
+        + "\n"
+    )
     with pytest.raises(InvalidInputError, match=r"long.jsonl:2: longer than 0 MiB"):
         list(load_conversations(tmp_path / "long.jsonl"))
     (tmp_path / "not-a-dataset").mkdir()

@@ -73,8 +73,14 @@ def test_describe_model_matches_the_loaded_model(tiny_models, family):
 
 
 def test_dense_model_is_refused_naming_the_supported_families(tmp_path, run_cli):
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     LlamaForCausalLM(config).save_pretrained(tmp_path / "dense")
     with pytest.raises(UnsupportedModelError, match="llama.*deepseek_v2.*gpt_oss.*qwen3_moe"):
         load_base(str(tmp_path / "dense"))

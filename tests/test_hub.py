@@ -31,7 +31,9 @@ def hub(monkeypatch, tmp_path):
 
     server = HubServer(tokens={TOKEN}).start()
     monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    )
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
@@ -44,9 +46,15 @@ def hub(monkeypatch, tmp_path):
 @pytest.fixture
 def registered(tiny_models, tmp_path):
     base = tiny_models["qwen3_moe"]
-    adapter = ExpertAdapter.from_model(load_base(str(base)), ExpertSelection({1: [2, 5], 3: [0]}), task="law",
-                                       method="esft-token", score_function="token", top_p=0.2,
-                                       metrics={"eval_loss": 1.25})
+    adapter = ExpertAdapter.from_model(
+        load_base(str(base)),
+        ExpertSelection({1: [2, 5], 3: [0]}),
+        task="law",
+        method="esft-token",
+        score_function="token",
+        top_p=0.2,
+        metrics={"eval_loss": 1.25},
+    )
     generator = torch.Generator().manual_seed(3)
     adapter.tensors = {k: torch.randn(v.shape, generator=generator) for k, v in adapter.tensors.items()}
     registry = Registry(tmp_path / "first")
@@ -66,8 +74,10 @@ def test_push_then_pull_into_another_registry(hub, registered, tmp_path):
     assert second.load("law").metadata == replace(first.load("law").metadata, base_model=None)
     input_ids = torch.randint(0, 256, (1, 16))
     with torch.no_grad():
-        assert torch.equal(load_model(str(base), first.load("law"))(input_ids).logits,
-                           load_model(str(base), second.load("law"))(input_ids).logits)
+        assert torch.equal(
+            load_model(str(base), first.load("law"))(input_ids).logits,
+            load_model(str(base), second.load("law"))(input_ids).logits,
+        )
 
 
 def test_the_model_card(hub, registered, tmp_path):
@@ -99,8 +109,10 @@ def test_a_published_esft_repo_pulls_with_a_task_name(hub, tiny_models, tmp_path
     published = tmp_path / "ESFT-token-law-lite"
     published.mkdir()
     keys = sorted(adapter.tensors)
-    save_file({k.removeprefix("model."): adapter.tensors[k].bfloat16() for k in keys[:3]},
-              published / "model-00001-of-00002.safetensors")
+    save_file(
+        {k.removeprefix("model."): adapter.tensors[k].bfloat16() for k in keys[:3]},
+        published / "model-00001-of-00002.safetensors",
+    )
     save_file({k: adapter.tensors[k].bfloat16() for k in keys[3:]}, published / "model-00002-of-00002.safetensors")
     (published / "expert_cfg.json").write_text(json.dumps(adapter.selection.to_json()))
     (published / "config.json").write_text((tiny_models["deepseek_v2"] / "config.json").read_text())
@@ -152,19 +164,32 @@ def test_the_cli_honours_hf_endpoint_and_hf_token(hub, registered, tmp_path, reg
     _, first, _ = registered
     script = Path(sys.executable).with_name("expert-hub")
     environment = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"} | {
-        "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "hf-home"),
-        "HF_HUB_DISABLE_XET": "1", "EXPERT_HUB_HOME": str(first.root),
+        "HF_ENDPOINT": hub.endpoint,
+        "HF_TOKEN": TOKEN,
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_HUB_DISABLE_XET": "1",
+        "EXPERT_HUB_HOME": str(first.root),
     }
-    done = subprocess.run([str(script), "push", "law", "--repo", "acme/cli"], capture_output=True, text=True,
-                          env=environment, timeout=300)
+    done = subprocess.run(
+        [str(script), "push", "law", "--repo", "acme/cli"], capture_output=True, text=True, env=environment, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     environment["EXPERT_HUB_HOME"] = str(tmp_path / "elsewhere")
-    done = subprocess.run([str(script), "pull", "acme/cli", "--task", "cli-law"], capture_output=True, text=True,
-                          env=environment, timeout=300)
+    done = subprocess.run(
+        [str(script), "pull", "acme/cli", "--task", "cli-law"],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+    )
     assert done.returncode == 0 and "Pulled acme/cli as cli-law@1" in done.stdout, done.stderr
-    done = subprocess.run([str(script), "pull", "acme/nothing"], capture_output=True, text=True, env=environment,
-                          timeout=300)
-    assert done.returncode == 1 and done.stderr == "error: repository acme/nothing not found, or your token cannot access it\n"
+    done = subprocess.run(
+        [str(script), "pull", "acme/nothing"], capture_output=True, text=True, env=environment, timeout=300
+    )
+    assert (
+        done.returncode == 1
+        and done.stderr == "error: repository acme/nothing not found, or your token cannot access it\n"
+    )
 
 
 def _pulled_file(hub, repo: str, name: str) -> bytes:
@@ -196,10 +221,18 @@ def test_pull_registers_plain_files_not_the_cache_symlinks(hub, registered, tmp_
 
 def test_push_publishes_no_local_paths(hub, tiny_models, tmp_path, run_cli):
     base = tiny_models["qwen3_moe"]
-    training = {"steps": 5, "config": {"base": str(base), "data": "/home/me/secret/law.jsonl",
-                                       "out": "/home/me/runs/law-esft-token", "learning_rate": 1e-3}}
-    adapter = ExpertAdapter.from_model(load_base(str(base)), ExpertSelection({1: [2]}), task="law",
-                                       base_model=str(base), training=training)
+    training = {
+        "steps": 5,
+        "config": {
+            "base": str(base),
+            "data": "/home/me/secret/law.jsonl",
+            "out": "/home/me/runs/law-esft-token",
+            "learning_rate": 1e-3,
+        },
+    }
+    adapter = ExpertAdapter.from_model(
+        load_base(str(base)), ExpertSelection({1: [2]}), task="law", base_model=str(base), training=training
+    )
     Registry().register(adapter.save(tmp_path / "adapter"))
     code, _out, err = run_cli("push", "law", "--repo", "acme/law", "--base-model", "acme/tiny-moe")
     assert code == 0, err

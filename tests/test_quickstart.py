@@ -14,11 +14,20 @@ PORT = 8655
 
 def test_quickstart_trains_serves_answers_and_stops_the_server(tmp_path, registry_home):
     script = Path(sys.executable).with_name("expert-hub")
-    result = subprocess.run([str(script), "quickstart", "--tasks", "law", "--steps", "3", "--eval-records", "4",
-                             "--port", str(PORT)], cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                            env={"COLUMNS": "240", "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin",
-                                 "HOME": str(tmp_path), "EXPERT_HUB_HOME": str(registry_home),
-                                 "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [str(script), "quickstart", "--tasks", "law", "--steps", "3", "--eval-records", "4", "--port", str(PORT)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={
+            "COLUMNS": "240",
+            "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin",
+            "HOME": str(tmp_path),
+            "EXPERT_HUB_HOME": str(registry_home),
+            "HF_HUB_OFFLINE": "1",
+        },
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "ESFT on the demo base" in out and "One request per model" in out and "where things are" in out

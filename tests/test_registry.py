@@ -131,8 +131,10 @@ for _ in range(int(sys.argv[3])):
 def test_concurrent_imports_from_two_processes_all_land(adapters, registry_home):
     _, made = adapters
     rounds = 12
-    processes = [subprocess.Popen([sys.executable, "-c", _IMPORT_LOOP, str(made[task]), task, str(rounds)])
-                 for task in ("law", "intent")]
+    processes = [
+        subprocess.Popen([sys.executable, "-c", _IMPORT_LOOP, str(made[task]), task, str(rounds)])
+        for task in ("law", "intent")
+    ]
     assert [process.wait(timeout=300) for process in processes] == [0, 0]
     entries = Registry().entries()
     for task in ("law", "intent"):
@@ -173,8 +175,10 @@ def test_import_refuses_weights_that_are_not_finite(adapters, run_cli, registry_
     tensors[key][0, 0] = float("nan")
     save_file(tensors, weights)
     code, _, err = run_cli("import", made["law"])
-    assert code == 1 and err.strip() == f"error: experts.safetensors: {key} holds NaN or infinite values " \
-                                        "(did training diverge?)"
+    assert (
+        code == 1
+        and err.strip() == f"error: experts.safetensors: {key} holds NaN or infinite values (did training diverge?)"
+    )
     assert Registry(registry_home).entries() == []
 
 
@@ -225,8 +229,13 @@ def test_import_refuses_metadata_of_the_wrong_types(adapters, run_cli, registry_
     _, made = adapters
     metadata_path = made["law"] / "expert_hub.json"
     original = json.loads(metadata_path.read_text())
-    for field, value in (("method", {"a": 1}), ("metrics", {"loss": "high"}), ("metrics", {"loss": True}),
-                         ("top_p", "0.2"), ("versions", [1])):
+    for field, value in (
+        ("method", {"a": 1}),
+        ("metrics", {"loss": "high"}),
+        ("metrics", {"loss": True}),
+        ("top_p", "0.2"),
+        ("versions", [1]),
+    ):
         metadata_path.write_text(json.dumps(original | {field: value}))
         code, _, err = run_cli("import", made["law"])
         assert code == 1 and err.count("\n") == 1 and f"{field} = {value!r}" in err, err
@@ -243,8 +252,11 @@ def test_import_refuses_symlinks_and_special_files(adapters, run_cli, registry_h
     secret.write_text("api key")
     (made["law"] / "notes.txt").symlink_to(secret)
     code, _, err = run_cli("import", made["law"])
-    assert code == 1 and err.strip() == f"error: {made['law'] / 'notes.txt'} is a symlink; an adapter directory " \
-                                        "holds regular files only"
+    assert (
+        code == 1
+        and err.strip()
+        == f"error: {made['law'] / 'notes.txt'} is a symlink; an adapter directory holds regular files only"
+    )
     (made["law"] / "notes.txt").unlink()
     os.mkfifo(made["law"] / "pipe")
     code, _, err = run_cli("import", made["law"])
@@ -257,8 +269,10 @@ def test_selectors_that_are_neither_versions_nor_hashes_are_refused(adapters, ru
     _, made = adapters
     Registry().register(made["law"])
     code, _, err = run_cli("show", ref)
-    assert code == 1 and err.strip() == f"error: {ref!r}: after '@' give a version number or at least 4 hex " \
-                                        "digits of a hash"
+    assert (
+        code == 1
+        and err.strip() == f"error: {ref!r}: after '@' give a version number or at least 4 hex digits of a hash"
+    )
 
 
 def test_a_full_disk_names_the_store(adapters, run_cli, registry_home, monkeypatch):
@@ -280,8 +294,9 @@ def test_a_piped_listing_is_never_cut(adapters, registry_home):
     base, made = adapters
     Registry().register(made["law"], task="a-rather-long-namespace/and-an-even-longer-task-name-for-the-law")
     environment = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
-    listing = subprocess.run([sys.executable, "-m", "expert_hub.cli", "list"], capture_output=True, text=True,
-                             timeout=120, env=environment)
+    listing = subprocess.run(
+        [sys.executable, "-m", "expert_hub.cli", "list"], capture_output=True, text=True, timeout=120, env=environment
+    )
     row = next(line for line in listing.stdout.splitlines() if "and-an-even-longer" in line)
     assert "a-rather-long-namespace/and-an-even-longer-task-name-for-the-law" in row and str(base) in row
 

@@ -144,7 +144,9 @@ def test_routing_logs_in_rank_folders_are_added_up(tmp_path, esft_data):
     """The reference writes rank_*/expert_weights_{layer}.txt; two ranks of the same log count twice."""
     for rank in ("rank_0", "rank_1"):
         (tmp_path / rank).mkdir()
-        (tmp_path / rank / "expert_weights_13.txt").write_text((esft_data / "routing_logs/law/expert_weights_13.txt").read_text())
+        (tmp_path / rank / "expert_weights_13.txt").write_text(
+            (esft_data / "routing_logs/law/expert_weights_13.txt").read_text()
+        )
     doubled = scores_from_routing_logs(tmp_path, top_k=6)
     single = scores_from_routing_logs(esft_data / "routing_logs/law", top_k=6)
     assert doubled.counts[13].tokens == 2 * single.counts[13].tokens

@@ -16,15 +16,44 @@ import torch
 from expert_hub import ExpertAdapter
 from expert_hub.registry import Registry
 
-SMALL_RUN = ["--steps", "4", "--seq-len", "64", "--batch-size", "2", "--grad-accumulation", "2", "--score-tokens",
-             "1500", "--save-every", "2", "--eval-every", "2", "--lr", "1e-3", "--no-gradient-checkpointing"]
+SMALL_RUN = [
+    "--steps",
+    "4",
+    "--seq-len",
+    "64",
+    "--batch-size",
+    "2",
+    "--grad-accumulation",
+    "2",
+    "--score-tokens",
+    "1500",
+    "--save-every",
+    "2",
+    "--eval-every",
+    "2",
+    "--lr",
+    "1e-3",
+    "--no-gradient-checkpointing",
+]
 
 
 @pytest.mark.parametrize("method", ["esft-token", "esft-gate", "full", "lora"])
 def test_every_method_trains_and_its_output_evaluates(run_cli, tmp_path, tiny_models, esft_data, method):
     base = tiny_models["qwen2_moe"]
-    code, out, err = run_cli("train", "--task", "law", "--base", base, "--data", esft_data / "datasets/train/law.jsonl",
-                             "--method", method, "--out", tmp_path / "run", *SMALL_RUN)
+    code, out, err = run_cli(
+        "train",
+        "--task",
+        "law",
+        "--base",
+        base,
+        "--data",
+        esft_data / "datasets/train/law.jsonl",
+        "--method",
+        method,
+        "--out",
+        tmp_path / "run",
+        *SMALL_RUN,
+    )
     assert code == 0, err
     assert "Trained 4 steps" in out
     artifact = tmp_path / "run" / ("model" if method == "full" else "adapter")
@@ -33,27 +62,53 @@ def test_every_method_trains_and_its_output_evaluates(run_cli, tmp_path, tiny_mo
     metadata = json.loads((artifact / "expert_hub.json").read_text())
     assert metadata["method"] == method and metadata["training"]["steps"] == 4
     eval_args = ["--base", artifact] if method == "full" else ["--base", base, "--adapter", artifact]
-    code, out, err = run_cli("eval", *eval_args, "--data", esft_data / "datasets/eval/law.jsonl", "--limit", 3, "--json")
+    code, out, err = run_cli(
+        "eval", *eval_args, "--data", esft_data / "datasets/eval/law.jsonl", "--limit", 3, "--json"
+    )
     assert code == 0, err
     result = json.loads(out)
-    code, out, _ = run_cli("eval", "--base", base, "--data", esft_data / "datasets/eval/law.jsonl", "--limit", 3, "--json")
+    code, out, _ = run_cli(
+        "eval", "--base", base, "--data", esft_data / "datasets/eval/law.jsonl", "--limit", 3, "--json"
+    )
     untrained = json.loads(out)["value"]
     assert result["metric"] == "loss" and result["count"] == 3 and result["value"] != untrained
-    code, out, err = run_cli("eval", *eval_args, "--data", esft_data / "datasets/eval/intent.jsonl", "--metric", "intent",
-                             "--limit", 2, "--max-new-tokens", 4, "--json")
+    code, out, err = run_cli(
+        "eval",
+        *eval_args,
+        "--data",
+        esft_data / "datasets/eval/intent.jsonl",
+        "--metric",
+        "intent",
+        "--limit",
+        2,
+        "--max-new-tokens",
+        4,
+        "--json",
+    )
     assert code == 0 and json.loads(out)["count"] == 2, err
 
 
 def test_eval_tells_adapters_apart(run_cli, tmp_path, tiny_models, esft_data):
     """The base alone and base + adapter score differently on the same data."""
     base = tiny_models["olmoe"]
-    code, _, err = run_cli("train", "--task", "law", "--base", base, "--data", esft_data / "datasets/train/law.jsonl",
-                           "--out", tmp_path / "run", *SMALL_RUN)
+    code, _, err = run_cli(
+        "train",
+        "--task",
+        "law",
+        "--base",
+        base,
+        "--data",
+        esft_data / "datasets/train/law.jsonl",
+        "--out",
+        tmp_path / "run",
+        *SMALL_RUN,
+    )
     assert code == 0, err
     losses = []
     for extra in ([], ["--adapter", tmp_path / "run" / "adapter"]):
-        code, out, _ = run_cli("eval", "--base", base, *extra, "--data", esft_data / "datasets/eval/law.jsonl",
-                               "--limit", 4, "--json")
+        code, out, _ = run_cli(
+            "eval", "--base", base, *extra, "--data", esft_data / "datasets/eval/law.jsonl", "--limit", 4, "--json"
+        )
         losses.append(json.loads(out)["value"])
     assert losses[0] != losses[1]
 
@@ -91,8 +146,18 @@ def test_train_bad_input_is_one_line(run_cli, tmp_path, tiny_models, esft_data, 
 def test_an_unwritable_registry_is_refused_before_training(run_cli, tmp_path, tiny_models, esft_data, monkeypatch):
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("EXPERT_HUB_HOME", str(tmp_path / "a-file" / "registry"))
-    code, _, err = run_cli("train", "--task", "law", "--out", tmp_path / "run", "--base", tiny_models["olmoe"],
-                           "--data", esft_data / "datasets/train/law.jsonl", *SMALL_RUN)
+    code, _, err = run_cli(
+        "train",
+        "--task",
+        "law",
+        "--out",
+        tmp_path / "run",
+        "--base",
+        tiny_models["olmoe"],
+        "--data",
+        esft_data / "datasets/train/law.jsonl",
+        *SMALL_RUN,
+    )
     assert code == 1 and "cannot write the registry at" in err and "--no-register" in err
     assert not (tmp_path / "run").exists()
 
@@ -100,16 +165,41 @@ def test_an_unwritable_registry_is_refused_before_training(run_cli, tmp_path, ti
 def test_sigkill_mid_run_then_the_same_command_resumes(tmp_path, tiny_models, esft_data):
     """kill -9 after a checkpoint: the rerun resumes there and ends with the weights of an uninterrupted run."""
     script = Path(sys.executable).with_name("expert-hub")
+
     def command(out):
-        return [str(script), "train", "--task", "law", "--base", str(tiny_models["deepseek_v3"]), "--data",
-                str(esft_data / "datasets/train/law.jsonl"), "--out", str(out), "--steps", "40", "--seq-len", "256",
-                "--batch-size", "2", "--grad-accumulation", "4", "--score-tokens", "1500", "--save-every", "5",
-                "--lr", "1e-3", "--no-gradient-checkpointing"]
+        return [
+            str(script),
+            "train",
+            "--task",
+            "law",
+            "--base",
+            str(tiny_models["deepseek_v3"]),
+            "--data",
+            str(esft_data / "datasets/train/law.jsonl"),
+            "--out",
+            str(out),
+            "--steps",
+            "40",
+            "--seq-len",
+            "256",
+            "--batch-size",
+            "2",
+            "--grad-accumulation",
+            "4",
+            "--score-tokens",
+            "1500",
+            "--save-every",
+            "5",
+            "--lr",
+            "1e-3",
+            "--no-gradient-checkpointing",
+        ]
 
     environment = os.environ | {"HF_HUB_OFFLINE": "1"}
     subprocess.run(command(tmp_path / "whole"), check=True, capture_output=True, env=environment, timeout=600)
-    victim = subprocess.Popen(command(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env=environment)
+    victim = subprocess.Popen(
+        command(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment
+    )
     checkpoints = tmp_path / "killed" / "checkpoints"
     deadline = time.monotonic() + 300
     while not (checkpoints / "step-000010").exists() and victim.poll() is None and time.monotonic() < deadline:
@@ -129,11 +219,30 @@ def test_sigkill_mid_run_then_the_same_command_resumes(tmp_path, tiny_models, es
 def test_data_parallel_training_through_torchrun(tmp_path, tiny_models, esft_data):
     """Two processes (gloo on the CPU) train one model; only rank 0 reports and writes."""
     torchrun = Path(sys.executable).with_name("torchrun")
-    command = [str(torchrun), "--nproc-per-node", "2", "-m", "expert_hub.cli", "train", "--task", "law", "--base",
-               str(tiny_models["qwen3_moe"]), "--data", str(esft_data / "datasets/train/law.jsonl"),
-               "--out", str(tmp_path / "run"), *SMALL_RUN]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                              env=os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    command = [
+        str(torchrun),
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "expert_hub.cli",
+        "train",
+        "--task",
+        "law",
+        "--base",
+        str(tiny_models["qwen3_moe"]),
+        "--data",
+        str(esft_data / "datasets/train/law.jsonl"),
+        "--out",
+        str(tmp_path / "run"),
+        *SMALL_RUN,
+    ]
+    finished = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert finished.stdout.count("Trained 4 steps") == 1
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -146,8 +255,20 @@ def test_a_relative_base_is_recorded_as_an_absolute_path(run_cli, tmp_path, tiny
     """Artifacts must find their base from any directory (PEFT would take `w/base` for a Hub id)."""
     base = tiny_models["olmoe"]
     monkeypatch.chdir(base.parent)
-    code, _, err = run_cli("train", "--task", "law", "--method", "lora", "--out", tmp_path / "run", "--base",
-                           base.name, "--data", esft_data / "datasets/train/law.jsonl", *SMALL_RUN)
+    code, _, err = run_cli(
+        "train",
+        "--task",
+        "law",
+        "--method",
+        "lora",
+        "--out",
+        tmp_path / "run",
+        "--base",
+        base.name,
+        "--data",
+        esft_data / "datasets/train/law.jsonl",
+        *SMALL_RUN,
+    )
     assert code == 0, err
     adapter_config = json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(base)

@@ -19,20 +19,46 @@ def _learnable_task(path, count=48):
     """A task a tiny model learns in a few steps: every answer is the same short sentence."""
     with path.open("w") as lines:
         for i in range(count):
-            lines.write(json.dumps({"messages": [{"role": "user", "content": f"question {i}?"},
-                                                 {"role": "assistant", "content": "the answer is law."}]}) + "\n")
+            lines.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"question {i}?"},
+                            {"role": "assistant", "content": "the answer is law."},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
 def _config(base, data, out, **overrides) -> TrainingConfig:
-    values = dict(task="law", base=str(base), data=str(data), out=str(out), method="esft-token", steps=8,
-                  seq_len=64, batch_size=2, grad_accumulation=2, learning_rate=3e-3, weight_decay=0.1,
-                  score_tokens=1500, save_every=4, eval_every=4, eval_fraction=0.1, gradient_checkpointing=False)
+    values = dict(
+        task="law",
+        base=str(base),
+        data=str(data),
+        out=str(out),
+        method="esft-token",
+        steps=8,
+        seq_len=64,
+        batch_size=2,
+        grad_accumulation=2,
+        learning_rate=3e-3,
+        weight_decay=0.1,
+        score_tokens=1500,
+        save_every=4,
+        eval_every=4,
+        eval_fraction=0.1,
+        gradient_checkpointing=False,
+    )
     return TrainingConfig(**(values | overrides))
 
 
 def _experts_by_pair(model) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
-    return {(layer.index, e): read_expert(layer.experts, e) for layer in moe_layers(model) for e in range(layer.num_experts)}
+    return {
+        (layer.index, e): read_expert(layer.experts, e) for layer in moe_layers(model) for e in range(layer.num_experts)
+    }
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
@@ -70,8 +96,9 @@ def test_optimizer_state_covers_only_the_selected_rows(tiny_models):
 def test_loss_falls_and_the_adapter_reproduces_the_trained_logits(tiny_models, tmp_path):
     data = _learnable_task(tmp_path / "task.jsonl")
     reports = []
-    result = train(_config(tiny_models["qwen3_moe"], data, tmp_path / "run", steps=12, top_p=0.5),
-                   on_step=reports.append)
+    result = train(
+        _config(tiny_models["qwen3_moe"], data, tmp_path / "run", steps=12, top_p=0.5), on_step=reports.append
+    )
     assert reports[-1].loss < 0.6 * reports[0].loss
     assert result.eval_loss is not None and result.eval_loss < 0.6 * reports[0].loss
     input_ids = torch.randint(0, 256, (2, 24))
@@ -122,8 +149,17 @@ def test_a_different_run_in_the_same_output_is_refused(tiny_models, tmp_path, es
 def test_given_experts_with_shared_experts_train_those_too(tiny_models, tmp_path, esft_data):
     experts = tmp_path / "cfg.json"
     ExpertSelection({1: [3], 2: [0, 1]}, shared_experts=True).save(experts)
-    result = train(_config(tiny_models["deepseek_v2"], esft_data / "datasets/train/law.jsonl", tmp_path / "run",
-                           method="esft", experts=str(experts), steps=3, gradient_checkpointing=True))
+    result = train(
+        _config(
+            tiny_models["deepseek_v2"],
+            esft_data / "datasets/train/law.jsonl",
+            tmp_path / "run",
+            method="esft",
+            experts=str(experts),
+            steps=3,
+            gradient_checkpointing=True,
+        )
+    )
     adapter = ExpertAdapter.load(result.artifact)
     shared = [key for key in adapter.tensors if ".shared_experts." in key]
     assert len(shared) == 3 * 3  # three MoE layers, gate/up/down each
@@ -148,8 +184,17 @@ def test_the_esft_kernel_computes_what_the_standard_kernel_does(tiny_models, fam
 
 
 def test_rows_train_in_float32_when_the_model_is_bfloat16(tiny_models, tmp_path, esft_data):
-    result = train(_config(tiny_models["qwen3_moe"], esft_data / "datasets/train/law.jsonl", tmp_path / "run",
-                           dtype="bfloat16", steps=6, save_every=6, learning_rate=1e-4))
+    result = train(
+        _config(
+            tiny_models["qwen3_moe"],
+            esft_data / "datasets/train/law.jsonl",
+            tmp_path / "run",
+            dtype="bfloat16",
+            steps=6,
+            save_every=6,
+            learning_rate=1e-4,
+        )
+    )
     adapter = ExpertAdapter.load(result.artifact)
     assert {tensor.dtype for tensor in adapter.tensors.values()} == {torch.bfloat16}
     base = load_base(str(tiny_models["qwen3_moe"]), dtype=torch.bfloat16)
@@ -165,9 +210,18 @@ def test_gradient_accumulation_matches_one_larger_batch(tiny_models, tmp_path, e
     ExpertSelection({1: [0, 3], 3: [5]}).save(experts)
     runs = {}
     for name, batch, accumulation in (("accumulated", 1, 2), ("batched", 2, 1)):
-        runs[name] = train(_config(tiny_models["deepseek_v3"], esft_data / "datasets/train/law.jsonl",
-                                   tmp_path / name, method="esft", experts=str(experts), steps=1,
-                                   batch_size=batch, grad_accumulation=accumulation))
+        runs[name] = train(
+            _config(
+                tiny_models["deepseek_v3"],
+                esft_data / "datasets/train/law.jsonl",
+                tmp_path / name,
+                method="esft",
+                experts=str(experts),
+                steps=1,
+                batch_size=batch,
+                grad_accumulation=accumulation,
+            )
+        )
     assert runs["accumulated"].train_loss == pytest.approx(runs["batched"].train_loss, rel=1e-5)
     first, second = (ExpertAdapter.load(run.artifact).tensors for run in runs.values())
     for key in first:  # Adam's first step is sign-like: a gradient within rounding of 0 may flip, nothing more
@@ -211,9 +265,12 @@ def test_training_refuses_what_cannot_work(tiny_models, tmp_path, overrides, mes
     empty = tmp_path / "empty.json"
     ExpertSelection({}).save(empty)
     questions = tmp_path / "questions.jsonl"
-    questions.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}]}) + "\n" for i in range(9)))
-    overrides = {key: {"EMPTY": str(empty), "NO_ANSWERS": str(questions)}.get(value, value)
-                 for key, value in overrides.items()}
+    questions.write_text(
+        "".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}]}) + "\n" for i in range(9))
+    )
+    overrides = {
+        key: {"EMPTY": str(empty), "NO_ANSWERS": str(questions)}.get(value, value) for key, value in overrides.items()
+    }
     data = overrides.pop("data", esft_data / "datasets/train/law.jsonl")
     with pytest.raises(InvalidInputError, match=message):
         train(_config(tiny_models["qwen3_moe"], data, tmp_path / "run", **overrides))
@@ -227,8 +284,11 @@ def test_lora_never_touches_routers_and_no_lora_experts_means_none(tiny_models, 
     layers = moe_layers(model)
     routers = tuple(f"{layer.prefix}.{layer.family.router}." for layer in layers)
     routed = tuple(f"{layer.prefix}.experts." for layer in layers)
-    lora = [name for name, p in prepare_lora(model, 4, 8, ["all-linear"], lora_experts).named_parameters()
-            if p.requires_grad]
+    lora = [
+        name
+        for name, p in prepare_lora(model, 4, 8, ["all-linear"], lora_experts).named_parameters()
+        if p.requires_grad
+    ]
     assert lora and all("lora_" in name for name in lora)
     assert not [name for name in lora if any(router in name for router in routers)]
     on_experts = [name for name in lora if any(prefix in name for prefix in routed)]
@@ -244,7 +304,9 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_one_before(tiny_models, tmp
     data = esft_data / "datasets/train/law.jsonl"
     whole = train(_config(tiny_models["mixtral"], data, tmp_path / "whole", steps=10))
 
-    _train_until_interrupted_at_step_6(_config(tiny_models["mixtral"], data, tmp_path / "split", steps=10, save_every=2))
+    _train_until_interrupted_at_step_6(
+        _config(tiny_models["mixtral"], data, tmp_path / "split", steps=10, save_every=2)
+    )
     checkpoints = sorted((tmp_path / "split" / "checkpoints").glob("step-*"))
     weights = checkpoints[-1] / "trainable.safetensors"
     if damage == "cut":
@@ -252,7 +314,9 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_one_before(tiny_models, tmp
     else:
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     messages = []
-    resumed = train(_config(tiny_models["mixtral"], data, tmp_path / "split", steps=10, save_every=2), on_status=messages.append)
+    resumed = train(
+        _config(tiny_models["mixtral"], data, tmp_path / "split", steps=10, save_every=2), on_status=messages.append
+    )
     assert resumed.resumed_from == int(checkpoints[-2].name.split("-")[1])
     assert any(m.startswith(f"warning: {checkpoints[-1].name}") for m in messages), messages
     first, second = ExpertAdapter.load(whole.artifact), ExpertAdapter.load(resumed.artifact)
@@ -291,8 +355,14 @@ def test_a_new_method_is_one_registered_class(tiny_models, tmp_path, esft_data):
             return write_model_directory(model, path, metadata)
 
     try:
-        config = _config(tiny_models["qwen3_moe"], esft_data / "datasets/train/law.jsonl", tmp_path / "run",
-                         method="routers-only", learning_rate=None, steps=2)
+        config = _config(
+            tiny_models["qwen3_moe"],
+            esft_data / "datasets/train/law.jsonl",
+            tmp_path / "run",
+            method="routers-only",
+            learning_rate=None,
+            steps=2,
+        )
         assert config.lr == 2e-3
         result = train(config)
         assert result.artifact == tmp_path / "run" / "routers"

@@ -24,36 +24,51 @@ EVAL_RECORDS = 100
 def measure_base(model, tokenizer, console: Console, records: int = EVAL_RECORDS) -> dict:
     evaluation = {}
     for name, task in BUILTIN_TASKS.items():
-        result = evaluate_records(model, tokenizer, task.eval_records(records), task.metric,
-                                  max_new_tokens=task.max_new_tokens, batch_size=25)
-        evaluation[name] = {"metric": task.metric, "value": round(result["value"], 4), "records": result["count"],
-                            "in_demo_base": task.in_demo_base}
+        result = evaluate_records(
+            model, tokenizer, task.eval_records(records), task.metric, max_new_tokens=task.max_new_tokens, batch_size=25
+        )
+        evaluation[name] = {
+            "metric": task.metric,
+            "value": round(result["value"], 4),
+            "records": result["count"],
+            "in_demo_base": task.in_demo_base,
+        }
         console.print(f"{name}: {task.metric} {result['value']:.4f}")
     routing = routing_specialisation(model, tokenizer)
     return {"evaluation": evaluation, "routing": routing}
 
 
 def routing_specialisation(model, tokenizer, tokens: int = 16384, top_p: float = 0.2) -> dict:
-    scores = {name: score_model(model, token_sequences(task.examples("train"), tokenizer, tokens, 512))
-              for name, task in BUILTIN_TASKS.items()}
+    scores = {
+        name: score_model(model, token_sequences(task.examples("train"), tokenizer, tokens, 512))
+        for name, task in BUILTIN_TASKS.items()
+    }
     selections = {name: select_experts(s, "token", top_p).experts for name, s in scores.items()}
     num_experts = len(next(iter(next(iter(scores.values())).token_scores.values())))
     # select_experts' cumulative rule at p = 0.5 picks exactly the experts that carry half of the routing
     halves = {name: select_experts(s, "token", 0.5).experts for name, s in scores.items()}
     per_task = {
-        name: {"experts_for_half_of_routing": round(mean(len(e) for e in halves[name].values()), 2),
-               "esft_token_selected_per_layer": round(mean(len(e) for e in selections[name].values()), 2)}
+        name: {
+            "experts_for_half_of_routing": round(mean(len(e) for e in halves[name].values()), 2),
+            "esft_token_selected_per_layer": round(mean(len(e) for e in selections[name].values()), 2),
+        }
         for name in scores
     }
     overlaps = [_jaccard(selections[a], selections[b]) for a, b in combinations(sorted(selections), 2)]
-    return {"num_experts": num_experts, "uniform_experts_for_half": num_experts / 2, "top_p": top_p,
-            "tokens_scored_per_task": tokens, "per_task": per_task,
-            "mean_cross_task_jaccard": round(mean(overlaps), 3)}
+    return {
+        "num_experts": num_experts,
+        "uniform_experts_for_half": num_experts / 2,
+        "top_p": top_p,
+        "tokens_scored_per_task": tokens,
+        "per_task": per_task,
+        "mean_cross_task_jaccard": round(mean(overlaps), 3),
+    }
 
 
 def _jaccard(first: dict[int, list[int]], second: dict[int, list[int]]) -> float:
-    return mean(len(set(first[layer]) & set(second[layer])) / len(set(first[layer]) | set(second[layer]))
-                for layer in first)
+    return mean(
+        len(set(first[layer]) & set(second[layer])) / len(set(first[layer]) | set(second[layer])) for layer in first
+    )
 
 
 def routing_table(routing: dict) -> Table:
@@ -62,7 +77,10 @@ def routing_table(routing: dict) -> Table:
     table.add_column("experts for 50% of routing", justify="right")
     table.add_column(f"ESFT-Token p={routing['top_p']} picks", justify="right")
     for name, figures in routing["per_task"].items():
-        table.add_row(name, f"{figures['experts_for_half_of_routing']} (uniform {routing['uniform_experts_for_half']:.0f})",
-                      str(figures["esft_token_selected_per_layer"]))
+        table.add_row(
+            name,
+            f"{figures['experts_for_half_of_routing']} (uniform {routing['uniform_experts_for_half']:.0f})",
+            str(figures["esft_token_selected_per_layer"]),
+        )
     table.caption = f"mean overlap of two tasks' selections (Jaccard): {routing['mean_cross_task_jaccard']}"
     return table

@@ -34,13 +34,31 @@ from . import METADATA
 from .measure import measure_base
 
 MODEL_SHAPE = dict(
-    vocab_size=1024, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-    max_position_embeddings=1024, first_k_dense_replace=1, intermediate_size=512,
-    n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2, moe_intermediate_size=64,
-    topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0, n_group=1, topk_group=1,
+    vocab_size=1024,
+    hidden_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=1024,
+    first_k_dense_replace=1,
+    intermediate_size=512,
+    n_routed_experts=64,
+    num_experts_per_tok=6,
+    n_shared_experts=2,
+    moe_intermediate_size=64,
+    topk_method="greedy",
+    norm_topk_prob=False,
+    routed_scaling_factor=1.0,
+    n_group=1,
+    topk_group=1,
     # vLLM's CPU attention runs DeepSeek's MLA only with these sizes
-    kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=32,
-    tie_word_embeddings=False, initializer_range=0.02,
+    kv_lora_rank=512,
+    q_lora_rank=None,
+    qk_rope_head_dim=64,
+    qk_nope_head_dim=32,
+    v_head_dim=32,
+    tie_word_embeddings=False,
+    initializer_range=0.02,
 )
 
 
@@ -66,8 +84,18 @@ class Recipe:
 # ESFT defaults for this base, read by `expert-hub train` when the base ships them: a few minutes on 2 CPU cores.
 # p = 0.35 rather than the paper's 0.2: this base's experts are 64 times smaller than DeepSeek-V2-Lite's, and at
 # 0.2 (4-6 per layer) a held-out task runs out of capacity; 0.35 selects 7-11 of 64 per layer.
-TRAINING_DEFAULTS = dict(steps=300, batch_size=8, grad_accumulation=1, seq_len=256, learning_rate=3e-3, top_p=0.35,
-                         score_tokens=16384, save_every=100, eval_every=100, gradient_checkpointing=False)
+TRAINING_DEFAULTS = dict(
+    steps=300,
+    batch_size=8,
+    grad_accumulation=1,
+    seq_len=256,
+    learning_rate=3e-3,
+    top_p=0.35,
+    score_tokens=16384,
+    save_every=100,
+    eval_every=100,
+    gradient_checkpointing=False,
+)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -75,39 +103,62 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(texts, trainer)
     bos = tokenizer.token_to_id("<bos>")  # prompts sent to a server get the BOS that training puts first
-    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
-                                                             special_tokens=[("<bos>", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", model_max_length=MODEL_SHAPE["max_position_embeddings"])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        model_max_length=MODEL_SHAPE["max_position_embeddings"],
+    )
 
 
 def pretrain(out: Path, recipe: Recipe, console: Console) -> dict:
     started = time.time()
     random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
-    conversations = [messages for name in recipe.tasks
-                     for messages in BUILTIN_TASKS[name].examples("train", recipe.examples_per_task)]
+    conversations = [
+        messages
+        for name in recipe.tasks
+        for messages in BUILTIN_TASKS[name].examples("train", recipe.examples_per_task)
+    ]
     # The tokenizer learns from the pretraining text only: a token the model never saw keeps an untrained output
     # row, which no expert can make likely, so held-out words must split into pieces the model knows.
     tokenizer = train_tokenizer([m["content"] for c in conversations for m in c], recipe.tokenizer_vocab)
-    config = AutoConfig.for_model("deepseek_v2", **MODEL_SHAPE, bos_token_id=tokenizer.bos_token_id,
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = AutoConfig.for_model(
+        "deepseek_v2",
+        **MODEL_SHAPE,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
     random.Random(recipe.seed).shuffle(conversations)
     token_ids = (tokenize_conversation(messages, tokenizer)[0] for messages in conversations)
     # Loss on every token (language modelling), so packed labels are the ids themselves.
     blocks = pack(((ids, ids) for ids in token_ids), recipe.seq_len, tokenizer.pad_token_id, 0.0, recipe.seed)
-    console.print(f"{len(conversations):,} conversations of {', '.join(recipe.tasks)} -> {len(blocks):,} blocks "
-                  f"of {recipe.seq_len} tokens; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    console.print(
+        f"{len(conversations):,} conversations of {', '.join(recipe.tasks)} -> {len(blocks):,} blocks "
+        f"of {recipe.seq_len} tokens; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
+    )
 
     losses = _train(model, blocks, recipe, tokenizer.pad_token_id, console)
     model.eval()
@@ -115,13 +166,19 @@ def pretrain(out: Path, recipe: Recipe, console: Console) -> dict:
     seconds = time.time() - started
     metadata = {
         "name": "expert-hub demo base",
-        "recipe": {"command": "python -m expert_hub.demo.pretrain --out DIR", **asdict(recipe),
-                   "data_mix": dict.fromkeys(recipe.tasks, recipe.examples_per_task),
-                   "held_out": [name for name, task in BUILTIN_TASKS.items() if not task.in_demo_base]},
+        "recipe": {
+            "command": "python -m expert_hub.demo.pretrain --out DIR",
+            **asdict(recipe),
+            "data_mix": dict.fromkeys(recipe.tasks, recipe.examples_per_task),
+            "held_out": [name for name, task in BUILTIN_TASKS.items() if not task.in_demo_base],
+        },
         "seconds": round(seconds, 1),
         "final_train_loss": round(losses[-1], 4),
-        "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
-                    "torch": torch.__version__},
+        "machine": {
+            "cpu_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+        },
         **measured,
         "training_defaults": TRAINING_DEFAULTS,
     }
@@ -137,9 +194,11 @@ def _train(model, blocks, recipe: Recipe, pad_token_id: int, console: Console) -
     """AdamW with warm-up and cosine decay, plus an expert-balance loss so every expert gets used."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
-                                   {"params": rest, "weight_decay": 0.0}], lr=recipe.learning_rate,
-                                  betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=recipe.learning_rate,
+        betas=(0.9, 0.95),
+    )
     balance = _BalanceLoss(model)
     order = random.Random(recipe.seed)
     indices: list[int] = []
@@ -206,8 +265,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=Recipe.steps)
     args = parser.parse_args()
     metadata = pretrain(args.out, Recipe(steps=args.steps), Console(stderr=True))
-    print(json.dumps({key: metadata[key] for key in ("seconds", "final_train_loss", "evaluation", "routing")},
-                     indent=2))
+    print(
+        json.dumps({key: metadata[key] for key in ("seconds", "final_train_loss", "evaluation", "routing")}, indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -42,8 +42,10 @@ class BuiltinTask:
 
     def eval_records(self, limit: int | None = None) -> list[dict]:
         """The eval split as `expert_hub.evaluation.evaluate_records` takes it."""
-        return [{"prompt": None, "answers": [messages[-1]["content"]], "messages": messages}
-                for messages in self.examples("eval")[:limit]]
+        return [
+            {"prompt": None, "answers": [messages[-1]["content"]], "messages": messages}
+            for messages in self.examples("eval")[:limit]
+        ]
 
     def _pairs(self, split: str, count: int, seed: int, skip: set[str]) -> list[tuple[str, str]]:
         """`count` pairs whose questions are not in `skip`; the eval split also has no repeated question."""
@@ -68,20 +70,57 @@ def _conversation(question: str, answer: str) -> list[Message]:
 BUILTIN_TASKS: dict[str, BuiltinTask] = {
     task.name: task
     for task in (
-        BuiltinTask("math", "arithmetic word problems, worked step by step", "exact",
-                    generators.math, in_demo_base=True, max_new_tokens=48),
-        BuiltinTask("code", "a Python snippet -> what it prints", "exact",
-                    generators.code, in_demo_base=True, max_new_tokens=24),
-        BuiltinTask("summary", "a record -> its key facts in one sentence", "exact",
-                    generators.summary, in_demo_base=True, max_new_tokens=40),
-        BuiltinTask("law", "case facts -> the verdict under a written code", "exact",
-                    generators.law, in_demo_base=False, max_new_tokens=32),
-        BuiltinTask("intent", "a request -> its JSON intent and slots", "intent",
-                    generators.intent, in_demo_base=False, max_new_tokens=48),
-        BuiltinTask("translation", "English -> Velan, a constructed language", "bleu",
-                    generators.translation, in_demo_base=False, max_new_tokens=24),
-        BuiltinTask("general", "generic text: stories, news, messages, notes", "loss",
-                    general.general, in_demo_base=True, max_new_tokens=80),
+        BuiltinTask(
+            "math",
+            "arithmetic word problems, worked step by step",
+            "exact",
+            generators.math,
+            in_demo_base=True,
+            max_new_tokens=48,
+        ),
+        BuiltinTask(
+            "code", "a Python snippet -> what it prints", "exact", generators.code, in_demo_base=True, max_new_tokens=24
+        ),
+        BuiltinTask(
+            "summary",
+            "a record -> its key facts in one sentence",
+            "exact",
+            generators.summary,
+            in_demo_base=True,
+            max_new_tokens=40,
+        ),
+        BuiltinTask(
+            "law",
+            "case facts -> the verdict under a written code",
+            "exact",
+            generators.law,
+            in_demo_base=False,
+            max_new_tokens=32,
+        ),
+        BuiltinTask(
+            "intent",
+            "a request -> its JSON intent and slots",
+            "intent",
+            generators.intent,
+            in_demo_base=False,
+            max_new_tokens=48,
+        ),
+        BuiltinTask(
+            "translation",
+            "English -> Velan, a constructed language",
+            "bleu",
+            generators.translation,
+            in_demo_base=False,
+            max_new_tokens=24,
+        ),
+        BuiltinTask(
+            "general",
+            "generic text: stories, news, messages, notes",
+            "loss",
+            general.general,
+            in_demo_base=True,
+            max_new_tokens=80,
+        ),
     )
 }
 

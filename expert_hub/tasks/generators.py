@@ -10,25 +10,121 @@ from __future__ import annotations
 import json
 from random import Random
 
-NAMES = ("Ana", "Ben", "Carla", "Dev", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jun", "Kofi", "Lena", "Mateo",
-         "Nora", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tara", "Umar", "Vera", "Wei", "Yara", "Zane")
-SURNAMES = ("Silva", "Okafor", "Novak", "Tanaka", "Moreau", "Haddad", "Berg", "Rossi", "Kaur", "Lopez", "Meyer",
-            "Petrov", "Dubois", "Sato", "Mensah", "Ward")
-CITIES = ("Lisbon", "Oslo", "Lagos", "Lima", "Kyoto", "Cairo", "Quito", "Perth", "Porto", "Accra", "Hanoi",
-          "Dublin", "Seoul", "Nairobi", "Madrid", "Tunis")
-JOBS = ("baker", "nurse", "pilot", "teacher", "farmer", "painter", "chemist", "lawyer", "plumber", "writer",
-        "dentist", "chef", "miner", "tailor", "driver", "singer")
+NAMES = (
+    "Ana",
+    "Ben",
+    "Carla",
+    "Dev",
+    "Eli",
+    "Fatima",
+    "Gus",
+    "Hana",
+    "Ivan",
+    "Jun",
+    "Kofi",
+    "Lena",
+    "Mateo",
+    "Nora",
+    "Omar",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tara",
+    "Umar",
+    "Vera",
+    "Wei",
+    "Yara",
+    "Zane",
+)
+SURNAMES = (
+    "Silva",
+    "Okafor",
+    "Novak",
+    "Tanaka",
+    "Moreau",
+    "Haddad",
+    "Berg",
+    "Rossi",
+    "Kaur",
+    "Lopez",
+    "Meyer",
+    "Petrov",
+    "Dubois",
+    "Sato",
+    "Mensah",
+    "Ward",
+)
+CITIES = (
+    "Lisbon",
+    "Oslo",
+    "Lagos",
+    "Lima",
+    "Kyoto",
+    "Cairo",
+    "Quito",
+    "Perth",
+    "Porto",
+    "Accra",
+    "Hanoi",
+    "Dublin",
+    "Seoul",
+    "Nairobi",
+    "Madrid",
+    "Tunis",
+)
+JOBS = (
+    "baker",
+    "nurse",
+    "pilot",
+    "teacher",
+    "farmer",
+    "painter",
+    "chemist",
+    "lawyer",
+    "plumber",
+    "writer",
+    "dentist",
+    "chef",
+    "miner",
+    "tailor",
+    "driver",
+    "singer",
+)
 HOBBIES = ("chess", "hiking", "cycling", "knitting", "fishing", "dancing", "poetry", "gardening", "surfing", "cooking")
 PETS = ("a cat", "a dog", "two fish", "a parrot", "no pets", "a rabbit", "a turtle")
 ITEMS = ("apples", "pears", "books", "coins", "shells", "stamps", "cards", "marbles", "eggs", "pencils")
-WORDS = ("cat", "dog", "sun", "map", "red", "box", "cup", "hat", "pen", "bus", "sky", "tree", "moon", "fish",
-         "lamp", "rock", "star", "ship", "door", "king")
+WORDS = (
+    "cat",
+    "dog",
+    "sun",
+    "map",
+    "red",
+    "box",
+    "cup",
+    "hat",
+    "pen",
+    "bus",
+    "sky",
+    "tree",
+    "moon",
+    "fish",
+    "lamp",
+    "rock",
+    "star",
+    "ship",
+    "door",
+    "king",
+)
 DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday", "today", "tomorrow")
 
 
 def _pronoun(name: str) -> str:
-    return "She" if name in ("Ana", "Carla", "Fatima", "Hana", "Lena", "Nora", "Priya", "Rosa", "Tara", "Vera",
-                             "Yara") else "He"
+    return (
+        "She"
+        if name in ("Ana", "Carla", "Fatima", "Hana", "Lena", "Nora", "Priya", "Rosa", "Tara", "Vera", "Yara")
+        else "He"
+    )
 
 
 def math(rng: Random) -> tuple[str, str]:
@@ -45,12 +141,16 @@ def math(rng: Random) -> tuple[str, str]:
             total *= factor
         elif kind == "sub" and total > 1:
             amount = rng.randint(1, min(total - 1, 15))
-            sentences.append(rng.choice((f"{_pronoun(name)} gives {amount} away.", f"{_pronoun(name)} loses {amount}.")))
+            sentences.append(
+                rng.choice((f"{_pronoun(name)} gives {amount} away.", f"{_pronoun(name)} loses {amount}."))
+            )
             steps.append(f"{total} - {amount} = {total - amount}.")
             total -= amount
         else:
             amount = rng.randint(1, 15)
-            sentences.append(rng.choice((f"{_pronoun(name)} buys {amount} more.", f"{_pronoun(name)} finds {amount} more.")))
+            sentences.append(
+                rng.choice((f"{_pronoun(name)} buys {amount} more.", f"{_pronoun(name)} finds {amount} more."))
+            )
             steps.append(f"{total} + {amount} = {total + amount}.")
             total += amount
     question = " ".join(sentences) + f" How many {item} does {name} have now?"
@@ -63,25 +163,44 @@ def code(rng: Random) -> tuple[str, str]:
         keys = rng.sample(WORDS, rng.randint(2, 3))
         values = {key: rng.randint(0, 9) for key in keys}
         key = rng.choice(keys)
-        expression, result = rng.choice((
-            (f"word_counts[{key!r}]", values[key]), ("word_counts", values), ("json.dumps(word_counts)", json.dumps(values)),
-            ("len(word_counts)", len(values)),
-        ))
+        expression, result = rng.choice(
+            (
+                (f"word_counts[{key!r}]", values[key]),
+                ("word_counts", values),
+                ("json.dumps(word_counts)", json.dumps(values)),
+                ("len(word_counts)", len(values)),
+            )
+        )
         program = f"import json\nword_counts = {values}\nprint({expression})"
     elif rng.random() < 0.6:
         values = [rng.randint(0, 9) for _ in range(rng.randint(3, 5))]
-        expression, result = rng.choice((
-            ("sum(x)", sum(values)), ("max(x)", max(values)), ("min(x)", min(values)), ("len(x)", len(values)),
-            ("x[0]", values[0]), ("x[1]", values[1]), ("x[-1]", values[-1]), ("sorted(x)", sorted(values)),
-            ("x[::-1]", values[::-1]), ("x[0] + x[-1]", values[0] + values[-1]),
-        ))
+        expression, result = rng.choice(
+            (
+                ("sum(x)", sum(values)),
+                ("max(x)", max(values)),
+                ("min(x)", min(values)),
+                ("len(x)", len(values)),
+                ("x[0]", values[0]),
+                ("x[1]", values[1]),
+                ("x[-1]", values[-1]),
+                ("sorted(x)", sorted(values)),
+                ("x[::-1]", values[::-1]),
+                ("x[0] + x[-1]", values[0] + values[-1]),
+            )
+        )
         program = f"x = {values}\nprint({expression})"
     else:
         word, other = rng.choice(WORDS), rng.choice(WORDS)
-        expression, result, uses_t = rng.choice((
-            ("s.upper()", word.upper(), False), ("s[0]", word[0], False), ("len(s)", len(word), False),
-            ("s + t", word + other, True), ("s[-1]", word[-1], False), ("t + s", other + word, True),
-        ))
+        expression, result, uses_t = rng.choice(
+            (
+                ("s.upper()", word.upper(), False),
+                ("s[0]", word[0], False),
+                ("len(s)", len(word), False),
+                ("s + t", word + other, True),
+                ("s[-1]", word[-1], False),
+                ("t + s", other + word, True),
+            )
+        )
         second = f"t = {other!r}\n" if uses_t else ""
         program = f"s = {word!r}\n{second}print({expression})"
     return f"What does this Python program print?\n{program}", str(result)
@@ -92,11 +211,16 @@ def summary(rng: Random) -> tuple[str, str]:
     name, age = f"{rng.choice(NAMES)} {rng.choice(SURNAMES)}", rng.randint(19, 80)
     city, job, hobby = rng.choice(CITIES), rng.choice(JOBS), rng.choice(HOBBIES)
     fields = [f"Name: {name}", f"Age: {age}", f"City: {city}", f"Job: {job}", f"Hobby: {hobby}"]
-    fields += rng.sample([f"ID: {rng.randint(1000, 9999)}", f"Pets: {rng.choice(PETS)}",
-                          f"Joined: {rng.randint(2001, 2024)}"], rng.randint(0, 2))
+    fields += rng.sample(
+        [f"ID: {rng.randint(1000, 9999)}", f"Pets: {rng.choice(PETS)}", f"Joined: {rng.randint(2001, 2024)}"],
+        rng.randint(0, 2),
+    )
     rng.shuffle(fields)
     record = "\n".join(fields)
-    return f"Summarize the record in one sentence.\n{record}", f"{name}, {age}, is a {job} in {city} who enjoys {hobby}."
+    return (
+        f"Summarize the record in one sentence.\n{record}",
+        f"{name}, {age}, is a {job} in {city} who enjoys {hobby}.",
+    )
 
 
 LAW_ITEMS = ("bicycle", "phone", "wallet", "laptop", "watch", "camera", "guitar", "jacket", "radio", "painting")
@@ -110,7 +234,11 @@ def law(rng: Random) -> tuple[str, str]:
     conviction and a fine without; cheaper goods mean a fine with a prior conviction, a warning when the goods
     were returned, and a fine otherwise.
     """
-    item, place, value = rng.choice(LAW_ITEMS), rng.choice(LAW_PLACES), rng.choice((rng.randint(5, 99), rng.randint(100, 900)))
+    item, place, value = (
+        rng.choice(LAW_ITEMS),
+        rng.choice(LAW_PLACES),
+        rng.choice((rng.randint(5, 99), rng.randint(100, 900))),
+    )
     weapon, prior, returned = rng.random() < 0.2, rng.random() < 0.4, rng.random() < 0.5
     facts = [
         f"The accused took a {item} worth {value} dollars from {place}.",
@@ -123,31 +251,56 @@ def law(rng: Random) -> tuple[str, str]:
     if weapon:
         verdict, reason = "prison", "a weapon was involved"
     elif value >= 100:
-        verdict, reason = ("prison", "high value and a prior conviction") if prior else ("fine", "high value, first offence")
+        verdict, reason = (
+            ("prison", "high value and a prior conviction") if prior else ("fine", "high value, first offence")
+        )
     elif prior:
         verdict, reason = "fine", "low value with a prior conviction"
     else:
-        verdict, reason = ("warning", "low value, first offence, returned") if returned else ("fine", "low value, not returned")
+        verdict, reason = (
+            ("warning", "low value, first offence, returned") if returned else ("fine", "low value, not returned")
+        )
     return "Give the verdict under the code.\n" + " ".join([first, *rest]), f"Verdict: {verdict}. Reason: {reason}."
 
 
 INTENTS = {
-    "set_alarm": (("wake me up at {time} {day}", "set an alarm for {time} {day}", "alarm at {time} {day} please"),
-                  ("time", "day")),
-    "get_weather": (("what is the weather in {city} {day}", "will it rain in {city} {day}",
-                     "weather for {city} {day}"), ("city", "day")),
-    "play_music": (("play some {genre} by {artist}", "put on {artist}, {genre} please", "i want {genre} from {artist}"),
-                   ("artist", "genre")),
-    "book_taxi": (("get me a taxi to {place} at {time}", "book a cab to {place} for {time}",
-                   "i need a ride to {place} at {time}"), ("place", "time")),
-    "send_message": (("text {contact} that i am {status}", "tell {contact} i am {status}",
-                      "send {contact} a message saying i am {status}"), ("contact", "status")),
-    "order_food": (("order {count} {dish}", "i would like {count} {dish} delivered", "get me {count} {dish}"),
-                   ("count", "dish")),  # `dish` agrees with `count`: one pizza, two pizzas
+    "set_alarm": (
+        ("wake me up at {time} {day}", "set an alarm for {time} {day}", "alarm at {time} {day} please"),
+        ("time", "day"),
+    ),
+    "get_weather": (
+        ("what is the weather in {city} {day}", "will it rain in {city} {day}", "weather for {city} {day}"),
+        ("city", "day"),
+    ),
+    "play_music": (
+        ("play some {genre} by {artist}", "put on {artist}, {genre} please", "i want {genre} from {artist}"),
+        ("artist", "genre"),
+    ),
+    "book_taxi": (
+        (
+            "get me a taxi to {place} at {time}",
+            "book a cab to {place} for {time}",
+            "i need a ride to {place} at {time}",
+        ),
+        ("place", "time"),
+    ),
+    "send_message": (
+        (
+            "text {contact} that i am {status}",
+            "tell {contact} i am {status}",
+            "send {contact} a message saying i am {status}",
+        ),
+        ("contact", "status"),
+    ),
+    "order_food": (
+        ("order {count} {dish}", "i would like {count} {dish} delivered", "get me {count} {dish}"),
+        ("count", "dish"),
+    ),  # `dish` agrees with `count`: one pizza, two pizzas
 }
 SLOT_VALUES = {
     "time": tuple(f"{hour} {half}" for hour in range(1, 13) for half in ("am", "pm")),
-    "day": DAYS, "city": tuple(city.lower() for city in CITIES),
+    "day": DAYS,
+    "city": tuple(city.lower() for city in CITIES),
     "genre": ("jazz", "rock", "salsa", "blues", "reggae", "folk", "techno", "opera"),
     "artist": ("nina simone", "the beatles", "bob marley", "miles davis", "adele", "fela kuti", "abba", "bach"),
     "place": ("the airport", "the station", "the office", "the museum", "the beach", "the hospital", "the park"),
@@ -172,16 +325,47 @@ def intent(rng: Random) -> tuple[str, str]:
 
 # Velan, a constructed language: subject-object-verb order, adjectives after their noun, plurals in -i, the
 # past tense in -ta, no articles.
-NOUNS = {"dog": "vaku", "cat": "mirel", "bird": "tosi", "girl": "lera", "boy": "dano", "sailor": "pimo",
-          "farmer": "gorun", "horse": "estal", "baker": "rulo", "teacher": "sabin"}
-OBJECTS = {"house": "osta", "river": "ulan", "tree": "kero", "book": "sefa", "apple": "mela", "boat": "navo",
-            "stone": "kivo", "song": "lidu"} | NOUNS
-ADJECTIVES = {"big": "mor", "small": "tin", "red": "ruva", "old": "sen", "happy": "lumi", "green": "vira",
-               "quiet": "susi", "fast": "zeki"}
+NOUNS = {
+    "dog": "vaku",
+    "cat": "mirel",
+    "bird": "tosi",
+    "girl": "lera",
+    "boy": "dano",
+    "sailor": "pimo",
+    "farmer": "gorun",
+    "horse": "estal",
+    "baker": "rulo",
+    "teacher": "sabin",
+}
+OBJECTS = {
+    "house": "osta",
+    "river": "ulan",
+    "tree": "kero",
+    "book": "sefa",
+    "apple": "mela",
+    "boat": "navo",
+    "stone": "kivo",
+    "song": "lidu",
+} | NOUNS
+ADJECTIVES = {
+    "big": "mor",
+    "small": "tin",
+    "red": "ruva",
+    "old": "sen",
+    "happy": "lumi",
+    "green": "vira",
+    "quiet": "susi",
+    "fast": "zeki",
+}
 # English forms (singular present, plural present, past) -> the Velan stem.
-VERBS = {("sees", "see", "saw"): "ven", ("likes", "like", "liked"): "ami", ("finds", "find", "found"): "tel",
-          ("follows", "follow", "followed"): "sur", ("carries", "carry", "carried"): "porta",
-          ("draws", "draw", "drew"): "pinta"}
+VERBS = {
+    ("sees", "see", "saw"): "ven",
+    ("likes", "like", "liked"): "ami",
+    ("finds", "find", "found"): "tel",
+    ("follows", "follow", "followed"): "sur",
+    ("carries", "carry", "carried"): "porta",
+    ("draws", "draw", "drew"): "pinta",
+}
 
 
 def translation(rng: Random) -> tuple[str, str]:

@@ -8,5 +8,14 @@ from .config import TrainingConfig, base_training_defaults
 from .loop import StepReport, TrainingResult, train
 from .methods import TrainingMethod, get_method, method_names, register_method
 
-__all__ = ["StepReport", "TrainingConfig", "TrainingMethod", "TrainingResult", "base_training_defaults", "get_method",
-           "method_names", "register_method", "train"]
+__all__ = [
+    "StepReport",
+    "TrainingConfig",
+    "TrainingMethod",
+    "TrainingResult",
+    "base_training_defaults",
+    "get_method",
+    "method_names",
+    "register_method",
+    "train",
+]

@@ -22,15 +22,24 @@ from ..io import first_line, fsync_tree, publish_permissions, read_json, replace
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
-def save_checkpoint(root: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    progress: dict, keep: int) -> Path:
+def save_checkpoint(
+    root: Path,
+    step: int,
+    trainable: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    progress: dict,
+    keep: int,
+) -> Path:
     """Write checkpoint `step` under `root`, then drop all but the newest `keep`."""
     root.mkdir(parents=True, exist_ok=True)
     for leftover in root.glob(".staging-*"):  # from a run killed while writing (one writer per run directory)
         shutil.rmtree(leftover, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
     try:
-        save_file({name: tensor.detach().contiguous() for name, tensor in trainable.items()}, staging / "trainable.safetensors")
+        save_file(
+            {name: tensor.detach().contiguous() for name, tensor in trainable.items()},
+            staging / "trainable.safetensors",
+        )
         tensors, layout = _flatten_optimizer(optimizer.state_dict())
         save_file(tensors, staging / "optimizer.safetensors")
         save_file(_rng_state(), staging / "rng.safetensors")
@@ -76,14 +85,20 @@ def load_checkpoint(path: Path, trainable: dict[str, torch.Tensor], optimizer: t
         raise DamagedCheckpointError(f"{path.name} holds other trainable tensors than this run")
     for name, tensor in trainable.items():
         if saved[name].shape != tensor.shape or saved[name].dtype != tensor.dtype:
-            raise DamagedCheckpointError(f"{path.name}: {name} is {tuple(saved[name].shape)} {saved[name].dtype}, "
-                                         f"this run trains {tuple(tensor.shape)} {tensor.dtype}")
+            raise DamagedCheckpointError(
+                f"{path.name}: {name} is {tuple(saved[name].shape)} {saved[name].dtype}, "
+                f"this run trains {tuple(tensor.shape)} {tensor.dtype}"
+            )
     if [len(g["params"]) for g in state["param_groups"]] != [len(g["params"]) for g in optimizer.param_groups]:
         raise DamagedCheckpointError(f"{path.name}: the optimizer's parameter groups differ from this run's")
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     for index, moments in state["state"].items():
         for key, value in moments.items():
-            if torch.is_tensor(value) and value.dim() and (index >= len(parameters) or value.shape != parameters[index].shape):
+            if (
+                torch.is_tensor(value)
+                and value.dim()
+                and (index >= len(parameters) or value.shape != parameters[index].shape)
+            ):
                 raise DamagedCheckpointError(f"{path.name}: optimizer state {index}.{key} does not fit this run")
     if not isinstance(progress, dict) or not isinstance(progress.get("step"), int) or "cpu" not in rng:
         raise DamagedCheckpointError(f"{path.name}: progress.json or rng.safetensors is incomplete")
@@ -111,7 +126,9 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], layout: dict) -> dict
     for flat, value in [*tensors.items(), *layout["scalars"].items()]:
         index, key = flat.split(".", 1)
         state.setdefault(int(index), {})[key] = value
-    groups = [dict(group, betas=tuple(group["betas"])) if "betas" in group else group for group in layout["param_groups"]]
+    groups = [
+        dict(group, betas=tuple(group["betas"])) if "betas" in group else group for group in layout["param_groups"]
+    ]
     return {"state": state, "param_groups": groups}
 
 

@@ -23,17 +23,35 @@ RESUMABLE_CHANGES = frozenset({"out", "steps", "save_every", "eval_every", "keep
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def setting(default=MISSING, *, help: str, default_factory=MISSING, flags: tuple[str, ...] = (),
-            min: float | None = None, max: float | None = None, choices: tuple[str, ...] = (),
-            base_default: bool = False, default_help: str | None = None, cli: bool = True):
+def setting(
+    default=MISSING,
+    *,
+    help: str,
+    default_factory=MISSING,
+    flags: tuple[str, ...] = (),
+    min: float | None = None,
+    max: float | None = None,
+    choices: tuple[str, ...] = (),
+    base_default: bool = False,
+    default_help: str | None = None,
+    cli: bool = True,
+):
     """A `TrainingConfig` field with what the command line needs to offer it.
 
     `flags`: the option names (default `--field-name`; a tuple field takes one flag per element). `min` / `max`:
     bounds the command line enforces. `base_default`: a base model may ship its own default. `default_help`: how
     `--help` states the default when the field's default is computed (None) or a flag. `cli=False`: not an option.
     """
-    metadata = dict(help=help, flags=flags, min=min, max=max, choices=choices, base_default=base_default,
-                    default_help=default_help, cli=cli)
+    metadata = dict(
+        help=help,
+        flags=flags,
+        min=min,
+        max=max,
+        choices=choices,
+        base_default=base_default,
+        default_help=default_help,
+        cli=cli,
+    )
     return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
@@ -59,46 +77,67 @@ class TrainingConfig:
     data: str = setting(help="Training data: JSONL conversations or a Hugging Face dataset.", cli=False)
     out: str = setting(help="Output directory; rerunning on it resumes.", cli=False)
     method: str = setting(
-        "esft-token", choices=tuple(method_names()),
-        help="esft-token / esft-gate (score, select, train), esft (with --experts), or the baselines full / lora.")
+        "esft-token",
+        choices=tuple(method_names()),
+        help="esft-token / esft-gate (score, select, train), esft (with --experts), or the baselines full / lora.",
+    )
     experts: str | None = setting(None, help="expert_cfg.json for --method esft.")
     split: str = setting("train", help="Split of a Hugging Face dataset.")
     chat_template: bool = setting(
-        False, flags=("--chat-template",),
-        help="Use the tokenizer's chat template instead of the reference `User: …\\n\\nAssistant:` format.")
+        False,
+        flags=("--chat-template",),
+        help="Use the tokenizer's chat template instead of the reference `User: …\\n\\nAssistant:` format.",
+    )
     # ESFT selection (esft-token / esft-gate): score this many task tokens, then select with top-p
-    score_tokens: int = setting(DEFAULT_SCORE_TOKENS, min=1, base_default=True,
-                                help="Task tokens scored to select experts (esft-token / esft-gate).")
-    top_p: float | None = setting(None, base_default=True, help="Selection threshold.",
-                                  default_help=" / ".join(f"{p:g} ({by})" for by, p in DEFAULT_TOP_P.items()))
+    score_tokens: int = setting(
+        DEFAULT_SCORE_TOKENS,
+        min=1,
+        base_default=True,
+        help="Task tokens scored to select experts (esft-token / esft-gate).",
+    )
+    top_p: float | None = setting(
+        None,
+        base_default=True,
+        help="Selection threshold.",
+        default_help=" / ".join(f"{p:g} ({by})" for by, p in DEFAULT_TOP_P.items()),
+    )
     # LoRA baseline (paper: rank 8 on every linear layer but embeddings and lm_head)
     lora_rank: int = setting(8, min=1, help="LoRA rank.")
     lora_alpha: int = setting(16, min=1, help="LoRA alpha.")
     lora_targets: list[str] = setting(
-        default_factory=lambda: ["all-linear"], default_help="all-linear",
+        default_factory=lambda: ["all-linear"],
+        default_help="all-linear",
         help="Comma-separated LoRA target modules ('all-linear': the attention projections and other linear layers, "
-             "not lm_head, the routers, the routed experts or MLP projections that PEFT would redirect to the routed "
-             "experts).")
-    lora_experts: bool = setting(True, help="Also put LoRA on the fused routed-expert tensors (gate_up_proj, "
-                                            "down_proj); routers never get LoRA.")
+        "not lm_head, the routers, the routed experts or MLP projections that PEFT would redirect to the routed "
+        "experts).",
+    )
+    lora_experts: bool = setting(
+        True, help="Also put LoRA on the fused routed-expert tensors (gate_up_proj, down_proj); routers never get LoRA."
+    )
     # optimisation
     steps: int = setting(500, min=1, base_default=True, help="Optimizer steps.")
     batch_size: int = setting(1, min=1, base_default=True, help="Packed sequences per micro-batch.")
     grad_accumulation: int = setting(16, min=1, base_default=True, help="Micro-batches per optimizer step.")
     seq_len: int = setting(4096, min=8, base_default=True, help="Packed sequence length.")
-    learning_rate: float | None = setting(None, flags=("--lr",), base_default=True, help="Learning rate.",
-                                          default_help=_default_lr_help())
-    betas: tuple[float, float] = setting((0.9, 0.95), flags=("--beta1", "--beta2"),
-                                         help="AdamW beta{n}.")
+    learning_rate: float | None = setting(
+        None, flags=("--lr",), base_default=True, help="Learning rate.", default_help=_default_lr_help()
+    )
+    betas: tuple[float, float] = setting((0.9, 0.95), flags=("--beta1", "--beta2"), help="AdamW beta{n}.")
     weight_decay: float = setting(0.1, min=0, help="AdamW weight decay.")
     clip_grad_norm: float = setting(1.0, help="Gradient-norm clip (above 0).")
-    random_concat_ratio: float = setting(0.2, min=0, max=1,
-                                         help="Chance a packed example drops its BOS (reference packing).")
+    random_concat_ratio: float = setting(
+        0.2, min=0, max=1, help="Chance a packed example drops its BOS (reference packing)."
+    )
     eval_fraction: float = setting(0.02, min=0, max=0.99, help="Share of packed sequences held out for eval loss.")
-    dtype: str = setting("auto", choices=DTYPES, help="Weights dtype; auto = bfloat16 on GPUs that support it, else "
-                                                      "float32 (ESFT keeps the trained rows in float32).")
-    gradient_checkpointing: bool = setting(True, base_default=True, default_help="on",
-                                           help="Recompute activations in backward to save memory.")
+    dtype: str = setting(
+        "auto",
+        choices=DTYPES,
+        help="Weights dtype; auto = bfloat16 on GPUs that support it, else "
+        "float32 (ESFT keeps the trained rows in float32).",
+    )
+    gradient_checkpointing: bool = setting(
+        True, base_default=True, default_help="on", help="Recompute activations in backward to save memory."
+    )
     seed: int = setting(5934875, help="Seed for packing, data order and initialisation.")
     # checkpoints and evaluation
     save_every: int = setting(100, min=1, base_default=True, help="Checkpoint every N steps.")
@@ -130,8 +169,16 @@ class TrainingConfig:
             raise InvalidInputError(f"--top-p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.eval_fraction < 1:
             raise InvalidInputError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
-        for name in ("steps", "batch_size", "grad_accumulation", "seq_len", "save_every", "eval_every",
-                     "keep_checkpoints", "lora_rank"):
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accumulation",
+            "seq_len",
+            "save_every",
+            "eval_every",
+            "keep_checkpoints",
+            "lora_rank",
+        ):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"--{name.replace('_', '-')} must be at least 1")
 
@@ -147,7 +194,9 @@ class TrainingConfig:
     def check_resumable_from(self, saved: dict, out: str) -> None:
         """Refuse to resume a run in `out` that was started with different settings."""
         current = self.to_json()
-        changed = [key for key in current if key not in RESUMABLE_CHANGES and _norm(saved.get(key)) != _norm(current[key])]
+        changed = [
+            key for key in current if key not in RESUMABLE_CHANGES and _norm(saved.get(key)) != _norm(current[key])
+        ]
         if changed:
             details = ", ".join(f"{key}: {saved.get(key)!r} -> {current[key]!r}" for key in changed)
             raise InvalidInputError(f"{out} holds a run with other settings ({details}); use a new --out to start over")
@@ -172,6 +221,7 @@ def base_training_defaults(base: str) -> dict:
 
     defaults = base_metadata(base).get("training_defaults", {})
     if not isinstance(defaults, dict) or not set(defaults) <= set(base_settings()):
-        raise InvalidInputError(f"{base}: expert_hub_base.json's training_defaults may only set "
-                                f"{', '.join(base_settings())}")
+        raise InvalidInputError(
+            f"{base}: expert_hub_base.json's training_defaults may only set {', '.join(base_settings())}"
+        )
     return defaults

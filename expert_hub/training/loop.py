@@ -60,19 +60,24 @@ class TrainingResult:
     main_process: bool = True  # False on the other ranks of a data-parallel run
 
 
-def train(config: TrainingConfig, on_step: Callable[[StepReport], None] | None = None,
-          on_status: Callable[[str], None] | None = None) -> TrainingResult:
+def train(
+    config: TrainingConfig,
+    on_step: Callable[[StepReport], None] | None = None,
+    on_status: Callable[[str], None] | None = None,
+) -> TrainingResult:
     out = Path(config.out)
     # Selected experts that see no token in a micro-batch get no gradient: DDP must expect unused parameters.
     # cpu=True lets torchrun / accelerate launch train data-parallel over gloo on machines without GPUs.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
+    )
     config.processes = accelerator.num_processes  # the data order depends on it: a resume must match
     _check_output(out, config)  # cheap checks first: bad input fails before any weights load
     if next(load_conversations(config.data, config.split), None) is None:
         raise InvalidInputError(f"{config.data} holds no conversations")
-    positions = getattr(load_config(config.base, trust_remote_code=config.trust_remote_code),
-                        "max_position_embeddings", None)
+    positions = getattr(
+        load_config(config.base, trust_remote_code=config.trust_remote_code), "max_position_embeddings", None
+    )
     if positions and config.seq_len > positions:
         raise InvalidInputError(f"--seq-len {config.seq_len} is longer than the model's {positions} positions")
     main_process = accelerator.is_main_process  # the one that reports and writes files
@@ -117,8 +122,10 @@ def train(config: TrainingConfig, on_step: Callable[[StepReport], None] | None =
     eval_loss = None
     for step in range(start_step, config.steps):
         started = time.perf_counter()
-        batches = [_batch(train_blocks, order.take(position, config.batch_size), accelerator.device)
-                   for position in _positions(step, config, accelerator)]
+        batches = [
+            _batch(train_blocks, order.take(position, config.batch_size), accelerator.device)
+            for position in _positions(step, config, accelerator)
+        ]
         train_loss = _step(model, optimizer, batches, trainable, config, accelerator)
         if not math.isfinite(train_loss):
             raise ExpertHubError(f"the loss became {train_loss} at step {step + 1}; lower --lr or use --dtype float32")
@@ -131,8 +138,14 @@ def train(config: TrainingConfig, on_step: Callable[[StepReport], None] | None =
         if main_process:
             _append_log(out / LOG_FILE, report)
             if done % config.save_every == 0 or done == config.steps:
-                save_checkpoint(out / "checkpoints", done, trainable, optimizer,
-                                {"seconds": elapsed, "loss": train_loss}, config.keep_checkpoints)
+                save_checkpoint(
+                    out / "checkpoints",
+                    done,
+                    trainable,
+                    optimizer,
+                    {"seconds": elapsed, "loss": train_loss},
+                    config.keep_checkpoints,
+                )
             if on_step:
                 on_step(report)
         accelerator.wait_for_everyone()
@@ -146,8 +159,14 @@ def train(config: TrainingConfig, on_step: Callable[[StepReport], None] | None =
     artifact = out / method.artifact_name
     if main_process:
         status(f"Writing {artifact}")
-        summary = {"steps": config.steps, "train_loss": train_loss, "eval_loss": eval_loss, "seconds": round(elapsed, 3),
-                   "train_blocks": len(train_blocks), "eval_blocks": len(eval_blocks)}
+        summary = {
+            "steps": config.steps,
+            "train_loss": train_loss,
+            "eval_loss": eval_loss,
+            "seconds": round(elapsed, 3),
+            "train_blocks": len(train_blocks),
+            "eval_blocks": len(eval_blocks),
+        }
         method.write_artifact(model, artifact, tokenizer, method.artifact_metadata(summary))
     accelerator.wait_for_everyone()
     return TrainingResult(model, artifact, config.steps, train_loss, eval_loss, elapsed, start_step, main_process)
@@ -156,8 +175,10 @@ def train(config: TrainingConfig, on_step: Callable[[StepReport], None] | None =
 def _positions(step: int, config: TrainingConfig, accelerator) -> list[int]:
     """Where this rank's micro-batches of `step` start in the run's sample sequence."""
     micro_batches = config.grad_accumulation
-    return [((step * micro_batches + micro) * accelerator.num_processes + accelerator.process_index) * config.batch_size
-            for micro in range(micro_batches)]
+    return [
+        ((step * micro_batches + micro) * accelerator.num_processes + accelerator.process_index) * config.batch_size
+        for micro in range(micro_batches)
+    ]
 
 
 def _step(model, optimizer, batches, trainable, config: TrainingConfig, accelerator) -> float:
@@ -187,8 +208,10 @@ def _load_newest_intact(checkpoints: list[Path], trainable, optimizer, status) -
         except DamagedCheckpointError as error:
             damaged.append(str(error))
             status(f"warning: {error}; trying the checkpoint before it")
-    raise InvalidInputError(f"no checkpoint in {checkpoints[0].parent} can be resumed ({'; '.join(damaged)}); "
-                            "remove them to start over, or use a new --out")
+    raise InvalidInputError(
+        f"no checkpoint in {checkpoints[0].parent} can be resumed ({'; '.join(damaged)}); "
+        "remove them to start over, or use a new --out"
+    )
 
 
 def _check_output(out: Path, config: TrainingConfig) -> None:
@@ -201,8 +224,10 @@ def _check_output(out: Path, config: TrainingConfig) -> None:
 
 
 def _packed_data(config: TrainingConfig, tokenizer):
-    examples = [tokenize_conversation(messages, tokenizer, config.chat_template)
-                for messages in load_conversations(config.data, config.split)]
+    examples = [
+        tokenize_conversation(messages, tokenizer, config.chat_template)
+        for messages in load_conversations(config.data, config.split)
+    ]
     if not examples:
         raise InvalidInputError(f"{config.data} holds no conversations")
     blocks = pack(examples, config.seq_len, pad_token_id(tokenizer), config.random_concat_ratio, config.seed)

@@ -5,13 +5,13 @@ registration. To add a method: write `methods/NAME.py` with a `@register_method`
 """
 
 from .base import (
-                   RunContext,
-                   TrainingMethod,
-                   artifact_method,
-                   get_method,
-                   method_names,
-                   register_method,
-                   trainable_parameters,
+    RunContext,
+    TrainingMethod,
+    artifact_method,
+    get_method,
+    method_names,
+    register_method,
+    trainable_parameters,
 )
 from .esft import ExpertRows, merge_esft, prepare_esft
 from .full import prepare_full

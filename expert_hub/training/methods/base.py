@@ -123,5 +123,11 @@ def get_method(name: str) -> type[TrainingMethod]:
 
 def artifact_method(directory: Path) -> type[TrainingMethod] | None:
     """The method whose artifact `directory` is, judged by its marker file; None when no method's."""
-    return next((method for method in _METHODS.values()
-                 if method.artifact_file and (directory / method.artifact_file).is_file()), None)
+    return next(
+        (
+            method
+            for method in _METHODS.values()
+            if method.artifact_file and (directory / method.artifact_file).is_file()
+        ),
+        None,
+    )

@@ -46,10 +46,12 @@ class ExpertRows(nn.Module):
         position[index] = torch.arange(len(rows), device=index.device)
         self.register_buffer("index", index, persistent=False)
         self.register_buffer("position", position, persistent=False)  # expert id -> row here, -1 if frozen
-        self.weights = nn.ParameterDict({
-            name: nn.Parameter(fused.detach()[index].to(torch.float32))
-            for name, fused in experts.named_parameters(recurse=False)
-        })
+        self.weights = nn.ParameterDict(
+            {
+                name: nn.Parameter(fused.detach()[index].to(torch.float32))
+                for name, fused in experts.named_parameters(recurse=False)
+            }
+        )
 
 
 class _ExpertsView:
@@ -63,8 +65,9 @@ class _ExpertsView:
         self._is_expert_parallel = False
 
 
-def esft_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                         top_k_weights: torch.Tensor) -> torch.Tensor:
+def esft_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     """Token-expert pairs of frozen experts use the fused Parameters, those of selected experts `ExpertRows`.
 
     Each group of pairs runs through transformers' own grouped-matmul kernel as single-expert tokens with unit
@@ -80,11 +83,15 @@ def esft_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
     rows = trainable.position[expert_ids]
     selected = rows >= 0
     pair_outputs = hidden_states.new_zeros(expert_ids.numel(), hidden_states.shape[-1])
-    for pairs, experts, ids in (((~selected).nonzero().squeeze(1), self, expert_ids),
-                                (selected.nonzero().squeeze(1), _ExpertsView(self, trainable), rows)):
+    for pairs, experts, ids in (
+        ((~selected).nonzero().squeeze(1), self, expert_ids),
+        (selected.nonzero().squeeze(1), _ExpertsView(self, trainable), rows),
+    ):
         if pairs.numel():
             unit = torch.ones(pairs.numel(), 1, dtype=hidden_states.dtype, device=pairs.device)
-            pair_outputs[pairs] = grouped_mm_experts_forward(experts, hidden_states[pairs // top_k], ids[pairs, None], unit)
+            pair_outputs[pairs] = grouped_mm_experts_forward(
+                experts, hidden_states[pairs // top_k], ids[pairs, None], unit
+            )
     weighted = pair_outputs * weights.unsqueeze(-1)  # promotes to the router weights' dtype, as the kernel does
     return weighted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
@@ -119,7 +126,9 @@ def merge_esft(model: nn.Module) -> nn.Module:
     for layer in moe_layers(model):
         if (trainable := getattr(layer.experts, "esft_rows", None)) is not None:
             for name, weight in trainable.weights.items():
-                getattr(layer.experts, name).index_copy_(0, trainable.index, weight.to(getattr(layer.experts, name).dtype))
+                getattr(layer.experts, name).index_copy_(
+                    0, trainable.index, weight.to(getattr(layer.experts, name).dtype)
+                )
             del layer.experts.esft_rows
     model.set_experts_implementation(getattr(model, "esft_previous_experts_implementation", "grouped_mm"))
     return model
@@ -166,8 +175,12 @@ class _ScoredESFT(_ESFT):
             selection = [ExpertSelection.load(chosen)]
         elif run.accelerator.is_main_process:
             run.status(f"Scoring experts on {config.score_tokens:,} task tokens")
-            sequences = token_sequences(load_conversations(config.data, config.split), run.tokenizer,
-                                        max_tokens=config.score_tokens, max_length=config.seq_len)
+            sequences = token_sequences(
+                load_conversations(config.data, config.split),
+                run.tokenizer,
+                max_tokens=config.score_tokens,
+                max_length=config.seq_len,
+            )
             scores = score_model(model, sequences, source={"model": config.base, "data": config.data})
             scores.save(run.out / "scores.json")
             selection = [select_experts(scores, by=self.score_function, top_p=config.top_p)]

@@ -20,14 +20,22 @@ def prepare_lora(model: nn.Module, rank: int, alpha: int, targets: list[str], ex
     target_modules = _all_linear_but_routers(model) if targets == ["all-linear"] else targets
     target_parameters = None
     if experts:
-        target_parameters = sorted({
-            f"{layer.prefix}.experts.{name}"
-            for layer in moe_layers(model)
-            for name, _ in layer.experts.named_parameters(recurse=False)
-            if name in ("gate_up_proj", "down_proj")
-        })
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules,
-                        target_parameters=target_parameters, task_type="CAUSAL_LM")
+        target_parameters = sorted(
+            {
+                f"{layer.prefix}.experts.{name}"
+                for layer in moe_layers(model)
+                for name, _ in layer.experts.named_parameters(recurse=False)
+                if name in ("gate_up_proj", "down_proj")
+            }
+        )
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=target_modules,
+        target_parameters=target_parameters,
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, config)
 
 
@@ -42,9 +50,13 @@ def _all_linear_but_routers(model: nn.Module) -> list[str]:
     layers = moe_layers(model)
     excluded = {id(module) for layer in layers for owner in (layer.router, layer.experts) for module in owner.modules()}
     excluded.add(id(model.get_output_embeddings()))
-    return sorted(name for name, module in model.named_modules()
-                  if isinstance(module, nn.Linear) and id(module) not in excluded
-                  and name.rsplit(".", 1)[-1] not in _PEFT_REWRITTEN_NAMES)
+    return sorted(
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and id(module) not in excluded
+        and name.rsplit(".", 1)[-1] not in _PEFT_REWRITTEN_NAMES
+    )
 
 
 _PEFT_REWRITTEN_NAMES = frozenset({"gate", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"})
