@@ -1,4 +1,4 @@
-# `make demo` installs and runs the quickstart (offline, a few minutes); `make test` installs, then runs the suite.
+# `make demo` installs and runs the quickstart (offline, a few minutes); `make test` installs, lints, then runs the suite.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -25,6 +25,8 @@ demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/expert-hub quickstart
 
 test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 bench: install
