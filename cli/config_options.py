@@ -10,6 +10,7 @@ optional: left out, it takes the base's default, then the config's.
 from __future__ import annotations
 
 import inspect
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import MISSING, Field, fields
@@ -18,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-_UNION = type(int | None)
+_ELEMENT = "__"  # a tuple field's element options are named FIELD__0, FIELD__1, ...
 
 
 def _option_fields(config_class) -> list[tuple[Field, type]]:
@@ -29,9 +30,8 @@ def _option_fields(config_class) -> list[tuple[Field, type]]:
 def _plain(annotation) -> type:
     """`int | None` -> int."""
     arguments = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return (
-        arguments[0] if typing.get_origin(annotation) in (typing.Union, _UNION) and len(arguments) == 1 else annotation
-    )
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(arguments) == 1
+    return arguments[0] if optional else annotation
 
 
 def _default(f: Field):
@@ -47,39 +47,29 @@ def _describe(value) -> str:
 
 
 def _parameters(f: Field, annotation, base_note: Callable[[str], str]) -> list[inspect.Parameter]:
-    meta, kind = f.metadata, _plain(annotation)
-    default, help_text = _default(f), meta["help"]
+    """The option(s) for one field."""
+    meta, kind, default, help_text = f.metadata, _plain(annotation), _default(f), f.metadata["help"]
     flags = meta["flags"] or (f"--{f.name.replace('_', '-')}",)
-    if kind is bool and not meta["base_default"]:
-        flags = meta["flags"]  # none given: Typer's own --x/--no-x
     bounds = {key: meta[key] for key in ("min", "max") if meta[key] is not None}
-    if meta["base_default"]:  # optional: a base's own default applies when it is left out
-        stated = meta["default_help"] or _describe(default)
-        help_text = f"{help_text.removesuffix('.')} [default: {stated}{base_note(f.name)}]."
+    if meta["base_default"]:  # optional: left out, the base's own default applies
+        help_text = f"{help_text.removesuffix('.')} [default: {meta['default_help'] or _describe(default)}"
+        help_text += f"{base_note(f.name)}]."
         if kind is bool:
             flags = (f"{flags[0]}/--no-{flags[0].removeprefix('--')}",)
         return [_keyword(f.name, kind | None, None, typer.Option(*flags, help=help_text, **bounds))]
+    if kind is bool:  # without flags of its own, Typer's --x/--no-x
+        return [_keyword(f.name, bool, default, typer.Option(*meta["flags"], help=help_text))]
     if typing.get_origin(kind) is tuple:
         return [
-            _keyword(
-                f"{f.name}{_ELEMENT}{i}",
-                typing.get_args(kind)[i],
-                value,
-                typer.Option(flag, help=help_text.format(n=i + 1)),
-            )
-            for i, (flag, value) in enumerate(zip(flags, default))
+            _keyword(f"{f.name}{_ELEMENT}{i}", element, value, typer.Option(flag, help=help_text.format(n=i + 1)))
+            for i, (flag, element, value) in enumerate(zip(flags, typing.get_args(kind), default))
         ]
     if meta["choices"]:
         choices = Enum(f.name.title().replace("_", ""), {c.replace("-", "_"): c for c in meta["choices"]}, type=str)
         return [_keyword(f.name, choices, choices(default), typer.Option(*flags, help=help_text))]
     if typing.get_origin(kind) is list:
         return [_keyword(f.name, str, ",".join(default), typer.Option(*flags, help=help_text))]
-    if kind is not annotation:
-        kind = kind | None
-    return [_keyword(f.name, kind, default, typer.Option(*flags, help=help_text, **bounds))]
-
-
-_ELEMENT = "__"  # a tuple field's element options are named FIELD__0, FIELD__1, ...
+    return [_keyword(f.name, annotation, default, typer.Option(*flags, help=help_text, **bounds))]
 
 
 def _keyword(name: str, annotation, default, option) -> inspect.Parameter:
