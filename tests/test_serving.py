@@ -9,6 +9,7 @@ a time, in a separate process.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -83,11 +84,11 @@ def test_rows_are_written_in_the_gpu_kernel_layout_and_another_layout_is_caught(
     layer = SimpleNamespace(w13_weight=torch.zeros(3, 16, 16), w2_weight=torch.zeros(3, 16, 8), expert_sizes=(8, 16),
                             quant_method=SimpleNamespace(moe_kernel=kernel))
     layer.w13_weight[0], layer.w2_weight[0] = torch.cat([gate, up]), down
-    check_row_layout(layer, 2, 0, expert)
+    assert check_row_layout(layer, 2, 0, expert).status == "ok"
     assert not layer.w13_weight[2].any() and not layer.w2_weight[2].any()  # the spare row is cleared again
     layer.w13_weight[1], layer.w2_weight[1] = torch.cat([up, gate]), down  # a kernel keeping [up; gate]
-    with pytest.raises(RuntimeError, match="layout the expert bank cannot write"):
-        check_row_layout(layer, 2, 1, expert)
+    result = check_row_layout(layer, 2, 1, expert)
+    assert result.status == "wrong_layout" and "layout the expert bank cannot write" in result.message
 
 
 class _FakeBankedLayer(torch.nn.Module):
@@ -139,14 +140,16 @@ def test_a_task_load_is_all_or_nothing_and_unloading_leaves_nothing_behind(tmp_p
                    and sorted(layer.free_rows) == free and not layer.task_rows
                    for layer, (w13, remap, free) in zip(model.layers, snapshot))
 
-    with pytest.raises(ValueError, match="adapter refused: layer 1 has 4 experts; the task names expert 5"):
-        worker.expert_hub_load_task("k1", str(_fake_adapter(tmp_path / "far", {0: [1, 2], 1: [5]})))
+    refused = worker.expert_hub_load_task("k1", str(_fake_adapter(tmp_path / "far", {0: [1, 2], 1: [5]})))
+    assert refused == {"status": "refused", "row": None,
+                       "message": "layer 1 has 4 experts; the task names expert 5"}  # the adapter is refused
     assert untouched() and "k1" not in bank.TASK_ROWS
     adapter = ExpertAdapter.load(_fake_adapter(tmp_path / "misshapen", {0: [1], 1: [2]}))
     adapter.tensors["model.layers.1.mlp.experts.2.up_proj.weight"] = torch.ones(7, 16)
     misshapen = adapter.save(tmp_path / "misshapen", overwrite=True)
-    with pytest.raises(ValueError, match=r"expert shapes \(8, 16\) / \(7, 16\) / \(16, 8\) do not fit"):
-        worker.expert_hub_load_task("k1", str(misshapen))
+    refused = worker.expert_hub_load_task("k1", str(misshapen))
+    assert refused["status"] == "refused" and re.match(r"expert shapes \(8, 16\) / \(7, 16\) / \(16, 8\) do not fit",
+                                                       refused["message"])
     assert untouched() and "k1" not in bank.TASK_ROWS
     good = _fake_adapter(tmp_path / "good", {0: [1, 2], 1: [3]})
     model.layers[1].task_remap = _FailingRemap(model.layers[1].task_remap)  # fails after layer 0 is written
@@ -155,7 +158,9 @@ def test_a_task_load_is_all_or_nothing_and_unloading_leaves_nothing_behind(tmp_p
     model.layers[1].task_remap = model.layers[1].task_remap.remap
     assert untouched() and "k2" not in bank.TASK_ROWS
     try:
-        row = worker.expert_hub_load_task("k3", str(good))
+        loaded = worker.expert_hub_load_task("k3", str(good))
+        assert loaded["status"] == "loaded"
+        row = loaded["row"]
         adapter = ExpertAdapter.load(good)
         physical = int(model.layers[0].task_remap[row, 2])
         assert physical >= 4 and torch.equal(model.layers[0].w13_weight[physical], torch.cat([
@@ -165,6 +170,34 @@ def test_a_task_load_is_all_or_nothing_and_unloading_leaves_nothing_behind(tmp_p
         assert untouched()  # rows zeroed and free again, remap back to the base experts
     finally:
         bank.TASK_ROWS.pop("k3", None)
+
+
+def test_an_unsupported_vllm_or_a_moved_internal_is_named_in_one_line(monkeypatch):
+    from expert_hub.serving import vllm_contract
+    from expert_hub.serving.vllm_contract import UnsupportedVllmError
+
+    vllm_contract.check_vllm_version()  # the installed one is supported
+    monkeypatch.setattr(vllm_contract, "vllm_version", lambda: "0.35.0")
+    with pytest.raises(UnsupportedVllmError, match=r"^vLLM 0.35.0 is installed; expert-hub serve supports vLLM "
+                                                   r">=0.32,<0.34$"):
+        vllm_contract.check_vllm_version()
+    moved = "vllm.v1.kv_cache_interface:KVCacheConfig.moved_away"
+    monkeypatch.setitem(vllm_contract.INTERNALS, "KV cache zeroing switch", moved)
+    with pytest.raises(UnsupportedVllmError, match=r"^vLLM 0.35.0 has no `vllm.v1.kv_cache_interface.KVCacheConfig."
+                                                   r"moved_away`: expert-hub supports vLLM >=0.32,<0.34$"):
+        vllm_contract.enable_kv_cache_zeroing()
+
+
+def test_bank_settings_travel_in_one_variable_and_plain_vllm_is_left_alone(monkeypatch):
+    from expert_hub.serving.bank import BankSettings, register
+
+    settings = BankSettings(extra_rows=None, bytes_per_layer=3 << 20, max_tasks=4)
+    for name, value in settings.to_env().items():
+        monkeypatch.setenv(name, value)
+    assert BankSettings.from_env() == settings
+    monkeypatch.delenv(BankSettings.ENV)
+    assert BankSettings.from_env() is None
+    register()  # no settings: returns before touching vLLM
 
 
 def test_the_kv_cache_on_cpu_holds_the_batch_within_half_the_free_memory():

@@ -1,8 +1,15 @@
 """Serving task experts on vLLM: one shared base model, each request with its task's experts.
 
-`run_server` resolves the tasks, sizes the expert bank, starts vLLM's OpenAI server with the bank plugin and
-worker extension, and serves until stopped. See `bank.py` (inside vLLM), `worker.py` (task loading),
-`tasks.py` (residency), `server.py` (HTTP), `metrics.py` (per-task counters) and `engine.py` (starting vLLM).
+`run_server` checks the installed vLLM, resolves the tasks, sizes the expert bank, starts vLLM's OpenAI server with
+the bank plugin and worker extension, and serves until stopped. The modules:
+- `vllm_contract.py`: every vLLM internal expert-hub uses, resolved in one place, and the supported vLLM range;
+- `bank.py`: the bank inside vLLM's processes (plugin entry point, `BankSettings`, per-token task rows);
+- `worker.py`: task loading in the worker process, returning `LoadResult` / `LayoutResult`;
+- `bank_client.py`: the front end's typed client for those worker methods;
+- `tasks.py`: which tasks are servable and resident, and who is using them (`TaskManager`);
+- `server.py`: starting the engine and serving vLLM's app extended with `serving_state.py` (state on the app),
+  `routes.py` (the task admin routes) and `middleware.py` (API key, task selection, body rewriting);
+- `metrics.py`: per-task counters; `engine.py`: starting vLLM's engine, its KV cache memory on CPU.
 """
 
 from __future__ import annotations
@@ -16,10 +23,8 @@ from expert_hub.errors import InvalidInputError
 from expert_hub.models import ModelSummary
 from expert_hub.registry import validate_task_name
 
-from .bank import BANK_BYTES_ENV, BANK_ROWS_ENV, MAX_TASKS_ENV
+from .bank import BankSettings
 from .tasks import Task, adapter_task
-
-WORKER_EXTENSION = "expert_hub.serving.worker.ExpertBankWorker"
 
 
 def resolve_tasks(base: str, model: ModelSummary, specs: list[str], all_tasks: bool, registry) -> dict[str, Task]:
@@ -74,28 +79,28 @@ def run_server(base: str, model: ModelSummary, tasks: dict[str, Task], max_resid
     or by default room for `max_resident` of the given tasks (`bank_rows`). `api_key` guards every route but
     `/health` (and `/metrics` unless `public_metrics`).
     """
+    from . import vllm_contract as vllm
+
+    vllm.check_vllm_version()
     import uvloop
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     from .engine import cpu_rotary_workaround
     from .server import serve
+    from .worker import ExpertBankWorker
 
     if model.expert_biases:
         raise InvalidInputError(f"{model.family} experts have biases, which the expert bank does not hold yet: "
                                 "serve each task's merged checkpoint with vLLM instead")
-    for variable in (BANK_ROWS_ENV, BANK_BYTES_ENV):
-        os.environ.pop(variable, None)
-    if bank_gb:
-        os.environ[BANK_BYTES_ENV] = str(int(bank_gb * 2**30 / len(model.moe_layers)))
-    else:
-        os.environ[BANK_ROWS_ENV] = str(extra_rows or bank_rows(tasks, model.num_experts, max_resident))
-    os.environ[MAX_TASKS_ENV] = str(max_resident)
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # the bank tags tokens in the V1 runner's input preparation
-    cli_env_setup()
-    parser = make_arg_parser(FlexibleArgumentParser(prog="expert-hub serve"))
-    argv = ["--model", base, "--worker-extension-cls", WORKER_EXTENSION, *vllm_argv, *cpu_rotary_workaround(vllm_argv)]
-    args = parser.parse_args(argv)
-    validate_parsed_serve_args(args)
+    os.environ.update(_bank_settings(model, tasks, max_resident, extra_rows, bank_gb).to_env())
+    worker_extension = f"{ExpertBankWorker.__module__}.{ExpertBankWorker.__name__}"
+    argv = ["--model", base, "--worker-extension-cls", worker_extension, *vllm_argv, *cpu_rotary_workaround(vllm_argv)]
+    args = vllm.parse_server_args(argv, prog="expert-hub serve")
     uvloop.run(serve(args, tasks, max_resident, registry, base, model, [api_key] if api_key else [], public_metrics))
+
+
+def _bank_settings(model: ModelSummary, tasks: dict[str, Task], max_resident: int, extra_rows: int | None,
+                   bank_gb: float | None) -> BankSettings:
+    """`bank_gb` split evenly over the MoE layers, else `extra_rows`, else room for `max_resident` of `tasks`."""
+    if bank_gb:
+        return BankSettings(None, int(bank_gb * 2**30 / len(model.moe_layers)), max_resident)
+    return BankSettings(extra_rows or bank_rows(tasks, model.num_experts, max_resident), None, max_resident)

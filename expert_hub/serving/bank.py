@@ -1,8 +1,7 @@
 """The expert bank inside vLLM: extra physical expert rows per MoE layer and a per-token task remap.
 
 ESFT changes only which weights some (layer, expert) pairs use, so one shared base model can serve many tasks in
-one batch: every MoE layer holds its E base experts plus extra rows (`EXPERT_HUB_BANK_ROWS` of them, or as many as
-`EXPERT_HUB_BANK_BYTES` bytes per layer hold), and a table
+one batch: every MoE layer holds its E base experts plus extra rows (as many as `BankSettings` says), and a table
 `remap[task_row, expert]` (row 0 = the base model) sends each token's top-k ids to the physical rows of its task.
 The router is untouched; the normal expert kernel runs on the remapped ids.
 
@@ -16,20 +15,22 @@ times NaN is NaN: without this, one request whose task produced non-finite value
 later requests of every task reuse.
 
 This module is a `vllm.general_plugins` entry point, so vLLM imports it in every process it spawns. It changes
-nothing unless one of those is set (the `expert-hub serve` command sets it), so plain vLLM in the same
-environment is unaffected. The worker-side task table and loading live in `worker.py`.
+nothing unless `BankSettings` are in the environment (`expert-hub serve` puts them there), so plain vLLM in the
+same environment is unaffected. How it hooks into vLLM is `vllm_contract`'s business; the worker-side task table
+and loading live in `worker.py`.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-BANK_ROWS_ENV = "EXPERT_HUB_BANK_ROWS"  # extra physical expert rows per MoE layer, or
-BANK_BYTES_ENV = "EXPERT_HUB_BANK_BYTES"  # bytes of extra rows per MoE layer, in the served dtype
-MAX_TASKS_ENV = "EXPERT_HUB_MAX_TASKS"  # remap rows besides the base row
+from . import vllm_contract as vllm
+
 TASK_ARG = "expert_hub_task"  # the SamplingParams.extra_args key that carries a task's private key
 _MAX_TOKENS = 1 << 16
 
@@ -39,77 +40,73 @@ TOKEN_TASK_ROWS = torch.zeros(_MAX_TOKENS, dtype=torch.long)
 TASK_ROWS: dict[str, int] = {}
 
 
+@dataclass(frozen=True)
+class BankSettings:
+    """The bank's size, from `expert-hub serve` to vLLM's processes (which vLLM spawns: the environment carries it).
+
+    `extra_rows` physical rows per MoE layer, or as many as `bytes_per_layer` (in the served dtype) hold; and
+    `max_tasks` remap rows besides the base row."""
+
+    extra_rows: int | None
+    bytes_per_layer: int | None
+    max_tasks: int
+
+    ENV = "EXPERT_HUB_BANK"
+
+    def to_env(self) -> dict[str, str]:
+        return {self.ENV: json.dumps(asdict(self))}
+
+    @classmethod
+    def from_env(cls) -> BankSettings | None:
+        """The settings `expert-hub serve` set, None in a vLLM started any other way."""
+        value = os.environ.get(cls.ENV)
+        return cls(**json.loads(value)) if value else None
+
+    def rows_per_layer(self, sizes: vllm.ExpertSizes, dtype: torch.dtype) -> int:
+        """Rows per layer: given, or as many whole experts (gate, up and down) as the byte budget holds."""
+        if self.extra_rows is not None:
+            return self.extra_rows
+        return self.bytes_per_layer // (3 * sizes.hidden * sizes.intermediate * dtype.itemsize)
+
+
 def register() -> None:
     """vLLM plugin entry point: swap in the banked experts layer and the per-token task tagging."""
-    if not (os.environ.get(BANK_ROWS_ENV) or os.environ.get(BANK_BYTES_ENV)):
+    settings = BankSettings.from_env()
+    if settings is None:
         return
-    from vllm.model_executor.custom_op import op_registry_oot
-    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
-    from vllm.v1.kv_cache_interface import KVCacheConfig
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    KVCacheConfig.needs_kv_cache_zeroing = property(lambda config: True)  # read by the scheduler and the workers
-    if "RoutedExperts" not in op_registry_oot:
-        RoutedExperts.register_oot(_banked_experts_class(RoutedExperts))
-    if not getattr(GPUModelRunner._prepare_inputs, "expert_hub", False):
-        GPUModelRunner._prepare_inputs = _tag_tokens_with_tasks(GPUModelRunner._prepare_inputs)
+    vllm.enable_kv_cache_zeroing()
+    vllm.replace_routed_experts(settings.rows_per_layer, _bank_initialiser(settings.max_tasks), _remap_topk_ids)
+    vllm.after_input_preparation(_tag_tokens_with_tasks)
 
 
-def _banked_experts_class(routed_experts: type) -> type:
-    max_tasks = int(os.environ.get(MAX_TASKS_ENV, "8"))
+def _bank_initialiser(max_tasks: int):
+    """Set up a new experts layer's bank: spare rows zeroed and free, every remap row on the base experts."""
 
-    class BankedRoutedExperts(routed_experts):
-        """vLLM's routed experts with `extra_rows` more physical rows and a `[tasks + 1, E]` remap."""
+    def init_bank(layer, sizes: vllm.ExpertSizes, extra_rows: int) -> None:
+        layer.base_experts, layer.expert_sizes = sizes.experts, (sizes.intermediate, sizes.hidden)
+        with torch.no_grad():  # some loaders fill extra rows with copies, others leave them uninitialised
+            for weight in vllm.expert_weights(layer):
+                weight[sizes.experts:].zero_()
+        identity = torch.arange(sizes.experts, dtype=torch.int32)
+        layer.register_buffer("task_remap", identity.repeat(max_tasks + 1, 1), persistent=False)
+        layer.free_rows = list(range(sizes.experts, sizes.experts + extra_rows))
+        layer.task_rows = {}  # remap row -> physical rows it holds
 
-        expert_hub_bank = True
-
-        def __init__(self, layer_name, params_dtype, moe_config, *args, **kwargs):
-            self.base_experts = moe_config.num_experts
-            # one expert's checkpoint shape, before vLLM rounds the sizes up for its kernel
-            self.expert_sizes = (moe_config.intermediate_size_per_partition, moe_config.hidden_dim)
-            extra_rows = _extra_rows(moe_config, params_dtype or torch.get_default_dtype())
-            moe_config.num_experts += extra_rows  # create_weights makes E + extra rows; the router keeps E
-            moe_config.num_local_experts += extra_rows
-            super().__init__(layer_name, params_dtype, moe_config, *args, **kwargs)
-            with torch.no_grad():  # some loaders fill extra rows with copies, others leave them uninitialised
-                self.w13_weight[self.base_experts:].zero_()
-                self.w2_weight[self.base_experts:].zero_()
-            identity = torch.arange(self.base_experts, dtype=torch.int32)
-            self.register_buffer("task_remap", identity.repeat(max_tasks + 1, 1), persistent=False)
-            self.free_rows = list(range(self.base_experts, self.base_experts + extra_rows))
-            self.task_rows: dict[int, list[int]] = {}  # remap row -> physical rows it holds
-
-        def forward_modular(self, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
-            rows = TOKEN_TASK_ROWS[: topk_ids.shape[0]].to(topk_ids.device, non_blocking=True)
-            topk_ids = self.task_remap[rows.unsqueeze(1), topk_ids.long()].contiguous()
-            return super().forward_modular(x, topk_weights, topk_ids, shared_experts, shared_experts_input)
-
-    return BankedRoutedExperts
+    return init_bank
 
 
-def _extra_rows(moe_config, dtype: torch.dtype) -> int:
-    """Rows per layer: given, or as many whole experts (gate, up and down) as the byte budget holds."""
-    if rows := os.environ.get(BANK_ROWS_ENV):
-        return int(rows)
-    expert_bytes = 3 * moe_config.hidden_dim * moe_config.intermediate_size_per_partition * dtype.itemsize
-    return int(os.environ[BANK_BYTES_ENV]) // expert_bytes
+def _remap_topk_ids(layer, topk_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's top-k expert ids, sent to the physical rows of its task."""
+    rows = TOKEN_TASK_ROWS[: topk_ids.shape[0]].to(topk_ids.device, non_blocking=True)
+    return layer.task_remap[rows.unsqueeze(1), topk_ids.long()].contiguous()
 
 
-def _tag_tokens_with_tasks(prepare_inputs):
-    """Wrap the model runner's input preparation: each scheduled token gets its request's task row."""
-
-    def tagged(self, scheduler_output, num_scheduled_tokens):
-        output = prepare_inputs(self, scheduler_output, num_scheduled_tokens)
-        num_requests = self.input_batch.num_reqs
-        rows = np.zeros(num_requests, dtype=np.int64)
-        for position, request_id in enumerate(self.input_batch.req_ids[:num_requests]):
-            sampling = self.requests[request_id].sampling_params
-            key = ((sampling.extra_args or {}) if sampling is not None else {}).get(TASK_ARG)
-            rows[position] = TASK_ROWS.get(key, 0) if isinstance(key, str) else 0  # lists are unhashable
-        per_token = torch.from_numpy(np.repeat(rows, num_scheduled_tokens))
-        TOKEN_TASK_ROWS[: per_token.shape[0]] = per_token
-        TOKEN_TASK_ROWS[per_token.shape[0]:].zero_()
-        return output
-
-    tagged.expert_hub = True
-    return tagged
+def _tag_tokens_with_tasks(request_args: list[dict], num_scheduled_tokens: np.ndarray) -> None:
+    """Each scheduled token gets its request's task row (the base row unless it carries a loaded task's key)."""
+    rows = np.zeros(len(request_args), dtype=np.int64)
+    for position, args in enumerate(request_args):
+        key = args.get(TASK_ARG)
+        rows[position] = TASK_ROWS.get(key, 0) if isinstance(key, str) else 0  # lists are unhashable
+    per_token = torch.from_numpy(np.repeat(rows, num_scheduled_tokens))
+    TOKEN_TASK_ROWS[: per_token.shape[0]] = per_token
+    TOKEN_TASK_ROWS[per_token.shape[0]:].zero_()

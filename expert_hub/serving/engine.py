@@ -1,4 +1,7 @@
-"""Starting vLLM's engine for `expert-hub serve`: its arguments, its memory on CPU, and errors in one line."""
+"""Starting vLLM's engine for `expert-hub serve`: its arguments, its memory on CPU, and errors in one line.
+
+vLLM itself is reached through `vllm_contract`.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ from pathlib import Path
 
 from expert_hub.errors import InvalidInputError
 from expert_hub.io import first_line
+
+from . import vllm_contract as vllm
 
 _GiB = 2**30
 
@@ -20,9 +25,7 @@ def cpu_rotary_workaround(vllm_argv: list[str]) -> list[str]:
     on what else shares its batch (with `--enforce-eager`; compiled runs default to the PyTorch path). A
     `--compilation-config` given by the user wins.
     """
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu() or any(a.startswith(("--compilation-config", "-cc")) for a in vllm_argv):
+    if not vllm.is_cpu() or any(a.startswith(("--compilation-config", "-cc")) for a in vllm_argv):
         return []
     return ["--compilation-config", json.dumps({"custom_ops": ["-rotary_embedding"]})]
 
@@ -35,16 +38,11 @@ def kv_cache_bytes(config, free_bytes: int, given: int | None = None) -> int:
     holds memory gets the server killed; and a cache too small or too large fails inside the engine process with a
     traceback. Both are decided here instead, with one line that says what to change.
     """
-    from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
-
-    model, parallel = config.model_config, config.parallel_config
-    itemsize = kv_cache_dtype_str_to_dtype(config.cache_config.cache_dtype, model).itemsize
-    per_token = ((1 if model.use_mla else 2) * model.get_num_kv_heads(parallel) * model.get_head_size() * itemsize
-                 * model.get_num_layers_by_block_type(parallel, "attention"))
-    sequence = per_token * model.max_model_len
+    shape = vllm.kv_cache_shape(config)
+    sequence = shape.bytes_per_token * shape.max_model_len
     if given is not None:
         if given < 2 * sequence:
-            raise InvalidInputError(f"a KV cache of {_size(given)} holds less than two {model.max_model_len}-token "
+            raise InvalidInputError(f"a KV cache of {_size(given)} holds less than two {shape.max_model_len}-token "
                                     f"sequences ({_size(2 * sequence)}): give a larger --kv-cache-gb or a smaller "
                                     "--max-model-len")
         if given > free_bytes:
@@ -53,9 +51,9 @@ def kv_cache_bytes(config, free_bytes: int, given: int | None = None) -> int:
         return given
     if 2 * sequence > free_bytes:
         raise InvalidInputError(
-            f"a {model.max_model_len}-token sequence needs {_size(sequence)} of KV cache and only {_size(free_bytes)} "
+            f"a {shape.max_model_len}-token sequence needs {_size(sequence)} of KV cache and only {_size(free_bytes)} "
             "of memory is free besides the weights: give a smaller --max-model-len")
-    return max(2 * sequence, min(sequence * config.scheduler_config.max_num_seqs, free_bytes // 2))
+    return max(2 * sequence, min(sequence * shape.max_num_seqs, free_bytes // 2))
 
 
 def _size(nbytes: int) -> str:
@@ -84,26 +82,22 @@ async def start_engine(args):
     """vLLM's async engine client for the parsed server `args`; configuration and start-up failures become one
     `InvalidInputError` line (the engine process has logged the details above it)."""
     from pydantic import ValidationError
-    from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
-    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client_from_engine_args
-    from vllm.platforms import current_platform
-    from vllm.usage.usage_lib import UsageContext
 
-    engine_args = AsyncEngineArgs.from_cli_args(args)
+    engine_args = vllm.engine_args(args)
     try:
-        config = engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
+        config = vllm.engine_config(engine_args)
     except (ValueError, TypeError, ValidationError) as error:
-        raise InvalidInputError(f"vLLM refused the server options: {_vllm_message(error)}") from None
-    if current_platform.is_cpu() and engine_args.gpu_memory_utilization == EngineArgs.gpu_memory_utilization:
-        engine_args.kv_cache_memory_bytes = kv_cache_bytes(config, _free_memory_besides_weights(args.model),
-                                                           config.cache_config.kv_cache_memory_bytes)
+        raise InvalidInputError(f"vLLM refused the server options: {_vllm_message(error)}") from error
+    if vllm.is_cpu() and vllm.memory_utilization_is_default(engine_args):
+        vllm.set_kv_cache_bytes(engine_args, kv_cache_bytes(config, _free_memory_besides_weights(args.model),
+                                                            vllm.given_kv_cache_bytes(config)))
     started = False
     try:
-        async with build_async_engine_client_from_engine_args(engine_args) as engine:
+        async with vllm.engine_client(engine_args) as engine:
             started = True
             yield engine
     except Exception as error:
         if started:
             raise
         raise InvalidInputError(f"the vLLM engine did not start ({first_line(error)}): the engine's log above says "
-                                "why") from None
+                                "why") from error

@@ -2,7 +2,8 @@
 
 Tokens are counted where they are made: a wrapper around the engine client's `generate`, which every generating
 endpoint calls, sees each request's prompt and every completion token handed to the HTTP layer, and records them
-when the request ends, whether it finished, failed or its client went away mid-stream.
+when the request ends, whether it finished, failed or its client went away mid-stream. The request counters are
+incremented by the middleware (`middleware.py`), which knows a request's task before vLLM sees it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from contextlib import aclosing
 
 from prometheus_client import Counter
 
+from . import vllm_contract as vllm
 from .bank import TASK_ARG
 
 TASK_REQUESTS = Counter("expert_hub_task_requests", "Requests per task (base = no task)", ["task"])
@@ -21,12 +23,9 @@ TASK_COMPLETION_TOKENS = Counter("expert_hub_task_completion_tokens", "Generated
 
 def count_tokens(generate: Callable[..., AsyncIterator], task_of_key: Callable[[object], str | None]):
     """`generate` (an `EngineClient.generate`) that adds each request's tokens to its task's counters."""
-    from vllm.sampling_params import RequestOutputKind
-
     async def counted(prompt, sampling_params, request_id, *args, **kwargs):
-        extra_args = getattr(sampling_params, "extra_args", None) or {}
-        task = task_of_key(extra_args.get(TASK_ARG)) or "base"
-        delta = getattr(sampling_params, "output_kind", None) == RequestOutputKind.DELTA
+        task = task_of_key(vllm.request_extra_args(sampling_params).get(TASK_ARG)) or "base"
+        delta = vllm.streams_deltas(sampling_params)
         prompt_tokens, completion_tokens = 0, {}  # completion index -> tokens so far
         try:  # closing vLLM's generator when this one is closed is what aborts the request in the engine
             async with aclosing(generate(prompt, sampling_params, request_id, *args, **kwargs)) as outputs:

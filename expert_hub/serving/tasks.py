@@ -1,7 +1,8 @@
 """The front end's view of tasks: which can be served, which are resident in the bank, and who is using them.
 
-A task is resident when its experts sit in bank rows. Loading asks the worker over `collective_rpc`; when the
-bank is full (or `max_resident` is reached) the least recently used idle task is evicted, and reloaded on demand.
+A task is resident when its experts sit in bank rows. Loading asks the worker through `BankClient`, whose result
+says whether the task loaded, the bank was full or the adapter was refused; when the bank is full (or
+`max_resident` is reached) the least recently used idle task is evicted, and reloaded on demand.
 Requests in flight pin their task: it is never evicted or unloaded under them.
 
 Each servable task has a private key, random and never sent to clients: the worker tags a request's tokens with a
@@ -15,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import re
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -26,12 +26,10 @@ from expert_hub.errors import ExpertHubError, InvalidInputError, UnsupportedMode
 from expert_hub.models import ModelSummary
 from expert_hub.registry import RegistryError
 
-from .worker import ADAPTER_REFUSED, BANK_FULL
+from . import vllm_contract as vllm
+from .bank_client import BankClient
+from .worker import BankInfo, LoadResult
 
-LOAD = "expert_hub_load_task"
-UNLOAD = "expert_hub_unload_task"
-BANK_INFO = "expert_hub_bank_info"
-CHECK_LAYOUT = "expert_hub_check_layout"
 logger = logging.getLogger(__name__)
 
 
@@ -77,12 +75,6 @@ def adapter_task(name: str, directory: Path, model: ModelSummary, version: int |
     return Task(name, Path(directory), nbytes, counts, version)
 
 
-def _worker_message(error: Exception) -> str:
-    """The worker's own message from vLLM's wrapping ("... Worker failed with error '<message>', please check ...")."""
-    found = re.search(r"failed with error '(.*)'", str(error), re.DOTALL)
-    return found.group(1) if found else str(error)
-
-
 def _without_path(message: str, directory: Path) -> str:
     """A message for HTTP clients: file names stay, the server's directories do not."""
     return message.replace(f"{directory}/", "").replace(str(directory), "the task's files")
@@ -91,7 +83,7 @@ def _without_path(message: str, directory: Path) -> str:
 class TaskManager:
     def __init__(self, engine, known: dict[str, Task], max_resident: int, model: ModelSummary, registry=None,
                  base: str | None = None, served_name: str | None = None):
-        self.engine = engine
+        self.bank_client = BankClient(engine)
         self.known = known  # servable tasks by name
         self.max_resident = max_resident
         self.model = model
@@ -146,25 +138,33 @@ class TaskManager:
                 if len(self.resident) >= self.max_resident:
                     await self._evict_one(name)
                     continue
-                started = asyncio.get_running_loop().time()
-                try:
-                    rows = await self.engine.collective_rpc(LOAD, args=(task.key, str(task.directory)))
-                except Exception as error:  # the worker's exceptions arrive as plain exceptions
-                    message = _without_path(_worker_message(error), task.directory)
-                else:
-                    self.load_seconds[name] = asyncio.get_running_loop().time() - started
-                    self.resident[name] = rows[0]
+                result = await self._load(task)
+                if result.status == "loaded":
                     return task
-                if message.startswith(ADAPTER_REFUSED):  # its files changed on disk since they were checked
+                message = _without_path(result.message, task.directory)
+                if result.status == "refused":  # its files changed on disk since they were checked
                     del self.known[name]
-                    logger.error("task %s (%s) is no longer servable: %s", name, task.directory, message)
-                    raise TaskError(f"cannot load task {name}: {message.removeprefix(ADAPTER_REFUSED + ': ')}", 422)
-                if not message.startswith(BANK_FULL):
-                    raise TaskError(f"cannot load task {name} now: {message}", 503)
+                    logger.error("task %s (%s) is no longer servable: adapter refused: %s", name, task.directory,
+                                 message)
+                    raise TaskError(f"cannot load task {name}: {message}", 422)
+                message = f"expert bank full: {message}"
                 if not self._idle_resident(name):
                     raise TaskError(f"cannot load task {name} now: {message}, and every resident task has requests "
                                     "in flight; retry later", 503)
                 await self._evict_one(name)
+
+    async def _load(self, task: Task) -> LoadResult:
+        """Ask the worker to load `task` (resident once loaded); an unexpected failure there is a 503."""
+        started = asyncio.get_running_loop().time()
+        try:
+            result = await self.bank_client.load_task(task.key, str(task.directory))
+        except Exception as error:  # a device error, a dead worker: vLLM's exception carries the worker's message
+            message = _without_path(vllm.worker_error_message(error), task.directory)
+            raise TaskError(f"cannot load task {task.name} now: {message}", 503) from error
+        if result.status == "loaded":
+            self.load_seconds[task.name] = asyncio.get_running_loop().time() - started
+            self.resident[task.name] = result.row
+        return result
 
     async def add(self, ref: str) -> Task:
         """Make a registry task servable and resident (POST /v1/tasks/{ref}, `ref` = `law`, `law@3`, `law@1f3a`).
@@ -185,15 +185,15 @@ class TaskManager:
             raise TaskError(f"task {ref} is not servable: the server has no registry", 404)
         try:
             entry = self.registry.resolve(ref, self.base)
-        except RegistryError:
-            raise TaskError(f"no task {ref!r} is registered for the served model", 404) from None
+        except RegistryError as error:
+            raise TaskError(f"no task {ref!r} is registered for the served model", 404) from error
         except InvalidInputError as error:  # a malformed name or version
-            raise TaskError(str(error), 400) from None
+            raise TaskError(str(error), 400) from error
         directory = self.registry.object_path(entry)
         try:
             return adapter_task(entry.task, self.registry.verify(entry), self.model, entry.version)
         except ExpertHubError as error:
-            raise TaskError(f"cannot serve {entry.ref}: {_without_path(str(error), directory)}", 422) from None
+            raise TaskError(f"cannot serve {entry.ref}: {_without_path(str(error), directory)}", 422) from error
 
     async def remove(self, name: str) -> None:
         """Unload a task (DELETE /v1/tasks/{name}); refused while it has requests in flight."""
@@ -204,20 +204,24 @@ class TaskManager:
                 raise TaskError(f"task {name} has {self.in_flight[name]} requests in flight; retry when they end", 409)
             task = self.known.pop(name)  # gone before the first await: no request can pin it from here on
             if self.resident.pop(name, None) is not None:
-                await self.engine.collective_rpc(UNLOAD, args=(task.key,))
+                await self.bank_client.unload_task(task.key)
 
-    async def bank(self) -> dict:
+    async def bank(self) -> BankInfo:
         """The expert bank as the worker sees it: rows per layer, free rows, bytes."""
-        info = (await self.engine.collective_rpc(BANK_INFO))[0]
+        info = await self.bank_client.bank_info()
         self.rows_per_layer = info["rows_per_layer"]
         return info
 
     async def check_layout(self) -> bool:
-        """The worker's start-up check that task experts land in the kernel's layout (see `worker.py`)."""
+        """The worker's start-up check that task experts land in the kernel's layout (see `worker.py`); False when
+        the checkpoint has nothing to compare with."""
         try:
-            self.layout_checked = (await self.engine.collective_rpc(CHECK_LAYOUT))[0]
-        except Exception as error:  # the worker's RuntimeError arrives as a plain exception
-            raise UnsupportedModelError(_worker_message(error)) from None
+            result = await self.bank_client.check_layout()
+        except Exception as error:  # e.g. the reference expert's shapes do not fit: vLLM's exception
+            raise UnsupportedModelError(vllm.worker_error_message(error)) from error
+        if result.status == "wrong_layout":
+            raise UnsupportedModelError(result.message)
+        self.layout_checked = result.status == "ok"
         return self.layout_checked
 
     async def describe(self) -> dict:
@@ -245,4 +249,4 @@ class TaskManager:
             raise TaskError(f"cannot load task {keep} now: every resident task has requests in flight; retry later",
                             503)
         del self.resident[idle[0]]  # before the first await: a request for it now waits for the lock and reloads
-        await self.engine.collective_rpc(UNLOAD, args=(self.known[idle[0]].key,))
+        await self.bank_client.unload_task(self.known[idle[0]].key)

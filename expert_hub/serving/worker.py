@@ -1,12 +1,17 @@
 """Task loading inside vLLM's worker process (a `--worker-extension-cls`, called through `collective_rpc`).
 
 Loading a task copies its experts into free bank rows, converted to the expert kernel's weight layout, then
-publishes its remap row; unloading frees them. The front end decides what to load and when (see `tasks.py`).
+publishes its remap row; unloading frees them. The front end decides what to load and when (see `tasks.py`) and
+calls these methods through `bank_client.BankClient`. Expected outcomes (loaded, bank full, adapter refused; the
+layout check's verdict) come back as plain-data results, which cross the process boundary as they are; only
+unexpected failures raise. vLLM's objects are reached through `vllm_contract`.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal, TypedDict
 
 import torch
 
@@ -16,102 +21,111 @@ from expert_hub.families import PROJECTIONS, expert_checkpoint_key
 from expert_hub.models import checkpoint_tensors
 
 from . import bank
+from . import vllm_contract as vllm
 
 _EXPERT_TENSORS = tuple(f"{projection}.weight" for projection in PROJECTIONS)
-# vLLM passes only an exception's message across processes: these prefixes tell the front end what happened.
-BANK_FULL = "expert bank full"
-ADAPTER_REFUSED = "adapter refused"
 
 
-class BankFullError(RuntimeError):
-    """Not enough free expert rows in some layer; the front end evicts an idle task and retries."""
+@dataclass(frozen=True)
+class LoadResult:
+    """What loading a task did. `bank_full`: not enough free rows or task slots (the front end evicts an idle task
+    and retries); `refused`: the adapter's files cannot be served (changed on disk since the front end checked
+    them), never retried."""
 
-    def __init__(self, message: str):
-        super().__init__(f"{BANK_FULL}: {message}")
+    status: Literal["loaded", "bank_full", "refused"]
+    row: int | None = None  # the task's remap row, when loaded
+    message: str = ""
 
 
-class AdapterRefusedError(ValueError):
-    """The adapter's files cannot be served (changed on disk since the front end checked them): never retried."""
+@dataclass(frozen=True)
+class LayoutResult:
+    """The start-up layout check: `no_reference` when the checkpoint has no per-expert tensors to compare with."""
 
-    def __init__(self, message: str):
-        super().__init__(f"{ADAPTER_REFUSED}: {message}")
+    status: Literal["ok", "no_reference", "wrong_layout"]
+    message: str = ""
+
+
+class BankInfo(TypedDict):
+    layers: int
+    rows_per_layer: int
+    free_rows_per_layer: int
+    bytes: int
+    bytes_per_row: int  # one row in every layer
 
 
 class ExpertBankWorker:
-    """Mixed into vLLM's worker class; `self.model_runner.model` is the served model."""
+    """Mixed into vLLM's worker class. Results are returned as dicts (`asdict`): vLLM sends them to the front end
+    as msgpack."""
 
-    def expert_hub_bank_info(self) -> dict:
-        layers = _banked_layers(self.model_runner.model).values()
-        rows = min(layer.w13_weight.shape[0] - layer.base_experts for layer in layers)
-        return {
-            "layers": len(layers),
-            "rows_per_layer": rows,
-            "free_rows_per_layer": min(len(layer.free_rows) for layer in layers),
-            "bytes": sum(_row_bytes(layer) * (layer.w13_weight.shape[0] - layer.base_experts) for layer in layers),
-            "bytes_per_row": sum(map(_row_bytes, layers)),  # one row in every layer
-        }
+    def expert_hub_bank_info(self) -> BankInfo:
+        layers = _banked_layers(vllm.served_model(self)).values()
+        return BankInfo(layers=len(layers), rows_per_layer=min(map(_extra_rows, layers)),
+                        free_rows_per_layer=min(len(layer.free_rows) for layer in layers),
+                        bytes=sum(_row_bytes(layer) * _extra_rows(layer) for layer in layers),
+                        bytes_per_row=sum(map(_row_bytes, layers)))
 
     @torch.no_grad()
-    def expert_hub_check_layout(self) -> bool:
+    def expert_hub_check_layout(self) -> dict:
         """Write one base expert from the checkpoint into a spare row as tasks are written, and compare it with the
-        row vLLM loaded. A backend whose kernel layout `_kernel_row` does not reproduce (FlashInfer's swapped halves,
-        quantized weights, tensor-parallel shards) then fails at start-up instead of serving wrong tokens.
-        False when the checkpoint has no per-expert tensors to compare with."""
-        index, layer = min(_banked_layers(self.model_runner.model).items())
+        row vLLM loaded. A backend whose kernel layout `vllm_contract.kernel_rows` does not reproduce (FlashInfer's
+        swapped halves, quantized weights, tensor-parallel shards) then fails at start-up instead of serving wrong
+        tokens. A `LayoutResult`."""
+        index, layer = min(_banked_layers(vllm.served_model(self)).items())
         keys = {name: expert_checkpoint_key(index, 0, name) for name in _EXPERT_TENSORS}
-        directory = _local_checkpoint(self.model_runner.model_config)
+        directory = _local_checkpoint(*vllm.served_checkpoint(self))
         found = checkpoint_tensors(directory, set(keys.values())) if directory else {}
         if len(found) != len(keys) or not layer.free_rows:
-            return False
-        check_row_layout(layer, layer.free_rows[0], 0, {name: found[key] for name, key in keys.items()})
-        return True
+            return asdict(LayoutResult("no_reference"))
+        return asdict(check_row_layout(layer, layer.free_rows[0], 0, {name: found[key] for name, key in keys.items()}))
 
     @torch.no_grad()
-    def expert_hub_load_task(self, key: str, directory: str) -> int:
-        """Write the adapter's experts into free rows and publish its remap row under `key`; returns that row.
+    def expert_hub_load_task(self, key: str, directory: str) -> dict:
+        """Write the adapter's experts into free rows and publish its remap row under `key`. A `LoadResult`.
 
         All or nothing: the adapter is read, checked (finite weights, experts the served model has, shapes) and
-        converted to the kernel layout before the bank is touched, and a failure while writing gives every row back.
+        converted to the kernel layout before the bank is touched, and a failure while writing gives every row back
+        (and raises).
         """
         if key in bank.TASK_ROWS:
-            return bank.TASK_ROWS[key]
-        layers = _banked_layers(self.model_runner.model)
+            return asdict(LoadResult("loaded", bank.TASK_ROWS[key]))
+        layers = _banked_layers(vllm.served_model(self))
         try:
             adapter = ExpertAdapter.load(directory)  # refuses non-finite and non-float weights
             rows = {index: [(expert, *_kernel_row(layers[index], _expert_tensors(adapter, index, expert)))
                             for expert in experts]
                     for index, experts in _checked_experts(adapter, layers).items()}
         except (ExpertHubError, ValueError, OSError) as error:
-            raise AdapterRefusedError(str(error)) from None
+            return asdict(LoadResult("refused", message=str(error)))
         for index, experts in rows.items():
             if len(experts) > len(layers[index].free_rows):
-                raise BankFullError(f"the task needs {len(experts)} expert rows in layer {index}; "
-                                    f"{len(layers[index].free_rows)} are free")
+                return asdict(LoadResult("bank_full", message=f"the task needs {len(experts)} expert rows in layer "
+                                         f"{index}; {len(layers[index].free_rows)} are free"))
         used = set(bank.TASK_ROWS.values())
         max_row = next(iter(layers.values())).task_remap.shape[0] - 1
         row = next((r for r in range(1, max_row + 1) if r not in used), None)
         if row is None:
-            raise BankFullError(f"all {max_row} task slots are in use")
+            return asdict(LoadResult("bank_full", message=f"all {max_row} task slots are in use"))
         try:
             for index, experts in rows.items():
                 layer = layers[index]
+                w13_weight, w2_weight = vllm.expert_weights(layer)
                 layer.task_rows[row] = [layer.free_rows.pop(0) for _ in experts]
                 for (expert, w13, w2), target in zip(experts, layer.task_rows[row]):
-                    layer.w13_weight[target].copy_(w13)
-                    layer.w2_weight[target].copy_(w2)
+                    w13_weight[target].copy_(w13)
+                    w2_weight[target].copy_(w2)
                     layer.task_remap[row, expert] = target
         except BaseException:
             _release_row(layers.values(), row)
             raise
         bank.TASK_ROWS[key] = row  # published last: tokens are tagged with the row only from now on
-        return row
+        return asdict(LoadResult("loaded", row))
 
     @torch.no_grad()
     def expert_hub_unload_task(self, key: str) -> bool:
         row = bank.TASK_ROWS.pop(key, None)  # untagged first, so no new token uses the rows being freed
         if row is None:
             return False
-        _release_row(_banked_layers(self.model_runner.model).values(), row)
+        _release_row(_banked_layers(vllm.served_model(self)).values(), row)
         return True
 
 
@@ -134,38 +148,37 @@ def _release_row(layers, row: int) -> None:
     for layer in layers:
         layer.task_remap[row] = torch.arange(layer.base_experts, dtype=layer.task_remap.dtype)
         for physical in layer.task_rows.pop(row, []):
-            layer.w13_weight[physical].zero_()
-            layer.w2_weight[physical].zero_()
+            for weight in vllm.expert_weights(layer):
+                weight[physical].zero_()
             layer.free_rows.append(physical)
 
 
-def check_row_layout(layer, row: int, expert: int, tensors: dict[str, torch.Tensor]) -> None:
-    """Write `expert`'s checkpoint tensors into the free `row` and require it to equal the loaded `expert` row."""
+def check_row_layout(layer, row: int, expert: int, tensors: dict[str, torch.Tensor]) -> LayoutResult:
+    """Write `expert`'s checkpoint tensors into the free `row` and compare it with the loaded `expert` row."""
+    weights = vllm.expert_weights(layer)
     try:
-        w13, w2 = _kernel_row(layer, tensors)
-        layer.w13_weight[row].copy_(w13)
-        layer.w2_weight[row].copy_(w2)
-        same = torch.equal(layer.w13_weight[row], layer.w13_weight[expert]) and \
-            torch.equal(layer.w2_weight[row], layer.w2_weight[expert])
+        for weight, written in zip(weights, _kernel_row(layer, tensors)):
+            weight[row].copy_(written)
+        same = all(torch.equal(weight[row], weight[expert]) for weight in weights)
     finally:
-        layer.w13_weight[row].zero_()
-        layer.w2_weight[row].zero_()
-    if not same:
-        raise RuntimeError(f"{type(layer.quant_method.moe_kernel.fused_experts).__name__} keeps expert weights in a "
-                           "layout the expert bank cannot write yet: a base expert written as tasks are did not "
-                           "match the loaded one; serve merged checkpoints instead")
+        for weight in weights:
+            weight[row].zero_()
+    if same:
+        return LayoutResult("ok")
+    return LayoutResult("wrong_layout", f"{vllm.expert_kernel_name(layer)} keeps expert weights in a layout the "
+                        "expert bank cannot write yet: a base expert written as tasks are did not match the loaded "
+                        "one; serve merged checkpoints instead")
 
 
-def _local_checkpoint(model_config) -> str | None:
+def _local_checkpoint(model: str, revision: str | None) -> str | None:
     """The served checkpoint's local directory (a Hub model is in the cache by now: vLLM has loaded it)."""
-    if Path(model_config.model).is_dir():
-        return model_config.model
+    if Path(model).is_dir():
+        return model
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
-        return snapshot_download(model_config.model, revision=model_config.revision, local_files_only=True,
-                                 allow_patterns=["*.safetensors"])
+        return snapshot_download(model, revision=revision, local_files_only=True, allow_patterns=["*.safetensors"])
     except (LocalEntryNotFoundError, HFValidationError):  # elsewhere (a --download-dir): nothing to compare with
         return None
 
@@ -182,7 +195,11 @@ def _banked_layers(model) -> dict[int, torch.nn.Module]:
 
 
 def _row_bytes(layer) -> int:
-    return layer.w13_weight[0].nbytes + layer.w2_weight[0].nbytes
+    return sum(weight[0].nbytes for weight in vllm.expert_weights(layer))
+
+
+def _extra_rows(layer) -> int:
+    return vllm.expert_weights(layer)[0].shape[0] - layer.base_experts
 
 
 def _kernel_row(layer, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,18 +209,9 @@ def _kernel_row(layer, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     if not gate.shape == up.shape == (intermediate, hidden) or down.shape != (hidden, intermediate):
         raise ValueError(f"expert shapes {tuple(gate.shape)} / {tuple(up.shape)} / {tuple(down.shape)} do not fit "
                          f"the served model's gate / up {(intermediate, hidden)} and down {(hidden, intermediate)}")
-    kernel = layer.quant_method.moe_kernel.fused_experts
-    dtype, padded_hidden, padded = layer.w13_weight.dtype, layer.w2_weight.shape[1], layer.w2_weight.shape[2]
-    w13 = torch.zeros(1, 2 * padded, padded_hidden, dtype=dtype)  # vLLM rounds both sizes up for some kernels
-    w13[0, :intermediate, :hidden], w13[0, padded : padded + intermediate, :hidden] = gate, up
-    w2 = torch.zeros(1, padded_hidden, padded, dtype=dtype)
-    w2[0, :hidden, :intermediate] = down
-    if hasattr(kernel, "isa"):  # the CPU kernel prepacks each expert; a one-expert slice packs identically
-        from vllm._custom_ops import cpu_prepack_moe_weight
-
-        w13, w2 = cpu_prepack_moe_weight(w13, kernel.isa), cpu_prepack_moe_weight(w2, kernel.isa)
-    if w13.shape[1:] != layer.w13_weight.shape[1:] or w2.shape[1:] != layer.w2_weight.shape[1:]:
+    w13, w2 = vllm.kernel_rows(layer, gate, up, down)
+    w13_weight, w2_weight = vllm.expert_weights(layer)
+    if w13.shape[1:] != w13_weight.shape[1:] or w2.shape[1:] != w2_weight.shape[1:]:
         raise ValueError(f"expert shapes {tuple(w13.shape[1:])} / {tuple(w2.shape[1:])} do not match the served "
-                         f"model's {tuple(layer.w13_weight.shape[1:])} / {tuple(layer.w2_weight.shape[1:])}")
-    device = layer.w13_weight.device
-    return w13[0].to(device), w2[0].to(device)
+                         f"model's {tuple(w13_weight.shape[1:])} / {tuple(w2_weight.shape[1:])}")
+    return w13[0].to(w13_weight.device), w2[0].to(w2_weight.device)
