@@ -1,0 +1,256 @@
+"""`TaskRouting`, the ASGI middleware around vLLM's handlers: what must happen to a request before and after vLLM
+sees it. Outermost in the stack, it
+- checks the API key on every route but `/health` (and `/metrics` with `--public-metrics`), in constant time,
+  before anything is read, loaded or answered on the caller's behalf; the task admin routes (`routes.py`) are then
+  left to the app;
+- chooses the task of a request on the generating endpoints (`TASK_ROUTES`): `model` = a task name,
+  `{"task": ...}` in the body, or an `X-Expert-Task` header; the request then runs on the base model with the task's
+  private key in `vllm_xargs` and its cache salt (see `tasks.py`), its task is pinned until the response ends, and
+  the response names the task. A task selector on any other endpoint is refused with a 400 naming the endpoint,
+  never answered by the base model; the tokenizer endpoints accept one (every task shares the base's tokenizer);
+- adds every servable task to vLLM's `/v1/models` listing, with the base as parent;
+- counts requests per task (token counters: `metrics.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from starlette.routing import Match
+
+from . import vllm_contract as vllm
+from .bank import TASK_ARG
+from .metrics import TASK_REQUESTS
+from .routes import admin_router
+from .serving_state import ServingState, error_body, serving_state
+from .tasks import Task, TaskError
+
+# Endpoints whose requests carry `model`, `vllm_xargs` and `cache_salt` at the top level and generate: a task runs here.
+TASK_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/chat/completions/batch", "/v1/responses",
+                         "/v1/messages", "/invocations"})
+# Endpoints that only use the tokenizer, which every task shares: a task name is checked, the base answers.
+TOKENIZER_ROUTES = frozenset({"/tokenize", "/detokenize", "/v1/messages/count_tokens"})
+
+
+class TaskRouting:
+    """Pure ASGI middleware: checks the key, resolves a request's task, pins it, rewrites the body for vLLM."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket") or (scope["type"] == "http" and _is_preflight(scope)):
+            return await self.app(scope, receive, send)
+        state = serving_state(scope["app"])  # held until the request ends, even if the server shuts down meanwhile
+        if not state.api_keys.allow(scope, _path(scope)):
+            return await _refuse_unauthenticated(scope, send)
+        if scope["type"] == "websocket" or _is_admin_request(scope):
+            return await self.app(scope, receive, send)
+        if _path(scope) == "/v1/models" and scope["method"] == "GET":
+            return await self._list_models(state, scope, receive, send)
+        body = await _read_body(receive)
+        await self._dispatch(state, scope, _replay(body, receive), send, _json_object(body))
+
+    async def _dispatch(self, state: ServingState, scope, receive, send, request: dict | None) -> None:
+        """Send a read request to vLLM as its task, as the base model, or refuse it."""
+        path = _path(scope)
+        try:
+            task = _requested_task(state, scope, request)
+            if task is None and (path in TASK_ROUTES or path in TOKENIZER_ROUTES):
+                _check_model_exists(state, scope, request)
+        except TaskError as error:
+            return await _respond(send, error.status, error_body(error.status, str(error)))
+        if path in TASK_ROUTES and scope["method"] == "POST" and request is not None:
+            if task is None:
+                TASK_REQUESTS.labels(task="base").inc()
+                return await self.app(scope, receive, send)
+            return await self._run_as_task(state, scope, receive, send, request, task)
+        if task is not None and path in TOKENIZER_ROUTES and request is not None:
+            return await self._tokenize_for_task(state, scope, receive, send, request, task)
+        if task is not None:
+            return await _respond(send, 400, error_body(400, f"{path} does not serve tasks: send task requests to "
+                                                             f"{', '.join(sorted(TASK_ROUTES))}"))
+        await self.app(scope, receive, send)
+
+    async def _run_as_task(self, state: ServingState, scope, receive, send, request: dict, task: str) -> None:
+        """Run a generating request on its task's experts, the task pinned until the response ends."""
+        try:
+            _check_task_request(request)
+            served = await state.manager.acquire(task)
+        except TaskError as error:
+            return await _respond(send, error.status, error_body(error.status, str(error)))
+        try:
+            TASK_REQUESTS.labels(task=task).inc()
+            body = json.dumps(_as_task_request(state, request, served)).encode()
+            await self.app(_with_length(scope, body), _replay(body, receive), _rename_model(state, task, send))
+        finally:
+            state.manager.release(task)
+
+    async def _tokenize_for_task(self, state: ServingState, scope, receive, send, request: dict, task: str) -> None:
+        """Every task shares the base model's tokenizer: the task only has to exist."""
+        if task not in state.manager.known:
+            error = state.manager.unknown(task)
+            return await _respond(send, error.status, error_body(error.status, str(error)))
+        request = {key: value for key, value in request.items() if key != "task"} | {"model": state.base_name}
+        body = json.dumps(request).encode()
+        await self.app(_with_length(scope, body), _replay(body, receive), send)
+
+    async def _list_models(self, state: ServingState, scope, receive, send) -> None:
+        """vLLM's model list plus one entry per servable task, parented to the base model."""
+        chunks, start = [], {}
+
+        async def capture(message):
+            if message["type"] == "http.response.start":
+                start.update(message)
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        await self.app(scope, receive, capture)
+        body = b"".join(chunks)
+        if start.get("status") == 200:
+            listing = json.loads(body)
+            created = int(time.time())
+            listing["data"] += [{"id": name, "object": "model", "created": created, "owned_by": "expert-hub",
+                                 "root": state.base_name, "parent": state.base_name, "permission": []}
+                                for name in sorted(state.manager.known)]
+            body = json.dumps(listing).encode()
+        await _respond(send, start.get("status", 500), body)
+
+
+def _path(scope) -> str:
+    return scope["path"].removeprefix(scope.get("root_path", ""))
+
+
+def _is_preflight(scope) -> bool:
+    """A CORS preflight (answered by vLLM's CORS middleware, which runs nothing): browsers send it without a key."""
+    return scope["method"] == "OPTIONS" and any(name == b"access-control-request-method"
+                                                 for name, _ in scope["headers"])
+
+
+def _is_admin_request(scope) -> bool:
+    """A request one of the task admin routes serves (method and path)."""
+    return any(route.matches(scope)[0] is Match.FULL for route in admin_router.routes)
+
+
+async def _refuse_unauthenticated(scope, send) -> None:
+    if scope["type"] == "websocket":
+        return await send({"type": "websocket.close", "code": 1008})
+    await _respond(send, 401, error_body(401, "Unauthorized: give the API key as 'Authorization: Bearer KEY'"),
+                   [(b"www-authenticate", b"Bearer")])
+
+
+def _requested_task(state: ServingState, scope, request: dict | None) -> str | None:
+    """The task a request names by `task` (body), `X-Expert-Task` (header) or `model`; None for the base model.
+
+    Naming two different tasks is refused rather than guessed."""
+    named = set()
+    if header := dict(scope["headers"]).get(b"x-expert-task", b"").decode("latin-1").strip():
+        named.add(header)
+    if request is not None:
+        if "task" in request:
+            if not isinstance(request["task"], str):
+                raise TaskError("`task` must be a task name", 400)
+            named.add(request["task"])
+        if isinstance(request.get("model"), str) and request["model"] in state.manager.known:
+            named.add(request["model"])
+    named -= set(state.base_names)
+    if len(named) > 1:
+        raise TaskError(f"the request names several tasks ({', '.join(sorted(named))}); name one", 400)
+    return named.pop() if named else None
+
+
+def _check_model_exists(state: ServingState, scope, request: dict | None) -> None:
+    """A `model` that is neither the base, a task, nor a LoRA adapter vLLM serves: a 404 that lists the tasks."""
+    model = request.get("model") if request is not None else None
+    if isinstance(model, str) and model not in state.base_names and model not in vllm.lora_adapter_names(scope["app"]):
+        raise state.manager.unknown(model)
+
+
+def _check_task_request(request: dict) -> None:
+    """What a task request cannot ask for: options under which vLLM would drop the task's key but keep its salt
+    (beam search builds its own sampling parameters), or run after the task was released (background responses)."""
+    if request.get("use_beam_search"):
+        raise TaskError("beam search cannot run on a task: vLLM's beam search drops the request's task", 400)
+    if request.get("background"):
+        raise TaskError("background responses cannot run on a task: the task must stay loaded until the response "
+                        "ends", 400)
+    salt = request.get("cache_salt")
+    if salt is not None and not (isinstance(salt, str) and salt):
+        raise TaskError("Parameter 'cache_salt' must be a non-empty string if provided.", 400)
+
+
+def _as_task_request(state: ServingState, request: dict, task: Task) -> dict:
+    """The body vLLM sees: the base model, the task's private key, and a cache salt inside the task's namespace."""
+    client_args = request.get("vllm_xargs")
+    salt = request.get("cache_salt")
+    request = {key: value for key, value in request.items() if key != "task"}
+    request["model"] = state.base_name
+    request["vllm_xargs"] = {**(client_args if isinstance(client_args, dict) else {}), TASK_ARG: task.key}
+    request["cache_salt"] = task.cache_salt(salt)
+    return request
+
+
+def _json_object(body: bytes) -> dict | None:
+    try:
+        request = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    return request if isinstance(request, dict) else None
+
+
+async def _read_body(receive) -> bytes:
+    chunks, more = [], True
+    while more:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # later calls see the client's disconnect
+
+    return replay
+
+
+def _with_length(scope, body: bytes) -> dict:
+    headers = [(key, value) for key, value in scope["headers"] if key != b"content-length"]
+    return dict(scope, headers=[*headers, (b"content-length", str(len(body)).encode())])
+
+
+async def _respond(send, status: int, body: bytes, headers: list | None = None) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _rename_model(state: ServingState, task: str, send):
+    """Responses name the task, not the base model they ran on (content-length fixed for plain bodies)."""
+    old, new = f'"model":"{state.base_name}"'.encode(), f'"model":"{task}"'.encode()
+    held = {}
+
+    async def renaming(message):
+        if message["type"] == "http.response.start":
+            held.update(message)
+            return
+        if message["type"] == "http.response.body":
+            chunk = message.get("body", b"").replace(old, new)
+            if held:
+                headers = [(k, v) for k, v in held["headers"] if k != b"content-length"]
+                if not message.get("more_body", False):
+                    headers.append((b"content-length", str(len(chunk)).encode()))
+                await send({**held, "headers": headers})
+                held.clear()
+            return await send({**message, "body": chunk})
+        return await send(message)
+
+    return renaming
