@@ -34,14 +34,24 @@ from rich.table import Table
 
 ESFT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "esft"
 PAPER_TASKS = ("law", "intent", "summary", "translation")
-SHAPE = dict(hidden_size=512, head_dim=64, num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=8,
-             num_experts=64, num_experts_per_tok=6, moe_intermediate_size=256, vocab_size=320)
+SHAPE = dict(
+    hidden_size=512,
+    head_dim=64,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    num_hidden_layers=8,
+    num_experts=64,
+    num_experts_per_tok=6,
+    moe_intermediate_size=256,
+    vocab_size=320,
+)
 STRESS_EXPERTS = 12
 
 
 def _request(method: str, url: str, body: dict | None = None) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(body or {}).encode(), method=method,
-                                     headers={"content-type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps(body or {}).encode(), method=method, headers={"content-type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=600) as response:
         return json.loads(response.read())
 
@@ -51,8 +61,13 @@ def _load(url: str, models: list[str], requests: int, max_tokens: int) -> float:
     prompts = [f"Request {i}: the quick brown fox jumps over the lazy dog" for i in range(requests)]
 
     def one(i: int) -> int:
-        body = {"model": models[i % len(models)], "prompt": prompts[i], "max_tokens": max_tokens,
-                "temperature": 0, "ignore_eos": True}
+        body = {
+            "model": models[i % len(models)],
+            "prompt": prompts[i],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
         return _request("POST", url + "/v1/completions", body)["usage"]["completion_tokens"]
 
     started = time.perf_counter()
@@ -71,16 +86,34 @@ def _selections(layers: int, experts: int) -> dict[str, dict[int, list[int]]]:
         generator = torch.Generator().manual_seed(task)
         selections[f"stress{task}"] = {
             layer: sorted(torch.randperm(experts, generator=generator)[:STRESS_EXPERTS].tolist())
-            for layer in range(layers)}
+            for layer in range(layers)
+        }
     return selections
 
 
 def _start(base: Path, root: Path, port: int, bank_rows: int, dtype: str) -> subprocess.Popen:
     environment = os.environ | {"EXPERT_HUB_HOME": str(root / "registry")}
     server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("expert-hub")), "serve", "--base", str(base), "--port", str(port),
-         "--dtype", dtype, "--max-model-len", "512", "--max-resident-tasks", "4", "--expert-bank-rows", str(bank_rows)],
-        stdout=(root / "server.log").open("w"), stderr=subprocess.STDOUT, env=environment)
+        [
+            str(Path(sys.executable).with_name("expert-hub")),
+            "serve",
+            "--base",
+            str(base),
+            "--port",
+            str(port),
+            "--dtype",
+            dtype,
+            "--max-model-len",
+            "512",
+            "--max-resident-tasks",
+            "4",
+            "--expert-bank-rows",
+            str(bank_rows),
+        ],
+        stdout=(root / "server.log").open("w"),
+        stderr=subprocess.STDOUT,
+        env=environment,
+    )
     for _ in range(900):
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
@@ -124,8 +157,10 @@ def main() -> None:
         del model
         paper = {name: tasks[name] for name in PAPER_TASKS}
         stress = {name: task for name, task in tasks.items() if name.startswith("stress")}
-        default_rows = {"paper": bank_rows(paper, SHAPE["num_experts"], 4),
-                        "stress": bank_rows(stress, SHAPE["num_experts"], 4)}
+        default_rows = {
+            "paper": bank_rows(paper, SHAPE["num_experts"], 4),
+            "stress": bank_rows(stress, SHAPE["num_experts"], 4),
+        }
         url = f"http://127.0.0.1:{args.port}"
         server = _start(base, root, args.port, max(default_rows.values()), args.dtype)
         rates: dict[str, list[float]] = {}
@@ -156,24 +191,37 @@ def main() -> None:
 
 def _report(console, args, rates, loads, bank, default_rows, paper, stress) -> None:
     median = {label: statistics.median(values) for label, values in rates.items()}
-    experts_per_layer = {kind: statistics.mean(count for task in tasks.values()
-                                               for count in task.experts_per_layer.values())
-                         for kind, tasks in (("paper", paper), ("stress", stress))}
-    table = Table(title=f"Serving: qwen3_moe {SHAPE['hidden_size']}h x {SHAPE['num_hidden_layers']} layers, "
-                        f"{SHAPE['num_experts']} experts top-{SHAPE['num_experts_per_tok']}, {args.dtype}, "
-                        f"{args.requests} concurrent requests x {args.max_tokens} tokens, median of {args.rounds}")
+    experts_per_layer = {
+        kind: statistics.mean(count for task in tasks.values() for count in task.experts_per_layer.values())
+        for kind, tasks in (("paper", paper), ("stress", stress))
+    }
+    table = Table(
+        title=f"Serving: qwen3_moe {SHAPE['hidden_size']}h x {SHAPE['num_hidden_layers']} layers, "
+        f"{SHAPE['num_experts']} experts top-{SHAPE['num_experts_per_tok']}, {args.dtype}, "
+        f"{args.requests} concurrent requests x {args.max_tokens} tokens, median of {args.rounds}"
+    )
     for column in ("load", "experts per task per layer", "output tokens/s", "x base"):
         table.add_column(column, justify="left" if column == "load" else "right")
     table.add_row("base model, no task loaded", "-", f"{median['base']:,.1f}", "1.000")
     for kind, label in (("paper", "4 tasks: the paper's expert sets"), ("stress", "4 tasks: 12 random experts/layer")):
-        table.add_row(f"mixed over {label}", f"{experts_per_layer[kind]:.1f}", f"{median[kind]:,.1f}",
-                      f"{median[kind] / median['base']:.3f}")
+        table.add_row(
+            f"mixed over {label}",
+            f"{experts_per_layer[kind]:.1f}",
+            f"{median[kind]:,.1f}",
+            f"{median[kind] / median['base']:.3f}",
+        )
         resident = f"base, {kind} tasks resident"
-        table.add_row("  base-only load, those tasks resident", "-", f"{median[resident]:,.1f}",
-                      f"{median[resident] / median['base']:.3f}")
+        table.add_row(
+            "  base-only load, those tasks resident",
+            "-",
+            f"{median[resident]:,.1f}",
+            f"{median[resident] / median['base']:.3f}",
+        )
     console.print(table)
-    console.print(f"goal: mixed / base >= 0.95 -> paper sets {median['paper'] / median['base']:.3f}, "
-                  f"stress {median['stress'] / median['base']:.3f}")
+    console.print(
+        f"goal: mixed / base >= 0.95 -> paper sets {median['paper'] / median['base']:.3f}, "
+        f"stress {median['stress'] / median['base']:.3f}"
+    )
 
     loads_table = Table(title="Task loads (POST /v1/tasks/{name}, while idle)")
     for column in ("task", "MiB of experts", "ms", "MiB/s"):
@@ -187,9 +235,11 @@ def _report(console, args, rates, loads, bank, default_rows, paper, stress) -> N
     for kind, tasks in (("paper", paper), ("stress", stress)):
         task_mib = statistics.mean(t.nbytes for t in tasks.values()) / 2**20
         bank_mib = default_rows[kind] * row_mib
-        console.print(f"memory per resident task, {kind} sets: the default bank for 4 of them is {default_rows[kind]} "
-                      f"rows/layer = {bank_mib:.1f} MiB, {bank_mib / 4:.1f} MiB per task for {task_mib:.1f} MiB of "
-                      f"experts each ({bank_mib / 4 / task_mib:.2f}x)")
+        console.print(
+            f"memory per resident task, {kind} sets: the default bank for 4 of them is {default_rows[kind]} "
+            f"rows/layer = {bank_mib:.1f} MiB, {bank_mib / 4:.1f} MiB per task for {task_mib:.1f} MiB of "
+            f"experts each ({bank_mib / 4 / task_mib:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

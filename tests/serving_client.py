@@ -22,8 +22,9 @@ class Server:
 
     def request(self, method: str, path: str, body=None, key: str | None = API_KEY, headers=None):
         data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers={"content-type": "application/json", **(headers or {})})
+        request = urllib.request.Request(
+            self.url + path, data=data, method=method, headers={"content-type": "application/json", **(headers or {})}
+        )
         if key:
             request.add_header("authorization", f"Bearer {key}")
         try:
@@ -33,20 +34,38 @@ class Server:
             return error.code, _decoded(error)
 
     def complete(self, model: str, prompt: str, max_tokens: int, **extra) -> dict:
-        status, body = self.request("POST", "/v1/completions", {
-            "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logprobs": 0,
-            "return_token_ids": True, **extra})
+        status, body = self.request(
+            "POST",
+            "/v1/completions",
+            {
+                "model": model,
+                "prompt": prompt,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "logprobs": 0,
+                "return_token_ids": True,
+                **extra,
+            },
+        )
         assert status == 200, body
         choice = body["choices"][0]
-        return {"model": body["model"], "token_ids": choice["token_ids"], "prompt_token_ids": choice["prompt_token_ids"],
-                "logprobs": choice["logprobs"]["token_logprobs"], "usage": body["usage"]}
+        return {
+            "model": body["model"],
+            "token_ids": choice["token_ids"],
+            "prompt_token_ids": choice["prompt_token_ids"],
+            "logprobs": choice["logprobs"]["token_logprobs"],
+            "usage": body["usage"],
+        }
 
     def counters(self) -> dict[str, float]:
         """expert-hub's per-task counters from /metrics."""
         status, text = self.request("GET", "/metrics")
         assert status == 200
-        return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.decode().splitlines()
-                if line.startswith("expert_hub_task_") and "_total{" in line}
+        return {
+            line.split(" ")[0]: float(line.split(" ")[1])
+            for line in text.decode().splitlines()
+            if line.startswith("expert_hub_task_") and "_total{" in line
+        }
 
 
 def _decoded(response):
@@ -60,9 +79,27 @@ def start_server(root: Path, base: Path, tasks: str, registry_home: Path, port: 
     script = Path(sys.executable).with_name("expert-hub")
     log = (root / "server.log").open("w")
     process = subprocess.Popen(
-        [str(script), "serve", "--base", str(base), "--tasks", tasks, "--port", str(port), "--api-key", API_KEY,
-         "--dtype", "float32", "--max-model-len", "512", *extra],
-        stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"EXPERT_HUB_HOME": str(registry_home)})
+        [
+            str(script),
+            "serve",
+            "--base",
+            str(base),
+            "--tasks",
+            tasks,
+            "--port",
+            str(port),
+            "--api-key",
+            API_KEY,
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "512",
+            *extra,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=os.environ | {"EXPERT_HUB_HOME": str(registry_home)},
+    )
     server = Server(f"http://127.0.0.1:{port}", process, str(base))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

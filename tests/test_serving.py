@@ -24,6 +24,7 @@ from expert_hub import ExpertAdapter, ExpertSelection, load_model
 from expert_hub.models import load_base
 from expert_hub.registry import Registry
 from expert_hub.testing import SERVING_SHAPES, build_tiny_model, byte_tokenizer
+
 from .serving_client import API_KEY, Server, start_server
 
 PROMPTS = ["Hello world, this is", "The quick brown fox jumps"]
@@ -53,8 +54,17 @@ def _make_tasks(family: str, root: Path, tasks: dict) -> tuple[Path, dict[str, P
 def _oracle(root: Path, checkpoints: dict[str, Path], prompts: list[tuple[str, int]]) -> dict[str, list[dict]]:
     requests = {str(path): [{"prompt": p, "max_tokens": n} for p, n in prompts] for path in checkpoints.values()}
     (root / "oracle-requests.json").write_text(json.dumps(requests))
-    subprocess.run([sys.executable, str(Path(__file__).with_name("serving_oracle.py")), str(root / "oracle-requests.json"),
-                    str(root / "oracle.json")], check=True, capture_output=True, timeout=900)
+    subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("serving_oracle.py")),
+            str(root / "oracle-requests.json"),
+            str(root / "oracle.json"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
     results = json.loads((root / "oracle.json").read_text())
     return {name: results[str(path)] for name, path in checkpoints.items()}
 
@@ -67,8 +77,12 @@ def test_default_bank_size_fits_any_resident_set_of_the_given_tasks(tmp_path):
     path = str(build_tiny_model("qwen3_moe", tmp_path / "base", **SERVING_SHAPES["qwen3_moe"]))
     base, summary = load_base(path), describe_model(path)
     selections = {"a": {0: [0, 1, 2, 3, 4, 5], 1: [0]}, "b": {0: [6, 7, 8, 9, 10]}, "c": {1: [1, 2, 3, 4, 5, 6, 7]}}
-    tasks = {name: adapter_task(name, ExpertAdapter.from_model(base, ExpertSelection(experts), task=name)
-                                .save(tmp_path / name), summary) for name, experts in selections.items()}
+    tasks = {
+        name: adapter_task(
+            name, ExpertAdapter.from_model(base, ExpertSelection(experts), task=name).save(tmp_path / name), summary
+        )
+        for name, experts in selections.items()
+    }
     assert bank_rows(tasks, 16, max_resident=2) == 6 + 5  # layer 0 holds a and b at once
     assert bank_rows(tasks, 16, max_resident=1) == 7
     assert bank_rows({}, 16, max_resident=4) == 4  # a quarter of the experts: room for a task added later
@@ -81,8 +95,12 @@ def test_rows_are_written_in_the_gpu_kernel_layout_and_another_layout_is_caught(
     gate, up, down = torch.randn(8, 16), torch.randn(8, 16), torch.randn(16, 8)
     expert = {"gate_proj.weight": gate, "up_proj.weight": up, "down_proj.weight": down}
     kernel = SimpleNamespace(fused_experts=SimpleNamespace())  # no CPU `isa`: no padding, no prepacking
-    layer = SimpleNamespace(w13_weight=torch.zeros(3, 16, 16), w2_weight=torch.zeros(3, 16, 8), expert_sizes=(8, 16),
-                            quant_method=SimpleNamespace(moe_kernel=kernel))
+    layer = SimpleNamespace(
+        w13_weight=torch.zeros(3, 16, 16),
+        w2_weight=torch.zeros(3, 16, 8),
+        expert_sizes=(8, 16),
+        quant_method=SimpleNamespace(moe_kernel=kernel),
+    )
     layer.w13_weight[0], layer.w2_weight[0] = torch.cat([gate, up]), down
     assert check_row_layout(layer, 2, 0, expert).status == "ok"
     assert not layer.w13_weight[2].any() and not layer.w2_weight[2].any()  # the spare row is cleared again
@@ -120,8 +138,12 @@ class _FailingRemap:
 
 def _fake_adapter(directory: Path, experts: dict[int, list[int]]) -> Path:
     shapes = {"gate_proj": (8, 16), "up_proj": (8, 16), "down_proj": (16, 8)}
-    tensors = {f"model.layers.{layer}.mlp.experts.{e}.{name}.weight": torch.randn(shape)
-               for layer, ids in experts.items() for e in ids for name, shape in shapes.items()}
+    tensors = {
+        f"model.layers.{layer}.mlp.experts.{e}.{name}.weight": torch.randn(shape)
+        for layer, ids in experts.items()
+        for e in ids
+        for name, shape in shapes.items()
+    }
     return ExpertAdapter(ExpertSelection(experts), tensors).save(directory)
 
 
@@ -136,20 +158,28 @@ def test_a_task_load_is_all_or_nothing_and_unloading_leaves_nothing_behind(tmp_p
     snapshot = [(layer.w13_weight.clone(), layer.task_remap.clone(), sorted(layer.free_rows)) for layer in model.layers]
 
     def untouched() -> bool:
-        return all(torch.equal(layer.w13_weight, w13) and torch.equal(layer.task_remap, remap)
-                   and sorted(layer.free_rows) == free and not layer.task_rows
-                   for layer, (w13, remap, free) in zip(model.layers, snapshot))
+        return all(
+            torch.equal(layer.w13_weight, w13)
+            and torch.equal(layer.task_remap, remap)
+            and sorted(layer.free_rows) == free
+            and not layer.task_rows
+            for layer, (w13, remap, free) in zip(model.layers, snapshot)
+        )
 
     refused = worker.expert_hub_load_task("k1", str(_fake_adapter(tmp_path / "far", {0: [1, 2], 1: [5]})))
-    assert refused == {"status": "refused", "row": None,
-                       "message": "layer 1 has 4 experts; the task names expert 5"}  # the adapter is refused
+    assert refused == {
+        "status": "refused",
+        "row": None,
+        "message": "layer 1 has 4 experts; the task names expert 5",
+    }  # the adapter is refused
     assert untouched() and "k1" not in bank.TASK_ROWS
     adapter = ExpertAdapter.load(_fake_adapter(tmp_path / "misshapen", {0: [1], 1: [2]}))
     adapter.tensors["model.layers.1.mlp.experts.2.up_proj.weight"] = torch.ones(7, 16)
     misshapen = adapter.save(tmp_path / "misshapen", overwrite=True)
     refused = worker.expert_hub_load_task("k1", str(misshapen))
-    assert refused["status"] == "refused" and re.match(r"expert shapes \(8, 16\) / \(7, 16\) / \(16, 8\) do not fit",
-                                                       refused["message"])
+    assert refused["status"] == "refused" and re.match(
+        r"expert shapes \(8, 16\) / \(7, 16\) / \(16, 8\) do not fit", refused["message"]
+    )
     assert untouched() and "k1" not in bank.TASK_ROWS
     good = _fake_adapter(tmp_path / "good", {0: [1, 2], 1: [3]})
     model.layers[1].task_remap = _FailingRemap(model.layers[1].task_remap)  # fails after layer 0 is written
@@ -163,9 +193,15 @@ def test_a_task_load_is_all_or_nothing_and_unloading_leaves_nothing_behind(tmp_p
         row = loaded["row"]
         adapter = ExpertAdapter.load(good)
         physical = int(model.layers[0].task_remap[row, 2])
-        assert physical >= 4 and torch.equal(model.layers[0].w13_weight[physical], torch.cat([
-            adapter.tensors["model.layers.0.mlp.experts.2.gate_proj.weight"],
-            adapter.tensors["model.layers.0.mlp.experts.2.up_proj.weight"]]))
+        assert physical >= 4 and torch.equal(
+            model.layers[0].w13_weight[physical],
+            torch.cat(
+                [
+                    adapter.tensors["model.layers.0.mlp.experts.2.gate_proj.weight"],
+                    adapter.tensors["model.layers.0.mlp.experts.2.up_proj.weight"],
+                ]
+            ),
+        )
         assert worker.expert_hub_unload_task("k3")
         assert untouched()  # rows zeroed and free again, remap back to the base experts
     finally:
@@ -178,13 +214,19 @@ def test_an_unsupported_vllm_or_a_moved_internal_is_named_in_one_line(monkeypatc
 
     vllm_contract.check_vllm_version()  # the installed one is supported
     monkeypatch.setattr(vllm_contract, "vllm_version", lambda: "0.35.0")
-    with pytest.raises(UnsupportedVllmError, match=r"^vLLM 0.35.0 is installed; expert-hub serve supports vLLM "
-                                                   r">=0.32,<0.34$"):
+    with pytest.raises(
+        UnsupportedVllmError,
+        match=r"^vLLM 0.35.0 is installed; expert-hub serve supports vLLM "
+        r">=0.32,<0.34$",
+    ):
         vllm_contract.check_vllm_version()
     moved = "vllm.v1.kv_cache_interface:KVCacheConfig.moved_away"
     monkeypatch.setitem(vllm_contract.INTERNALS, "KV cache zeroing switch", moved)
-    with pytest.raises(UnsupportedVllmError, match=r"^vLLM 0.35.0 has no `vllm.v1.kv_cache_interface.KVCacheConfig."
-                                                   r"moved_away`: expert-hub supports vLLM >=0.32,<0.34$"):
+    with pytest.raises(
+        UnsupportedVllmError,
+        match=r"^vLLM 0.35.0 has no `vllm.v1.kv_cache_interface.KVCacheConfig."
+        r"moved_away`: expert-hub supports vLLM >=0.32,<0.34$",
+    ):
         vllm_contract.enable_kv_cache_zeroing()
 
 
@@ -204,10 +246,20 @@ def test_the_kv_cache_on_cpu_holds_the_batch_within_half_the_free_memory():
     from expert_hub.errors import InvalidInputError
     from expert_hub.serving.engine import kv_cache_bytes
 
-    model = SimpleNamespace(use_mla=False, max_model_len=512, dtype=torch.float32, get_num_kv_heads=lambda _: 2,
-                            get_head_size=lambda: 32, get_num_layers_by_block_type=lambda _, kind: 4)
-    config = SimpleNamespace(model_config=model, parallel_config=None, cache_config=SimpleNamespace(cache_dtype="auto"),
-                             scheduler_config=SimpleNamespace(max_num_seqs=128))
+    model = SimpleNamespace(
+        use_mla=False,
+        max_model_len=512,
+        dtype=torch.float32,
+        get_num_kv_heads=lambda _: 2,
+        get_head_size=lambda: 32,
+        get_num_layers_by_block_type=lambda _, kind: 4,
+    )
+    config = SimpleNamespace(
+        model_config=model,
+        parallel_config=None,
+        cache_config=SimpleNamespace(cache_dtype="auto"),
+        scheduler_config=SimpleNamespace(max_num_seqs=128),
+    )
     sequence = 512 * 2 * 2 * 32 * 4 * 4  # tokens x (K, V) x heads x head size x layers x float32: 1 MiB
     assert kv_cache_bytes(config, 2**40) == 128 * sequence  # the whole batch
     assert kv_cache_bytes(config, 64 * sequence) == 32 * sequence  # at most half the free memory
@@ -226,9 +278,25 @@ def test_the_kv_cache_on_cpu_holds_the_batch_within_half_the_free_memory():
 def test_a_bank_too_small_for_one_expert_is_refused(tmp_path):
     base = build_tiny_model("qwen3_moe", tmp_path / "base", **SERVING_SHAPES["qwen3_moe"])
     result = subprocess.run(
-        [str(Path(sys.executable).with_name("expert-hub")), "serve", "--base", str(base), "--expert-bank-gb", "0.00001",
-         "--dtype", "float32", "--max-model-len", "256", "--enforce-eager", "--port", "8643"],
-        capture_output=True, text=True, timeout=300)
+        [
+            str(Path(sys.executable).with_name("expert-hub")),
+            "serve",
+            "--base",
+            str(base),
+            "--expert-bank-gb",
+            "0.00001",
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "256",
+            "--enforce-eager",
+            "--port",
+            "8643",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "error: the expert bank holds no expert: one expert row in every MoE layer takes 0.4 MiB" in result.stderr
 
@@ -243,8 +311,9 @@ def qwen(tmp_path_factory):
     prompts = [(p, 12) for p in PROMPTS] + [(LONG, 6)]
     oracle = _oracle(root, {"base": base, **merged}, prompts)
     # Compiled (vLLM's default), unlike the deepseek server: the bank's remap and token tags must reach the graph.
-    server = start_server(root, base, f"law,intent,code={adapters['code']}", root / "registry", 8641,
-                    ["--max-resident-tasks", "3"])
+    server = start_server(
+        root, base, f"law,intent,code={adapters['code']}", root / "registry", 8641, ["--max-resident-tasks", "3"]
+    )
     yield server, oracle, root
     server.process.terminate()
     server.process.wait(timeout=60)
@@ -270,7 +339,9 @@ def _all_at_once(server: Server, oracle, names: tuple[str, ...]) -> None:
     """Every task and the base, twice over, sent concurrently so they share batches: each its own tokens."""
     jobs = [(name, prompt) for name in names for prompt in PROMPTS] * 2
     with ThreadPoolExecutor(len(jobs)) as pool:
-        results = list(pool.map(lambda job: server.complete(server.base if job[0] == "base" else job[0], job[1], 12), jobs))
+        results = list(
+            pool.map(lambda job: server.complete(server.base if job[0] == "base" else job[0], job[1], 12), jobs)
+        )
     for (name, prompt), result in zip(jobs, results):
         assert result["token_ids"] == _expected(oracle, name, prompt), (name, prompt)
 
@@ -287,9 +358,10 @@ def _matches_transformers(server: Server, oracle, root: Path, names: tuple[str, 
         for index, prompt in enumerate(PROMPTS):
             served = server.complete(name, prompt, 12)
             with torch.no_grad():
-                generated = model.generate(torch.tensor([served["prompt_token_ids"]]), max_new_tokens=12,
-                                           do_sample=False, min_new_tokens=12)
-            expected = generated[0, len(served["prompt_token_ids"]):].tolist()
+                generated = model.generate(
+                    torch.tensor([served["prompt_token_ids"]]), max_new_tokens=12, do_sample=False, min_new_tokens=12
+                )
+            expected = generated[0, len(served["prompt_token_ids"]) :].tolist()
             # Different kernels round differently: compare up to the first near-tie of the top two tokens.
             margins = oracle[name][index]["margins"]
             agree = next((i for i, margin in enumerate(margins) if margin < 1e-3), len(margins))
@@ -305,9 +377,12 @@ def test_task_selection_by_body_field_and_header(qwen):
     server, oracle, _ = qwen
     by_body = server.complete(server.base, PROMPTS[0], 12, task="intent")
     assert by_body["token_ids"] == _expected(oracle, "intent", PROMPTS[0])
-    status, body = server.request("POST", "/v1/completions", {
-        "model": server.base, "prompt": PROMPTS[1], "max_tokens": 12, "temperature": 0, "return_token_ids": True},
-        headers={"x-expert-task": "code"})
+    status, body = server.request(
+        "POST",
+        "/v1/completions",
+        {"model": server.base, "prompt": PROMPTS[1], "max_tokens": 12, "temperature": 0, "return_token_ids": True},
+        headers={"x-expert-task": "code"},
+    )
     assert status == 200 and body["choices"][0]["token_ids"] == _expected(oracle, "code", PROMPTS[1])
 
 
@@ -331,16 +406,28 @@ def test_the_openai_client(qwen):
     assert listed["law"].model_dump()["parent"] == server.base
     completion = client.completions.create(model="law", prompt=PROMPTS[0], max_tokens=12, temperature=0)
     assert completion.model == "law" and completion.choices[0].text
-    streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(
-        model="law", prompt=PROMPTS[0], max_tokens=12, temperature=0, stream=True))
+    streamed = "".join(
+        chunk.choices[0].text
+        for chunk in client.completions.create(
+            model="law", prompt=PROMPTS[0], max_tokens=12, temperature=0, stream=True
+        )
+    )
     assert streamed == completion.choices[0].text
-    chat = client.chat.completions.create(model="intent", messages=[{"role": "user", "content": "hi"}],
-                                          max_tokens=8, temperature=0)
-    chunks = client.chat.completions.create(model="intent", messages=[{"role": "user", "content": "hi"}],
-                                            max_tokens=8, temperature=0, stream=True)
+    chat = client.chat.completions.create(
+        model="intent", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0
+    )
+    chunks = client.chat.completions.create(
+        model="intent", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
-    assert client.completions.create(model=server.base, prompt=PROMPTS[0], max_tokens=12, temperature=0,
-                                     extra_body={"task": "law"}).choices[0].text == completion.choices[0].text
+    assert (
+        client.completions.create(
+            model=server.base, prompt=PROMPTS[0], max_tokens=12, temperature=0, extra_body={"task": "law"}
+        )
+        .choices[0]
+        .text
+        == completion.choices[0].text
+    )
     with pytest.raises(BadRequestError, match="several tasks"):  # two tasks named: refused, not guessed
         client.completions.create(model="law", prompt="x", max_tokens=2, extra_body={"task": "code"})
     with pytest.raises(NotFoundError):
@@ -381,12 +468,16 @@ def test_per_task_counters_in_metrics(qwen):
     before = server.counters()
     prompt_tokens = len(server.complete("law", PROMPTS[0], 5, ignore_eos=True)["prompt_token_ids"])
     client = OpenAI(base_url=server.url + "/v1", api_key=API_KEY)
-    chunks = list(client.completions.create(model="intent", prompt=PROMPTS[0], max_tokens=7, stream=True,
-                                            extra_body={"ignore_eos": True}))  # usage not asked for in the stream
+    chunks = list(
+        client.completions.create(
+            model="intent", prompt=PROMPTS[0], max_tokens=7, stream=True, extra_body={"ignore_eos": True}
+        )
+    )  # usage not asked for in the stream
     assert all(chunk.choices for chunk in chunks) and not any(chunk.usage for chunk in chunks)
     after = server.counters()
     assert {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key, 0)} == {
-        'expert_hub_task_requests_total{task="law"}': 1, 'expert_hub_task_requests_total{task="intent"}': 1,
+        'expert_hub_task_requests_total{task="law"}': 1,
+        'expert_hub_task_requests_total{task="intent"}': 1,
         'expert_hub_task_prompt_tokens_total{task="law"}': prompt_tokens,
         'expert_hub_task_prompt_tokens_total{task="intent"}': prompt_tokens,
         'expert_hub_task_completion_tokens_total{task="law"}': 5,
@@ -436,8 +527,14 @@ def deepseek(tmp_path_factory):
     base, adapters, merged = _make_tasks("deepseek_v2", root, tasks)
     oracle = _oracle(root, {"base": base, **merged}, [(p, 12) for p in PROMPTS])
     # 0.0014 GiB over 3 MoE layers = 5 rows of 96 KiB experts per layer
-    server = start_server(root, base, ",".join(f"{n}={p}" for n, p in adapters.items()), root / "registry", 8642,
-                    ["--expert-bank-gb", "0.0014", "--enforce-eager"])
+    server = start_server(
+        root,
+        base,
+        ",".join(f"{n}={p}" for n, p in adapters.items()),
+        root / "registry",
+        8642,
+        ["--expert-bank-gb", "0.0014", "--enforce-eager"],
+    )
     yield server, oracle, root
     server.process.terminate()
     server.process.wait(timeout=60)
@@ -482,6 +579,10 @@ def test_a_full_bank_evicts_an_idle_task_and_a_task_larger_than_the_bank_is_refu
     resident = {task["id"] for task in server.request("GET", "/v1/tasks")[1]["data"] if task["resident"]}
     assert resident == {"wide", "intent"}
     status, body = server.request("POST", "/v1/tasks/huge")
-    assert status == 507 and "6 experts in layer 1" in body["error"]["message"] and "5 per layer" in body["error"]["message"]
+    assert (
+        status == 507
+        and "6 experts in layer 1" in body["error"]["message"]
+        and "5 per layer" in body["error"]["message"]
+    )
     for name in ("law", "intent"):  # the evicted one reloads (evicting another idle task) with the same tokens
         assert server.complete(name, PROMPTS[0], 12)["token_ids"] == _expected(oracle, name, PROMPTS[0])

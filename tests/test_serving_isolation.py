@@ -26,13 +26,19 @@ from expert_hub.adapter import AdapterMetadata
 from expert_hub.models import load_base
 from expert_hub.registry import Registry
 from expert_hub.testing import SERVING_SHAPES, build_tiny_model
+
 from .serving_client import API_KEY, start_server
 
 PROMPT = "Hello world, this is"
 LONG = " ".join(f"word{i}" for i in range(50))  # ~340 tokens: more than two 128-token KV blocks
 LAW = {0: [3, 7], 1: [3], 2: [1, 2], 3: [7]}
-EXPERTS = {"law": LAW, "intent": {0: [3, 9], 1: [4], 3: [0, 15]}, "huge": {1: [2, 5], 2: [0]},
-           "scratch": {2: [6]}, "gone": {1: [8, 9]}}
+EXPERTS = {
+    "law": LAW,
+    "intent": {0: [3, 9], 1: [4], 3: [0, 15]},
+    "huge": {1: [2, 5], 2: [0]},
+    "scratch": {2: [6]},
+    "gone": {1: [8, 9]},
+}
 
 
 def _adapter(model, name: str, experts: dict, seed: int, scale: float = 0.3) -> ExpertAdapter:
@@ -49,22 +55,37 @@ def server(tmp_path_factory):
     model = load_base(str(base))
     registry = Registry(root / "registry")
     for seed, name in enumerate(("law", "intent", "huge")):
-        registry.register(_adapter(model, name, EXPERTS[name], seed, scale=1e20 if name == "huge" else 0.3)
-                          .save(root / name))
+        registry.register(
+            _adapter(model, name, EXPERTS[name], seed, scale=1e20 if name == "huge" else 0.3).save(root / name)
+        )
     expert = ExpertAdapter.from_model(model, ExpertSelection({1: [2]})).tensors  # one expert of layer 1
     for name, number, gate_rows in (("outofrange", 99, 64), ("misshapen", 2, 63)):
-        tensors = {key.replace(".experts.2.", f".experts.{number}."): torch.zeros(
-            (gate_rows, 128) if "gate_proj" in key else tuple(value.shape)) for key, value in expert.items()}
-        adapter = ExpertAdapter(ExpertSelection({1: [number]}), tensors, AdapterMetadata(task=name, base_model=str(base)))
+        tensors = {
+            key.replace(".experts.2.", f".experts.{number}."): torch.zeros(
+                (gate_rows, 128) if "gate_proj" in key else tuple(value.shape)
+            )
+            for key, value in expert.items()
+        }
+        adapter = ExpertAdapter(
+            ExpertSelection({1: [number]}), tensors, AdapterMetadata(task=name, base_model=str(base))
+        )
         registry.register(adapter.save(root / name))
     _adapter(model, "scratch", EXPERTS["scratch"], 4).save(root / "scratch")
     # A small KV cache (20 blocks of 128 tokens), so that blocks one request freed soon serve another.
-    server = start_server(root, base, f"law,intent,scratch={root / 'scratch'}", root / "registry", 8651,
-                          ["--max-resident-tasks", "2", "--enforce-eager", "--enable-prompt-tokens-details",
-                           "--kv-cache-gb", "0.005"])
+    server = start_server(
+        root,
+        base,
+        f"law,intent,scratch={root / 'scratch'}",
+        root / "registry",
+        8651,
+        ["--max-resident-tasks", "2", "--enforce-eager", "--enable-prompt-tokens-details", "--kv-cache-gb", "0.005"],
+    )
     server.root, server.registry = root, registry
-    server.expected = {name: server.complete(server.base if name == "base" else name, prompt, 8)["token_ids"]
-                       for name in ("base", "law", "intent") for prompt in (PROMPT,)}
+    server.expected = {
+        name: server.complete(server.base if name == "base" else name, prompt, 8)["token_ids"]
+        for name in ("base", "law", "intent")
+        for prompt in (PROMPT,)
+    }
     assert len({tuple(tokens) for tokens in server.expected.values()}) == 3  # the tasks really differ
     yield server
     server.process.terminate()
@@ -85,10 +106,20 @@ def _unchanged(server) -> None:
 def test_every_route_but_health_needs_the_key(server):
     status, spec = server.request("GET", "/openapi.json")
     assert status == 200
-    routes = [(method.upper(), path.replace("{response_id}", "resp_x")) for path, methods in spec["paths"].items()
-              for method in methods]
-    routes += [("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/redoc"), ("GET", "/v1/tasks"),
-               ("POST", "/v1/tasks/law"), ("DELETE", "/v1/tasks/law"), ("POST", "/scale_elastic_ep")]
+    routes = [
+        (method.upper(), path.replace("{response_id}", "resp_x"))
+        for path, methods in spec["paths"].items()
+        for method in methods
+    ]
+    routes += [
+        ("GET", "/docs"),
+        ("GET", "/openapi.json"),
+        ("GET", "/redoc"),
+        ("GET", "/v1/tasks"),
+        ("POST", "/v1/tasks/law"),
+        ("DELETE", "/v1/tasks/law"),
+        ("POST", "/scale_elastic_ep"),
+    ]
     assert {"/metrics", "/invocations", "/tokenize", "/v1/responses", "/load", "/version"} <= {p for _, p in routes}
     for method, path in routes:
         for key in (None, "wrong", API_KEY.upper()):
@@ -109,21 +140,28 @@ def test_every_route_but_health_needs_the_key(server):
 
 def test_private_task_arguments_cannot_be_smuggled(server):
     """Only the server sets the worker's task: a client's own vllm_xargs, on any endpoint, run the base experts."""
-    for xargs in ({"task": "law"}, {"expert_hub_task": "law"}, {"expert_hub_task": ["law"]}, {"expert_hub_task": 1},
-                  {"expert_hub_task": hashlib.sha256(b"law").hexdigest()[:32]}):
+    for xargs in (
+        {"task": "law"},
+        {"expert_hub_task": "law"},
+        {"expert_hub_task": ["law"]},
+        {"expert_hub_task": 1},
+        {"expert_hub_task": hashlib.sha256(b"law").hexdigest()[:32]},
+    ):
         result = server.complete(server.base, PROMPT, 8, vllm_xargs=xargs)
         assert result["token_ids"] == server.expected["base"], xargs
         assert server.complete("intent", PROMPT, 8, vllm_xargs=xargs)["token_ids"] == server.expected["intent"]
     chat = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 8, "temperature": 0}
     plain = server.request("POST", "/v1/chat/completions", {"model": server.base, **chat})[1]
-    smuggled = server.request("POST", "/v1/chat/completions", {"model": server.base, **chat,
-                                                               "vllm_xargs": {"expert_hub_task": "law"}})[1]
+    smuggled = server.request(
+        "POST", "/v1/chat/completions", {"model": server.base, **chat, "vllm_xargs": {"expert_hub_task": "law"}}
+    )[1]
     assert smuggled["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
     _unchanged(server)
 
 
 def test_cache_salts_cannot_be_forged(server):
     """law's KV blocks are shared by law's requests only, whatever salt another request carries."""
+
     def cached(model: str, **extra) -> int:
         usage = server.complete(model, LONG, 2, **extra)["usage"]
         return (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
@@ -162,9 +200,15 @@ def test_every_generating_endpoint_runs_the_named_task(server):
     for path, request in requests.items():
         request = {**request, "temperature": 0, "ignore_eos": True}
         for name in ("base", "law"):
-            selectors = [({"model": server.base}, {})] if name == "base" else [
-                ({"model": "law"}, {}), ({"model": server.base, "task": "law"}, {}),
-                ({"model": server.base}, {"x-expert-task": "law"})]
+            selectors = (
+                [({"model": server.base}, {})]
+                if name == "base"
+                else [
+                    ({"model": "law"}, {}),
+                    ({"model": server.base, "task": "law"}, {}),
+                    ({"model": server.base}, {"x-expert-task": "law"}),
+                ]
+            )
             for fields, headers in selectors:
                 before = server.counters()
                 status, body = server.request("POST", path, {**request, **fields}, headers=headers)
@@ -184,17 +228,22 @@ def test_every_generating_endpoint_runs_the_named_task(server):
 
 
 def test_a_task_selector_elsewhere_is_refused_never_answered_by_the_base(server):
-    for method, path, body in (("POST", "/generative_scoring", {"model": "law", "query": "x", "items": ["a"]}),
-                               ("POST", "/v1/systemone", {"model": "law"}),
-                               ("POST", "/v1/completions/render", {"task": "law", "prompt": "x"}),
-                               ("GET", "/version", None), ("GET", "/load", None)):
+    for method, path, body in (
+        ("POST", "/generative_scoring", {"model": "law", "query": "x", "items": ["a"]}),
+        ("POST", "/v1/systemone", {"model": "law"}),
+        ("POST", "/v1/completions/render", {"task": "law", "prompt": "x"}),
+        ("GET", "/version", None),
+        ("GET", "/load", None),
+    ):
         status, answer = server.request(method, path, body, headers={"x-expert-task": "law"})
         assert status == 400 and answer["error"]["message"].startswith(f"{path} does not serve tasks"), (path, answer)
     status, tokens = server.request("POST", "/tokenize", {"model": "law", "prompt": PROMPT})
     assert status == 200 and tokens == server.request("POST", "/tokenize", {"model": server.base, "prompt": PROMPT})[1]
-    for path, body in (("/tokenize", {"model": "lawyer", "prompt": "x"}),
-                       ("/v1/completions", {"model": "lawyer", "prompt": "x"}),
-                       ("/v1/responses", {"model": "lawyer", "input": "x"})):
+    for path, body in (
+        ("/tokenize", {"model": "lawyer", "prompt": "x"}),
+        ("/v1/completions", {"model": "lawyer", "prompt": "x"}),
+        ("/v1/responses", {"model": "lawyer", "input": "x"}),
+    ):
         status, answer = server.request("POST", path, body)
         assert status == 404 and answer["error"]["type"] == "NotFoundError", (path, answer)
         assert all(name in answer["error"]["message"] for name in ("lawyer", "law", "intent", "scratch", server.base))
@@ -203,8 +252,9 @@ def test_a_task_selector_elsewhere_is_refused_never_answered_by_the_base(server)
     for odd in ({"model": ["law"]}, {"model": {"a": 1}}, {"task": ["law"]}, {"task": None}):
         status, answer = server.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 2, **odd})
         assert 400 <= status < 500 and "error" in answer, (odd, answer)
-    status, answer = server.request("POST", "/v1/responses", {"model": "law", "input": "x", "background": True,
-                                                              "store": True})
+    status, answer = server.request(
+        "POST", "/v1/responses", {"model": "law", "input": "x", "background": True, "store": True}
+    )
     assert status == 400 and "background" in answer["error"]["message"]
     # vLLM's beam search makes its own sampling parameters without the task's key (it would run the base experts
     # under the task's cache salt and poison the task's prefix cache): refused for tasks.
@@ -223,11 +273,20 @@ def test_a_task_whose_tokens_turn_nan_cannot_change_any_other_request(server):
     assert status == 200, body
     for other in ("law", "intent"):  # two resident tasks at most: huge and one other share batches with the base
         with ThreadPoolExecutor(6) as pool:  # huge's own logprobs are NaN: it is asked for tokens only
-            jobs = {(name, prompt): pool.submit(server.complete, server.base if name == "base" else name, prompt, 8)
-                    for name in (other, "base") for prompt in (PROMPT, LONG)}
-            jobs |= {("huge", prompt): pool.submit(server.request, "POST", "/v1/completions", {
-                "model": "huge", "prompt": prompt, "max_tokens": 8, "temperature": 0, "return_token_ids": True})
-                for prompt in (PROMPT, LONG)}
+            jobs = {
+                (name, prompt): pool.submit(server.complete, server.base if name == "base" else name, prompt, 8)
+                for name in (other, "base")
+                for prompt in (PROMPT, LONG)
+            }
+            jobs |= {
+                ("huge", prompt): pool.submit(
+                    server.request,
+                    "POST",
+                    "/v1/completions",
+                    {"model": "huge", "prompt": prompt, "max_tokens": 8, "temperature": 0, "return_token_ids": True},
+                )
+                for prompt in (PROMPT, LONG)
+            }
         status, body = jobs["huge", PROMPT].result()
         assert status == 200 and body["choices"][0]["token_ids"] == [0] * 8  # NaN logits: argmax is token 0
         for name in (other, "base"):
@@ -235,8 +294,10 @@ def test_a_task_whose_tokens_turn_nan_cannot_change_any_other_request(server):
         huge = {"model": "huge", "prompt": PROMPT, "max_tokens": 8}
         for name in server.expected:  # the next request gets the block huge's request just freed
             assert server.request("POST", "/v1/completions", huge)[0] == 200
-            assert server.complete(server.base if name == "base" else name, PROMPT, 8)["token_ids"] == \
-                server.expected[name], name
+            assert (
+                server.complete(server.base if name == "base" else name, PROMPT, 8)["token_ids"]
+                == server.expected[name]
+            ), name
         _unchanged(server)
     assert server.request("DELETE", "/v1/tasks/huge")[0] == 200
     _unchanged(server)
@@ -320,9 +381,12 @@ def test_versions_and_removed_entries(server):
 def test_tokens_of_disconnected_streams_are_counted(server):
     before = server.counters()
     connection = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]), timeout=60)
-    connection.request("POST", "/v1/completions", json.dumps({
-        "model": "intent", "prompt": PROMPT, "max_tokens": 480, "stream": True, "ignore_eos": True}),
-        {"content-type": "application/json", "authorization": f"Bearer {API_KEY}"})
+    connection.request(
+        "POST",
+        "/v1/completions",
+        json.dumps({"model": "intent", "prompt": PROMPT, "max_tokens": 480, "stream": True, "ignore_eos": True}),
+        {"content-type": "application/json", "authorization": f"Bearer {API_KEY}"},
+    )
     response = connection.getresponse()
     assert response.status == 200
     received = [response.readline() for _ in range(6)]  # a few `data:` events and their blank lines
@@ -340,8 +404,10 @@ def test_serve_refuses_bad_tasks_and_options_in_one_line(server, tmp_path):
     nan = server.root / "nan"
     model = load_base(server.base)
     _adapter(model, "nan", {2: [6]}, 5).save(nan)
-    save_file({key: torch.full_like(value, float("nan")) for key, value in load_file(nan / "experts.safetensors").items()},
-              nan / "experts.safetensors")
+    save_file(
+        {key: torch.full_like(value, float("nan")) for key, value in load_file(nan / "experts.safetensors").items()},
+        nan / "experts.safetensors",
+    )
     cases = [
         (["--tasks", f"../x={server.root / 'law'}"], "invalid task name '../x'"),
         (["--tasks", f"bad={nan}"], "holds NaN or infinite values"),
@@ -352,9 +418,22 @@ def test_serve_refuses_bad_tasks_and_options_in_one_line(server, tmp_path):
         (["--kv-cache-gb", "100000"], "a KV cache of 100000.00 GiB is more than the"),
     ]
     for options, message in cases:
-        result = subprocess.run([str(Path(sys.executable).with_name("expert-hub")), "serve", "--base", server.base,
-                                 "--dtype", "float32", "--port", "8652", *options],
-                                capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [
+                str(Path(sys.executable).with_name("expert-hub")),
+                "serve",
+                "--base",
+                server.base,
+                "--dtype",
+                "float32",
+                "--port",
+                "8652",
+                *options,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         last = result.stderr.strip().splitlines()[-1]
         assert result.returncode == 1 and "Traceback" not in result.stderr, (options, result.stderr[-2000:])
         assert last.startswith("error: ") and message in last, (options, last)

@@ -55,8 +55,10 @@ def _check_fingerprint(base: str, task: Task) -> None:
     header = AdapterHeader.read(task.directory)
     expected = header.metadata.base_fingerprint
     if expected and (actual := checkpoint_fingerprint(base, header.selection)) not in (None, expected):
-        raise InvalidInputError(f"task {task.name} was trained from other base weights than {base} "
-                                f"(fingerprint {actual[:12]} != {expected[:12]})")
+        raise InvalidInputError(
+            f"task {task.name} was trained from other base weights than {base} "
+            f"(fingerprint {actual[:12]} != {expected[:12]})"
+        )
 
 
 def bank_rows(tasks: dict[str, Task], num_experts: int, max_resident: int) -> int:
@@ -70,9 +72,18 @@ def bank_rows(tasks: dict[str, Task], num_experts: int, max_resident: int) -> in
     return max(needed, math.ceil(num_experts / 4))
 
 
-def run_server(base: str, model: ModelSummary, tasks: dict[str, Task], max_resident: int, registry,
-               vllm_argv: list[str], extra_rows: int | None = None, bank_gb: float | None = None,
-               api_key: str | None = None, public_metrics: bool = False) -> None:
+def run_server(
+    base: str,
+    model: ModelSummary,
+    tasks: dict[str, Task],
+    max_resident: int,
+    registry,
+    vllm_argv: list[str],
+    extra_rows: int | None = None,
+    bank_gb: float | None = None,
+    api_key: str | None = None,
+    public_metrics: bool = False,
+) -> None:
     """Start vLLM with the expert bank and serve until interrupted.
 
     The bank is `extra_rows` rows per MoE layer, or as many as `bank_gb` GiB (per GPU, over all MoE layers) holds,
@@ -89,8 +100,10 @@ def run_server(base: str, model: ModelSummary, tasks: dict[str, Task], max_resid
     from .worker import ExpertBankWorker
 
     if model.expert_biases:
-        raise InvalidInputError(f"{model.family} experts have biases, which the expert bank does not hold yet: "
-                                "serve each task's merged checkpoint with vLLM instead")
+        raise InvalidInputError(
+            f"{model.family} experts have biases, which the expert bank does not hold yet: "
+            "serve each task's merged checkpoint with vLLM instead"
+        )
     os.environ.update(_bank_settings(model, tasks, max_resident, extra_rows, bank_gb).to_env())
     worker_extension = f"{ExpertBankWorker.__module__}.{ExpertBankWorker.__name__}"
     argv = ["--model", base, "--worker-extension-cls", worker_extension, *vllm_argv, *cpu_rotary_workaround(vllm_argv)]
@@ -98,8 +111,9 @@ def run_server(base: str, model: ModelSummary, tasks: dict[str, Task], max_resid
     uvloop.run(serve(args, tasks, max_resident, registry, base, model, [api_key] if api_key else [], public_metrics))
 
 
-def _bank_settings(model: ModelSummary, tasks: dict[str, Task], max_resident: int, extra_rows: int | None,
-                   bank_gb: float | None) -> BankSettings:
+def _bank_settings(
+    model: ModelSummary, tasks: dict[str, Task], max_resident: int, extra_rows: int | None, bank_gb: float | None
+) -> BankSettings:
     """`bank_gb` split evenly over the MoE layers, else `extra_rows`, else room for `max_resident` of `tasks`."""
     if bank_gb:
         return BankSettings(None, int(bank_gb * 2**30 / len(model.moe_layers)), max_resident)

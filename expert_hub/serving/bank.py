@@ -86,7 +86,7 @@ def _bank_initialiser(max_tasks: int):
         layer.base_experts, layer.expert_sizes = sizes.experts, (sizes.intermediate, sizes.hidden)
         with torch.no_grad():  # some loaders fill extra rows with copies, others leave them uninitialised
             for weight in vllm.expert_weights(layer):
-                weight[sizes.experts:].zero_()
+                weight[sizes.experts :].zero_()
         identity = torch.arange(sizes.experts, dtype=torch.int32)
         layer.register_buffer("task_remap", identity.repeat(max_tasks + 1, 1), persistent=False)
         layer.free_rows = list(range(sizes.experts, sizes.experts + extra_rows))
@@ -109,4 +109,4 @@ def _tag_tokens_with_tasks(request_args: list[dict], num_scheduled_tokens: np.nd
         rows[position] = TASK_ROWS.get(key, 0) if isinstance(key, str) else 0  # lists are unhashable
     per_token = torch.from_numpy(np.repeat(rows, num_scheduled_tokens))
     TOKEN_TASK_ROWS[: per_token.shape[0]] = per_token
-    TOKEN_TASK_ROWS[per_token.shape[0]:].zero_()
+    TOKEN_TASK_ROWS[per_token.shape[0] :].zero_()

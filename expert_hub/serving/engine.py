@@ -42,17 +42,22 @@ def kv_cache_bytes(config, free_bytes: int, given: int | None = None) -> int:
     sequence = shape.bytes_per_token * shape.max_model_len
     if given is not None:
         if given < 2 * sequence:
-            raise InvalidInputError(f"a KV cache of {_size(given)} holds less than two {shape.max_model_len}-token "
-                                    f"sequences ({_size(2 * sequence)}): give a larger --kv-cache-gb or a smaller "
-                                    "--max-model-len")
+            raise InvalidInputError(
+                f"a KV cache of {_size(given)} holds less than two {shape.max_model_len}-token "
+                f"sequences ({_size(2 * sequence)}): give a larger --kv-cache-gb or a smaller "
+                "--max-model-len"
+            )
         if given > free_bytes:
-            raise InvalidInputError(f"a KV cache of {_size(given)} is more than the {_size(free_bytes)} of memory free "
-                                    "besides the weights: give a smaller --kv-cache-gb")
+            raise InvalidInputError(
+                f"a KV cache of {_size(given)} is more than the {_size(free_bytes)} of memory free "
+                "besides the weights: give a smaller --kv-cache-gb"
+            )
         return given
     if 2 * sequence > free_bytes:
         raise InvalidInputError(
             f"a {shape.max_model_len}-token sequence needs {_size(sequence)} of KV cache and only {_size(free_bytes)} "
-            "of memory is free besides the weights: give a smaller --max-model-len")
+            "of memory is free besides the weights: give a smaller --max-model-len"
+        )
     return max(2 * sequence, min(sequence * shape.max_num_seqs, free_bytes // 2))
 
 
@@ -89,8 +94,10 @@ async def start_engine(args):
     except (ValueError, TypeError, ValidationError) as error:
         raise InvalidInputError(f"vLLM refused the server options: {_vllm_message(error)}") from error
     if vllm.is_cpu() and vllm.memory_utilization_is_default(engine_args):
-        vllm.set_kv_cache_bytes(engine_args, kv_cache_bytes(config, _free_memory_besides_weights(args.model),
-                                                            vllm.given_kv_cache_bytes(config)))
+        vllm.set_kv_cache_bytes(
+            engine_args,
+            kv_cache_bytes(config, _free_memory_besides_weights(args.model), vllm.given_kv_cache_bytes(config)),
+        )
     started = False
     try:
         async with vllm.engine_client(engine_args) as engine:
@@ -99,5 +106,6 @@ async def start_engine(args):
     except Exception as error:
         if started:
             raise
-        raise InvalidInputError(f"the vLLM engine did not start ({first_line(error)}): the engine's log above says "
-                                "why") from error
+        raise InvalidInputError(
+            f"the vLLM engine did not start ({first_line(error)}): the engine's log above says why"
+        ) from error

@@ -23,6 +23,7 @@ TASK_COMPLETION_TOKENS = Counter("expert_hub_task_completion_tokens", "Generated
 
 def count_tokens(generate: Callable[..., AsyncIterator], task_of_key: Callable[[object], str | None]):
     """`generate` (an `EngineClient.generate`) that adds each request's tokens to its task's counters."""
+
     async def counted(prompt, sampling_params, request_id, *args, **kwargs):
         task = task_of_key(vllm.request_extra_args(sampling_params).get(TASK_ARG)) or "base"
         delta = vllm.streams_deltas(sampling_params)

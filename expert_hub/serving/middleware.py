@@ -27,8 +27,16 @@ from .serving_state import ServingState, error_body, serving_state
 from .tasks import Task, TaskError
 
 # Endpoints whose requests carry `model`, `vllm_xargs` and `cache_salt` at the top level and generate: a task runs here.
-TASK_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/chat/completions/batch", "/v1/responses",
-                         "/v1/messages", "/invocations"})
+TASK_ROUTES = frozenset(
+    {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/chat/completions/batch",
+        "/v1/responses",
+        "/v1/messages",
+        "/invocations",
+    }
+)
 # Endpoints that only use the tokenizer, which every task shares: a task name is checked, the base answers.
 TOKENIZER_ROUTES = frozenset({"/tokenize", "/detokenize", "/v1/messages/count_tokens"})
 
@@ -69,8 +77,11 @@ class TaskRouting:
         if task is not None and path in TOKENIZER_ROUTES and request is not None:
             return await self._tokenize_for_task(state, scope, receive, send, request, task)
         if task is not None:
-            return await _respond(send, 400, error_body(400, f"{path} does not serve tasks: send task requests to "
-                                                             f"{', '.join(sorted(TASK_ROUTES))}"))
+            return await _respond(
+                send,
+                400,
+                error_body(400, f"{path} does not serve tasks: send task requests to {', '.join(sorted(TASK_ROUTES))}"),
+            )
         await self.app(scope, receive, send)
 
     async def _run_as_task(self, state: ServingState, scope, receive, send, request: dict, task: str) -> None:
@@ -111,9 +122,18 @@ class TaskRouting:
         if start.get("status") == 200:
             listing = json.loads(body)
             created = int(time.time())
-            listing["data"] += [{"id": name, "object": "model", "created": created, "owned_by": "expert-hub",
-                                 "root": state.base_name, "parent": state.base_name, "permission": []}
-                                for name in sorted(state.manager.known)]
+            listing["data"] += [
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "expert-hub",
+                    "root": state.base_name,
+                    "parent": state.base_name,
+                    "permission": [],
+                }
+                for name in sorted(state.manager.known)
+            ]
             body = json.dumps(listing).encode()
         await _respond(send, start.get("status", 500), body)
 
@@ -124,8 +144,9 @@ def _path(scope) -> str:
 
 def _is_preflight(scope) -> bool:
     """A CORS preflight (answered by vLLM's CORS middleware, which runs nothing): browsers send it without a key."""
-    return scope["method"] == "OPTIONS" and any(name == b"access-control-request-method"
-                                                 for name, _ in scope["headers"])
+    return scope["method"] == "OPTIONS" and any(
+        name == b"access-control-request-method" for name, _ in scope["headers"]
+    )
 
 
 def _is_admin_request(scope) -> bool:
@@ -136,8 +157,12 @@ def _is_admin_request(scope) -> bool:
 async def _refuse_unauthenticated(scope, send) -> None:
     if scope["type"] == "websocket":
         return await send({"type": "websocket.close", "code": 1008})
-    await _respond(send, 401, error_body(401, "Unauthorized: give the API key as 'Authorization: Bearer KEY'"),
-                   [(b"www-authenticate", b"Bearer")])
+    await _respond(
+        send,
+        401,
+        error_body(401, "Unauthorized: give the API key as 'Authorization: Bearer KEY'"),
+        [(b"www-authenticate", b"Bearer")],
+    )
 
 
 def _requested_task(state: ServingState, scope, request: dict | None) -> str | None:
@@ -173,8 +198,9 @@ def _check_task_request(request: dict) -> None:
     if request.get("use_beam_search"):
         raise TaskError("beam search cannot run on a task: vLLM's beam search drops the request's task", 400)
     if request.get("background"):
-        raise TaskError("background responses cannot run on a task: the task must stay loaded until the response "
-                        "ends", 400)
+        raise TaskError(
+            "background responses cannot run on a task: the task must stay loaded until the response ends", 400
+        )
     salt = request.get("cache_salt")
     if salt is not None and not (isinstance(salt, str) and salt):
         raise TaskError("Parameter 'cache_salt' must be a non-empty string if provided.", 400)
@@ -227,9 +253,17 @@ def _with_length(scope, body: bytes) -> dict:
 
 
 async def _respond(send, status: int, body: bytes, headers: list | None = None) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *(headers or [])]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 

@@ -41,8 +41,15 @@ async def add_task(ref: str, request: Request) -> Response:
         task = await serving_state(request.app).manager.add(ref)
     except TaskError as error:
         return _refusal(error)
-    return _json({"task": task.name, "version": task.version, "resident": True, "bytes": task.nbytes,
-                  "seconds": round(time.perf_counter() - started, 4)})
+    return _json(
+        {
+            "task": task.name,
+            "version": task.version,
+            "resident": True,
+            "bytes": task.nbytes,
+            "seconds": round(time.perf_counter() - started, 4),
+        }
+    )
 
 
 @admin_router.delete("/v1/tasks/{name:path}", include_in_schema=False)

@@ -26,8 +26,16 @@ from .tasks import Task, TaskManager
 logger = logging.getLogger(__name__)
 
 
-async def serve(args: Namespace, tasks: dict[str, Task], max_resident: int, registry, base: str, model,
-                api_keys: list[str], public_metrics: bool) -> None:
+async def serve(
+    args: Namespace,
+    tasks: dict[str, Task],
+    max_resident: int,
+    registry,
+    base: str,
+    model,
+    api_keys: list[str],
+    public_metrics: bool,
+) -> None:
     """Start the engine with the bank worker, load the initial tasks, then serve HTTP until stopped."""
     base_names = tuple(args.served_model_name or [args.model])
     keys = ApiKeys(vllm.api_keys(api_keys), frozenset({"/health", "/metrics"} if public_metrics else {"/health"}))
@@ -51,8 +59,10 @@ async def _prepare_bank(manager: TaskManager, initial: list[str]) -> None:
     """Refuse a bank that holds no expert or a kernel layout it cannot write, then load the initial tasks."""
     bank = await manager.bank()
     if not bank["rows_per_layer"]:
-        raise InvalidInputError(f"the expert bank holds no expert: one expert row in every MoE layer takes "
-                                f"{bank['bytes_per_row'] / 2**20:.1f} MiB; give a larger --expert-bank-gb")
+        raise InvalidInputError(
+            f"the expert bank holds no expert: one expert row in every MoE layer takes "
+            f"{bank['bytes_per_row'] / 2**20:.1f} MiB; give a larger --expert-bank-gb"
+        )
     if not await manager.check_layout():
         logger.warning("the base checkpoint has no per-expert tensors to check the bank's weight layout with")
     for name in initial:

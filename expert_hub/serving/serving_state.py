@@ -14,8 +14,15 @@ from dataclasses import dataclass
 
 from .tasks import TaskManager
 
-_ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 409: "ConflictError",
-                422: "UnprocessableEntityError", 503: "ServiceUnavailableError", 507: "InsufficientStorageError"}
+_ERROR_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    409: "ConflictError",
+    422: "UnprocessableEntityError",
+    503: "ServiceUnavailableError",
+    507: "InsufficientStorageError",
+}
 
 
 class ApiKeys:

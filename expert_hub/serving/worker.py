@@ -59,10 +59,13 @@ class ExpertBankWorker:
 
     def expert_hub_bank_info(self) -> BankInfo:
         layers = _banked_layers(vllm.served_model(self)).values()
-        return BankInfo(layers=len(layers), rows_per_layer=min(map(_extra_rows, layers)),
-                        free_rows_per_layer=min(len(layer.free_rows) for layer in layers),
-                        bytes=sum(_row_bytes(layer) * _extra_rows(layer) for layer in layers),
-                        bytes_per_row=sum(map(_row_bytes, layers)))
+        return BankInfo(
+            layers=len(layers),
+            rows_per_layer=min(map(_extra_rows, layers)),
+            free_rows_per_layer=min(len(layer.free_rows) for layer in layers),
+            bytes=sum(_row_bytes(layer) * _extra_rows(layer) for layer in layers),
+            bytes_per_row=sum(map(_row_bytes, layers)),
+        )
 
     @torch.no_grad()
     def expert_hub_check_layout(self) -> dict:
@@ -91,15 +94,23 @@ class ExpertBankWorker:
         layers = _banked_layers(vllm.served_model(self))
         try:
             adapter = ExpertAdapter.load(directory)  # refuses non-finite and non-float weights
-            rows = {index: [(expert, *_kernel_row(layers[index], _expert_tensors(adapter, index, expert)))
-                            for expert in experts]
-                    for index, experts in _checked_experts(adapter, layers).items()}
+            rows = {
+                index: [
+                    (expert, *_kernel_row(layers[index], _expert_tensors(adapter, index, expert))) for expert in experts
+                ]
+                for index, experts in _checked_experts(adapter, layers).items()
+            }
         except (ExpertHubError, ValueError, OSError) as error:
             return asdict(LoadResult("refused", message=str(error)))
         for index, experts in rows.items():
             if len(experts) > len(layers[index].free_rows):
-                return asdict(LoadResult("bank_full", message=f"the task needs {len(experts)} expert rows in layer "
-                                         f"{index}; {len(layers[index].free_rows)} are free"))
+                return asdict(
+                    LoadResult(
+                        "bank_full",
+                        message=f"the task needs {len(experts)} expert rows in layer "
+                        f"{index}; {len(layers[index].free_rows)} are free",
+                    )
+                )
         used = set(bank.TASK_ROWS.values())
         max_row = next(iter(layers.values())).task_remap.shape[0] - 1
         row = next((r for r in range(1, max_row + 1) if r not in used), None)
@@ -165,9 +176,12 @@ def check_row_layout(layer, row: int, expert: int, tensors: dict[str, torch.Tens
             weight[row].zero_()
     if same:
         return LayoutResult("ok")
-    return LayoutResult("wrong_layout", f"{vllm.expert_kernel_name(layer)} keeps expert weights in a layout the "
-                        "expert bank cannot write yet: a base expert written as tasks are did not match the loaded "
-                        "one; serve merged checkpoints instead")
+    return LayoutResult(
+        "wrong_layout",
+        f"{vllm.expert_kernel_name(layer)} keeps expert weights in a layout the "
+        "expert bank cannot write yet: a base expert written as tasks are did not match the loaded "
+        "one; serve merged checkpoints instead",
+    )
 
 
 def _local_checkpoint(model: str, revision: str | None) -> str | None:
@@ -207,11 +221,15 @@ def _kernel_row(layer, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     gate, up, down = (tensors[name] for name in _EXPERT_TENSORS)
     intermediate, hidden = layer.expert_sizes
     if not gate.shape == up.shape == (intermediate, hidden) or down.shape != (hidden, intermediate):
-        raise ValueError(f"expert shapes {tuple(gate.shape)} / {tuple(up.shape)} / {tuple(down.shape)} do not fit "
-                         f"the served model's gate / up {(intermediate, hidden)} and down {(hidden, intermediate)}")
+        raise ValueError(
+            f"expert shapes {tuple(gate.shape)} / {tuple(up.shape)} / {tuple(down.shape)} do not fit "
+            f"the served model's gate / up {(intermediate, hidden)} and down {(hidden, intermediate)}"
+        )
     w13, w2 = vllm.kernel_rows(layer, gate, up, down)
     w13_weight, w2_weight = vllm.expert_weights(layer)
     if w13.shape[1:] != w13_weight.shape[1:] or w2.shape[1:] != w2_weight.shape[1:]:
-        raise ValueError(f"expert shapes {tuple(w13.shape[1:])} / {tuple(w2.shape[1:])} do not match the served "
-                         f"model's {tuple(w13_weight.shape[1:])} / {tuple(w2_weight.shape[1:])}")
+        raise ValueError(
+            f"expert shapes {tuple(w13.shape[1:])} / {tuple(w2.shape[1:])} do not match the served "
+            f"model's {tuple(w13_weight.shape[1:])} / {tuple(w2_weight.shape[1:])}"
+        )
     return w13[0].to(w13_weight.device), w2[0].to(w2_weight.device)
