@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from expert_hub.errors import InvalidInputError
 from expert_hub.scores import SCORE_FUNCTIONS
+from expert_hub.training.config import DTYPES
 
 app = typer.Typer(
     name="expert-hub",
@@ -59,11 +60,7 @@ def _options(
 ScoreFunction = Enum("ScoreFunction", {name: name for name in SCORE_FUNCTIONS}, type=str)
 
 
-class DType(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
+DType = Enum("DType", {name: name for name in DTYPES}, type=str)
 
 
 def check_output_file(path: Path) -> None:

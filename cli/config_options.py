@@ -3,8 +3,8 @@
 `with_config_options(TrainingConfig, ...)` gives a command one Typer option per field that has `cli` metadata (see
 `expert_hub.training.config.setting`), and `config_values` turns what the command received back into field values.
 Field kinds map to options as follows: a `bool` is `--x/--no-x` (or the given flag alone), a `tuple` one option per
-element, a `list[str]` one comma-separated option, `choices` a fixed set, and a setting a base may default is
-optional: left out, it takes the base's default, then the config's.
+element, a `list[str]` one comma-separated option, `choices` a fixed set, a `path` a `Path` (stored as its string),
+and a setting a base may default is optional: left out, it takes the base's default, then the config's.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import MISSING, Field, fields
 from enum import Enum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -69,6 +70,8 @@ def _parameters(f: Field, annotation, base_note: Callable[[str], str]) -> list[i
         return [_keyword(f.name, choices, choices(default), typer.Option(*flags, help=help_text))]
     if typing.get_origin(kind) is list:
         return [_keyword(f.name, str, ",".join(default), typer.Option(*flags, help=help_text))]
+    if meta["path"]:
+        annotation = Path | None if kind is not annotation else Path
     return [_keyword(f.name, annotation, default, typer.Option(*flags, help=help_text, **bounds))]
 
 
@@ -110,5 +113,7 @@ def config_values(config_class, settings: dict) -> dict:
             continue
         else:
             value = settings[f.name]
-            values[f.name] = value.value if isinstance(value, Enum) else value
+            values[f.name] = (
+                value.value if isinstance(value, Enum) else str(value) if isinstance(value, Path) else value
+            )
     return values

@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import InvalidInputError
 
@@ -35,15 +35,15 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     except BaseException as error:
         Path(handle.name).unlink(missing_ok=True)
         if isinstance(error, OSError):
-            raise with_filename(error, path) from error
+            raise_with_filename(error, path)
         raise
 
 
-def with_filename(error: OSError, path: str | Path) -> OSError:
-    """The same error naming `path` when it names no file: a full disk fails write() and fsync(), which don't."""
+def raise_with_filename(error: OSError, path: str | Path) -> NoReturn:
+    """Raise `error`, naming `path` when it names no file: a full disk fails write() and fsync(), which don't."""
     if error.filename is not None:
-        return error
-    return type(error)(error.errno, error.strerror or str(error), str(path))
+        raise error
+    raise type(error)(error.errno, error.strerror or str(error), str(path)) from error
 
 
 def publish_permissions(directory: Path) -> None:
@@ -143,6 +143,6 @@ def atomic_directory(directory: str | Path, overwrite: bool = False) -> Iterator
         fsync_tree(staging)
         replace_directory(staging, directory)
     except OSError as error:
-        raise with_filename(error, directory) from error
+        raise_with_filename(error, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

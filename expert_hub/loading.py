@@ -1,8 +1,10 @@
 """`load_model(base, adapter)`: a base model with a task's experts (or another method's adapter) in place.
 
-Adapter references are resolved in one place, `resolve_adapter`: a directory is used as it is, anything else is
-a registry reference (`law`, `law@3`, `law@1f3a`), verified against its recorded sha256 before any weights load.
+`resolve_adapter` turns an adapter reference into a directory: a directory is used as it is, anything else is a
+registry reference (`law`, `law@3`, `law@1f3a`), verified against its recorded sha256 before any weights load.
 The directory's marker file then names the training method whose artifact it is, and that method loads it.
+(`expert-hub serve` takes registry names and `NAME=DIR` pairs; it asks the registry itself, since it needs the
+entry's version as well.)
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ from .models import load_base
 from .registry import Registry
 
 
-def resolve_adapter(reference: str | Path, base: str, registry=None) -> Path:
+def resolve_adapter(reference: str | Path, base: str) -> Path:
     """The directory an adapter reference names: itself when it is a directory, else the verified registry object
-    of a task registered for `base` (in `registry`, or the default one)."""
+    of a task registered for `base`."""
     if Path(reference).is_dir():
         return Path(reference)
-    registry = registry or Registry()
+    registry = Registry()
     return registry.verify(registry.resolve(str(reference), base))
 
 

@@ -1,18 +1,25 @@
-"""Loading base models and describing them, with errors that say what to do."""
+"""Loading base models and describing them, with errors that say what to do.
+
+transformers is imported when a model is first loaded, not with this module: `import expert_hub` (and vLLM's
+processes, which import the serving plugin) stay quick.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .errors import InvalidInputError
 from .families import expert_views, family_of, moe_layers
 from .io import first_line
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # from_pretrained options that also decide where the config comes from
 _HUB_OPTIONS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code")
@@ -20,6 +27,8 @@ _HUB_OPTIONS = ("revision", "token", "cache_dir", "local_files_only", "subfolder
 
 def load_config(base: str, **hub_options):
     """The model's config, checked to be a supported MoE family before any weights are read."""
+    from transformers import AutoConfig
+
     try:
         config = AutoConfig.from_pretrained(base, **hub_options)
     except (OSError, ValueError) as error:
@@ -30,6 +39,8 @@ def load_config(base: str, **hub_options):
 
 def load_base(base: str, **from_pretrained_kwargs) -> PreTrainedModel:
     """A supported MoE causal LM from a local directory or Hub id (`trust_remote_code` only when asked)."""
+    from transformers import AutoModelForCausalLM
+
     hub_options = {key: value for key, value in from_pretrained_kwargs.items() if key in _HUB_OPTIONS}
     config = load_config(base, **hub_options)
     try:
@@ -76,6 +87,8 @@ class ModelSummary:
 
 def describe_model(base: str, trust_remote_code: bool = False) -> ModelSummary:
     """Summarise a model from its config alone: the layers are built on the meta device, no weights read."""
+    from transformers import AutoModelForCausalLM
+
     config = load_config(base, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)

@@ -26,7 +26,14 @@ from pathlib import Path
 
 from expert_hub.adapter import AdapterHeader, ExpertAdapter
 from expert_hub.errors import ExpertHubError, InvalidInputError
-from expert_hub.io import atomic_directory, fsync_tree, publish_permissions, read_json, with_filename, write_json_atomic
+from expert_hub.io import (
+    atomic_directory,
+    fsync_tree,
+    publish_permissions,
+    raise_with_filename,
+    read_json,
+    write_json_atomic,
+)
 
 MANIFEST_FILE = "manifest.json"
 _TASK = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
@@ -241,7 +248,7 @@ class Registry:
                 )
                 entries.append(entry)
         except OSError as error:
-            raise with_filename(error, self.root) from error
+            raise_with_filename(error, self.root)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return entry
@@ -301,7 +308,10 @@ class Registry:
         """The usable entries, and each unusable record with why; a file that is no index at all is refused."""
         if not self.index_path.is_file():
             return [], []
-        data = read_json(self.index_path)
+        try:
+            data = read_json(self.index_path)
+        except InvalidInputError as error:  # not JSON: written by something else, or cut short by a disk error
+            raise RegistryDamagedError(f"{error}; move it aside and re-import the adapters") from error
         if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
             raise RegistryDamagedError(
                 f"{self.index_path} is not a registry index (an object with a list of entries); "

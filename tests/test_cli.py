@@ -202,3 +202,9 @@ def test_a_runtime_error_is_one_line(run_cli, monkeypatch, tmp_path, tiny_models
     )
     assert code == 1 and "Traceback" not in err and "more details" not in err
     assert err.strip().splitlines()[-1] == "error: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+
+
+def test_importing_the_library_leaves_transformers_unloaded():
+    """vLLM imports the serving plugin, and with it `expert_hub`, in every process it starts: that stays quick."""
+    probe = "import sys, expert_hub, expert_hub.serving.bank; print('transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "False\n"

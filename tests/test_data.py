@@ -134,3 +134,25 @@ def test_input_that_is_not_text_or_too_long_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "empty-dir").mkdir()
     with pytest.raises(InvalidInputError, match="cannot load dataset"):
         list(load_conversations(tmp_path / "empty-dir"))
+
+
+def test_a_disk_error_names_the_file_and_keeps_the_original_as_its_cause(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from expert_hub.io import write_json_atomic
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError) as failed:
+        write_json_atomic(tmp_path / "out.json", {"a": 1})
+    assert failed.value.filename == str(tmp_path / "out.json") and failed.value.errno == errno.ENOSPC
+    assert failed.value.__cause__ is not failed.value and failed.value.__cause__.filename is None
+    named = OSError(errno.EACCES, "Permission denied", "/somewhere/else")
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(named))
+    with pytest.raises(OSError) as failed:
+        write_json_atomic(tmp_path / "out.json", {"a": 1})
+    assert failed.value is named and failed.value.__cause__ is None  # never its own cause
+    assert not list(tmp_path.iterdir())  # no temporary file left behind

@@ -325,3 +325,12 @@ def test_a_damaged_registry_is_not_called_invalid_input_and_keeps_its_cause(adap
     with pytest.raises(RegistryError) as missing:  # a reference that matches nothing is the caller's
         Registry().resolve("tax")
     assert not isinstance(missing.value, RegistryDamagedError)
+
+
+def test_an_index_that_is_not_json_is_damage(registry_home):
+    from expert_hub.registry import RegistryDamagedError
+
+    registry_home.mkdir()
+    (registry_home / "index.json").write_text('{"entries": [')
+    with pytest.raises(RegistryDamagedError, match="is not valid JSON.*move it aside and re-import the adapters"):
+        Registry().entries()

@@ -586,3 +586,21 @@ def test_a_full_bank_evicts_an_idle_task_and_a_task_larger_than_the_bank_is_refu
     )
     for name in ("law", "intent"):  # the evicted one reloads (evicting another idle task) with the same tokens
         assert server.complete(name, PROMPTS[0], 12)["token_ids"] == _expected(oracle, name, PROMPTS[0])
+
+
+def test_a_damaged_registry_is_a_server_error_that_names_no_path(tmp_path, registry_home, caplog):
+    """A task added at run time from a registry whose index is damaged: a 500, not 'no such task' or 'bad name'."""
+    from expert_hub.models import describe_model
+    from expert_hub.serving.tasks import TaskError, TaskManager
+
+    base = str(build_tiny_model("qwen3_moe", tmp_path / "base", **SERVING_SHAPES["qwen3_moe"]))
+    registry_home.mkdir()
+    (registry_home / "index.json").write_text('{"entries": [')  # cut short by a full disk
+    manager = TaskManager(None, {}, 1, describe_model(base), Registry(), base)
+    with pytest.raises(TaskError) as refused:
+        manager._from_registry("law")
+    assert (
+        refused.value.status == 500
+        and str(refused.value) == "cannot look up task 'law': the server's registry is damaged"
+    )
+    assert str(registry_home) in caplog.text  # the operator's log says which file

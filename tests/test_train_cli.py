@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from expert_hub import ExpertAdapter
+from expert_hub import ExpertAdapter, ExpertSelection
 from expert_hub.registry import Registry
 
 SMALL_RUN = [
@@ -273,3 +273,30 @@ def test_a_relative_base_is_recorded_as_an_absolute_path(run_cli, tmp_path, tiny
     adapter_config = json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(base)
     assert json.loads((tmp_path / "run/train_config.json").read_text())["base"] == str(base)
+
+
+def test_experts_is_stored_as_a_normalised_path(run_cli, tmp_path, tiny_models, esft_data, monkeypatch):
+    """`--experts ./sel//cfg.json` and `--experts sel/cfg.json` are the same run: a rerun with either resumes."""
+    (tmp_path / "sel").mkdir()
+    ExpertSelection({1: [0, 3]}).save(tmp_path / "sel" / "cfg.json")
+    monkeypatch.chdir(tmp_path)
+    common = [
+        "train",
+        "--task",
+        "law",
+        "--base",
+        tiny_models["qwen3_moe"],
+        "--data",
+        esft_data / "datasets/train/law.jsonl",
+        "--method",
+        "esft",
+        "--out",
+        "run",
+        "--no-register",
+        *SMALL_RUN,
+    ]
+    code, _, err = run_cli(*common, "--experts", "./sel//cfg.json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["experts"] == "sel/cfg.json"
+    code, out, err = run_cli(*common, "--experts", "sel/cfg.json", "--steps", "5")
+    assert code == 0 and "resumed at step 4" in out, err

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .keys import ExpertKey, canonical_key, expert_checkpoint_key, parse_expert_key
+from .keys import ExpertKey, canonical_key, expert_checkpoint_key, expert_key, parse_expert_key
 from .layout import PROJECTIONS, expert_views, read_expert, write_expert
 
 __all__ = [
@@ -87,7 +87,7 @@ class MoELayer:
 
     def expert_key(self, expert: int, tensor: str) -> str:
         """The per-expert checkpoint key, e.g. `model.layers.3.mlp.experts.5.gate_proj.weight`."""
-        return f"{self.prefix}.experts.{expert}.{tensor}"
+        return expert_key(self.prefix, expert, tensor)
 
     def shared_expert_modules(self) -> dict[str, nn.Module]:
         return {f"{self.prefix}.{name}": getattr(self.block, name) for name in self.family.shared_experts}

@@ -23,9 +23,14 @@ class ExpertKey(NamedTuple):
     tensor: str  # e.g. `gate_proj.weight`
 
 
+def expert_key(block: str, expert: int, tensor: str) -> str:
+    """A routed expert's tensor under its MoE block's name (`model.layers.3.mlp` -> `...mlp.experts.7.up_proj.weight`)."""
+    return f"{block}.experts.{expert}.{tensor}"
+
+
 def expert_checkpoint_key(layer: int, expert: int, tensor: str) -> str:
     """A routed expert's tensor as checkpoints and adapters name it (`model.layers.3.mlp.experts.7.up_proj.weight`)."""
-    return f"model.layers.{layer}.mlp.experts.{expert}.{tensor}"
+    return expert_key(f"model.layers.{layer}.mlp", expert, tensor)
 
 
 def parse_expert_key(key: str) -> ExpertKey | None:

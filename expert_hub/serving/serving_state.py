@@ -20,6 +20,7 @@ _ERROR_TYPES = {
     404: "NotFoundError",
     409: "ConflictError",
     422: "UnprocessableEntityError",
+    500: "InternalServerError",
     503: "ServiceUnavailableError",
     507: "InsufficientStorageError",
 }

@@ -24,7 +24,7 @@ from pathlib import Path
 from expert_hub.adapter import AdapterHeader
 from expert_hub.errors import ExpertHubError, InvalidInputError, UnsupportedModelError
 from expert_hub.models import ModelSummary
-from expert_hub.registry import RegistryError
+from expert_hub.registry import RegistryDamagedError, RegistryError
 
 from . import vllm_contract as vllm
 from .bank_client import BankClient
@@ -198,6 +198,9 @@ class TaskManager:
             raise TaskError(f"task {ref} is not servable: the server has no registry", 404)
         try:
             entry = self.registry.resolve(ref, self.base)
+        except RegistryDamagedError as error:  # the server's own files: logged here, not shown to clients
+            logger.error("cannot look up task %s: %s", ref, error)
+            raise TaskError(f"cannot look up task {ref!r}: the server's registry is damaged", 500) from error
         except RegistryError as error:
             raise TaskError(f"no task {ref!r} is registered for the served model", 404) from error
         except InvalidInputError as error:  # a malformed name or version

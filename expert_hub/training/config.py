@@ -34,13 +34,15 @@ def setting(
     choices: tuple[str, ...] = (),
     base_default: bool = False,
     default_help: str | None = None,
+    path: bool = False,
     cli: bool = True,
 ):
     """A `TrainingConfig` field with what the command line needs to offer it.
 
     `flags`: the option names (default `--field-name`; a tuple field takes one flag per element). `min` / `max`:
     bounds the command line enforces. `base_default`: a base model may ship its own default. `default_help`: how
-    `--help` states the default when the field's default is computed (None) or a flag. `cli=False`: not an option.
+    `--help` states the default when the field's default is computed (None) or a flag. `path`: a file path, written
+    as `str(Path(value))` as given on the command line. `cli=False`: not an option.
     """
     metadata = dict(
         help=help,
@@ -50,6 +52,7 @@ def setting(
         choices=choices,
         base_default=base_default,
         default_help=default_help,
+        path=path,
         cli=cli,
     )
     return field(default=default, default_factory=default_factory, metadata=metadata)
@@ -81,7 +84,7 @@ class TrainingConfig:
         choices=tuple(method_names()),
         help="esft-token / esft-gate (score, select, train), esft (with --experts), or the baselines full / lora.",
     )
-    experts: str | None = setting(None, help="expert_cfg.json for --method esft.")
+    experts: str | None = setting(None, path=True, help="expert_cfg.json for --method esft.")
     split: str = setting("train", help="Split of a Hugging Face dataset.")
     chat_template: bool = setting(
         False,
@@ -149,9 +152,7 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
-        if self.method not in method_names():
-            raise InvalidInputError(f"unknown method {self.method!r}; use one of {', '.join(method_names())}")
-        get_method(self.method).check_config(self)
+        get_method(self.method).check_config(self)  # an unknown method is refused here
         if self.dtype == "float16":
             raise InvalidInputError("training in float16 overflows; use --dtype bfloat16 or float32")
         # every comparison is written so that NaN fails it

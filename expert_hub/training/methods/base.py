@@ -8,6 +8,7 @@ ask the registry rather than comparing method names, so a new method is one modu
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ class RunContext:
     status: Callable[[str], None]
 
 
-class TrainingMethod:
+class TrainingMethod(ABC):
     """Base class; one instance per run, built from the run's config."""
 
     name: ClassVar[str]
@@ -51,9 +52,9 @@ class TrainingMethod:
         if config.experts:
             raise InvalidInputError("--experts only applies to --method esft")
 
+    @abstractmethod
     def prepare(self, model: nn.Module, run: RunContext) -> nn.Module:
         """Make what the method trains trainable and the rest frozen; returns the model to train."""
-        raise NotImplementedError
 
     def finish(self, model: nn.Module) -> nn.Module:
         """The trained model in the form its artifact is written from."""
@@ -71,14 +72,14 @@ class TrainingMethod:
             training={"config": self.config.to_json(), **summary},
         )
 
+    @abstractmethod
     def write_artifact(self, model: nn.Module, path: Path, tokenizer, metadata: dict) -> Path:
         """Write the artifact atomically (readers see no directory or a whole one)."""
-        raise NotImplementedError
 
     @classmethod
     def load_artifact(cls, base: str, directory: Path, force: bool = False, **from_pretrained_kwargs) -> nn.Module:
-        """`base` with this method's artifact in `directory` applied."""
-        raise NotImplementedError(f"{cls.name} artifacts are not adapters: load {directory} as a base model")
+        """`base` with this method's artifact in `directory` applied (methods that set `artifact_file`)."""
+        raise NotImplementedError(f"{cls.name} sets artifact_file but does not say how its artifact loads")
 
 
 def write_model_directory(model: nn.Module, path: Path, metadata: dict, tokenizer=None) -> Path:
@@ -122,7 +123,11 @@ def get_method(name: str) -> type[TrainingMethod]:
 
 
 def artifact_method(directory: Path) -> type[TrainingMethod] | None:
-    """The method whose artifact `directory` is, judged by its marker file; None when no method's."""
+    """The method whose artifact `directory` is, judged by its marker file; None when no method's.
+
+    Methods are asked in registration order, ESFT first: a directory with both `expert_cfg.json` and
+    `adapter_config.json` is an expert adapter.
+    """
     return next(
         (
             method

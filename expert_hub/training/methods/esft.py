@@ -12,6 +12,7 @@ Ratio / Average Gate Score); `esft` trains the experts of a given `expert_cfg.js
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from pathlib import Path
 from typing import ClassVar
 
@@ -140,8 +141,9 @@ class _ESFT(TrainingMethod):
     artifact_file = CONFIG_FILE
     ships_expert_adapter = True
 
+    @abstractmethod
     def select(self, model: nn.Module, run: RunContext) -> ExpertSelection:
-        raise NotImplementedError
+        """The experts to train."""
 
     def prepare(self, model: nn.Module, run: RunContext) -> nn.Module:
         self.selection = self.select(model, run)
