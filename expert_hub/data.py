@@ -17,7 +17,7 @@ import torch
 from .errors import InvalidInputError
 from .io import first_line, numbered_lines
 
-Message = dict[str, str]
+Message = dict[str, str | int]  # "role", "content", and "mask": 1 on an assistant turn that carries no loss
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100  # label of tokens that carry no loss
 
@@ -92,31 +92,53 @@ def parse_messages(record) -> list[Message]:
                 message["content"].encode("utf-8")
             except UnicodeEncodeError as error:  # a lone surrogate such as "\ud800": JSON allows it, no tokenizer does
                 raise ValueError("a message holds a lone surrogate (\\ud800-\\udfff), which is not text") from error
-        messages.append({"role": message["role"], "content": message["content"]})
+        messages.append({"role": message["role"], "content": message["content"]} | _mask(message))
     return messages
+
+
+def _mask(message: dict) -> dict:
+    """`{"mask": 1}` kept from a turn that has it: the reference trains on no assistant turn marked so.
+
+    A missing mask, or the None a Hugging Face dataset gives rows without one, is no mask.
+    """
+    mask = message.get("mask")
+    if mask is None:
+        return {}
+    if mask not in (0, 1):  # True and False compare equal to 1 and 0, as in the reference's `== 1`
+        raise ValueError('a message\'s "mask" must be 0 or 1')
+    return {"mask": int(mask)}
+
+
+def _trains_on(message: Message) -> bool:
+    """Whether a turn's tokens carry loss: assistant turns not marked `"mask": 1`, as the reference decides."""
+    return message["role"] == "assistant" and message.get("mask", 0) != 1
 
 
 def reference_segments(messages: list[Message]) -> list[tuple[str, bool]]:
     """The reference repo's prompt format as (text, is_answer) pieces: `User: {q}\\n\\nAssistant:` then ` {a}`.
 
-    A system message, which the reference format has no slot for, goes first as a plain paragraph.
+    Every turn is stripped first, as the reference's `get_formatted_question` / `get_formatted_answer` do: the
+    published answers end in "\\n\\n", which must be neither learned nor scored. A system message, which the
+    reference format has no slot for, goes first as a plain paragraph. `is_answer` is False for an assistant turn
+    marked `"mask": 1`: it is part of the input but carries no loss.
     """
     segments = []
     for message in messages:
-        role, content = message["role"], message["content"]
+        role, content = message["role"], message["content"].strip()
         if role == "system":
             segments.append((f"{content}\n\n", False))
         elif role == "user":
             segments.append((f"User: {content}\n\nAssistant:", False))
         else:
-            segments.append((f" {content}", True))
+            segments.append((f" {content}", _trains_on(message)))
     return segments
 
 
 def tokenize_conversation(
     messages: list[Message], tokenizer, chat_template: bool = False
 ) -> tuple[list[int], list[int]]:
-    """Token ids and labels; only assistant tokens (and the EOS closing each answer) carry loss.
+    """Token ids and labels; only assistant tokens (and the EOS closing each answer) carry loss, as in the reference's
+    `get_formatted_input_and_target`, except on turns marked `"mask": 1`.
 
     The default is the reference format with BOS first and EOS after each answer, each piece tokenized on its
     own as the reference does. `chat_template=True` uses the tokenizer's own template instead, labelling the
@@ -125,12 +147,12 @@ def tokenize_conversation(
     if chat_template:
         return _tokenize_with_chat_template(messages, tokenizer)
     input_ids, labels = [], []
-    if tokenizer.bos_token_id is not None:
-        input_ids.append(tokenizer.bos_token_id)
-        labels.append(IGNORE_INDEX)
-    for text, is_answer in reference_segments(messages):
+    if tokenizer.bos_token_id is not None:  # labelled with itself, as the reference does: once packed after another
+        input_ids.append(tokenizer.bos_token_id)  # example, the model learns that a BOS follows an EOS
+        labels.append(tokenizer.bos_token_id)
+    for message, (text, is_answer) in zip(messages, reference_segments(messages), strict=True):
         ids = tokenizer.encode(text, add_special_tokens=False)
-        if is_answer and tokenizer.eos_token_id is not None:
+        if message["role"] == "assistant" and tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
         input_ids.extend(ids)
         labels.extend(ids if is_answer else [IGNORE_INDEX] * len(ids))
@@ -140,10 +162,11 @@ def tokenize_conversation(
 def _tokenize_with_chat_template(messages: list[Message], tokenizer) -> tuple[list[int], list[int]]:
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidInputError("the tokenizer has no chat template; drop --chat-template to use the reference format")
+    turns = _template_turns(messages)
     input_ids, labels = [], []
     for end, message in enumerate(messages, start=1):
         rendered = tokenizer.apply_chat_template(
-            messages[:end], tokenize=False, add_generation_prompt=message["role"] != "assistant"
+            turns[:end], tokenize=False, add_generation_prompt=message["role"] != "assistant"
         )
         ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
         if ids[: len(input_ids)] != input_ids:  # labels would shift: refuse rather than learn the wrong tokens
@@ -153,8 +176,18 @@ def _tokenize_with_chat_template(messages: list[Message], tokenizer) -> tuple[li
             )
         new = ids[len(input_ids) :]
         input_ids = ids
-        labels.extend(new if message["role"] == "assistant" else [IGNORE_INDEX] * len(new))
+        labels.extend(new if _trains_on(message) else [IGNORE_INDEX] * len(new))
     return input_ids, labels
+
+
+def _template_turns(messages: list[Message]) -> list[Message]:
+    """Turns as a chat template gets them: role and stripped content (no `mask`, which is expert-hub's to apply).
+
+    The chat-template format is expert-hub's own, but its turns are stripped as the reference strips them: the
+    content is the same data, and a template renders it verbatim, so the published answers' trailing "\\n\\n"
+    would otherwise be learned before the end-of-turn token, and a prompt would differ from training's text.
+    """
+    return [{"role": message["role"], "content": message["content"].strip()} for message in messages]
 
 
 def prompt_ids(prompt: str | list[Message], tokenizer, chat_template: bool = False) -> list[int]:
@@ -164,7 +197,7 @@ def prompt_ids(prompt: str | list[Message], tokenizer, chat_template: bool = Fal
     The reference format gets the BOS by hand, as in training; a chat template brings its own.
     """
     if chat_template and not isinstance(prompt, str):
-        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(_template_turns(prompt), tokenize=False, add_generation_prompt=True)
         return tokenizer.encode(text, add_special_tokens=False)
     if not isinstance(prompt, str):
         prompt = "".join(text for text, _ in reference_segments(prompt))

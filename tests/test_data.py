@@ -45,6 +45,12 @@ def test_chat_template_labels_only_the_assistant_turns(tiny_models):
     assert tokenizer.decode(ids) == "<|user|>hi<eos><|assistant|>yo<eos><|user|>q<eos><|assistant|>a<eos>"
     learned = tokenizer.decode([i for i, label in zip(ids, labels) if label != IGNORE_INDEX])
     assert learned == "yo<eos>a<eos>"
+    # turns are stripped as in the reference format; a masked answer stays in the input without loss
+    padded = [m | {"content": f" {m['content']}\n\n"} for m in messages]
+    padded[1]["mask"] = 1
+    ids, labels = tokenize_conversation(padded, tokenizer, chat_template=True)
+    assert tokenizer.decode(ids) == "<|user|>hi<eos><|assistant|>yo<eos><|user|>q<eos><|assistant|>a<eos>"
+    assert tokenizer.decode([i for i, label in zip(ids, labels) if label != IGNORE_INDEX]) == "a<eos>"
     del tokenizer.chat_template
     with pytest.raises(InvalidInputError, match="no chat template"):
         tokenize_conversation(messages, tokenizer, chat_template=True)

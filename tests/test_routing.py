@@ -136,7 +136,8 @@ def test_reference_prompt_format_masks_everything_but_the_answers(tiny_models):
     ]
     ids, labels = tokenize_conversation(messages, tokenizer)
     assert tokenizer.decode(ids) == "<bos>Be brief.\n\nUser: Q?\n\nAssistant: A.<eos>"
-    answer = [i for i, label in zip(ids, labels) if label != -100]
+    assert labels[0] == tokenizer.bos_token_id  # the reference labels the BOS with itself
+    answer = [i for i, label in zip(ids[1:], labels[1:]) if label != -100]
     assert tokenizer.decode(answer) == " A.<eos>"
 
 
