@@ -3,7 +3,8 @@
 Metrics:
 - `loss`: mean loss per answer token (the assistant turns), and its perplexity.
 - `exact`: the generated answer equals one of the reference answers (after trimming whitespace).
-- `intent`: the reference repo's intent metric: the generated JSON's `intent` and `slots` equal the answer's.
+- `intent`: the reference's intent metric exactly (deepseek-ai/ESFT `IntentEvaluator`): the JSON on the completion's
+  first line (or in a ```json fence) has the answer's `intent` and `slots`.
 - `bleu`: corpus BLEU (sacrebleu; Chinese tokenization when the references contain CJK text).
 Works on conversations and on the reference eval files (`{"prompt", "raw_answers"}`).
 """
@@ -170,28 +171,84 @@ def exact_match(predictions: list[str], answers: list[list[str]]) -> float:
 
 
 def intent_match(predictions: list[str], answers: list[list[str]]) -> float:
-    """Share of predictions whose JSON `intent` and `slots` equal the first answer's, as the reference scores it:
-    only the prediction's first line counts, spaces inside slot values are ignored and list values are unordered.
+    """Share of predictions whose intent and slots equal the first answer's: the reference's `IntentEvaluator`.
+
+    Ported from deepseek-ai/ESFT `benchmarks.py` (`IntentEvaluator.post_process` and `_metrics`) so that scores
+    compare with the paper's: the answer is cut out of the completion as the reference cuts it, then must parse as
+    JSON whole; spaces are dropped from the predicted slot values only, list values are unordered.
     """
-    hits = 0
-    for prediction, refs in zip(predictions, answers):
-        lines = prediction.strip().splitlines()
-        predicted, expected = _intent(lines[0] if lines else ""), _intent(refs[0])
-        hits += predicted is not None and predicted == expected
-    return hits / len(predictions)
+    return sum(_intent_score(prediction, refs[0]) for prediction, refs in zip(predictions, answers)) / len(predictions)
 
 
-def _intent(text: str) -> tuple | None:
-    value = _first_json_object(text)
-    if value is None or not isinstance(value.get("slots", {}), dict):
+def _intent_answer_line(completion: str) -> str:
+    """The text the reference parses: inside a ```json fence if there is one, its first non-empty line, less the
+    full stops around it (`IntentEvaluator.post_process`); anything else on the line makes it unparseable."""
+    text = completion.strip() or "None"
+    text = text.strip(".。")
+    if "```json" in text:
+        text = text[text.index("```json") + len("```json") :]
+        end = text.find("```")
+        text = text[:end] if end != -1 else "{}"  # an unclosed fence: the reference scores "{}"
+    if "\n" in text:
+        lines = [line for line in text.split("\n") if line]
+        # Only newlines inside the fence: the reference's `[...][0]` raises and ends its run; here it scores 0.
+        text = lines[0] if lines else ""
+    return text.strip(".。")
+
+
+def _intent_score(completion: str, answer: str) -> int:
+    """1 when the completion's JSON has the answer's intent and slots (`IntentEvaluator._metrics`), else 0.
+
+    Where the reference's own code raises on a completion (JSON that is not an object) it would end the run; it
+    scores 0 here, as the reference scores every other completion it cannot use.
+    """
+    expected = _intent_answer(answer)
+    try:
+        predicted = json.loads(_intent_answer_line(completion))
+    except (ValueError, RecursionError):
+        return 0
+    if not isinstance(predicted, dict):
+        return 0
+    slots = _predicted_slots(predicted.get("slots", {}))
+    same_intent = predicted.get("intent", "") == expected.get("intent", "")
+    return int(same_intent and slots == _expected_slots(expected.get("slots", {})))
+
+
+def _intent_answer(answer: str) -> dict:
+    """The answer's JSON object; the reference assumes one (`json.loads`, then `.get`), so anything else is an error
+    in the data, not a wrong prediction."""
+    try:
+        value = json.loads(answer)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict) or not isinstance(value.get("slots", {}), dict):
+        raise InvalidInputError(f"intent answers are JSON objects with an object of slots, not {answer[:80]!r}")
+    return value
+
+
+def _expected_slots(slots: dict) -> dict:
+    """The answer's slots as the reference compares them: lists as `_listed` writes them, other values as they are,
+    spaces kept (a value with a space never equals a prediction's, whose spaces are dropped: the reference's rule)."""
+    return {key: _listed(value) if isinstance(value, list) else value for key, value in slots.items()}
+
+
+def _predicted_slots(slots: object) -> dict | None:
+    """The prediction's slots as the reference compares them, spaces dropped from every value; None (wrong) where
+    the reference's processing fails: slots that are not an object, a value neither text nor a list."""
+    if not isinstance(slots, dict) or not all(isinstance(value, (str, list)) for value in slots.values()):
         return None
-    return value.get("intent"), {str(k): _normalize_slot(v) for k, v in value.get("slots", {}).items()}
+    return {
+        key: _listed([str(item).replace(" ", "") for item in value])
+        if isinstance(value, list)
+        else value.replace(" ", "")
+        for key, value in slots.items()
+    }
 
 
-def _normalize_slot(value):
-    if isinstance(value, list):
-        return sorted(_normalize_slot(item) for item in value)
-    return "".join(value.split()) if isinstance(value, str) else str(value)
+def _listed(items: list) -> str:
+    """A list value as the reference writes it to compare it: the text of the tuple of its items' text, sorted, so
+    the order does not count (and, as there, `["a"]` equals the text `"('a',)"`)."""
+    return str(tuple(sorted(str(item) for item in items)))
 
 
 def bleu(predictions: list[str], answers: list[list[str]]) -> float:
@@ -200,19 +257,6 @@ def bleu(predictions: list[str], answers: list[list[str]]) -> float:
     references = [refs[0] for refs in answers]
     cjk = any(re.search(r"[\u3400-\u9fff]", ref) for ref in references)
     return sacrebleu.corpus_bleu(predictions, [references], tokenize="zh" if cjk else "13a").score
-
-
-def _first_json_object(text: str) -> dict | None:
-    start = text.find("{")
-    while start != -1:
-        try:
-            value, _ = json.JSONDecoder().raw_decode(text[start:])
-            if isinstance(value, dict):
-                return value
-        except json.JSONDecodeError:
-            pass
-        start = text.find("{", start + 1)
-    return None
 
 
 SCORERS: dict[str, Callable[[list[str], list[list[str]]], float]] = {

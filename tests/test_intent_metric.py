@@ -1,0 +1,216 @@
+"""`intent_match` scores exactly as the reference's `IntentEvaluator` (deepseek-ai/ESFT `benchmarks.py`).
+
+The oracle below is the reference's code, copied with only its printing taken out; every case is scored by both.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from random import Random
+
+import pytest
+
+from expert_hub.errors import InvalidInputError
+from expert_hub.evaluation import SCORERS, intent_match
+
+REFERENCE_REPO = Path(__file__).resolve().parents[2] / ".mirror" / "deepseek-ai+ESFT" / "repo"
+
+
+# --- the oracle: deepseek-ai/ESFT benchmarks.py, IntentEvaluator.post_process and ._metrics, I/O stripped ---------
+def post_process(raw_prediction, ground_truths):
+    pred = raw_prediction.strip()
+    if pred == "":
+        pred = "None"
+    pred = pred.strip(".。")
+
+    if "```json" in pred:
+        try:
+            pred = pred[pred.index("```json") + 7 :]
+            pred = pred[: pred.index("```")]
+        except:  # noqa: E722
+            pred = "{}"
+
+    if "\n" in pred:
+        pred = [i for i in pred.split("\n") if i][0]  # noqa: RUF015
+
+    pred = pred.strip(".。")
+
+    ground_truth = ground_truths[0]
+    return pred, [ground_truth]
+
+
+def _metrics(prediction, ground_truth):
+    ground_truth = json.loads(ground_truth)
+    try:
+        prediction = json.loads(prediction)
+    except:  # noqa: E722
+        return 0.0
+
+    intent_em = prediction.get("intent", "") == ground_truth.get("intent", "")
+
+    gt_slots = {
+        (k, str(tuple(sorted([str(i) for i in v]))) if isinstance(v, list) else v)
+        for k, v in ground_truth.get("slots", {}).items()
+    }
+    try:
+        pred_slots = {
+            (k, str(tuple(sorted([str(i).replace(" ", "") for i in v]))) if isinstance(v, list) else v.replace(" ", ""))
+            for k, v in prediction.get("slots", {}).items()
+        }
+    except:  # noqa: E722
+        return 0.0
+
+    correct_slots = pred_slots.intersection(gt_slots)
+    slots_em = (len(correct_slots) == len(pred_slots)) and (len(correct_slots) == len(gt_slots))
+
+    return int(intent_em and slots_em)
+
+
+# --- end of the oracle -----------------------------------------------------------------------------------------------
+
+
+def oracle(completion: str, answer: str) -> float:
+    """The reference's score of one completion (`BaseEvaluator.eval_metric` for one sample)."""
+    prediction, answers = post_process(completion, [answer])
+    return _metrics(prediction, answers[0])
+
+
+def ours(completion: str, answer: str) -> float:
+    return intent_match([completion], [[answer]])
+
+
+ANSWER = '{"intent": "Alarm-Update", "slots": {"datetime_date": "今天", "notes": ["追剧", "买菜"]}}'
+SAME = '{"intent": "Alarm-Update", "slots": {"datetime_date": "今天", "notes": ["追剧", "买菜"]}}'
+LABEL = "答案\uff1a"  # the prompts' answer label, with its full-width colon
+SPACED = '{"intent": "Video-Play", "slots": {"name": "bang bang"}}'
+EDGE_CASES = {  # name: (completion, answer, the reference's score)
+    "plain, with the full stop the model adds": (f" {SAME}。", ANSWER, 1),
+    "fenced JSON": (f"```json\n{SAME}\n```", ANSWER, 1),
+    "fenced JSON between prose": (f"Here it is:\n```json\n{SAME}\n```\nAnything else?", ANSWER, 1),
+    "fenced JSON on one line": (f"```json {SAME} ```", ANSWER, 1),
+    "a fence without `json` is not looked into": (f"```\n{SAME}\n```", ANSWER, 0),
+    "an unclosed fence scores as {}": (f"```json\n{SAME}", ANSWER, 0),
+    "an unclosed fence and an answer of {}": ("```json\n{}", "{}", 1),
+    "text on the lines after the object": (f"{SAME}\nThe user wants an alarm.\n\n{{}}", ANSWER, 1),
+    "text after the object on its line": (f"{SAME} (an alarm)", ANSWER, 0),
+    "full stops after the object": (f"{SAME}...。", ANSWER, 1),
+    "a full stop before a CRLF": (f"{SAME}。\r\nmore", ANSWER, 0),
+    "a CRLF alone": (f"{SAME}\r\nmore", ANSWER, 1),
+    "a prefix before {": (f"{LABEL} {SAME}", ANSWER, 0),
+    "a prefix on the line before": (f"{LABEL}\n{SAME}", ANSWER, 0),
+    "blank lines before the object": (f"\n\n  {SAME}", ANSWER, 1),
+    "spaces inside a predicted value": (SAME.replace("今天", "今 天 "), ANSWER, 1),
+    "spaces inside a predicted list item": (SAME.replace("追剧", " 追 剧"), ANSWER, 1),
+    "a tab inside a predicted value": (SAME.replace("今天", "今\\t天"), ANSWER, 0),
+    "an answer value with a space never matches": (SPACED, SPACED, 0),
+    "an answer value with a space, predicted without": (SPACED.replace(" bang", "bang"), SPACED, 0),
+    "a list in another order": (SAME.replace('["追剧", "买菜"]', '["买菜", "追剧"]'), ANSWER, 1),
+    "a list with an item missing": (SAME.replace('["追剧", "买菜"]', '["追剧"]'), ANSWER, 0),
+    "a list for a single value": (SAME.replace('"今天"', '["今天"]'), ANSWER, 0),
+    "a one-item list equals the text of its tuple": ('{"slots": {"a": "(\'x\',)"}}', '{"slots": {"a": ["x"]}}', 1),
+    "a wrong intent": (SAME.replace("Alarm-Update", "Alarm-Query"), ANSWER, 0),
+    "a wrong value": (SAME.replace("今天", "明天"), ANSWER, 0),
+    "a missing slot": ('{"intent": "Alarm-Update", "slots": {"datetime_date": "今天"}}', ANSWER, 0),
+    "an extra slot": (SAME.replace('"slots": {', '"slots": {"x": "y", '), ANSWER, 0),
+    "no slots against no slots": ('{"intent": "Alarm-Update"}', '{"intent": "Alarm-Update", "slots": {}}', 1),
+    "no intent against no intent": ('{"slots": {}}', "{}", 1),
+    "a number for a text value": ('{"slots": {"n": 5}}', '{"slots": {"n": "5"}}', 0),
+    "numbers inside a list": ('{"slots": {"n": [2, 1]}}', '{"slots": {"n": ["1", "2"]}}', 1),
+    "slots that are not an object": ('{"intent": "a", "slots": []}', '{"intent": "a", "slots": {}}', 0),
+    "Python's quotes": (SAME.replace('"', "'"), ANSWER, 0),
+    "unparseable": ("I cannot parse that request.", ANSWER, 0),
+    "empty": ("", ANSWER, 0),
+    "only spaces and full stops": ("  。. ", ANSWER, 0),
+    "deeply nested": ("[" * 100_000, ANSWER, 0),
+}
+
+
+@pytest.mark.parametrize("completion, answer, score", EDGE_CASES.values(), ids=EDGE_CASES.keys())
+def test_edge_cases_score_as_the_reference_scores_them(completion, answer, score):
+    assert oracle(completion, answer) == score
+    assert ours(completion, answer) == score
+
+
+@pytest.mark.parametrize(
+    "completion", ["123", "null", '["a"]', '"text"', "```json\n\n```"], ids=["number", "null", "list", "text", "fence"]
+)
+def test_what_ends_the_reference_run_scores_zero(completion):
+    """JSON that is not an object, or a fence holding only newlines, raises in the reference and ends its run."""
+    with pytest.raises((AttributeError, IndexError)):
+        oracle(completion, ANSWER)
+    assert ours(completion, ANSWER) == 0
+
+
+@pytest.mark.parametrize("answer", ["not json", "[1]", '{"slots": ["a"]}'])
+def test_an_answer_that_is_no_intent_record_is_an_input_error(answer):
+    with pytest.raises(InvalidInputError, match="intent answers"):
+        intent_match([SAME], [[answer]])
+
+
+def test_only_the_first_answer_counts_and_scores_average():
+    assert SCORERS["intent"] is intent_match
+    assert intent_match([SAME, "no", SAME], [[ANSWER, "{}"], [ANSWER], ["{}", ANSWER]]) == pytest.approx(1 / 3)
+
+
+@pytest.fixture(scope="session")
+def published_completions(tmp_path_factory) -> dict[str, list[dict]]:
+    """The paper's model completions and their scores, `results/completions/{token,gate}/intent.jsonl`."""
+    if not REFERENCE_REPO.is_dir():
+        pytest.skip(f"the reference repository is expected at {REFERENCE_REPO}")
+    completions = {}
+    for method in ("token", "gate"):
+        text = subprocess.run(
+            ["git", "-C", str(REFERENCE_REPO), "show", f"HEAD:results/completions/{method}/intent.jsonl"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        completions[method] = [json.loads(line) for line in text.splitlines()]
+    return completions
+
+
+@pytest.mark.parametrize("method, published", [("token", 0.76), ("gate", 0.80)])
+def test_published_completions_score_as_the_paper_scored_them(published_completions, method, published):
+    records = [record["example"] for record in published_completions[method]]
+    assert len(records) == 500
+    predictions = [record["raw_prediction"] for record in records]
+    answers = [record["raw_answers"] for record in records]
+    per_record = [intent_match([p], [a]) for p, a in zip(predictions, answers)]
+    assert per_record == [oracle(p, a[0]) for p, a in zip(predictions, answers)]
+    assert per_record == [record["score"] for record in published_completions[method]]
+    assert intent_match(predictions, answers) == pytest.approx(published)
+
+
+def _perturbed(answer: str, rng: Random) -> str:
+    """A completion made from an answer: maybe a changed value, reordered or spaced slots, a fence, a prefix, a tail."""
+    record = json.loads(answer)
+    slots = record["slots"]
+    keys = list(slots)
+    rng.shuffle(keys)
+    slots = {key: slots[key][::-1] if isinstance(slots[key], list) else slots[key] for key in keys}
+    if keys and rng.random() < 0.3:
+        key = rng.choice(keys)
+        slots[key] = rng.choice(["明天", " ".join(str(slots[key])), [str(slots[key])], 3])
+    if rng.random() < 0.1:
+        record["intent"] = record["intent"].lower()
+    text = json.dumps({**record, "slots": slots}, ensure_ascii=False, indent=rng.choice([None, None, 2]))
+    for chance, change in (
+        (0.2, lambda t: f"```json\n{t}\n```"),
+        (0.2, lambda t: rng.choice([f"{LABEL} ", "Sure:\n", "\n", "..."]) + t),
+        (0.3, lambda t: t + rng.choice(["。", ".\nThat is all.", " ok", f"\n\n{LABEL}{{}}", "\n```"])),
+    ):
+        if rng.random() < chance:
+            text = change(text)
+    return text
+
+
+def test_perturbed_completions_score_as_the_reference_scores_them(esft_data):
+    lines = (esft_data / "datasets/eval/intent.jsonl").read_text().splitlines()
+    answers = [json.loads(line)["raw_answers"] for line in lines]
+    rng = Random(13)
+    cases = [(_perturbed(refs[0], rng), refs) for refs in answers[:400]]
+    scores = [intent_match([completion], [refs]) for completion, refs in cases]
+    assert scores == [oracle(completion, refs[0]) for completion, refs in cases]
+    assert 0.2 < sum(scores) / len(scores) < 0.8, "the perturbations should give both right and wrong answers"
