@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from expert_hub.errors import InvalidInputError
-from expert_hub.routing import DEFAULT_SCORE_TOKENS
+from expert_hub.routing import DEFAULT_SCORE_TOKENS, DEFAULT_SEED
 
 from .app import (
     DType,
@@ -34,6 +34,9 @@ def score(
     tokens: Annotated[
         int, typer.Option(min=1, help="How many tokens of the data to score (paper: 2^17).")
     ] = DEFAULT_SCORE_TOKENS,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the shuffle the scored conversations are drawn after (as `train`'s --seed).")
+    ] = DEFAULT_SEED,
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 8,
     seq_len: Annotated[int, typer.Option(min=1, help="Longest sequence; longer conversations are cut.")] = 4096,
     dtype: Annotated[DType, typer.Option(help="Weights dtype to load the model in.")] = DType.auto,
@@ -60,20 +63,20 @@ def score(
     else:
         data = Path(data_or_builtin(str(data) if data else None, task, "train"))
         scores = _score_model(
-            base_or_demo(base), data, tokens, batch_size, seq_len, dtype.value, device, trust_remote_code
+            base_or_demo(base), data, tokens, seed, batch_size, seq_len, dtype.value, device, trust_remote_code
         )
     scores.save(output)
     tokens_seen = max(c.tokens for c in scores.counts.values())
     console.print(f"Scored {tokens_seen:,} tokens over {len(scores.token_scores)} MoE layers -> {output}")
 
 
-def _score_model(base, data, tokens, batch_size, seq_len, dtype, device, trust_remote_code):
+def _score_model(base, data, tokens, seed, batch_size, seq_len, dtype, device, trust_remote_code):
     from expert_hub.data import read_conversations
     from expert_hub.models import load_base, load_tokenizer, resolve_device
     from expert_hub.routing import score_model, token_sequences
 
     device = resolve_device(device)
-    conversations = read_conversations(data)
+    conversations = read_conversations(data, seed)  # a sample of the whole file, drawn as the reference draws it
     first = next(conversations, None)  # fail on a missing or malformed file before loading weights
     if first is None:
         raise InvalidInputError(f"{data} holds no conversations")
@@ -87,7 +90,7 @@ def _score_model(base, data, tokens, batch_size, seq_len, dtype, device, trust_r
             model,
             sequences,
             batch_size=batch_size,
-            source={"model": base, "data": str(data), "tokens_requested": tokens, "seq_len": seq_len},
+            source={"model": base, "data": str(data), "seed": seed, "tokens_requested": tokens, "seq_len": seq_len},
             on_tokens=lambda n: progress.advance(task, n),
         )
         progress.update(task, total=progress.tasks[0].completed)

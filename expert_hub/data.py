@@ -2,32 +2,38 @@
 
 Accepted records are the ESFT reference format `{"messages": [{"role": "user", "content": ...},
 {"role": "assistant", "content": ...}]}` and OpenAI chat fine-tuning lines, which add `system` turns.
-JSONL files are read lazily, so scoring a 2^17-token sample of a huge file reads only what it needs.
+JSONL files are read lazily, so scoring a 2^17-token sample of a huge file reads only what it needs; in the
+reference's shuffled order (`seed`), only each line's number and offset are held, not the conversations.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from array import array
 from collections.abc import Iterable, Iterator
+from itertools import accumulate, islice
 from pathlib import Path
 
 import torch
 
 from .errors import InvalidInputError
-from .io import first_line, numbered_lines
+from .io import MAX_LINE_BYTES, first_line, numbered_lines
 
 Message = dict[str, str | int]  # "role", "content", and "mask": 1 on an assistant turn that carries no loss
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100  # label of tokens that carry no loss
 
 
-def read_conversations(path: str | Path) -> Iterator[list[Message]]:
-    """Yield each JSONL line's messages; a malformed line raises with `file:line` and what is wrong."""
+def read_conversations(path: str | Path, seed: int | None = None) -> Iterator[list[Message]]:
+    """Yield each JSONL line's messages; a malformed line raises with `file:line` and what is wrong.
+
+    In file order, or with `seed` in the order the reference shuffles its training set before scoring (`shuffled`).
+    """
     path = Path(path)
     if not path.is_file():
         raise InvalidInputError(f"data file not found: {path}")
-    for number, line in numbered_lines(path):
+    for number, line in numbered_lines(path) if seed is None else _shuffled_lines(path, seed):
         try:
             yield parse_messages(json.loads(line))
         except (json.JSONDecodeError, ValueError) as error:
@@ -36,21 +42,62 @@ def read_conversations(path: str | Path) -> Iterator[list[Message]]:
             raise InvalidInputError(f"{path}:{number}: nested too deeply") from error
 
 
-def load_conversations(data: str | Path, split: str = "train") -> Iterator[list[Message]]:
-    """Conversations from a JSONL file, or from a Hugging Face dataset (a saved directory or a Hub name)."""
+def load_conversations(data: str | Path, split: str = "train", seed: int | None = None) -> Iterator[list[Message]]:
+    """Conversations from a JSONL file, or from a Hugging Face dataset (a saved directory or a Hub name).
+
+    In their order, or with `seed` in the order the reference shuffles its training set before scoring.
+    """
     path = Path(data)
     if path.suffix in _DATASET_FILES and path.is_file():  # one file in a format `datasets` reads
         records = _load_dataset_file(path)
     elif path.is_file() or path.suffix in (".jsonl", *_DATASET_FILES):  # (a missing file: "data file not found")
-        yield from read_conversations(path)
+        yield from read_conversations(path, seed)
         return
     else:
         records = _load_dataset(str(data), split)
-    for number, record in enumerate(records):
+    rows = enumerate(records) if seed is None else ((row, records[row]) for row in shuffled(len(records), seed))
+    for number, record in rows:
         try:
             yield parse_messages(record)
         except ValueError as error:
             raise InvalidInputError(f"{data} [{split}] row {number}: {error}") from error
+
+
+def shuffled(size: int, seed: int) -> array:
+    """Positions 0..size-1 in the order `random.seed(seed); random.shuffle(items)` leaves `size` items.
+
+    The reference's `scripts/expert/get_expert_scores.py` does exactly that to its training set before it takes
+    the tokens to score (with 5934875, also `configs/base.yaml`'s seed, which `train.py` gives `random.seed`), so a
+    file sorted by topic is still sampled evenly. `random.Random(seed)` is the generator `random.seed(seed)` sets,
+    and its shuffle's swaps depend only on the length, so shuffling positions gives the reference's permutation.
+    """
+    order = array("q", range(size))  # 8 bytes a position, not a Python int each
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def _shuffled_lines(path: Path, seed: int) -> Iterator[tuple[int, str]]:
+    """`numbered_lines` in `shuffled` order; only each line's number and offset are held between the passes."""
+    numbers, offsets = array("q"), array("q")
+    for number, offset in _line_offsets(path):
+        numbers.append(number)
+        offsets.append(offset)
+    with path.open("rb") as lines:
+        for position in shuffled(len(numbers), seed):
+            lines.seek(offsets[position])
+            number = numbers[position]
+            yield number, lines.readline(MAX_LINE_BYTES + 1).decode("utf-8-sig" if number == 1 else "utf-8")
+
+
+def _line_offsets(path: Path) -> Iterator[tuple[int, int]]:
+    """Number and byte offset of each line `numbered_lines` yields (and checks), from the same reads beside it."""
+    with path.open("rb") as raw:
+        reads = iter(lambda: raw.readline(MAX_LINE_BYTES + 1), b"")
+        starts = accumulate((len(line) for line in reads), initial=0)  # the n-th is where line n + 1 starts
+        counted = 0
+        for number, _ in numbered_lines(path):
+            yield number, next(islice(starts, number - 1 - counted, None))
+            counted = number
 
 
 _DATASET_FILES = {".json": "json", ".parquet": "parquet", ".csv": "csv"}

@@ -17,6 +17,7 @@ from .families import moe_layers
 from .scores import ExpertScores, LayerCounts
 
 DEFAULT_SCORE_TOKENS = 2**17  # task tokens scored to select experts, as the paper does
+DEFAULT_SEED = 5934875  # the reference's seed (configs/base.yaml), which also orders the conversations scored
 
 
 class RoutingRecorder:
@@ -86,7 +87,11 @@ class RoutingRecorder:
 def token_sequences(
     conversations: Iterable[list[Message]], tokenizer, max_tokens: int, max_length: int
 ) -> Iterator[list[int]]:
-    """Tokenized conversations, each cut to `max_length`, stopping once `max_tokens` are yielded."""
+    """Tokenized conversations, each cut to `max_length`, stopping once `max_tokens` are yielded.
+
+    They are tokenized as training tokenizes them (the reference format). Give the conversations in the order
+    the sample should be taken: `load_conversations(data, seed=...)` shuffles them as the reference does.
+    """
     remaining = max_tokens
     for messages in conversations:
         if remaining <= 0:
@@ -107,18 +112,22 @@ def score_model(
 ) -> ExpertScores:
     """Run the frozen model over token sequences and score every routed expert of every MoE layer.
 
-    Only the decoder runs: the LM head's logits (batch x length x vocabulary) are never needed.
+    Only the decoder runs: the LM head's logits (batch x length x vocabulary) are never needed. The number of
+    tokens scored is added to `source` as `tokens_scored`.
     """
     model.eval()
     device = next(model.parameters()).device
+    scored = 0
     with RoutingRecorder(model) as recorder:
         for batch in _batches(sequences, batch_size):
             input_ids, attention_mask = (tensor.to(device) for tensor in pad(batch, 0))
             recorder.token_mask = attention_mask.bool() if len({len(ids) for ids in batch}) > 1 else None
             model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            tokens = sum(len(ids) for ids in batch)
+            scored += tokens
             if on_tokens:
-                on_tokens(sum(len(ids) for ids in batch))
-    return recorder.scores(source)
+                on_tokens(tokens)
+    return recorder.scores({**(source or {}), "tokens_scored": scored})
 
 
 def _batches(sequences: Iterable[list[int]], size: int) -> Iterator[list[list[int]]]:

@@ -162,3 +162,27 @@ def test_a_disk_error_names_the_file_and_keeps_the_original_as_its_cause(tmp_pat
         write_json_atomic(tmp_path / "out.json", {"a": 1})
     assert failed.value is named and failed.value.__cause__ is None  # never its own cause
     assert not list(tmp_path.iterdir())  # no temporary file left behind
+
+
+def test_a_seed_orders_conversations_as_the_reference_shuffles_them(tmp_path):
+    """get_expert_scores.py: `random.seed(5934875); random.shuffle(dataset)`, for JSONL files and datasets alike."""
+    import random
+
+    import datasets
+
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}]} for i in range(40)]
+    state = random.getstate()
+    random.seed(5934875)
+    expected = [row["messages"] for row in rows]
+    random.shuffle(expected)
+    random.setstate(state)
+    lines = [json.dumps(row) for row in rows]
+    lines[3:3] = ["", "  "]  # blank lines are not conversations, as in file order
+    (tmp_path / "data.jsonl").write_text("\ufeff" + "\n".join(lines) + "\n")
+    datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "saved")
+    for data in (tmp_path / "data.jsonl", tmp_path / "saved"):
+        assert list(load_conversations(data, seed=5934875)) == expected, data
+        assert list(load_conversations(data)) == [row["messages"] for row in rows], data
+    (tmp_path / "data.jsonl").write_text("\n".join([*lines[:-1], "{broken"]) + "\n")
+    with pytest.raises(InvalidInputError, match=r"data.jsonl:42: "):
+        list(load_conversations(tmp_path / "data.jsonl", seed=1))

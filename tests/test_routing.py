@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from expert_hub.data import read_conversations, tokenize_conversation
+from expert_hub.data import load_conversations, read_conversations, tokenize_conversation
 from expert_hub.errors import InvalidInputError
 from expert_hub.families import moe_layers
 from expert_hub.models import load_base
@@ -153,3 +153,34 @@ def test_routing_logs_in_rank_folders_are_added_up(tmp_path, esft_data):
     assert doubled.counts[13].tokens == 2 * single.counts[13].tokens
     assert doubled.counts[13].selections == [2 * c for c in single.counts[13].selections]
     assert doubled.token_scores[13] == single.token_scores[13]
+
+
+def test_a_sorted_file_is_sampled_from_the_whole_file_with_the_seed_recorded(run_cli, tiny_models, tmp_path):
+    """The reference shuffles the training set with its seed before taking the tokens to score."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["qwen3_moe"])
+    topics = ["alpha"] * 50 + ["omega"] * 50  # sorted by topic: file order would score only "alpha"
+    path = tmp_path / "sorted.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": f"{t} {i}"}, {"role": "assistant", "content": t}]})
+            + "\n"
+            for i, t in enumerate(topics)
+        )
+    )
+
+    def sample(seed):
+        sequences = token_sequences(load_conversations(path, seed=seed), tokenizer, max_tokens=200, max_length=64)
+        return [tokenizer.decode(ids) for ids in sequences]
+
+    first = sample(5934875)
+    assert any("alpha" in text for text in first) and any("omega" in text for text in first)
+    assert sample(5934875) == first and sample(1) != first
+    assert all("omega" not in text for text in sample(None))
+
+    code, _, err = run_cli(
+        "score", "--base", tiny_models["qwen3_moe"], "--data", path, "--tokens", 200, "--seed", 7, "-o", tmp_path / "s"
+    )
+    assert code == 0, err
+    source = json.loads((tmp_path / "s").read_text())["source"]
+    assert source["seed"] == 7 and source["tokens_scored"] == 200
+    assert ExpertScores.load(tmp_path / "s").source == source

@@ -167,7 +167,7 @@ class _ScoredESFT(_ESFT):
     score_function: ClassVar[str]
 
     def select(self, model: nn.Module, run: RunContext) -> ExpertSelection:
-        """Score the task data and select once, then keep the selection in the run directory for resumes.
+        """Score a seeded sample of the task data and select once, then keep the selection for resumes.
 
         Rank 0 scores and selects; the other ranks receive its selection, so every rank trains the same rows.
         """
@@ -177,13 +177,14 @@ class _ScoredESFT(_ESFT):
             selection = [ExpertSelection.load(chosen)]
         elif run.accelerator.is_main_process:
             run.status(f"Scoring experts on {config.score_tokens:,} task tokens")
-            sequences = token_sequences(
-                load_conversations(config.data, config.split),
+            sequences = token_sequences(  # a sample of the whole data, drawn as the reference draws it
+                load_conversations(config.data, config.split, seed=config.seed),
                 run.tokenizer,
                 max_tokens=config.score_tokens,
                 max_length=config.seq_len,
             )
-            scores = score_model(model, sequences, source={"model": config.base, "data": config.data})
+            source = {"model": config.base, "data": config.data, "seed": config.seed}
+            scores = score_model(model, sequences, source=source)
             scores.save(run.out / "scores.json")
             selection = [select_experts(scores, by=self.score_function, top_p=config.top_p)]
             selection[0].save(chosen)
