@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from .io import read_json, write_json_atomic
 from .scores import ExpertScores, ScoreFunction
 
 DEFAULT_TOP_P: dict[str, float] = {"token": 0.2, "gate": 0.1}  # the paper's choices
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,6 +82,8 @@ def select_experts(
         raise InvalidInputError(f"top-p must be in (0, 1], got {top_p}")
     if not layer_scores:
         raise InvalidInputError("the scores hold no layers")
+    if by == "gate":
+        _warn_past_the_gate_mass(layer_scores, top_p)
     experts = {}
     for layer, expert_scores in layer_scores.items():
         if not any(expert_scores.values()):
@@ -91,3 +96,21 @@ def select_experts(
                 break
         experts[layer] = chosen
     return ExpertSelection(experts, shared_experts, non_expert_modules)
+
+
+def _warn_past_the_gate_mass(layer_scores: dict[int, dict[int, float]], top_p: float) -> None:
+    """Warn, once, about the layers whose gate scores sum to less than `top_p`: every expert there is selected.
+
+    Gate scores sum to a layer's mean top-k gate weight, not to 1 (0.26-0.53 per layer for DeepSeek-V2-Lite,
+    whose top-6 weights are not renormalised), so a p that suits token scores silently selects whole layers.
+    """
+    masses = {layer: sum(scores.values()) for layer, scores in sorted(layer_scores.items())}
+    if short := {layer: mass for layer, mass in masses.items() if mass < top_p}:
+        logger.warning(
+            "warning: top-p %g exceeds the total gate score of %d layers (%s), which therefore select every "
+            "expert; choose a top-p below %.3f",
+            top_p,
+            len(short),
+            ", ".join(f"{layer}: {mass:.3f}" for layer, mass in short.items()),
+            min(masses.values()),
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -72,3 +73,27 @@ def test_expert_ids_must_be_integers(tmp_path, ids):
     (tmp_path / "cfg.json").write_text(f'{{"experts": {{"1": {ids}}}}}')
     with pytest.raises(InvalidInputError, match="integer ids"):
         ExpertSelection.load(tmp_path / "cfg.json")
+
+
+def test_a_gate_p_above_a_layers_gate_mass_warns_once(esft_data, caplog):
+    """DeepSeek-V2-Lite's gate scores sum to 0.26-0.53 per layer: p = 0.6 would silently select every expert."""
+    scores = ExpertScores.load(esft_data / "expert_scores/law/summary.json")
+    with caplog.at_level(logging.WARNING, logger="expert_hub.selection"):
+        selection = select_experts(scores, "gate", 0.6)
+    assert all(len(ids) == 64 for ids in selection.experts.values())
+    [record] = caplog.records
+    assert "top-p 0.6 exceeds the total gate score of 26 layers (1: 0." in record.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="expert_hub.selection"):
+        select_experts(scores, "gate", 0.1)
+        select_experts(scores, "token", 0.6)  # token scores sum to 1
+    assert not caplog.records
+
+
+def test_the_cli_shows_the_gate_mass_warning_on_stderr_in_one_line(run_cli, esft_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(logging.root, "handlers", [])  # as outside pytest, where the CLI configures no logging
+    summary = esft_data / "expert_scores/law/summary.json"
+    code, _, err = run_cli("select", summary, "--by", "gate", "--top-p", "0.6", "-o", tmp_path / "cfg.json")
+    assert code == 0 and err.startswith("warning: top-p 0.6 exceeds") and err.count("\n") == 1, err
+    code, _, err = run_cli("select", summary, "--by", "gate", "-o", tmp_path / "cfg.json")
+    assert code == 0 and not err
