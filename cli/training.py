@@ -136,6 +136,8 @@ def run_with_progress(config):
         if value is not None
     )
     resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
+    if result.shipped_step != result.steps:
+        losses += f" (the weights of step {result.shipped_step}, the lowest eval loss; --keep last for the final step)"
     console.print(f"Trained {result.steps} steps in {result.seconds:.1f}s{resumed}; {losses} -> {result.artifact}")
     return result
 

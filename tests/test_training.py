@@ -374,3 +374,46 @@ def test_a_new_method_is_one_registered_class(tiny_models, tmp_path, esft_data):
         del methods_base._METHODS["routers-only"]
     with pytest.raises(InvalidInputError, match="unknown method 'routers-only'"):
         _config(tiny_models["qwen3_moe"], esft_data / "datasets/train/law.jsonl", tmp_path / "x", method="routers-only")
+
+
+def test_the_step_with_the_lowest_eval_loss_is_shipped(tiny_models, tmp_path, esft_data, monkeypatch):
+    """As the reference's load_best_model_at_end: evaluated at steps 2, 4, 6, 8, the best (4) is shipped; its
+    weights are those of a run that stopped at step 4 (the data order depends on the step, not on --steps)."""
+    from expert_hub.training import loop
+
+    def eval_losses(values):
+        losses = iter(values)
+        monkeypatch.setattr(loop, "loss_over_examples", lambda *args, **kwargs: {"value": next(losses)})
+
+    data = esft_data / "datasets/train/law.jsonl"
+    eval_losses([1.0, 0.5, 0.8, 0.9])
+    best = train(_config(tiny_models["qwen3_moe"], data, tmp_path / "best", eval_every=2, save_every=2))
+    assert (best.shipped_step, best.eval_loss, best.train_loss is not None) == (4, 0.5, True)
+    metadata = ExpertAdapter.load(best.artifact).metadata
+    assert metadata.training["shipped_step"] == 4 and metadata.metrics["eval_loss"] == 0.5
+    eval_losses([1.0, 0.5])
+    stopped = train(_config(tiny_models["qwen3_moe"], data, tmp_path / "stopped", eval_every=2, steps=4, keep="last"))
+    shipped, reference = ExpertAdapter.load(best.artifact), ExpertAdapter.load(stopped.artifact)
+    assert shipped.tensors.keys() == reference.tensors.keys()
+    assert all(torch.equal(shipped.tensors[key], reference.tensors[key]) for key in shipped.tensors)
+    eval_losses([1.0, 0.5, 0.8, 0.9])
+    last = train(_config(tiny_models["qwen3_moe"], data, tmp_path / "last", eval_every=2, keep="last"))
+    assert (last.shipped_step, last.eval_loss) == (8, 0.9)
+    assert not all(torch.equal(t, ExpertAdapter.load(last.artifact).tensors[k]) for k, t in shipped.tensors.items())
+
+
+def test_a_resumed_run_remembers_its_best_step(tiny_models, tmp_path, esft_data, monkeypatch):
+    """The best step (2) lies before the checkpoint a resume starts from (4): the resumed run still ships it."""
+    from expert_hub.training import loop
+
+    losses = iter([0.5, 0.8, 0.9, 0.7, 0.6, 0.9])  # steps 2, 4, 6 | resumed: 6, 8, 10
+    monkeypatch.setattr(loop, "loss_over_examples", lambda *args, **kwargs: {"value": next(losses)})
+    data = esft_data / "datasets/train/law.jsonl"
+    config = dict(steps=10, eval_every=2, save_every=4)
+    _train_until_interrupted_at_step_6(_config(tiny_models["qwen3_moe"], data, tmp_path / "split", **config))
+    resumed = train(_config(tiny_models["qwen3_moe"], data, tmp_path / "split", **config))
+    assert (resumed.resumed_from, resumed.shipped_step, resumed.eval_loss) == (4, 2, 0.5)
+    losses = iter([0.5])
+    stopped = train(_config(tiny_models["qwen3_moe"], data, tmp_path / "stopped", steps=2, eval_every=2, keep="last"))
+    shipped, reference = ExpertAdapter.load(resumed.artifact), ExpertAdapter.load(stopped.artifact)
+    assert all(torch.equal(shipped.tensors[key], reference.tensors[key]) for key in shipped.tensors)

@@ -3,6 +3,10 @@
 A checkpoint is a directory `checkpoints/step-000100/` that appears by atomic rename once complete, so a run
 killed at any moment (Ctrl-C, `kill -9`) leaves only whole checkpoints behind. Everything is safetensors or
 JSON — never pickle. Only trainable tensors are stored: for ESFT that is the selected experts' rows.
+
+`best/` holds the trainable tensors of the step with the lowest held-out loss so far (as the reference's
+`load_best_model_at_end`), written the same way; the checkpoints record which step that is, so a resumed run
+knows its best without re-evaluating.
 """
 
 from __future__ import annotations
@@ -17,7 +21,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import InvalidInputError
-from ..io import first_line, fsync_tree, publish_permissions, read_json, replace_directory, write_json_atomic
+from ..io import (
+    atomic_directory,
+    first_line,
+    fsync_tree,
+    publish_permissions,
+    read_json,
+    replace_directory,
+    write_json_atomic,
+)
 
 _STEP_DIR = re.compile(r"step-(\d+)")
 
@@ -81,14 +93,7 @@ def load_checkpoint(path: Path, trainable: dict[str, torch.Tensor], optimizer: t
         state = _unflatten_optimizer(optimizer_tensors, layout)
     except (SafetensorError, OSError, InvalidInputError, KeyError, TypeError, ValueError) as error:
         raise DamagedCheckpointError(f"{path.name} cannot be read ({first_line(error)})") from error
-    if set(saved) != set(trainable):
-        raise DamagedCheckpointError(f"{path.name} holds other trainable tensors than this run")
-    for name, tensor in trainable.items():
-        if saved[name].shape != tensor.shape or saved[name].dtype != tensor.dtype:
-            raise DamagedCheckpointError(
-                f"{path.name}: {name} is {tuple(saved[name].shape)} {saved[name].dtype}, "
-                f"this run trains {tuple(tensor.shape)} {tensor.dtype}"
-            )
+    _check_weights(path, saved, trainable)
     if [len(g["params"]) for g in state["param_groups"]] != [len(g["params"]) for g in optimizer.param_groups]:
         raise DamagedCheckpointError(f"{path.name}: the optimizer's parameter groups differ from this run's")
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
@@ -108,6 +113,38 @@ def load_checkpoint(path: Path, trainable: dict[str, torch.Tensor], optimizer: t
     optimizer.load_state_dict(state)
     _set_rng_state(rng)
     return progress
+
+
+def _check_weights(path: Path, saved: dict[str, torch.Tensor], trainable: dict[str, torch.Tensor]) -> None:
+    if set(saved) != set(trainable):
+        raise DamagedCheckpointError(f"{path.name} holds other trainable tensors than this run")
+    for name, tensor in trainable.items():
+        if saved[name].shape != tensor.shape or saved[name].dtype != tensor.dtype:
+            raise DamagedCheckpointError(
+                f"{path.name}: {name} is {tuple(saved[name].shape)} {saved[name].dtype}, "
+                f"this run trains {tuple(tensor.shape)} {tensor.dtype}"
+            )
+
+
+def save_best(path: Path, trainable: dict[str, torch.Tensor], best: dict) -> None:
+    """Keep the trainable tensors of the best step so far (`best`: its `step` and `eval_loss`), atomically."""
+    with atomic_directory(path, overwrite=True) as staging:
+        save_file({name: t.detach().contiguous() for name, t in trainable.items()}, staging / "trainable.safetensors")
+        write_json_atomic(staging / "best.json", best)
+
+
+def load_best(path: Path, trainable: dict[str, torch.Tensor], best: dict) -> None:
+    """Put the best step's tensors back into the trainable parameters; refused unless they are that step's."""
+    try:
+        saved, recorded = load_file(path / "trainable.safetensors"), read_json(path / "best.json")
+    except (SafetensorError, OSError, InvalidInputError) as error:
+        raise DamagedCheckpointError(f"{path.name} cannot be read ({first_line(error)})") from error
+    if recorded != best:
+        raise DamagedCheckpointError(f"{path.name} holds step {recorded.get('step')}, not the best step {best['step']}")
+    _check_weights(path, saved, trainable)
+    with torch.no_grad():
+        for name, tensor in trainable.items():
+            tensor.copy_(saved[name])
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -14,12 +14,12 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from ..errors import InvalidInputError
-from ..routing import DEFAULT_SCORE_TOKENS
+from ..routing import DEFAULT_SCORE_TOKENS, DEFAULT_SEED
 from ..selection import DEFAULT_TOP_P
 from .methods import get_method, method_names
 
 # Fields a resumed run may change without changing what is being trained.
-RESUMABLE_CHANGES = frozenset({"out", "steps", "save_every", "eval_every", "keep_checkpoints"})
+RESUMABLE_CHANGES = frozenset({"out", "steps", "save_every", "eval_every", "keep_checkpoints", "keep"})
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -141,11 +141,19 @@ class TrainingConfig:
     gradient_checkpointing: bool = setting(
         True, base_default=True, default_help="on", help="Recompute activations in backward to save memory."
     )
-    seed: int = setting(5934875, help="Seed for packing, data order and initialisation.")
+    seed: int = setting(
+        DEFAULT_SEED, help="Seed for the scored sample, packing, data order and initialisation (the reference's)."
+    )
     # checkpoints and evaluation
     save_every: int = setting(100, min=1, base_default=True, help="Checkpoint every N steps.")
     eval_every: int = setting(100, min=1, base_default=True, help="Eval loss every N steps.")
     keep_checkpoints: int = setting(2, min=1, help="Checkpoints kept.")
+    keep: str = setting(
+        "best",
+        choices=("best", "last"),
+        help="The step whose weights are shipped: best = the lowest held-out loss of the evaluated steps (as the "
+        "reference does), last = the final step.",
+    )
     trust_remote_code: bool = setting(False, help="Run the model repo's own code (only if you trust it).")
     # data-parallel processes; set by the loop, recorded because the data order depends on it
     processes: int = setting(1, help="Data-parallel processes (set by the loop).", cli=False)

@@ -4,8 +4,10 @@
 2. The method (`methods/`, looked up by name) makes what it trains trainable; ESFT scores the task data and
    selects experts here (or reads --experts) and fingerprints the base rows it will replace.
 3. Tokenize and pack the data; hold out a split for eval loss.
-4. AdamW steps with gradient accumulation; every `save_every` steps an atomic checkpoint.
-5. The method writes its artifact: an expert adapter (ESFT), a PEFT adapter (lora) or a full checkpoint (full).
+4. AdamW steps with gradient accumulation; every `save_every` steps an atomic checkpoint, every `eval_every` the
+   held-out loss, and the weights of the best step so far in `best/`.
+5. The best evaluated step's weights go back in (`keep="best"`, as the reference's `load_best_model_at_end`), and
+   the method writes its artifact: an expert adapter (ESFT), a PEFT adapter (lora) or a full checkpoint (full).
 
 Data order is a pure function of the seed and the step, so a resumed run sees exactly the batches an
 uninterrupted one would. Launched by `torchrun` / `accelerate launch`, it trains data-parallel through accelerate.
@@ -29,7 +31,14 @@ from ..errors import ExpertHubError, InvalidInputError
 from ..evaluation import loss_over_examples
 from ..io import read_json, write_json_atomic
 from ..models import load_base, load_config, load_tokenizer
-from .checkpoint import DamagedCheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    DamagedCheckpointError,
+    list_checkpoints,
+    load_best,
+    load_checkpoint,
+    save_best,
+    save_checkpoint,
+)
 from .config import TrainingConfig
 from .methods import RunContext, get_method, trainable_parameters
 
@@ -54,9 +63,10 @@ class TrainingResult:
     artifact: Path
     steps: int
     train_loss: float | None
-    eval_loss: float | None
+    eval_loss: float | None  # of the shipped step
     seconds: float
     resumed_from: int
+    shipped_step: int  # the step whose weights the artifact holds (`keep`: the best evaluated one, or the last)
     main_process: bool = True  # False on the other ranks of a data-parallel run
 
 
@@ -107,10 +117,11 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)
 
     # 3. resume where the last checkpoint left off
-    start_step, elapsed, train_loss = 0, 0.0, None
+    start_step, elapsed, train_loss, best = 0, 0.0, None, None
     if checkpoints := list_checkpoints(out / "checkpoints"):
         progress = _load_newest_intact(checkpoints, trainable, optimizer, status)
         start_step, elapsed, train_loss = progress["step"], progress.get("seconds", 0.0), progress.get("loss")
+        best = progress.get("best")  # the step with the lowest eval loss up to the checkpoint
         if start_step > config.steps:
             raise InvalidInputError(f"{out} already holds step {start_step}; ask for --steps {start_step} or more")
         status(f"Resuming from step {start_step}")
@@ -134,6 +145,10 @@ def train(
         done = step + 1
         if main_process and eval_blocks and (done % config.eval_every == 0 or done == config.steps):
             eval_loss = loss_over_examples(accelerator.unwrap_model(model), eval_blocks, config.batch_size)["value"]
+            if best is None or eval_loss < best["eval_loss"]:
+                best = {"step": done, "eval_loss": eval_loss}
+                if config.keep == "best":
+                    save_best(out / "best", trainable, best)
         report = StepReport(done, config.steps, train_loss, sum(ids.numel() for ids, _ in batches) / seconds, eval_loss)
         if main_process:
             _append_log(out / LOG_FILE, report)
@@ -143,17 +158,22 @@ def train(
                     done,
                     trainable,
                     optimizer,
-                    {"seconds": elapsed, "loss": train_loss},
+                    {"seconds": elapsed, "loss": train_loss, "best": best},
                     config.keep_checkpoints,
                 )
             if on_step:
                 on_step(report)
         accelerator.wait_for_everyone()
 
-    # 5. the artifact
+    # 5. the artifact, from the best evaluated step (or the last)
     model = accelerator.unwrap_model(model)
     if main_process and eval_blocks and eval_loss is None:
         eval_loss = loss_over_examples(model, eval_blocks, config.batch_size)["value"]
+    shipped = {"step": config.steps, "eval_loss": eval_loss}
+    if main_process and config.keep == "best" and best is not None and best["step"] != config.steps:
+        status(f"Shipping step {best['step']}, the lowest eval loss ({best['eval_loss']:.4f})")
+        load_best(out / "best", trainable, best)
+        shipped = best
     model = method.finish(model)
     model.config.use_cache = True
     artifact = out / method.artifact_name
@@ -161,15 +181,26 @@ def train(
         status(f"Writing {artifact}")
         summary = {
             "steps": config.steps,
+            "shipped_step": shipped["step"],
             "train_loss": train_loss,
-            "eval_loss": eval_loss,
+            "eval_loss": shipped["eval_loss"],
             "seconds": round(elapsed, 3),
             "train_blocks": len(train_blocks),
             "eval_blocks": len(eval_blocks),
         }
         method.write_artifact(model, artifact, tokenizer, method.artifact_metadata(summary))
     accelerator.wait_for_everyone()
-    return TrainingResult(model, artifact, config.steps, train_loss, eval_loss, elapsed, start_step, main_process)
+    return TrainingResult(
+        model,
+        artifact,
+        config.steps,
+        train_loss,
+        shipped["eval_loss"],
+        elapsed,
+        start_step,
+        shipped["step"],
+        main_process,
+    )
 
 
 def _positions(step: int, config: TrainingConfig, accelerator) -> list[int]:
@@ -230,9 +261,10 @@ def _packed_data(config: TrainingConfig, tokenizer):
     ]
     if not examples:
         raise InvalidInputError(f"{config.data} holds no conversations")
-    blocks = pack(examples, config.seq_len, pad_token_id(tokenizer), config.random_concat_ratio, config.seed)
-    if all(label == IGNORE_INDEX for _, labels in blocks for label in labels[1:]):
+    # Each example's first label is its BOS, labelled with itself as the reference does: the answers come after it.
+    if all(label == IGNORE_INDEX for _, labels in examples for label in labels[1:]):
         raise InvalidInputError(f"{config.data} has no assistant answers to learn from")
+    blocks = pack(examples, config.seq_len, pad_token_id(tokenizer), config.random_concat_ratio, config.seed)
     held_out = int(len(blocks) * config.eval_fraction)
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(config.seed)).tolist()
     train_blocks = [blocks[i] for i in order[held_out:]]
