@@ -84,7 +84,7 @@ def _loss_example(record: dict, tokenizer, chat_template: bool) -> tuple[list[in
     if record["messages"] is not None:
         return tokenize_conversation(record["messages"], tokenizer, chat_template)
     prompt = prompt_ids(record["prompt"], tokenizer)
-    answer = [*tokenizer.encode(f" {record['answers'][0]}", add_special_tokens=False), tokenizer.eos_token_id]
+    answer = [*tokenizer.encode(f" {record['answers'][0].strip()}", add_special_tokens=False), tokenizer.eos_token_id]
     return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
 
 
