@@ -417,3 +417,58 @@ def test_a_resumed_run_remembers_its_best_step(tiny_models, tmp_path, esft_data,
     stopped = train(_config(tiny_models["qwen3_moe"], data, tmp_path / "stopped", steps=2, eval_every=2, keep="last"))
     shipped, reference = ExpertAdapter.load(resumed.artifact), ExpertAdapter.load(stopped.artifact)
     assert all(torch.equal(shipped.tensors[key], reference.tensors[key]) for key in shipped.tensors)
+
+
+def test_general_data_is_mixed_in_by_seed_and_never_scored(tiny_models, tmp_path, esft_data):
+    """--mix-data: mix_ratio general conversations per task one (cycled when fewer), shuffled in with the seed; the
+    experts are still selected on the task data alone, and the run records what it mixed in."""
+    from expert_hub.data import load_conversations, tokenize_conversation
+    from expert_hub.models import load_tokenizer
+    from expert_hub.training.loop import _mixed
+
+    base, task = tiny_models["qwen3_moe"], esft_data / "datasets/train/law.jsonl"
+    general = tmp_path / "general.jsonl"
+    general.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"tell a story {i}"},
+                        {"role": "assistant", "content": f"once upon a time, story {i}."},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(7)
+        )
+    )
+    tokenizer = load_tokenizer(str(base))
+    stories = [tokenize_conversation(m, tokenizer) for m in load_conversations(general)]
+    task_examples = [tokenize_conversation(m, tokenizer) for m in load_conversations(task)][:20]
+    config = _config(base, task, tmp_path / "unused", mix_data=str(general), mix_ratio=1.0)
+    mixed = _mixed(task_examples, config, tokenizer)
+    assert len(mixed) == 40 and sum(example in stories for example in mixed) == 20  # 7 stories, cycled to 20
+    assert all(example in mixed for example in task_examples) and all(example in mixed for example in stories)
+    assert mixed == _mixed(task_examples, config, tokenizer)  # a pure function of the seed
+    assert any(example in stories for example in mixed[:20]), "general examples are shuffled in, not appended"
+    config.mix_ratio = 0.5
+    assert sum(example in stories for example in _mixed(task_examples, config, tokenizer)) == 10
+
+    plain = train(_config(base, task, tmp_path / "plain", steps=2))
+    with_general = train(_config(base, task, tmp_path / "mixed", steps=2, mix_data=str(general)))
+    assert (tmp_path / "mixed" / "expert_cfg.json").read_text() == (tmp_path / "plain" / "expert_cfg.json").read_text()
+    assert json.loads((tmp_path / "mixed" / "scores.json").read_text())["source"]["data"] == str(task)
+    recorded = ExpertAdapter.load(with_general.artifact).metadata.training["config"]
+    assert (recorded["mix_data"], recorded["mix_ratio"]) == (str(general), 1.0)
+    assert ExpertAdapter.load(plain.artifact).metadata.training["config"]["mix_data"] is None
+    with pytest.raises(InvalidInputError, match="--mix-ratio must be 0 or more, got nan"):
+        _config(base, task, tmp_path / "x", mix_data=str(general), mix_ratio=float("nan"))
+
+
+def test_a_run_started_before_a_setting_existed_still_resumes(tmp_path):
+    """A train_config.json without a newer field holds that field at its default; another value is refused."""
+    config = _config("base", "data.jsonl", tmp_path / "run")
+    older = {key: value for key, value in config.to_json().items() if key not in ("mix_data", "mix_ratio", "keep")}
+    config.check_resumable_from(older, str(tmp_path / "run"))
+    with pytest.raises(InvalidInputError, match=r"mix_ratio: 1.0 -> 0.5"):
+        _config("base", "data.jsonl", tmp_path / "run", mix_ratio=0.5).check_resumable_from(older, "run")

@@ -86,6 +86,15 @@ class TrainingConfig:
     )
     experts: str | None = setting(None, path=True, help="expert_cfg.json for --method esft.")
     split: str = setting("train", help="Split of a Hugging Face dataset.")
+    mix_data: str | None = setting(
+        None,
+        path=True,
+        help="General data mixed into the training data (same formats as the task data), as the paper's main "
+        "results mix alignment data in; never scored for the expert selection.",
+    )
+    mix_ratio: float = setting(
+        1.0, min=0, help="Mixed-in conversations per task conversation (the paper: 1.0), drawn with --seed."
+    )
     chat_template: bool = setting(
         False,
         flags=("--chat-template",),
@@ -172,6 +181,8 @@ class TrainingConfig:
             raise InvalidInputError(f"--beta1 and --beta2 must be in [0, 1), got {', '.join(map(str, self.betas))}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise InvalidInputError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        if not (math.isfinite(self.mix_ratio) and self.mix_ratio >= 0):
+            raise InvalidInputError(f"--mix-ratio must be 0 or more, got {self.mix_ratio}")
         if not 0 <= self.random_concat_ratio <= 1:
             raise InvalidInputError(f"--random-concat-ratio must be in [0, 1], got {self.random_concat_ratio}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -203,12 +214,16 @@ class TrainingConfig:
     def check_resumable_from(self, saved: dict, out: str) -> None:
         """Refuse to resume a run in `out` that was started with different settings."""
         current = self.to_json()
-        changed = [
-            key for key in current if key not in RESUMABLE_CHANGES and _norm(saved.get(key)) != _norm(current[key])
-        ]
+        # a setting added since the run started was, in effect, at its default then
+        saved = {f.name: _default(f) for f in fields(self) if f.name not in saved} | saved
+        changed = [key for key in current if key not in RESUMABLE_CHANGES and _norm(saved[key]) != _norm(current[key])]
         if changed:
-            details = ", ".join(f"{key}: {saved.get(key)!r} -> {current[key]!r}" for key in changed)
+            details = ", ".join(f"{key}: {saved[key]!r} -> {current[key]!r}" for key in changed)
             raise InvalidInputError(f"{out} holds a run with other settings ({details}); use a new --out to start over")
+
+
+def _default(f):
+    return f.default_factory() if f.default is MISSING else f.default
 
 
 def _norm(value):

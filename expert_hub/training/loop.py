@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -83,8 +85,9 @@ def train(
     )
     config.processes = accelerator.num_processes  # the data order depends on it: a resume must match
     _check_output(out, config)  # cheap checks first: bad input fails before any weights load
-    if next(load_conversations(config.data, config.split), None) is None:
-        raise InvalidInputError(f"{config.data} holds no conversations")
+    for data in filter(None, (config.data, config.mix_data)):
+        if next(load_conversations(data, config.split), None) is None:
+            raise InvalidInputError(f"{data} holds no conversations")
     positions = getattr(
         load_config(config.base, trust_remote_code=config.trust_remote_code), "max_position_embeddings", None
     )
@@ -255,15 +258,14 @@ def _check_output(out: Path, config: TrainingConfig) -> None:
 
 
 def _packed_data(config: TrainingConfig, tokenizer):
-    examples = [
-        tokenize_conversation(messages, tokenizer, config.chat_template)
-        for messages in load_conversations(config.data, config.split)
-    ]
+    examples = _examples(config.data, config, tokenizer)
     if not examples:
         raise InvalidInputError(f"{config.data} holds no conversations")
     # Each example's first label is its BOS, labelled with itself as the reference does: the answers come after it.
     if all(label == IGNORE_INDEX for _, labels in examples for label in labels[1:]):
         raise InvalidInputError(f"{config.data} has no assistant answers to learn from")
+    if config.mix_data:
+        examples = _mixed(examples, config, tokenizer)
     blocks = pack(examples, config.seq_len, pad_token_id(tokenizer), config.random_concat_ratio, config.seed)
     held_out = int(len(blocks) * config.eval_fraction)
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(config.seed)).tolist()
@@ -271,6 +273,21 @@ def _packed_data(config: TrainingConfig, tokenizer):
     if not train_blocks:
         raise InvalidInputError(f"{config.data} packs into {len(blocks)} blocks; none are left to train on")
     return train_blocks, [blocks[i] for i in order[:held_out]]
+
+
+def _examples(data: str, config: TrainingConfig, tokenizer, seed: int | None = None, limit: int | None = None) -> list:
+    conversations = islice(load_conversations(data, config.split, seed), limit)
+    return [tokenize_conversation(messages, tokenizer, config.chat_template) for messages in conversations]
+
+
+def _mixed(task: list, config: TrainingConfig, tokenizer) -> list:
+    """Task examples with `mix_ratio` general ones per task example, drawn in the seed's order (cycled when the
+    general data is the smaller), then shuffled together with the seed so every block mixes both."""
+    wanted = round(config.mix_ratio * len(task))
+    general = _examples(config.mix_data, config, tokenizer, seed=config.seed, limit=wanted) if wanted else []
+    examples = task + [general[i % len(general)] for i in range(wanted)]
+    random.Random(config.seed).shuffle(examples)
+    return examples
 
 
 class _DataOrder:
