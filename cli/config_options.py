@@ -13,12 +13,14 @@ import inspect
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import MISSING, Field, fields
+from dataclasses import Field, fields
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from expert_hub.training.config import field_default
 
 _ELEMENT = "__"  # a tuple field's element options are named FIELD__0, FIELD__1, ...
 
@@ -35,10 +37,6 @@ def _plain(annotation) -> type:
     return arguments[0] if optional else annotation
 
 
-def _default(f: Field):
-    return f.default_factory() if f.default is MISSING else f.default
-
-
 def _describe(value) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
@@ -49,7 +47,7 @@ def _describe(value) -> str:
 
 def _parameters(f: Field, annotation, base_note: Callable[[str], str]) -> list[inspect.Parameter]:
     """The option(s) for one field."""
-    meta, kind, default, help_text = f.metadata, _plain(annotation), _default(f), f.metadata["help"]
+    meta, kind, default, help_text = f.metadata, _plain(annotation), field_default(f), f.metadata["help"]
     flags = meta["flags"] or (f"--{f.name.replace('_', '-')}",)
     bounds = {key: meta[key] for key in ("min", "max") if meta[key] is not None}
     if meta["base_default"]:  # optional: left out, the base's own default applies

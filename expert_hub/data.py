@@ -12,13 +12,12 @@ import json
 import random
 from array import array
 from collections.abc import Iterable, Iterator
-from itertools import accumulate, islice
 from pathlib import Path
 
 import torch
 
 from .errors import InvalidInputError
-from .io import MAX_LINE_BYTES, first_line, numbered_lines
+from .io import MAX_LINE_BYTES, first_line, numbered_lines, numbered_lines_with_offsets
 
 Message = dict[str, str | int]  # "role", "content", and "mask": 1 on an assistant turn that carries no loss
 ROLES = ("system", "user", "assistant")
@@ -79,7 +78,7 @@ def shuffled(size: int, seed: int) -> array:
 def _shuffled_lines(path: Path, seed: int) -> Iterator[tuple[int, str]]:
     """`numbered_lines` in `shuffled` order; only each line's number and offset are held between the passes."""
     numbers, offsets = array("q"), array("q")
-    for number, offset in _line_offsets(path):
+    for number, offset, _ in numbered_lines_with_offsets(path):  # the first pass also checks every line
         numbers.append(number)
         offsets.append(offset)
     with path.open("rb") as lines:
@@ -87,17 +86,6 @@ def _shuffled_lines(path: Path, seed: int) -> Iterator[tuple[int, str]]:
             lines.seek(offsets[position])
             number = numbers[position]
             yield number, lines.readline(MAX_LINE_BYTES + 1).decode("utf-8-sig" if number == 1 else "utf-8")
-
-
-def _line_offsets(path: Path) -> Iterator[tuple[int, int]]:
-    """Number and byte offset of each line `numbered_lines` yields (and checks), from the same reads beside it."""
-    with path.open("rb") as raw:
-        reads = iter(lambda: raw.readline(MAX_LINE_BYTES + 1), b"")
-        starts = accumulate((len(line) for line in reads), initial=0)  # the n-th is where line n + 1 starts
-        counted = 0
-        for number, _ in numbered_lines(path):
-            yield number, next(islice(starts, number - 1 - counted, None))
-            counted = number
 
 
 _DATASET_FILES = {".json": "json", ".parquet": "parquet", ".csv": "csv"}

@@ -89,8 +89,14 @@ def numbered_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     A UTF-8 byte-order mark (what some Windows editors write) is dropped. A line is read at most `MAX_LINE_BYTES`
     at a time, so one enormous record is refused instead of exhausting memory.
     """
+    for number, _, line in numbered_lines_with_offsets(path):
+        yield number, line
+
+
+def numbered_lines_with_offsets(path: str | Path) -> Iterator[tuple[int, int, str]]:
+    """`numbered_lines` with each line's byte offset, so a line can be read again later without holding it."""
     with Path(path).open("rb") as lines:
-        number = 0
+        number, offset = 0, 0
         while raw := lines.readline(MAX_LINE_BYTES + 1):
             number += 1
             if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
@@ -103,7 +109,8 @@ def numbered_lines(path: str | Path) -> Iterator[tuple[int, str]]:
             except UnicodeDecodeError as error:
                 raise InvalidInputError(f"{path}:{number}: not UTF-8 text") from error
             if line.strip():
-                yield number, line
+                yield number, offset, line
+            offset += len(raw)
 
 
 def first_line(error: BaseException) -> str:

@@ -11,7 +11,7 @@ for the same thing (only `steps` and the checkpoint cadence may change) so resum
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 
 from ..errors import InvalidInputError
 from ..routing import DEFAULT_SCORE_TOKENS, DEFAULT_SEED
@@ -215,14 +215,15 @@ class TrainingConfig:
         """Refuse to resume a run in `out` that was started with different settings."""
         current = self.to_json()
         # a setting added since the run started was, in effect, at its default then
-        saved = {f.name: _default(f) for f in fields(self) if f.name not in saved} | saved
+        saved = {f.name: field_default(f) for f in fields(self) if f.name not in saved} | saved
         changed = [key for key in current if key not in RESUMABLE_CHANGES and _norm(saved[key]) != _norm(current[key])]
         if changed:
             details = ", ".join(f"{key}: {saved[key]!r} -> {current[key]!r}" for key in changed)
             raise InvalidInputError(f"{out} holds a run with other settings ({details}); use a new --out to start over")
 
 
-def _default(f):
+def field_default(f: Field):
+    """A dataclass field's default, whether given as a value or a factory."""
     return f.default_factory() if f.default is MISSING else f.default
 
 
