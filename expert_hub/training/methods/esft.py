@@ -36,11 +36,12 @@ ESFT_EXPERTS = "esft"
 class ExpertRows(nn.Module):
     """Trainable copies of some experts' rows of a fused experts module, with the id -> row map.
 
-    The rows are float32 master weights whatever the model's dtype: AdamW's small steps would mostly round away
-    in bfloat16. The forward casts them to the model's dtype, so it computes what the merged model computes.
+    The rows are float32 master weights whatever the model's dtype (`training/precision.py`), unless `dtype` says
+    otherwise (`--pure-bf16`). The forward casts them to the model's dtype, so it computes what the merged model
+    computes.
     """
 
-    def __init__(self, experts: nn.Module, rows: list[int]):
+    def __init__(self, experts: nn.Module, rows: list[int], dtype: torch.dtype = torch.float32):
         super().__init__()
         index = torch.tensor(rows, dtype=torch.long, device=experts.gate_up_proj.device)
         position = torch.full((experts.gate_up_proj.shape[0],), -1, dtype=torch.long, device=index.device)
@@ -49,7 +50,7 @@ class ExpertRows(nn.Module):
         self.register_buffer("position", position, persistent=False)  # expert id -> row here, -1 if frozen
         self.weights = nn.ParameterDict(
             {
-                name: nn.Parameter(fused.detach()[index].to(torch.float32))
+                name: nn.Parameter(fused.detach()[index].to(dtype))
                 for name, fused in experts.named_parameters(recurse=False)
             }
         )
@@ -100,7 +101,7 @@ def esft_experts_forward(
 ALL_EXPERTS_FUNCTIONS.register(ESFT_EXPERTS, esft_experts_forward)
 
 
-def prepare_esft(model: nn.Module, selection: ExpertSelection) -> nn.Module:
+def prepare_esft(model: nn.Module, selection: ExpertSelection, rows_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Freeze everything, then make the selected experts (and shared / non-expert modules if asked) trainable.
 
     `merge_esft` undoes it, restoring the experts implementation the model had.
@@ -114,7 +115,7 @@ def prepare_esft(model: nn.Module, selection: ExpertSelection) -> nn.Module:
                 parameters[name].requires_grad_(True)
     for layer in moe_layers(model):
         if rows := selection.experts.get(layer.index):
-            layer.experts.esft_rows = ExpertRows(layer.experts, rows)
+            layer.experts.esft_rows = ExpertRows(layer.experts, rows, rows_dtype)
     model.esft_previous_experts_implementation = model.config._experts_implementation
     model.set_experts_implementation(ESFT_EXPERTS)
     disable_router_aux_loss(model)
@@ -148,7 +149,7 @@ class _ESFT(TrainingMethod):
     def prepare(self, model: nn.Module, run: RunContext) -> nn.Module:
         self.selection = self.select(model, run)
         self.fingerprint = fingerprint_selection(model, self.selection)  # of the base rows, before any step
-        return prepare_esft(model, self.selection)
+        return prepare_esft(model, self.selection, model.dtype if self.config.pure_bf16 else torch.float32)
 
     def finish(self, model: nn.Module) -> nn.Module:
         return merge_esft(model)

@@ -12,8 +12,14 @@ from ...models import load_base
 from .base import RunContext, TrainingMethod, disable_router_aux_loss, register_method, write_model_directory
 
 
-def prepare_lora(model: nn.Module, rank: int, alpha: int, targets: list[str], experts: bool) -> nn.Module:
-    """PEFT LoRA on the given linear modules and, with `experts`, on every layer's fused expert tensors."""
+def prepare_lora(
+    model: nn.Module, rank: int, alpha: int, targets: list[str], experts: bool, float32_adapters: bool = True
+) -> nn.Module:
+    """PEFT LoRA on the given linear modules and, with `experts`, on every layer's fused expert tensors.
+
+    `float32_adapters`: PEFT keeps the adapter weights in float32 whatever the model's dtype (its
+    `autocast_adapter_dtype`), the float32 master weights every method trains (`training/precision.py`).
+    """
     from peft import LoraConfig, get_peft_model
 
     disable_router_aux_loss(model)
@@ -36,7 +42,7 @@ def prepare_lora(model: nn.Module, rank: int, alpha: int, targets: list[str], ex
         target_parameters=target_parameters,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    return get_peft_model(model, config, autocast_adapter_dtype=float32_adapters)
 
 
 def _all_linear_but_routers(model: nn.Module) -> list[str]:
@@ -72,7 +78,14 @@ class LoRA(TrainingMethod):
 
     def prepare(self, model: nn.Module, run: RunContext) -> nn.Module:
         config = self.config
-        return prepare_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_experts)
+        return prepare_lora(
+            model,
+            config.lora_rank,
+            config.lora_alpha,
+            config.lora_targets,
+            config.lora_experts,
+            float32_adapters=not config.pure_bf16,
+        )
 
     def write_artifact(self, model: nn.Module, path: Path, tokenizer, metadata: dict) -> Path:
         return write_model_directory(model, path, metadata)
