@@ -56,6 +56,8 @@ def _parameters(f: Field, annotation, base_note: Callable[[str], str]) -> list[i
         if kind is bool:
             flags = (f"{flags[0]}/--no-{flags[0].removeprefix('--')}",)
         return [_keyword(f.name, kind | None, None, typer.Option(*flags, help=help_text, **bounds))]
+    if default is None and meta["default_help"]:  # a computed default: Typer would show none
+        help_text = f"{help_text.removesuffix('.')} [default: {meta['default_help']}]."
     if kind is bool:  # without flags of its own, Typer's --x/--no-x
         return [_keyword(f.name, bool, default, typer.Option(*meta["flags"], help=help_text))]
     if typing.get_origin(kind) is tuple:

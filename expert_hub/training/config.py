@@ -144,8 +144,26 @@ class TrainingConfig:
     dtype: str = setting(
         "auto",
         choices=DTYPES,
-        help="Weights dtype; auto = bfloat16 on GPUs that support it, else "
-        "float32 (ESFT keeps the trained rows in float32).",
+        help="Weights dtype; auto = bfloat16 on GPUs that support it, else float32 (what trains keeps float32 "
+        "master weights unless --pure-bf16).",
+    )
+    pure_bf16: bool = setting(
+        False,
+        flags=("--pure-bf16",),
+        help="Train as the reference does: bfloat16 weights, gradients and AdamW state under bfloat16 autocast "
+        "(default: every method keeps float32 master weights for what it trains and computes in --dtype).",
+    )
+    router_aux_loss: bool = setting(
+        False,
+        flags=("--router-aux-loss",),
+        help="Add the model's own router auxiliary (load-balancing) loss to the training loss, as the reference "
+        "does (DeepSeek-V2: its sequence-level loss; Qwen-MoE, OLMoE, Mixtral, gpt-oss: transformers' loss).",
+    )
+    router_aux_loss_coef: float | None = setting(
+        None,
+        min=0,
+        help="Weight of --router-aux-loss.",
+        default_help="the model config's aux_loss_alpha / router_aux_loss_coef",
     )
     gradient_checkpointing: bool = setting(
         True, base_default=True, default_help="on", help="Recompute activations in backward to save memory."
@@ -172,6 +190,15 @@ class TrainingConfig:
         get_method(self.method).check_config(self)  # an unknown method is refused here
         if self.dtype == "float16":
             raise InvalidInputError("training in float16 overflows; use --dtype bfloat16 or float32")
+        if self.pure_bf16:
+            if self.dtype not in ("auto", "bfloat16"):
+                raise InvalidInputError(f"--pure-bf16 trains bfloat16 weights; it cannot use --dtype {self.dtype}")
+            self.dtype = "bfloat16"
+        if self.router_aux_loss_coef is not None:
+            if not self.router_aux_loss:
+                raise InvalidInputError("--router-aux-loss-coef needs --router-aux-loss")
+            if not (math.isfinite(self.router_aux_loss_coef) and self.router_aux_loss_coef >= 0):
+                raise InvalidInputError(f"--router-aux-loss-coef must be 0 or more, got {self.router_aux_loss_coef}")
         # every comparison is written so that NaN fails it
         if not (math.isfinite(self.clip_grad_norm) and self.clip_grad_norm > 0):
             raise InvalidInputError(f"--clip-grad-norm must be above 0, got {self.clip_grad_norm}")

@@ -4,8 +4,9 @@
 2. The method (`methods/`, looked up by name) makes what it trains trainable; ESFT scores the task data and
    selects experts here (or reads --experts) and fingerprints the base rows it will replace.
 3. Tokenize and pack the data; hold out a split for eval loss.
-4. AdamW steps with gradient accumulation; every `save_every` steps an atomic checkpoint, every `eval_every` the
-   held-out loss, and the weights of the best step so far in `best/`.
+4. AdamW steps with gradient accumulation, on float32 master weights (`precision.py`; `--pure-bf16`: bfloat16
+   as the reference) and with the router auxiliary loss if asked (`aux_loss.py`); every `save_every` steps an
+   atomic checkpoint, every `eval_every` the held-out loss, and the weights of the best step so far in `best/`.
 5. The best evaluated step's weights go back in (`keep="best"`, as the reference's `load_best_model_at_end`), and
    the method writes its artifact: an expert adapter (ESFT), a PEFT adapter (lora) or a full checkpoint (full).
 
@@ -33,6 +34,7 @@ from ..errors import ExpertHubError, InvalidInputError
 from ..evaluation import loss_over_examples
 from ..io import read_json, write_json_atomic
 from ..models import load_base, load_config, load_tokenizer
+from .aux_loss import RouterAuxLoss
 from .checkpoint import (
     DamagedCheckpointError,
     list_checkpoints,
@@ -43,6 +45,7 @@ from .checkpoint import (
 )
 from .config import TrainingConfig
 from .methods import RunContext, get_method, trainable_parameters
+from .precision import drop_float32_masters, keep_float32_masters
 
 CONFIG_FILE = "train_config.json"
 LOG_FILE = "log.jsonl"
@@ -57,6 +60,7 @@ class StepReport:
     loss: float
     tokens_per_second: float
     eval_loss: float | None = None
+    aux_loss: float | None = None  # --router-aux-loss: the step's weighted auxiliary loss, not in `loss`
 
 
 @dataclass
@@ -107,6 +111,9 @@ def train(
         write_json_atomic(out / CONFIG_FILE, config.to_json())  # from here on, rerunning resumes this run
     method = get_method(config.method)(config)
     model = method.prepare(model, RunContext(out, tokenizer, accelerator, status))
+    if not config.pure_bf16:
+        keep_float32_masters(model)
+    router_aux = RouterAuxLoss(model, config.router_aux_loss_coef) if config.router_aux_loss else None
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = trainable_parameters(model)
@@ -140,19 +147,22 @@ def train(
             _batch(train_blocks, order.take(position, config.batch_size), accelerator.device)
             for position in _positions(step, config, accelerator)
         ]
-        train_loss = _step(model, optimizer, batches, trainable, config, accelerator)
+        train_loss, aux_loss = _step(model, optimizer, batches, trainable, config, accelerator, router_aux)
         if not math.isfinite(train_loss):
             raise ExpertHubError(f"the loss became {train_loss} at step {step + 1}; lower --lr or use --dtype float32")
         seconds = time.perf_counter() - started
         elapsed += seconds
         done = step + 1
         if main_process and eval_blocks and (done % config.eval_every == 0 or done == config.steps):
-            eval_loss = loss_over_examples(accelerator.unwrap_model(model), eval_blocks, config.batch_size)["value"]
+            with _autocast(config, accelerator):
+                eval_loss = loss_over_examples(accelerator.unwrap_model(model), eval_blocks, config.batch_size)
+            eval_loss = eval_loss["value"]
             if best is None or eval_loss < best["eval_loss"]:
                 best = {"step": done, "eval_loss": eval_loss}
                 if config.keep == "best":
                     save_best(out / "best", trainable, best)
-        report = StepReport(done, config.steps, train_loss, sum(ids.numel() for ids, _ in batches) / seconds, eval_loss)
+        tokens_per_second = sum(ids.numel() for ids, _ in batches) / seconds
+        report = StepReport(done, config.steps, train_loss, tokens_per_second, eval_loss, aux_loss)
         if main_process:
             _append_log(out / LOG_FILE, report)
             if done % config.save_every == 0 or done == config.steps:
@@ -171,12 +181,16 @@ def train(
     # 5. the artifact, from the best evaluated step (or the last)
     model = accelerator.unwrap_model(model)
     if main_process and eval_blocks and eval_loss is None:
-        eval_loss = loss_over_examples(model, eval_blocks, config.batch_size)["value"]
+        with _autocast(config, accelerator):
+            eval_loss = loss_over_examples(model, eval_blocks, config.batch_size)["value"]
     shipped = {"step": config.steps, "eval_loss": eval_loss}
     if main_process and config.keep == "best" and best is not None and best["step"] != config.steps:
         status(f"Shipping step {best['step']}, the lowest eval loss ({best['eval_loss']:.4f})")
         load_best(out / "best", trainable, best)
         shipped = best
+    if router_aux:
+        router_aux.remove()
+    drop_float32_masters(model)
     model = method.finish(model)
     model.config.use_cache = True
     artifact = out / method.artifact_name
@@ -215,22 +229,38 @@ def _positions(step: int, config: TrainingConfig, accelerator) -> list[int]:
     ]
 
 
-def _step(model, optimizer, batches, trainable, config: TrainingConfig, accelerator) -> float:
-    """One optimizer step over the micro-batches; returns the mean loss per target token."""
+def _step(
+    model, optimizer, batches, trainable, config: TrainingConfig, accelerator, router_aux: RouterAuxLoss | None
+) -> tuple[float, float | None]:
+    """One optimizer step over the micro-batches; returns the mean loss per target token and the summed
+    auxiliary loss of the micro-batches (None without --router-aux-loss)."""
     model.train()
     target_tokens = max(sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in batches), 1)
-    total = 0.0
+    total, aux_total = 0.0, 0.0
     for micro, (input_ids, labels) in enumerate(batches):
         last = micro == len(batches) - 1
         with nullcontext() if last else accelerator.no_sync(model):  # gradients sync once, after the last
             # Summed over tokens and divided by the step's token count: micro-batches add up to the step mean.
-            loss = model(input_ids=input_ids, labels=labels, num_items_in_batch=target_tokens).loss
-            accelerator.backward(loss)
+            inputs = dict(input_ids=input_ids, labels=labels, num_items_in_batch=target_tokens)
+            with _autocast(config, accelerator):
+                if router_aux:
+                    loss, aux_loss = router_aux.losses(model, **inputs)
+                    aux_total += aux_loss.detach()
+                    loss_to_train = loss + aux_loss
+                else:
+                    loss = loss_to_train = model(**inputs).loss
+            accelerator.backward(loss_to_train)
         total += loss.detach()
     accelerator.clip_grad_norm_(list(trainable.values()), config.clip_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return accelerator.reduce(total, reduction="mean").item()  # the same figure on every rank
+    mean_loss = accelerator.reduce(total, reduction="mean").item()  # the same figure on every rank
+    return mean_loss, accelerator.reduce(aux_total, reduction="mean").item() if router_aux else None
+
+
+def _autocast(config: TrainingConfig, accelerator):
+    """--pure-bf16 runs the forward as the reference's Trainer does with `bf16=True`: under bfloat16 autocast."""
+    return torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=config.pure_bf16)
 
 
 def _load_newest_intact(checkpoints: list[Path], trainable, optimizer, status) -> dict:
