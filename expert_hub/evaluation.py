@@ -6,6 +6,7 @@ Metrics:
 - `intent`: the reference's intent metric exactly (deepseek-ai/ESFT `IntentEvaluator`): the JSON on the completion's
   first line (or in a ```json fence) has the answer's `intent` and `slots`.
 - `bleu`: corpus BLEU (sacrebleu; Chinese tokenization when the references contain CJK text).
+- `judge`: an LLM judge's 0-10 score scaled to 0-1, with the reference's prompts (`expert_hub.judge`).
 Works on conversations and on the reference eval files (`{"prompt", "raw_answers"}`).
 """
 
@@ -15,6 +16,7 @@ import json
 import math
 import re
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -22,7 +24,10 @@ from torch import nn
 from .data import IGNORE_INDEX, pad, pad_token_id, prompt_ids, read_eval_records, tokenize_conversation
 from .errors import InvalidInputError
 
-METRICS = ("loss", "exact", "intent", "bleu")
+if TYPE_CHECKING:
+    from .judge import JudgeConfig
+
+METRICS = ("loss", "exact", "intent", "bleu", "judge")
 
 
 def evaluate(
@@ -37,16 +42,29 @@ def evaluate(
     seq_len: int = 4096,
     limit: int | None = None,
     on_records: Callable[[int, int], None] | None = None,
+    judge: JudgeConfig | None = None,
+    on_judged: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Evaluate `model` on `data` with one metric; returns `{"metric", "value", "count", ...}`.
 
-    `on_records(done, total)` is called as records are scored.
+    `on_records(done, total)` is called as records are scored; the `judge` metric needs `judge` and calls
+    `on_judged(done, total)` as judgements come in.
     """
     records = read_eval_records(data, split)[:limit]
     if not records:
         raise InvalidInputError(f"{data} holds no records to evaluate")
     return evaluate_records(
-        model, tokenizer, records, metric, chat_template, max_new_tokens, batch_size, seq_len, on_records
+        model,
+        tokenizer,
+        records,
+        metric,
+        chat_template,
+        max_new_tokens,
+        batch_size,
+        seq_len,
+        on_records,
+        judge,
+        on_judged,
     )
 
 
@@ -60,10 +78,14 @@ def evaluate_records(
     batch_size: int = 8,
     seq_len: int = 4096,
     on_records: Callable[[int, int], None] | None = None,
+    judge: JudgeConfig | None = None,
+    on_judged: Callable[[int, int], None] | None = None,
 ) -> dict:
     """`evaluate` on records already read (`{"prompt", "answers", "messages"}`, as `read_eval_records` gives)."""
     if metric not in METRICS:
         raise InvalidInputError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+    if metric == "judge" and judge is None:
+        raise InvalidInputError("the judge metric needs a judge: a JudgeConfig with its URL and model")
     model.eval()
     progress = (lambda done: on_records(done, len(records))) if on_records else None
     if metric == "loss":
@@ -72,7 +94,12 @@ def evaluate_records(
     prompts = [prompt_ids(record["prompt"] or record["messages"][:-1], tokenizer, chat_template) for record in records]
     predictions = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
     answers = [record["answers"] for record in records]
-    result = {"metric": metric, "count": len(records), "value": SCORERS[metric](predictions, answers)}
+    if metric == "judge":
+        from .judge import judge_scores
+
+        result = {"metric": metric, "count": len(records)} | judge_scores(predictions, answers, judge, on_judged)
+    else:
+        result = {"metric": metric, "count": len(records), "value": SCORERS[metric](predictions, answers)}
     result["examples"] = [
         {"prompt": tokenizer.decode(p[-64:]), "prediction": y, "answers": a[:3]}
         for p, y, a in list(zip(prompts, predictions, answers))[:3]
