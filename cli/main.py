@@ -9,7 +9,7 @@ import typer
 from expert_hub.errors import ExpertHubError
 from expert_hub.io import first_line
 
-from . import analysis, builtin_tasks, evaluation, quickstart, registry_commands, serving, training  # noqa: F401  (importing registers their commands)
+from . import analysis, analyze, builtin_tasks, evaluation, quickstart, registry_commands, serving, training  # noqa: F401  (importing registers their commands)
 from .app import app
 
 
