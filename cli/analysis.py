@@ -62,7 +62,7 @@ def score(
         scores = scores_from_routing_logs(routing_logs, top_k=top_k, num_experts=num_experts)
     else:
         data = Path(data_or_builtin(str(data) if data else None, task, "train"))
-        scores = _score_model(
+        scores = score_data(
             base_or_demo(base), data, tokens, seed, batch_size, seq_len, dtype.value, device, trust_remote_code
         )
     scores.save(output)
@@ -70,7 +70,18 @@ def score(
     console.print(f"Scored {tokens_seen:,} tokens over {len(scores.token_scores)} MoE layers -> {output}")
 
 
-def _score_model(base, data, tokens, seed, batch_size, seq_len, dtype, device, trust_remote_code):
+def score_data(
+    base: str,
+    data: Path,
+    tokens: int,
+    seed: int = DEFAULT_SEED,
+    batch_size: int = 8,
+    seq_len: int = 4096,
+    dtype: str = "auto",
+    device: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """Score a seeded sample of `data` on `base` with a progress bar (`score`, and `analyze --data`)."""
     from expert_hub.data import read_conversations
     from expert_hub.models import load_base, load_tokenizer, resolve_device
     from expert_hub.routing import score_model, token_sequences

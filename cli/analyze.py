@@ -11,7 +11,7 @@ from rich.table import Table
 
 from expert_hub.analysis import LEVELS
 from expert_hub.errors import InvalidInputError
-from expert_hub.routing import DEFAULT_SCORE_TOKENS, DEFAULT_SEED
+from expert_hub.routing import DEFAULT_SCORE_TOKENS
 
 from .app import ScoreFunction, app, check_output_file, console, status_console
 
@@ -159,9 +159,9 @@ def _unique(names) -> list[str]:
 
 def _score_data(base: str, data: Path, tokens: int, seq_len: int) -> ExpertScores:
     """The adapter's task data scored on the base, as `expert-hub score` does (the routing ESFT selects from)."""
-    from .analysis import _score_model
+    from .analysis import score_data
 
-    return _score_model(base, data, tokens, DEFAULT_SEED, 8, seq_len, "auto", None, False)
+    return score_data(base, data, tokens, seq_len=seq_len)
 
 
 def _draw(tasks: list[TaskAnalysis], numbers: dict, by: str, out: Path) -> list[Path]:

@@ -71,7 +71,7 @@ class LMEvalTasks:
                 hint = f" (did you mean {', '.join(close)}?)" if close else ""
                 raise InvalidInputError(
                     f"unknown lm-eval task {name!r}{hint}; `lm-eval ls tasks` lists them "
-                    "(`--include_path DIR` adds a directory of your own task YAMLs)"
+                    "(`--lm-eval-include DIR` adds a directory of your own task YAMLs)"
                 )
         return cls(tuple(names), manager)
 

@@ -6,28 +6,39 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn
 
 from .errors import InvalidInputError
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON so readers see the old file or the new one, never half of one."""
+
+    def write(handle: IO) -> None:
+        json.dump(data, handle, indent=2, ensure_ascii=False)
+        handle.write("\n")
+
+    write_atomic(path, write)
+
+
+def write_atomic(path: str | Path, write: Callable[[IO], None], binary: bool = False) -> None:
+    """Have `write` fill a temporary file beside `path`, then rename it into place: readers see the old file or
+    the new one, never half of one."""
     path = Path(path)
     if path.is_dir():
         raise InvalidInputError(f"{path} is a directory; give a file path")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False)  # noqa: SIM115 (closed below; removed on failure)
+        mode = "wb" if binary else "w"
+        handle = tempfile.NamedTemporaryFile(mode, dir=path.parent, prefix=f".{path.name}.", delete=False)  # noqa: SIM115 (closed below; removed on failure)
     except OSError as error:
         raise InvalidInputError(f"cannot write {path}: {error.strerror}") from error
     try:
         with handle:
-            json.dump(data, handle, indent=2, ensure_ascii=False)
-            handle.write("\n")
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(handle.name, 0o666 & ~_umask())  # mkstemp makes files private; match a plain open()

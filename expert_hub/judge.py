@@ -43,6 +43,7 @@ from .io import first_line
 SYSTEM_MESSAGE = "You are a helpful assistant. Follow the user's instructions carefully. Respond using markdown."
 MAX_TOKENS = 80
 TEMPERATURE = 0.0
+RETRIED_STATUSES = frozenset({408, 409, 429}) | frozenset(range(500, 600))  # what the openai client retries
 
 # The reference's templates, verbatim (trailing spaces included).
 SUMMARY_TEMPLATE = """
@@ -231,7 +232,7 @@ def _ask_judge(
     """Ask for every prompt, `config.concurrency` at a time, into `judgements`. Each judgement is cached as it
     arrives, so a failed or interrupted run loses none; the openai client retries rate limits, server errors and
     lost connections with exponential backoff, and what still fails stops the run."""
-    from openai import APIError, OpenAI
+    from openai import APIError, APIStatusError, OpenAI
 
     client = OpenAI(
         base_url=config.url, api_key=config.api_key(), max_retries=config.max_retries, timeout=config.timeout
@@ -242,7 +243,8 @@ def _ask_judge(
             model=config.model, messages=_messages(prompt), max_tokens=MAX_TOKENS, temperature=TEMPERATURE
         )
         judgement = (completion.choices[0].message.content if completion.choices else None) or ""
-        cache.put(key, prompt, judgement, config)
+        if judgement:  # an empty reply (a refusal, a content filter) is asked again on the next run
+            cache.put(key, prompt, judgement, config)
         return judgement
 
     pool = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="judge")
@@ -252,10 +254,14 @@ def _ask_judge(
             judgements[futures[future]] = future.result()
             on_answer(futures[future])
     except APIError as error:
+        retried = not isinstance(error, APIStatusError) or error.status_code in RETRIED_STATUSES
+        failure = f"failed after {config.max_retries} retries" if retried else "refused the request"
         raise InvalidInputError(
-            f"the judge at {config.url} failed after {config.max_retries} retries: {first_line(error)} "
+            f"the judge at {config.url} {failure}: {first_line(error)} "
             "(the judgements received are cached: a rerun asks only for the others)"
         ) from error
+    except sqlite3.Error as error:
+        raise InvalidInputError(f"cannot write the judge cache {cache.path}: {first_line(error)}") from error
     finally:
         pool.shutdown(cancel_futures=True)  # nothing new is sent; the requests under way finish and are cached
 

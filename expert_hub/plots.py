@@ -8,13 +8,11 @@ Each file is written atomically: a reader sees the old figure or the new one.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 from .analysis import Concentration
-from .io import raise_with_filename
+from .io import write_atomic
 
 _DPI = 150
 
@@ -118,19 +116,6 @@ def _integer_ticks():
 
 
 def save(figure, path: Path) -> Path:
-    """Write the figure as a PNG through a temporary file in the same folder, then rename it into place."""
-    path = Path(path)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".png", delete=False)  # noqa: SIM115 (closed below; removed on failure)
-    try:
-        with handle:
-            figure.savefig(handle, format="png", dpi=_DPI)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(handle.name, 0o644)  # mkstemp makes files private; figures are for sharing
-        os.replace(handle.name, path)
-    except BaseException as error:
-        Path(handle.name).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise_with_filename(error, path)
-        raise
-    return path
+    """Write the figure as a PNG atomically (readers see no file or a whole one)."""
+    write_atomic(path, lambda handle: figure.savefig(handle, format="png", dpi=_DPI), binary=True)
+    return Path(path)

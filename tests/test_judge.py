@@ -182,7 +182,7 @@ def reference_parse(pattern: str, response_text: str) -> float:
     ],
 )
 def test_scores_parse_as_the_reference_parses_them(task, judgement, expected):
-    assert parse_score(task, judgement) == pytest.approx(expected) if expected is not None else expected is None
+    assert parse_score(task, judgement) == (pytest.approx(expected) if expected is not None else None)
     reference = reference_parse(JUDGE_TASKS[task].pattern, judgement)
     assert reference == (expected if expected is not None else 0.0)  # the reference scores "no score" as 0
 

@@ -151,18 +151,30 @@ def test_the_coefficient_comes_from_the_config_unless_given(tmp_path):
     assert RouterAuxLoss(alpha, coefficient=0.5).coefficient == 0.5
 
 
-def test_families_without_an_aux_loss_are_refused(tiny_models, tmp_path, esft_data):
+def test_families_without_an_aux_loss_are_refused_before_anything_is_written(tiny_models, tmp_path, esft_data):
+    """Refused before the run directory is claimed: the same --out then works without the flag."""
     config = _config(
         tiny_models["deepseek_v3"], esft_data / "datasets/train/law.jsonl", tmp_path / "run", router_aux_loss=True
     )
     with pytest.raises(InvalidInputError, match="deepseek_v3 has no router auxiliary loss of its own"):
         train(config)
+    assert not (tmp_path / "run").exists()
     with pytest.raises(InvalidInputError, match="--router-aux-loss-coef needs --router-aux-loss"):
         _config("base", "data.jsonl", "out", router_aux_loss_coef=0.1)
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_the_baselines_train_with_the_aux_loss(tiny_models, tmp_path, esft_data, method):
+    settings = dict(method=method, steps=2, save_every=2, router_aux_loss=True, gradient_checkpointing=True)
+    data = esft_data / "datasets/train/law.jsonl"
+    result = train(_config(tiny_models["deepseek_v2"], data, tmp_path / "run", **settings))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(entry["aux_loss"] > 0 for entry in log) and math.isfinite(result.train_loss)
+    assert result.model.config.output_router_logits is False
+
+
 def test_training_with_the_aux_loss_moves_the_experts_that_feed_the_routers(tiny_models, tmp_path, esft_data):
-    """The routers stay frozen; the loss trains the experts before them. Gradient checkpointing's second pass
+    """ESFT keeps the routers frozen; the loss trains the experts before them. Gradient checkpointing's second pass
     through the routers adds nothing; the log reports the auxiliary loss apart from the language-model loss."""
     data = esft_data / "datasets/train/law.jsonl"
     experts = tmp_path / "cfg.json"

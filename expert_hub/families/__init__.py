@@ -105,7 +105,10 @@ def family_of(config) -> MoEFamily:
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
-    """Every MoE layer of a transformers causal LM, in layer order (dense layers are skipped)."""
+    """Every MoE layer of a transformers causal LM, in layer order (dense layers are skipped).
+
+    With PEFT LoRA on the experts (a `ParamWrapper` around them), `experts` is the wrapped experts module.
+    """
     family = family_of(model.config)
     names = {id(module): name for name, module in model.named_modules()}
     layers = []
@@ -113,9 +116,10 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
         block = decoder_layer.mlp
         if not hasattr(block, "experts"):
             continue
-        if not hasattr(block.experts, "gate_up_proj"):
+        experts = block.experts.get_base_layer() if hasattr(block.experts, "get_base_layer") else block.experts
+        if not hasattr(experts, "gate_up_proj"):
             raise UnsupportedModelError(
-                f"{type(block.experts).__name__} does not hold fused expert tensors: expert-hub needs the "
+                f"{type(experts).__name__} does not hold fused expert tensors: expert-hub needs the "
                 "transformers implementation of this family (drop trust_remote_code)"
             )
         layers.append(
@@ -124,7 +128,7 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
                 prefix=names[id(block)],
                 block=block,
                 router=getattr(block, family.router),
-                experts=block.experts,
+                experts=experts,
                 family=family,
             )
         )

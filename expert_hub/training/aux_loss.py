@@ -8,7 +8,8 @@ whose transformers model computes an auxiliary loss itself (Qwen-MoE, OLMoE, Mix
 
 Every micro-batch adds its auxiliary loss whole, as the reference's `AddAuxiliaryLoss` does (its backward passes
 the loss a gradient of 1 whatever the gradient accumulation), while the micro-batches' language-model losses add
-up to the step's mean. Routers stay frozen in every method, so the loss trains what feeds the routers.
+up to the step's mean. ESFT and LoRA keep the routers frozen, so there the loss trains what feeds them; full
+fine-tuning (and an expert config with `non_expert_modules`) trains the routers themselves too.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class RouterAuxLoss:
 
     def __init__(self, model: nn.Module, coefficient: float | None = None):
         config = model.config
+        self.check_supported(config)
         self._recorded: list[tuple] | None = None  # each router's output, while `losses` runs a forward
         self._hooks: list = []
         self._model_weights: dict[nn.Module, float] = {}
@@ -36,8 +38,9 @@ class RouterAuxLoss:
             default = getattr(config, "aux_loss_alpha", DEEPSEEK_V2_AUX_LOSS_ALPHA)
             self.sequence_level = getattr(config, "seq_aux", DEEPSEEK_V2_SEQ_AUX)
             self.from_model = False
-            self._hooks = [layer.router.register_forward_hook(self._record) for layer in moe_layers(model)]
-        elif hasattr(config, "router_aux_loss_coef"):
+            inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT (LoRA) model
+            self._hooks = [layer.router.register_forward_hook(self._record) for layer in moe_layers(inner)]
+        else:
             default = config.router_aux_loss_coef
             self.from_model = True
             config.output_router_logits = True
@@ -48,12 +51,16 @@ class RouterAuxLoss:
             }
             for module in self._model_weights:
                 module.router_aux_loss_coef = 0.0
-        else:
+        self.coefficient = default if coefficient is None else coefficient
+        self._config = config
+
+    @staticmethod
+    def check_supported(config) -> None:
+        """Refuse a model with no auxiliary loss of its own (before anything is loaded or written)."""
+        if config.model_type != "deepseek_v2" and not hasattr(config, "router_aux_loss_coef"):
             raise InvalidInputError(
                 f"--router-aux-loss: {config.model_type} has no router auxiliary loss of its own to train with"
             )
-        self.coefficient = default if coefficient is None else coefficient
-        self._config = config
 
     def remove(self) -> None:
         """Leave the model as it was (the artifact is written from it)."""

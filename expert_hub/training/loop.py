@@ -92,9 +92,10 @@ def train(
     for data in filter(None, (config.data, config.mix_data)):
         if next(load_conversations(data, config.split), None) is None:
             raise InvalidInputError(f"{data} holds no conversations")
-    positions = getattr(
-        load_config(config.base, trust_remote_code=config.trust_remote_code), "max_position_embeddings", None
-    )
+    base_config = load_config(config.base, trust_remote_code=config.trust_remote_code)
+    if config.router_aux_loss:
+        RouterAuxLoss.check_supported(base_config)
+    positions = getattr(base_config, "max_position_embeddings", None)
     if positions and config.seq_len > positions:
         raise InvalidInputError(f"--seq-len {config.seq_len} is longer than the model's {positions} positions")
     main_process = accelerator.is_main_process  # the one that reports and writes files
@@ -149,7 +150,8 @@ def train(
         ]
         train_loss, aux_loss = _step(model, optimizer, batches, trainable, config, accelerator, router_aux)
         if not math.isfinite(train_loss):
-            raise ExpertHubError(f"the loss became {train_loss} at step {step + 1}; lower --lr or use --dtype float32")
+            precision = "drop --pure-bf16" if config.pure_bf16 else "use --dtype float32"
+            raise ExpertHubError(f"the loss became {train_loss} at step {step + 1}; lower --lr or {precision}")
         seconds = time.perf_counter() - started
         elapsed += seconds
         done = step + 1
