@@ -1,0 +1,264 @@
+"""The report of `paper_table.py`: markdown tables (the paper's Tables 1-3 in miniature), a JSON of every run, and
+a figure of task score against general ability kept. Every sentence of findings is computed from the runs."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+METHOD_ORDER = ("esft-token", "esft-gate", "full", "lora")
+GENERAL_LOSS = "general"  # the built-in task scored by loss: reported apart (lower is better)
+
+
+def write_report(results: list[dict], chosen: dict, scale: dict, out: Path, quick: bool, minutes: float) -> Path:
+    runs = list({run["name"]: run for run in results}.values())
+    failed = [run for run in runs if "error" in run]
+    runs = [run for run in runs if "error" not in run]
+    base = next(run for run in runs if run["kind"] == "base")
+    main = [run for run in runs if run["kind"] == "main" and run["lr"] == chosen[run["method"]]]
+    for run in [*main, *(r for r in runs if r["kind"] in ("top_p", "modules"))]:
+        run.update(_abilities(run, base, scale))
+    findings = _findings(main) + [f"Failed: {run['name']}: {run['error']}" for run in failed]
+    name = "paper_table_quick" if quick else "paper_table"
+    out.mkdir(parents=True, exist_ok=True)
+    every_run = {"chosen_lr": chosen, "scale": scale, "runs": runs + failed}
+    (out / f"{name}.json").write_text(json.dumps(every_run, indent=1))
+    _figure(main, out / f"{name}.png")
+    sections = [
+        f"# ESFT vs full fine-tuning vs LoRA on the demo base{' (quick smoke run)' if quick else ''}\n",
+        _setup(scale, chosen, minutes, name),
+        "## Findings\n\n" + "\n".join(f"- {line}" for line in findings),
+        "## Summary over the held-out tasks (mean ± standard deviation over tasks and seeds)\n\n" + _summary(main),
+        "## Per task\n\n" + _per_task(main, base, scale),
+        f"## Learning-rate sweep (validation loss: the held-out share of the {scale['sweep_task']} training data)\n\n"
+        + _sweep(runs + failed, chosen, scale["sweep_task"]),
+        "## Ablation: p\n\n" + _top_p(runs),
+        "## Ablation: shared experts and non-expert modules\n\n" + _modules(runs, main),
+    ]
+    report = out / f"{name}.md"
+    report.write_text("\n\n".join(sections) + "\n")
+    return report
+
+
+def _abilities(run: dict, base: dict, scale: dict) -> dict:
+    """The run's task score, the mean score on every other task (general ability) and its change from the base."""
+    scores = run["scores"]
+    task_key = f"{run['task']}@{scale['task_records']}"
+    others = [key for key in scores if key != task_key and not key.startswith(f"{GENERAL_LOSS}@")]
+    general = statistics.mean(scores[key] for key in others)
+    general_loss_key = f"{GENERAL_LOSS}@{scale['other_records']}"
+    return {
+        "task_score": scores[task_key],
+        "task_gain": scores[task_key] - base["scores"][task_key],
+        "general": general,
+        "general_change": general - statistics.mean(base["scores"][key] for key in others),
+        "general_loss_change": scores[general_loss_key] - base["scores"][general_loss_key],
+    }
+
+
+def _mean_spread(values: list[float], digits: int = 3) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+
+
+def _groups(runs: list[dict], *keys: str) -> dict[tuple, list[dict]]:
+    groups = defaultdict(list)
+    for run in runs:
+        groups[tuple(run[key] for key in keys)].append(run)
+    return dict(sorted(groups.items(), key=lambda item: tuple(_order(value) for value in item[0])))
+
+
+def _order(value):
+    return (METHOD_ORDER.index(value), "") if value in METHOD_ORDER else (len(METHOD_ORDER), str(value))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _setup(scale: dict, chosen: dict, minutes: float, name: str) -> str:
+    from expert_hub.demo import demo_base
+    from expert_hub.models import load_config
+    from expert_hub.training import base_training_defaults
+
+    base = load_config(demo_base())
+    rates = ", ".join(f"{method} {lr:g}" for method, lr in chosen.items())
+    top_p = ", ".join(f"{method} {p:g}" for method, p in scale["main_top_p"].items())
+    seq_len = base_training_defaults(demo_base())["seq_len"]
+    return (
+        f"Demo base (DeepSeek-V2-shaped: {base.num_hidden_layers} layers, {base.n_routed_experts} routed experts, "
+        f"top-{base.num_experts_per_tok}, {base.n_shared_experts} shared experts); held-out tasks "
+        f"{', '.join(scale['tasks'])}; {scale['steps']} steps of {scale['batch_size']} x {seq_len} tokens per run; "
+        f"p: {top_p}; seeds "
+        f"{', '.join(map(str, scale['seeds']))} (mean ± standard deviation over them). Task score: the task's metric on "
+        f"the first {scale['task_records']} eval records (translation: BLEU / 100). General ability: the mean score on "
+        f"the first {scale['other_records']} eval records of every other built-in task (loss-scored `general` apart: "
+        f"its loss change). Mixing: the built-in `general` conversations, 1:1. Learning rates (the sweep's best): "
+        f"{rates}. Training time is the whole `train` call (loading and ESFT's scoring included), one CPU "
+        f"thread; peak memory is the run's process when training ended (before scoring). {minutes:.0f} minutes in all. Produced by `benchmarks/paper_table.py`; every run in "
+        f"`{name}.json`.\n\n![Task score against general ability kept]({name}.png)"
+    )
+
+
+def _summary(main: list[dict]) -> str:
+    rows = []
+    for (method, mix), runs in _groups(main, "method", "mix").items():
+        rows.append(
+            [
+                method,
+                "yes" if mix else "no",
+                _mean_spread([r["task_score"] for r in runs]),
+                _mean_spread([r["general"] for r in runs]),
+                f"{statistics.mean(r['general_change'] for r in runs):+.3f}",
+                f"{statistics.mean(r['general_loss_change'] for r in runs):+.3f}",
+                f"{statistics.mean(r['trainable_parameters'] for r in runs) / 1e6:.2f}M",
+                f"{statistics.mean(r['train_seconds'] for r in runs):.0f}",
+                f"{statistics.mean(r['artifact_bytes'] for r in runs) / 2**20:.2f}",
+            ]
+        )
+    header = ["method", "mixed", "task score", "general", "Δ general", "Δ general loss", "trainable", "train s", "MiB"]
+    return _table(header, rows)
+
+
+def _per_task(main: list[dict], base: dict, scale: dict) -> str:
+    rows = []
+    for (task, method, mix), runs in _groups(main, "task", "method", "mix").items():
+        rows.append(
+            [
+                task,
+                method,
+                "yes" if mix else "no",
+                _mean_spread([r["task_score"] for r in runs]),
+                _mean_spread([r["general"] for r in runs]),
+                f"{statistics.mean(r['general_change'] for r in runs):+.3f}",
+                f"{statistics.mean(r['general_loss_change'] for r in runs):+.3f}",
+                f"{statistics.mean(r['trainable_parameters'] for r in runs):,.0f}",
+                f"{statistics.mean(r['train_seconds'] for r in runs):.0f}",
+                f"{max(r['peak_rss_bytes'] for r in runs) / 2**20:.0f}",
+                f"{statistics.mean(r['artifact_bytes'] for r in runs) / 2**20:.2f}",
+            ]
+        )
+    records = scale["task_records"]
+    base_scores = ", ".join(f"{task} {base['scores'][f'{task}@{records}']:.3f}" for task in scale["tasks"])
+    header = ["task", "method", "mixed", "task score", "general", "Δ general", "Δ general loss", "trainable params"]
+    header += ["train s", "peak MiB", "artifact MiB"]
+    return f"The base model's task scores: {base_scores}.\n\n" + _table(header, rows)
+
+
+def _sweep(runs: list[dict], chosen: dict, task: str) -> str:
+    sweep = [r for r in runs if r["kind"] == "main" and r["task"] == task and r["seed"] == 0 and not r["mix"]]
+    rates = sorted({r["lr"] for r in sweep})
+    rows = []
+    for (method,), group in _groups(sweep, "method").items():
+        losses = {r["lr"]: "diverged" if "error" in r else f"{r['eval_loss']:.4f}" for r in group}
+        cells = [f"**{losses[lr]}**" if lr == chosen[method] else losses.get(lr, "-") for lr in rates]
+        rows.append([method, *cells])
+    return _table(["method", *(f"lr {lr:g}" for lr in rates)], rows)
+
+
+def _top_p(runs: list[dict]) -> str:
+    rows = [
+        [
+            r["method"],
+            f"{r['settings']['top_p']:g}",
+            f"{r['trainable_parameters']:,}",
+            f"{r['task_score']:.3f}",
+            f"{r['general']:.3f}",
+            f"{r['general_change']:+.3f}",
+            f"{r['artifact_bytes'] / 2**20:.2f}",
+        ]
+        for (_, _), group in _groups([r for r in runs if r["kind"] == "top_p"], "method", "variant").items()
+        for r in group
+    ]
+    return _table(["method", "p", "trainable params", "task score", "general", "Δ general", "artifact MiB"], rows)
+
+
+def _modules(runs: list[dict], main: list[dict]) -> str:
+    modules = [r for r in runs if r["kind"] == "modules"]
+    if not modules:
+        return "(not run)"
+    reference = next(
+        r
+        for r in main
+        if r["method"] == "esft-token" and r["task"] == modules[0]["task"] and r["seed"] == 0 and not r["mix"]
+    )
+    rows = [
+        [
+            label,
+            f"{r['trainable_parameters']:,}",
+            f"{r['task_score']:.3f}",
+            f"{r['general']:.3f}",
+            f"{r['general_change']:+.3f}",
+            f"{r['artifact_bytes'] / 2**20:.2f}",
+        ]
+        for label, r in [("routed experts only (esft-token)", reference)]
+        + [(f"+ {r['variant'].replace('_', ' ')}", r) for r in modules]
+    ]
+    return _table(["trained", "trainable params", "task score", "general", "Δ general", "artifact MiB"], rows)
+
+
+def _findings(main: list[dict]) -> list[str]:
+    """The paper's claims, each checked against the runs."""
+    by_method = {method: runs for (method,), runs in _groups([r for r in main if not r["mix"]], "method").items()}
+    mean = {
+        m: {
+            k: statistics.mean(r[k] for r in runs)
+            for k in ("task_score", "general_change", "train_seconds", "artifact_bytes", "trainable_parameters")
+        }
+        for m, runs in by_method.items()
+    }
+    lines = []
+    best_esft = max(("esft-token", "esft-gate"), key=lambda m: mean[m]["task_score"])
+    lines.append(
+        "Task performance (no mixing): "
+        + ", ".join(f"{m} {v['task_score']:.3f}" for m, v in mean.items())
+        + f"; the better ESFT ({best_esft}) is "
+        f"{mean[best_esft]['task_score'] - mean['full']['task_score']:+.3f} from full fine-tuning."
+    )
+    kept = sorted(mean, key=lambda m: mean[m]["general_change"], reverse=True)
+    lines.append(
+        "General ability kept (change from the base, no mixing): "
+        + ", ".join(f"{m} {mean[m]['general_change']:+.3f}" for m in kept)
+        + (
+            "; ESFT keeps more than full fine-tuning and LoRA, as in the paper."
+            if min(mean["esft-token"]["general_change"], mean["esft-gate"]["general_change"])
+            > max(mean["full"]["general_change"], mean["lora"]["general_change"])
+            else "; ESFT does not keep more than both baselines here, unlike the paper."
+        )
+    )
+    mixed = {m: statistics.mean(r["general_change"] for r in main if r["mix"] and r["method"] == m) for m in by_method}
+    lines.append("With general data mixed in: " + ", ".join(f"{m} {v:+.3f}" for m, v in mixed.items()) + ".")
+    for m in ("esft-token", "esft-gate"):
+        lines.append(
+            f"{m}: {mean[m]['trainable_parameters'] / mean['full']['trainable_parameters']:.1%} of full fine-tuning's "
+            f"trainable parameters, {mean[m]['train_seconds'] / mean['full']['train_seconds']:.2f}x its training time, "
+            f"{mean[m]['artifact_bytes'] / mean['full']['artifact_bytes']:.1%} of its artifact bytes."
+        )
+    return lines
+
+
+def _figure(main: list[dict], path: Path) -> None:
+    """Each method's task score against its change in general ability (mean over tasks and seeds)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.5, 4.5), layout="constrained")
+    axes = figure.add_subplot()
+    for (method, mix), runs in _groups(main, "method", "mix").items():
+        x = statistics.mean(r["general_change"] for r in runs)
+        y = statistics.mean(r["task_score"] for r in runs)
+        axes.scatter(
+            x,
+            y,
+            marker="s" if mix else "o",
+            color=f"C{METHOD_ORDER.index(method)}",
+            label=f"{method}{' + mixing' if mix else ''}",
+        )
+    axes.axvline(0, color="grey", linewidth=0.8)
+    axes.set_xlabel("change in general ability (mean score on the other tasks, vs the base)")
+    axes.set_ylabel("task score")
+    axes.set_title("Task score vs general ability kept (demo base)")
+    axes.legend(fontsize=8)
+    figure.savefig(path, dpi=120)
