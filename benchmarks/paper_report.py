@@ -103,48 +103,36 @@ def _setup(scale: dict, chosen: dict, minutes: float, name: str) -> str:
     )
 
 
+_FIGURES = ["task score", "general", "Δ general", "Δ general loss", "trainable params", "train s", "peak MiB"]
+_FIGURES += ["artifact MiB"]
+
+
+def _figures(runs: list[dict]) -> list[str]:
+    """The table cells of a group of runs (the seeds of one configuration, or every task's)."""
+    return [
+        _mean_spread([r["task_score"] for r in runs]),
+        _mean_spread([r["general"] for r in runs]),
+        f"{statistics.mean(r['general_change'] for r in runs):+.3f}",
+        f"{statistics.mean(r['general_loss_change'] for r in runs):+.3f}",
+        f"{statistics.mean(r['trainable_parameters'] for r in runs):,.0f}",
+        f"{statistics.mean(r['train_seconds'] for r in runs):.0f}",
+        f"{max(r['peak_rss_bytes'] for r in runs) / 2**20:.0f}",
+        f"{statistics.mean(r['artifact_bytes'] for r in runs) / 2**20:.2f}",
+    ]
+
+
 def _summary(main: list[dict]) -> str:
-    rows = []
-    for (method, mix), runs in _groups(main, "method", "mix").items():
-        rows.append(
-            [
-                method,
-                "yes" if mix else "no",
-                _mean_spread([r["task_score"] for r in runs]),
-                _mean_spread([r["general"] for r in runs]),
-                f"{statistics.mean(r['general_change'] for r in runs):+.3f}",
-                f"{statistics.mean(r['general_loss_change'] for r in runs):+.3f}",
-                f"{statistics.mean(r['trainable_parameters'] for r in runs) / 1e6:.2f}M",
-                f"{statistics.mean(r['train_seconds'] for r in runs):.0f}",
-                f"{statistics.mean(r['artifact_bytes'] for r in runs) / 2**20:.2f}",
-            ]
-        )
-    header = ["method", "mixed", "task score", "general", "Δ general", "Δ general loss", "trainable", "train s", "MiB"]
-    return _table(header, rows)
+    groups = _groups(main, "method", "mix")
+    rows = [[method, "yes" if mix else "no", *_figures(runs)] for (method, mix), runs in groups.items()]
+    return _table(["method", "mixed", *_FIGURES], rows)
 
 
 def _per_task(main: list[dict], base: dict, scale: dict) -> str:
-    rows = []
-    for (task, method, mix), runs in _groups(main, "task", "method", "mix").items():
-        rows.append(
-            [
-                task,
-                method,
-                "yes" if mix else "no",
-                _mean_spread([r["task_score"] for r in runs]),
-                _mean_spread([r["general"] for r in runs]),
-                f"{statistics.mean(r['general_change'] for r in runs):+.3f}",
-                f"{statistics.mean(r['general_loss_change'] for r in runs):+.3f}",
-                f"{statistics.mean(r['trainable_parameters'] for r in runs):,.0f}",
-                f"{statistics.mean(r['train_seconds'] for r in runs):.0f}",
-                f"{max(r['peak_rss_bytes'] for r in runs) / 2**20:.0f}",
-                f"{statistics.mean(r['artifact_bytes'] for r in runs) / 2**20:.2f}",
-            ]
-        )
+    groups = _groups(main, "task", "method", "mix")
+    rows = [[task, method, "yes" if mix else "no", *_figures(runs)] for (task, method, mix), runs in groups.items()]
     records = scale["task_records"]
     base_scores = ", ".join(f"{task} {base['scores'][f'{task}@{records}']:.3f}" for task in scale["tasks"])
-    header = ["task", "method", "mixed", "task score", "general", "Δ general", "Δ general loss", "trainable params"]
-    header += ["train s", "peak MiB", "artifact MiB"]
+    header = ["task", "method", "mixed", *_FIGURES]
     return f"The base model's task scores: {base_scores}.\n\n" + _table(header, rows)
 
 

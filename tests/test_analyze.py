@@ -17,7 +17,9 @@ from expert_hub.registry import Registry
 from expert_hub.scores import ExpertScores
 from expert_hub.selection import ExpertSelection
 from expert_hub.testing import build_tiny_model
-from expert_hub.training import TrainingConfig, train
+from expert_hub.training import train
+
+from .test_training import _config
 
 TASKS = ("intent", "law", "summary", "translation")
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -131,22 +133,16 @@ def trained(tmp_path_factory, esft_data):
     """A qwen3_moe adapter trained 2 steps on the law data (ESFT-Token, p = 0.2), with the run's scores."""
     root = tmp_path_factory.mktemp("trained")
     base = build_tiny_model("qwen3_moe", root / "base")
-    config = TrainingConfig(
-        task="law",
-        base=str(base),
-        data=str(esft_data / "datasets/train/law.jsonl"),
-        out=str(root / "run"),
-        method="esft-token",
+    config = _config(
+        base,
+        esft_data / "datasets/train/law.jsonl",
+        root / "run",
         steps=2,
-        seq_len=64,
-        batch_size=2,
         grad_accumulation=1,
-        learning_rate=3e-3,
         score_tokens=1000,
         save_every=2,
         eval_every=2,
         eval_fraction=0,
-        gradient_checkpointing=False,
     )
     result = train(config)
     return base, result.artifact, root / "run" / "scores.json"
