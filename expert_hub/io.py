@@ -67,11 +67,16 @@ def publish_permissions(directory: Path) -> None:
 def fsync_tree(directory: Path) -> None:
     """Flush a staged directory's files and the directory itself to disk before it is renamed into place."""
     for path in [*Path(directory).rglob("*"), Path(directory)]:
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        fsync_path(path)
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush one file or directory to disk (a directory: its entries, so new names survive a crash)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def replace_directory(staging: Path, directory: Path) -> None:

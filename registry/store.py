@@ -17,18 +17,19 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 
 from expert_hub.adapter import AdapterHeader, ExpertAdapter
 from expert_hub.errors import ExpertHubError, InvalidInputError
 from expert_hub.io import (
     atomic_directory,
-    fsync_tree,
+    fsync_path,
     publish_permissions,
     raise_with_filename,
     read_json,
@@ -40,6 +41,8 @@ _TASK = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9.
 _CHUNK = 8 * 2**20
 _DIGEST = re.compile(r"[0-9a-f]{64}")  # an object's name: the sha256 of its manifest
 _SELECTOR = re.compile(r"[0-9]+|[0-9a-f]{4,64}")  # after `task@`: a version or a hash prefix
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
 
 
 class RegistryError(ExpertHubError):
@@ -192,7 +195,12 @@ class Registry:
         return path
 
     def load(self, ref: str, base: str | None = None) -> ExpertAdapter:
-        """The verified adapter of a registry reference."""
+        """The verified adapter of a registry reference.
+
+        Verified first, then memory-mapped from the page cache the check just filled. Measured, this beats reading
+        each file into memory once to hash and deserialize it (two fresh copies of every byte) and reading the
+        tensors while the check runs (a cold disk then serves two readers at once).
+        """
         return ExpertAdapter.load(self.verify(self.resolve(ref, base)))
 
     # --- writing -----------------------------------------------------------------------------------------------
@@ -208,29 +216,33 @@ class Registry:
     def register(self, directory: str | Path, task: str | None = None, base: str | None = None) -> Entry:
         """Copy an adapter directory in as the next version of its task; returns the new entry.
 
-        The copy is hashed as it is written and becomes visible by one rename; only then is the index updated,
-        under the lock. A process killed at any point leaves the registry as it was.
+        Each source byte is read once: hashed while it is written (the files at once), then the copy, not the
+        source, is checked, so a file changed during the import cannot slip in unchecked. The copy becomes visible
+        by one rename; only then is the index updated, under the lock. A process killed at any point leaves the
+        registry as it was.
         """
         directory = Path(directory)
         _refuse_links_and_special_files(directory)
-        adapter = AdapterHeader.read(directory)  # refuses anything that is not a complete adapter
-        adapter.check_values()  # and weights that are NaN, infinite or not floating point
-        task = validate_task_name(adapter.metadata.task or "" if task is None else task)
-        base = normalize_base(base or adapter.metadata.base_model)
+        task = validate_task_name(task) if task is not None else None  # before gigabytes are copied
+        sources = sorted(
+            path
+            for path in directory.iterdir()
+            if path.is_file() and not path.name.startswith(".") and path.name != MANIFEST_FILE
+        )
         staging_root = self.root / "staging"
         staging_root.mkdir(parents=True, exist_ok=True)
         self._remove_abandoned_staging()
         staging = Path(tempfile.mkdtemp(dir=staging_root, prefix=f"{os.getpid()}-"))
         try:
-            files = {}
-            for source in sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")):
-                if source.name == MANIFEST_FILE:
-                    continue
-                files[source.name] = _copy_and_hash(source, staging / source.name)
+            records = _in_parallel(lambda source: _copy_and_hash(source, staging / source.name), sources)
+            files = {source.name: record for source, record in zip(sources, records)}
+            adapter = _check_adapter(staging, named_as=directory)
+            task = task or validate_task_name(adapter.metadata.task or "")
+            base = normalize_base(base or adapter.metadata.base_model)
             manifest = json.dumps({"files": files}, sort_keys=True, indent=1).encode()
-            (staging / MANIFEST_FILE).write_bytes(manifest)
+            _write_durably(staging / MANIFEST_FILE, manifest)
             publish_permissions(staging)
-            fsync_tree(staging)
+            fsync_path(staging)  # the files were flushed as they were written; this makes their names durable
             digest = _sha256_bytes(manifest)
             with self._locked_index() as entries:  # placing the object under the lock keeps `remove` out of the way
                 self._place_object(staging, digest)
@@ -343,34 +355,81 @@ def _refuse_links_and_special_files(directory: Path) -> None:
             raise InvalidInputError(f"{path} is {kind}; an adapter directory holds regular files only")
 
 
+def _check_adapter(staging: Path, named_as: Path) -> AdapterHeader:
+    """Refuse a staged copy that is not a complete adapter of finite floating-point weights.
+
+    The copy is what gets stored, so it is what is checked (from the page cache it was just written to); errors name
+    the source directory, which is what the user gave.
+    """
+    try:
+        adapter = AdapterHeader.read(staging)
+        adapter.check_values()
+    except InvalidInputError as error:
+        raise InvalidInputError(str(error).replace(str(staging), str(named_as))) from error
+    return adapter
+
+
 def _check_object(path: Path, digest: str) -> None:
+    """Every stored file against the manifest, the files hashed at once (one pass over the bytes)."""
     manifest_path = path / MANIFEST_FILE
     if not manifest_path.is_file():
         raise RegistryDamagedError(f"stored files are missing ({path})")
-    if _sha256_bytes(manifest_path.read_bytes()) != digest:
+    manifest = manifest_path.read_bytes()
+    if _sha256_bytes(manifest) != digest:
         raise RegistryDamagedError(f"{manifest_path} was modified")
-    files = json.loads(manifest_path.read_text())["files"]
+    files = json.loads(manifest)["files"]  # the bytes just hashed, not a second read
     present = {p.name for p in path.iterdir() if p.name != MANIFEST_FILE}
     if extra := sorted(present - set(files)):
         raise RegistryDamagedError(f"unexpected file {path / extra[0]}")
-    for name, expected in files.items():
-        file = path / name
-        if not file.is_file():
-            raise RegistryDamagedError(f"missing file {file}")
-        if file.stat().st_size != expected["size"] or _sha256_file(file) != expected["sha256"]:
-            raise RegistryDamagedError(f"file {file} does not match its recorded sha256 (corrupted?)")
+    _in_parallel(lambda name: _check_file(path / name, files[name]), sorted(files))
+
+
+def _check_file(file: Path, expected: dict) -> None:
+    if not file.is_file():
+        raise RegistryDamagedError(f"missing file {file}")
+    if file.stat().st_size != expected["size"] or _sha256_file(file) != expected["sha256"]:
+        raise RegistryDamagedError(f"file {file} does not match its recorded sha256 (corrupted?)")
 
 
 def _copy_and_hash(source: Path, target: Path) -> dict:
-    """Copy a file and return its sha256 and size; hashing one chunk overlaps writing it (both drop the GIL)."""
+    """Copy a file durably, reading it once, and return its sha256 and size.
+
+    Three things overlap: this thread reads a chunk and writes it, one helper hashes it (hashlib drops the GIL) and
+    one flushes what is written so far to disk. Unflushed, a file smaller than the kernel's dirty-page threshold
+    would be written only by the final fsync, after all the hashing; so the copy takes about as long as hashing.
+    """
     digest, size = hashlib.sha256(), 0
-    with source.open("rb") as reader, target.open("wb") as writer, ThreadPoolExecutor(1) as hasher:
+    with source.open("rb") as reader, target.open("xb") as writer, ThreadPoolExecutor(2) as helpers:
+        hashing = flushing = None
         while chunk := reader.read(_CHUNK):
-            hashing = hasher.submit(digest.update, chunk)
+            if hashing is not None:
+                hashing.result()  # two chunks in memory at most: the one being hashed and the one just read
+            hashing = helpers.submit(digest.update, chunk)
             writer.write(chunk)
-            hashing.result()
             size += len(chunk)
+            if flushing is None or flushing.done():
+                if flushing is not None:
+                    flushing.result()  # a write error surfaces here; the final fsync would not report it again
+                flushing = helpers.submit(os.fdatasync, writer.fileno())
+        for pending in (hashing, flushing):
+            if pending is not None:
+                pending.result()
+        writer.flush()
+        os.fsync(writer.fileno())
     return {"sha256": digest.hexdigest(), "size": size}
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with path.open("xb") as writer:
+        writer.write(data)
+        writer.flush()
+        os.fsync(writer.fileno())
+
+
+def _in_parallel(function: Callable[[_Item], _Result], items: list[_Item]) -> list[_Result]:
+    """`function` over `items`, one thread per core at most: hashing different files at once uses every core."""
+    with ThreadPoolExecutor(max(1, min(len(items), os.cpu_count() or 1))) as pool:
+        return list(pool.map(function, items))
 
 
 def _sha256_file(path: Path) -> str:

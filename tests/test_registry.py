@@ -334,3 +334,99 @@ def test_an_index_that_is_not_json_is_damage(registry_home):
     (registry_home / "index.json").write_text('{"entries": [')
     with pytest.raises(RegistryDamagedError, match="is not valid JSON.*move it aside and re-import the adapters"):
         Registry().entries()
+
+
+def _record_opens(monkeypatch) -> list[tuple[str, str]]:
+    """Every (path, how) opened from Python or by safetensors, which reads files outside Python's `open`."""
+    from pathlib import Path
+
+    from expert_hub import adapter as adapter_module
+
+    opened = []
+    path_open, safe_open = Path.open, adapter_module.safe_open
+
+    def recording_open(self, mode="r", *args, **kwargs):
+        opened.append((str(self.resolve()), mode))
+        return path_open(self, mode, *args, **kwargs)
+
+    def recording_safe_open(file, *args, **kwargs):
+        opened.append((str(Path(file).resolve()), "safe_open"))
+        return safe_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", recording_open)
+    monkeypatch.setattr(adapter_module, "safe_open", recording_safe_open)
+    return opened
+
+
+def test_an_import_reads_each_source_file_once(adapters, monkeypatch):
+    """One read of every source byte: the copy is hashed as it is written, and the copy, not the source, is checked."""
+    _, made = adapters
+    opened = _record_opens(monkeypatch)
+    Registry().register(made["law"])
+    sources = sorted(str(path.resolve()) for path in made["law"].iterdir())
+    assert sorted(path for path, _ in opened if path in sources) == sources
+    assert all(how == "rb" for path, how in opened if path in sources)
+
+
+def test_a_source_changed_between_the_check_and_the_copy_cannot_slip_in(adapters, monkeypatch, registry_home):
+    """Whatever is stored is what was checked: weights turned NaN while an import runs are refused."""
+    from safetensors.torch import load_file, save_file
+
+    from expert_hub.registry import store
+
+    _, made = adapters
+    weights = made["law"] / "experts.safetensors"
+    tensors = load_file(weights)
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = float("nan")
+    copy_and_hash = store._copy_and_hash
+
+    def tampered_before_copying(source, target):
+        if source == weights:
+            save_file(tensors, weights)
+        return copy_and_hash(source, target)
+
+    monkeypatch.setattr(store, "_copy_and_hash", tampered_before_copying)
+    with pytest.raises(InvalidInputError, match=f"experts.safetensors: {key} holds NaN or infinite values"):
+        Registry().register(made["law"])
+    assert Registry().entries() == [] and list((registry_home / "staging").iterdir()) == []
+
+
+def test_errors_about_the_staged_copy_name_the_source(adapters):
+    _, made = adapters
+    (made["law"] / "expert_cfg.json").unlink()
+    with pytest.raises(InvalidInputError) as refused:
+        Registry().register(made["law"])
+    assert str(refused.value) == f"{made['law']} is not an expert adapter: it has no expert_cfg.json"
+
+
+def _flip_first_byte(data: bytearray) -> bytearray:  # the safetensors header's length
+    data[0] ^= 0x01
+    return data
+
+
+def _flip_last_byte(data: bytearray) -> bytearray:  # a weight
+    data[-1] ^= 0xFF
+    return data
+
+
+@pytest.mark.parametrize(
+    "tamper", [_flip_first_byte, _flip_last_byte, lambda data: data[:-2], lambda data: data + b"x"]
+)
+@pytest.mark.parametrize("path", ["load", "verify", "export"])
+def test_a_tampered_stored_file_is_refused_on_every_path_that_reads_it(adapters, registry_home, tmp_path, tamper, path):
+    """`load`, `verify` (used by load_model, serve and push) and `export`, whichever byte changed."""
+    from expert_hub.registry import RegistryDamagedError
+
+    _, made = adapters
+    entry = Registry().register(made["law"])
+    stored = registry_home / "objects" / entry.digest / "experts.safetensors"
+    stored.write_bytes(bytes(tamper(bytearray(stored.read_bytes()))))
+    read = {
+        "load": lambda: Registry().load("law"),
+        "verify": lambda: Registry().verify(entry),
+        "export": lambda: Registry().export("law", tmp_path / "exported"),
+    }[path]
+    with pytest.raises(RegistryDamagedError, match=f"law@1: file {stored} does not match its recorded sha256"):
+        read()
+    assert not (tmp_path / "exported").exists()
