@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import resource
 import shutil
@@ -91,16 +92,9 @@ def _run_figures(out: Path, artifact: Path) -> dict:
 
     checkpoint = next((out / "checkpoints").glob("step-*")) / "trainable.safetensors"
     with safe_open(checkpoint, "pt") as tensors:
-        trainable = sum(_numel(tensors.get_slice(name).get_shape()) for name in tensors.keys())
+        trainable = sum(math.prod(tensors.get_slice(name).get_shape()) for name in tensors.keys())
     shipped = sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file())
     return {"trainable_parameters": trainable, "artifact_bytes": shipped}
-
-
-def _numel(shape: list[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def _scores(model, evals: list[tuple[str, int]]) -> dict[str, float]:
