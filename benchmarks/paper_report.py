@@ -9,10 +9,11 @@ from collections import defaultdict
 from pathlib import Path
 
 METHOD_ORDER = ("esft-token", "esft-gate", "full", "lora")
+_TRAINED_TOO = {"shared_experts": "shared experts", "non_expert_modules": "non-expert modules"}
 GENERAL_LOSS = "general"  # the built-in task scored by loss: reported apart (lower is better)
 
 
-def write_report(results: list[dict], chosen: dict, scale: dict, out: Path, quick: bool, minutes: float) -> Path:
+def write_report(results: list[dict], chosen: dict, scale: dict, out: Path, minutes: float) -> Path:
     runs = list({run["name"]: run for run in results}.values())
     failed = [run for run in runs if "error" in run]
     runs = [run for run in runs if "error" not in run]
@@ -20,14 +21,17 @@ def write_report(results: list[dict], chosen: dict, scale: dict, out: Path, quic
     main = [run for run in runs if run["kind"] == "main" and run["lr"] == chosen[run["method"]]]
     for run in [*main, *(r for r in runs if r["kind"] in ("top_p", "modules"))]:
         run.update(_abilities(run, base, scale))
-    findings = _findings(main) + [f"Failed: {run['name']}: {run['error']}" for run in failed]
-    name = "paper_table_quick" if quick else "paper_table"
+    modules = [run for run in runs if run["kind"] == "modules"]
+    findings = (
+        _findings(main) + _module_findings(modules, main) + [f"Failed: {run['name']}: {run['error']}" for run in failed]
+    )
+    name = "paper_table" if scale["name"] == "full" else f"paper_table_{scale['name']}"
     out.mkdir(parents=True, exist_ok=True)
     every_run = {"chosen_lr": chosen, "scale": scale, "runs": runs + failed}
     (out / f"{name}.json").write_text(json.dumps(every_run, indent=1))
     _figure(main, out / f"{name}.png")
     sections = [
-        f"# ESFT vs full fine-tuning vs LoRA on the demo base{' (quick smoke run)' if quick else ''}\n",
+        f"# ESFT vs full fine-tuning vs LoRA on the demo base{' (quick smoke run)' if scale['name'] == 'quick' else ''}\n",
         _setup(scale, chosen, minutes, name),
         "## Findings\n\n" + "\n".join(f"- {line}" for line in findings),
         "## Summary over the held-out tasks (mean ± standard deviation over tasks and seeds)\n\n" + _summary(main),
@@ -165,27 +169,33 @@ def _top_p(runs: list[dict]) -> str:
 
 
 def _modules(runs: list[dict], main: list[dict]) -> str:
+    """Per task: ESFT-Token's selection alone, with shared experts, with non-expert modules, and full fine-tuning."""
     modules = [r for r in runs if r["kind"] == "modules"]
     if not modules:
         return "(not run)"
-    reference = next(
-        r
-        for r in main
-        if r["method"] == "esft-token" and r["task"] == modules[0]["task"] and r["seed"] == 0 and not r["mix"]
-    )
-    rows = [
-        [
-            label,
-            f"{r['trainable_parameters']:,}",
-            f"{r['task_score']:.3f}",
-            f"{r['general']:.3f}",
-            f"{r['general_change']:+.3f}",
-            f"{r['artifact_bytes'] / 2**20:.2f}",
+    rows = []
+    for (task,), group in _groups(modules, "task").items():
+        labelled = [("routed experts only (esft-token)", _seed0(main, task, "esft-token"))]
+        labelled += [(f"+ {_TRAINED_TOO[r['variant']]}", r) for r in group]
+        labelled += [("everything (full)", _seed0(main, task, "full"))]
+        rows += [
+            [
+                task,
+                label,
+                f"{r['trainable_parameters']:,}",
+                f"{r['task_score']:.3f}",
+                f"{r['general']:.3f}",
+                f"{r['general_change']:+.3f}",
+                f"{r['artifact_bytes'] / 2**20:.2f}",
+            ]
+            for label, r in labelled
         ]
-        for label, r in [("routed experts only (esft-token)", reference)]
-        + [(f"+ {r['variant'].replace('_', ' ')}", r) for r in modules]
-    ]
-    return _table(["trained", "trainable params", "task score", "general", "Δ general", "artifact MiB"], rows)
+    header = ["task", "trained", "trainable params", "task score", "general", "Δ general", "artifact MiB"]
+    return "Seed 0, no mixing, each at ESFT-Token's learning rate (full: its own).\n\n" + _table(header, rows)
+
+
+def _seed0(main: list[dict], task: str, method: str) -> dict:
+    return next(r for r in main if r["method"] == method and r["task"] == task and r["seed"] == 0 and not r["mix"])
 
 
 def _findings(main: list[dict]) -> list[str]:
@@ -224,6 +234,19 @@ def _findings(main: list[dict]) -> list[str]:
             f"{m}: {mean[m]['trainable_parameters'] / mean['full']['trainable_parameters']:.1%} of full fine-tuning's "
             f"trainable parameters, {mean[m]['train_seconds'] / mean['full']['train_seconds']:.2f}x its training time, "
             f"{mean[m]['artifact_bytes'] / mean['full']['artifact_bytes']:.1%} of its artifact bytes."
+        )
+    return lines
+
+
+def _module_findings(modules: list[dict], main: list[dict]) -> list[str]:
+    """Per task, ESFT's gap to full fine-tuning, and how much of it training what ESFT freezes closes."""
+    lines = []
+    for (task,), group in _groups(modules, "task").items():
+        esft, full = _seed0(main, task, "esft-token"), _seed0(main, task, "full")
+        variants = ", ".join(f"+ {_TRAINED_TOO[r['variant']]} {r['task_score']:.3f}" for r in group)
+        lines.append(
+            f"{task} (seed 0): esft-token {esft['task_score']:.3f}, full {full['task_score']:.3f}; "
+            f"the same experts {variants}."
         )
     return lines
 

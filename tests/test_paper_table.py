@@ -1,4 +1,4 @@
-"""`benchmarks/paper_table.py --quick`: the same code as the committed report, on two steps per run."""
+"""`benchmarks/paper_table.py --scale quick`: the same code as the committed report, on two steps per run."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_table.py"
 
 
 def test_the_quick_paper_table_measures_every_method_and_resumes(tmp_path):
-    command = [sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path / "out"), "--work", str(tmp_path)]
+    command = [sys.executable, str(SCRIPT), "--scale", "quick", "--out", str(tmp_path / "out"), "--work", str(tmp_path)]
     first = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "runs to go" in first.stdout
