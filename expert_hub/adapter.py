@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,6 +49,8 @@ WEIGHTS_FILE = "experts.safetensors"
 METADATA_FILE = "expert_hub.json"
 
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+_READ_CHUNK = 8 * 2**20
 logger = logging.getLogger(__name__)
 
 
@@ -202,6 +208,60 @@ def check_dtype(key: str, tensor: torch.Tensor, origin: str) -> None:
         )
 
 
+def _read_verified(directory: Path, sha256: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Every recorded file's bytes, each checked against its hash (different files read and hashed at once)."""
+    with ThreadPoolExecutor(max(1, min(len(sha256), os.cpu_count() or 1))) as pool:
+        return dict(zip(sha256, pool.map(lambda name: _read_and_hash(directory / name, sha256[name]), sha256)))
+
+
+def _read_and_hash(path: Path, sha256: str) -> torch.Tensor:
+    """A file's bytes, read once into memory while a helper thread hashes what has arrived; refused unless the hash
+    is `sha256`. Chunks are hashed while still in the CPU cache, and reading overlaps hashing."""
+    if not path.is_file():
+        raise InvalidInputError(f"{path.name} is missing")
+    digest = hashlib.sha256()
+    with path.open("rb", buffering=0) as reader, ThreadPoolExecutor(1) as hasher:
+        size = os.fstat(reader.fileno()).st_size
+        buffer = torch.empty(size, dtype=torch.uint8)
+        view, offset, hashed = memoryview(buffer.numpy()), 0, []
+        while offset < size and (read := reader.readinto(view[offset : offset + _READ_CHUNK])):
+            hashed.append(hasher.submit(digest.update, view[offset : offset + read]))
+            offset += read
+        for chunk in hashed:
+            chunk.result()
+    if offset != size or digest.hexdigest() != sha256:
+        raise InvalidInputError(f"{path.name} does not match its recorded sha256 (changed or corrupted on disk)")
+    return buffer
+
+
+def _tensors_in(buffer: torch.Tensor, origin: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file held in `buffer`, as views of it: the bytes just hashed, not a copy.
+
+    safetensors can only deserialize bytes by copying them, so its layout (an 8-byte header length, a JSON header of
+    dtype, shape and data offsets, then the data) is read here; the file's header has already been parsed and
+    checked by safetensors itself (`AdapterHeader.read`).
+    """
+    raw = buffer.numpy()
+    header_length = int.from_bytes(raw[:8].tobytes(), "little")
+    header = json.loads(raw[8 : 8 + header_length].tobytes())
+    data = buffer[8 + header_length :]
+    tensors = {}
+    for key, record in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(record["dtype"])
+        if dtype is None:
+            raise InvalidInputError(f"{origin}: {key} is {record['dtype']}, not a floating-point weight")
+        begin, end = record["data_offsets"]
+        if not 0 <= begin <= end <= data.numel() or end - begin != math.prod(record["shape"]) * dtype.itemsize:
+            raise InvalidInputError(f"{origin}: {key} does not fit the file")
+        tensor_bytes = data[begin:end]
+        if begin % dtype.itemsize:  # never in files safetensors writes; a copy realigns it
+            tensor_bytes = tensor_bytes.clone()
+        tensors[key] = tensor_bytes.view(dtype).reshape(record["shape"])
+    return tensors
+
+
 def _check_tensors_match_selection(selection: ExpertSelection, keys, origin: str) -> None:
     """The routed-expert tensors are exactly those of the selected experts, and nothing else is there unasked.
 
@@ -263,12 +323,26 @@ class ExpertAdapter:
         return Path(directory)
 
     @classmethod
-    def load(cls, directory: str | Path) -> ExpertAdapter:
-        """Read an adapter directory, ours or a published ESFT one (any `*.safetensors` shards)."""
+    def load(cls, directory: str | Path, sha256: dict[str, str] | None = None) -> ExpertAdapter:
+        """Read an adapter directory, ours or a published ESFT one (any `*.safetensors` shards).
+
+        With `sha256` (file name -> recorded hash: a registry manifest's), each file is read once and its tensors
+        are made from the very bytes whose hash was checked: a file damaged on disk never gets in, and nothing is
+        read twice (a separate verification pass would read every byte again).
+        """
+        verified = _read_verified(Path(directory), sha256) if sha256 is not None else None
         header = AdapterHeader.read(directory)
         tensors = {}
         for shard in sorted(set(header.shards.values())):
-            for key, tensor in load_file(shard).items():
+            if verified is None:
+                loaded = load_file(shard)
+            elif shard.name not in verified:
+                raise InvalidInputError(f"{shard.name} is not one of the adapter's recorded files")
+            else:
+                loaded = _tensors_in(verified[shard.name], origin=shard.name)
+                if {canonical_key(key) for key in loaded} != {k for k, file in header.shards.items() if file == shard}:
+                    raise InvalidInputError(f"{shard.name} changed while it was read")
+            for key, tensor in loaded.items():
                 check_weight(key, tensor, origin=shard.name)
                 tensors[canonical_key(key)] = tensor
         return cls(header.selection, tensors, header.metadata)

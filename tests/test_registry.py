@@ -410,9 +410,10 @@ def _flip_last_byte(data: bytearray) -> bytearray:  # a weight
     return data
 
 
-@pytest.mark.parametrize(
-    "tamper", [_flip_first_byte, _flip_last_byte, lambda data: data[:-2], lambda data: data + b"x"]
-)
+TAMPERS = [_flip_first_byte, _flip_last_byte, lambda data: data[:-2], lambda data: data + b"x"]
+
+
+@pytest.mark.parametrize("tamper", TAMPERS)
 @pytest.mark.parametrize("path", ["load", "verify", "export"])
 def test_a_tampered_stored_file_is_refused_on_every_path_that_reads_it(adapters, registry_home, tmp_path, tamper, path):
     """`load`, `verify` (used by load_model, serve and push) and `export`, whichever byte changed."""
@@ -430,3 +431,27 @@ def test_a_tampered_stored_file_is_refused_on_every_path_that_reads_it(adapters,
     with pytest.raises(RegistryDamagedError, match=f"law@1: file {stored} does not match its recorded sha256"):
         read()
     assert not (tmp_path / "exported").exists()
+
+
+@pytest.mark.parametrize("tamper", TAMPERS)
+def test_a_task_the_server_loads_is_hashed_from_the_bytes_it_loads(adapters, registry_home, tamper):
+    """The server's worker reads a registry task once: `ExpertAdapter.load` with the manifest's recorded hashes."""
+    from expert_hub.registry import RegistryDamagedError
+
+    _, made = adapters
+    entry = Registry().register(made["law"])
+    path, hashes = Registry().object_path(entry), Registry().file_hashes(entry)
+    intact = ExpertAdapter.load(path, hashes)
+    expected = Registry().load("law").tensors
+    assert intact.tensors.keys() == expected.keys()
+    assert all(torch.equal(intact.tensors[key], expected[key]) for key in expected)
+    unlisted = {name: digest for name, digest in hashes.items() if not name.endswith(".safetensors")}
+    with pytest.raises(InvalidInputError, match="^experts.safetensors is not one of the adapter's recorded files$"):
+        ExpertAdapter.load(path, unlisted)
+    stored = path / "experts.safetensors"
+    stored.write_bytes(bytes(tamper(bytearray(stored.read_bytes()))))
+    with pytest.raises(InvalidInputError, match="^experts.safetensors does not match its recorded sha256"):
+        ExpertAdapter.load(path, hashes)
+    (path / "manifest.json").write_text((path / "manifest.json").read_text() + " ")
+    with pytest.raises(RegistryDamagedError, match="law@1: .*manifest.json was modified"):
+        Registry().file_hashes(entry)

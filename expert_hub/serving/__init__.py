@@ -43,7 +43,8 @@ def resolve_tasks(base: str, model: ModelSummary, specs: list[str], all_tasks: b
             task = adapter_task(validate_task_name(name), Path(directory), model)
         else:
             entry = registry.resolve(name, base)
-            task = adapter_task(entry.task, registry.verify(entry), model, entry.version)
+            hashes = registry.file_hashes(entry)  # verified now to refuse a damaged task at start, and at each load
+            task = adapter_task(entry.task, registry.verify(entry), model, entry.version, hashes)
         if task.name in tasks:
             raise InvalidInputError(f"task {task.name} is given twice")
         _check_fingerprint(base, task)

@@ -17,8 +17,9 @@ class BankClient:
     def __init__(self, engine):
         self.engine = engine
 
-    async def load_task(self, key: str, directory: str) -> LoadResult:
-        reply = await vllm.call_workers(self.engine, ExpertBankWorker.expert_hub_load_task.__name__, key, directory)
+    async def load_task(self, key: str, directory: str, sha256: dict[str, str] | None = None) -> LoadResult:
+        method = ExpertBankWorker.expert_hub_load_task.__name__
+        reply = await vllm.call_workers(self.engine, method, key, directory, sha256)
         return LoadResult(**reply)
 
     async def unload_task(self, key: str) -> bool:

@@ -48,6 +48,7 @@ class Task:
     nbytes: int
     experts_per_layer: dict[int, int]  # layer index -> how many of its experts the task replaces
     version: int | None = None  # the registry version, None for an adapter directory
+    sha256: dict[str, str] | None = None  # a registry task's recorded file hashes, checked at every load
     key: str = field(default_factory=lambda: secrets.token_hex(16), repr=False)
 
     def cache_salt(self, client_salt: str | None = None) -> str:
@@ -56,11 +57,15 @@ class Task:
         return "expert-hub-" + hashlib.sha256(material.encode()).hexdigest()[:32]
 
 
-def adapter_task(name: str, directory: Path, model: ModelSummary, version: int | None = None) -> Task:
+def adapter_task(
+    name: str, directory: Path, model: ModelSummary, version: int | None = None, sha256: dict[str, str] | None = None
+) -> Task:
     """A servable task from an adapter directory, checked against the served model before anything is loaded.
 
-    Refused: tasks that trained more than routed experts, experts or shapes the model does not have, and weights
-    that are not finite floats.
+    Refused: tasks that trained more than routed experts, and experts or shapes the model does not have. The
+    weights of an adapter directory are read now, to refuse any that are not finite floats; a registry task's
+    (`sha256` given) are hashed and checked by the worker at every load, from the bytes it loads, so adding one at
+    run time reads each byte once.
     """
     header = AdapterHeader.read(directory)
     if header.selection.shared_experts or header.selection.non_expert_modules:
@@ -69,10 +74,11 @@ def adapter_task(name: str, directory: Path, model: ModelSummary, version: int |
             "it cannot join mixed batches; serve its merged checkpoint as a separate model instead"
         )
     header.check_fits(model)
-    header.check_values()
+    if sha256 is None:
+        header.check_values()
     nbytes = sum(path.stat().st_size for path in set(header.shards.values()))
     counts = {layer: len(experts) for layer, experts in header.selection.experts.items()}
-    return Task(name, Path(directory), nbytes, counts, version)
+    return Task(name, Path(directory), nbytes, counts, version, sha256)
 
 
 def _without_path(message: str, directory: Path) -> str:
@@ -170,7 +176,7 @@ class TaskManager:
         """Ask the worker to load `task` (resident once loaded); an unexpected failure there is a 503."""
         started = asyncio.get_running_loop().time()
         try:
-            result = await self.bank_client.load_task(task.key, str(task.directory))
+            result = await self.bank_client.load_task(task.key, str(task.directory), task.sha256)
         except Exception as error:  # a device error, a dead worker: vLLM's exception carries the worker's message
             message = _without_path(vllm.worker_error_message(error), task.directory)
             raise TaskError(f"cannot load task {task.name} now: {message}", 503) from error
@@ -186,7 +192,7 @@ class TaskManager:
         """
         name, _, version = ref.partition("@")
         if name not in self.known or version:
-            task = await asyncio.to_thread(self._from_registry, ref)  # hashing and checking every byte takes time
+            task = await asyncio.to_thread(self._from_registry, ref)  # reads the manifest and safetensors headers
             current = self.known.setdefault(task.name, task)
             if current.directory != task.directory:
                 served = f"version {current.version}" if current.version else "an adapter directory"
@@ -207,7 +213,8 @@ class TaskManager:
             raise TaskError(str(error), 400) from error
         directory = self.registry.object_path(entry)
         try:
-            return adapter_task(entry.task, self.registry.verify(entry), self.model, entry.version)
+            hashes = self.registry.file_hashes(entry)
+            return adapter_task(entry.task, directory, self.model, entry.version, hashes)
         except ExpertHubError as error:
             raise TaskError(f"cannot serve {entry.ref}: {_without_path(str(error), directory)}", 422) from error
 

@@ -82,18 +82,18 @@ class ExpertBankWorker:
         return asdict(check_row_layout(layer, layer.free_rows[0], 0, {name: found[key] for name, key in keys.items()}))
 
     @torch.no_grad()
-    def expert_hub_load_task(self, key: str, directory: str) -> dict:
+    def expert_hub_load_task(self, key: str, directory: str, sha256: dict[str, str] | None = None) -> dict:
         """Write the adapter's experts into free rows and publish its remap row under `key`. A `LoadResult`.
 
-        All or nothing: the adapter is read, checked (finite weights, experts the served model has, shapes) and
-        converted to the kernel layout before the bank is touched, and a failure while writing gives every row back
-        (and raises).
+        All or nothing: the adapter is read (once: a registry task's files are hashed from the same bytes, against
+        `sha256`), checked (finite weights, experts the served model has, shapes) and converted to the kernel layout
+        before the bank is touched, and a failure while writing gives every row back (and raises).
         """
         if key in bank.TASK_ROWS:
             return asdict(LoadResult("loaded", bank.TASK_ROWS[key]))
         layers = _banked_layers(vllm.served_model(self))
         try:
-            adapter = ExpertAdapter.load(directory)  # refuses non-finite and non-float weights
+            adapter = ExpertAdapter.load(directory, sha256)  # refuses changed files and non-finite weights
             rows = {
                 index: [
                     (expert, *_kernel_row(layers[index], _expert_tensors(adapter, index, expert))) for expert in experts
