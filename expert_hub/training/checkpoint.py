@@ -2,7 +2,8 @@
 
 A checkpoint is a directory `checkpoints/step-000100/` that appears by atomic rename once complete, so a run
 killed at any moment (Ctrl-C, `kill -9`) leaves only whole checkpoints behind. Everything is safetensors or
-JSON — never pickle. Only trainable tensors are stored: for ESFT that is the selected experts' rows.
+JSON — never pickle. Only trainable tensors are stored: for ESFT that is the selected experts' rows. They are
+always full tensors: a sharded run (`sharding.py`) gathers them first, and every rank takes its shard on loading.
 
 `best/` holds the trainable tensors of the step with the lowest held-out loss so far (as the reference's
 `load_best_model_at_end`), written the same way; the checkpoints record which step that is, so a resumed run
@@ -30,6 +31,7 @@ from ..io import (
     replace_directory,
     write_json_atomic,
 )
+from .sharding import placed_like
 
 _STEP_DIR = re.compile(r"step-(\d+)")
 
@@ -38,11 +40,12 @@ def save_checkpoint(
     root: Path,
     step: int,
     trainable: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict,
     progress: dict,
     keep: int,
 ) -> Path:
-    """Write checkpoint `step` under `root`, then drop all but the newest `keep`."""
+    """Write checkpoint `step` under `root` (`optimizer_state`: the optimizer's `state_dict()`), then drop all but
+    the newest `keep`."""
     root.mkdir(parents=True, exist_ok=True)
     for leftover in root.glob(".staging-*"):  # from a run killed while writing (one writer per run directory)
         shutil.rmtree(leftover, ignore_errors=True)
@@ -52,7 +55,7 @@ def save_checkpoint(
             {name: tensor.detach().contiguous() for name, tensor in trainable.items()},
             staging / "trainable.safetensors",
         )
-        tensors, layout = _flatten_optimizer(optimizer.state_dict())
+        tensors, layout = _flatten_optimizer(optimizer_state)
         save_file(tensors, staging / "optimizer.safetensors")
         save_file(_rng_state(), staging / "rng.safetensors")
         write_json_atomic(staging / "optimizer.json", layout)
@@ -107,9 +110,12 @@ def load_checkpoint(path: Path, trainable: dict[str, torch.Tensor], optimizer: t
                 raise DamagedCheckpointError(f"{path.name}: optimizer state {index}.{key} does not fit this run")
     if not isinstance(progress, dict) or not isinstance(progress.get("step"), int) or "cpu" not in rng:
         raise DamagedCheckpointError(f"{path.name}: progress.json or rng.safetensors is incomplete")
-    with torch.no_grad():
-        for name, tensor in trainable.items():
-            tensor.copy_(saved[name])
+    _copy_into(trainable, saved)
+    for index, moments in state["state"].items():  # each rank's shard of a sharded parameter's moments
+        state["state"][index] = {
+            key: placed_like(value, parameters[index]) if torch.is_tensor(value) and value.dim() else value
+            for key, value in moments.items()
+        }
     optimizer.load_state_dict(state)
     _set_rng_state(rng)
     return progress
@@ -142,9 +148,13 @@ def load_best(path: Path, trainable: dict[str, torch.Tensor], best: dict) -> Non
     if recorded != best:
         raise DamagedCheckpointError(f"{path.name} holds step {recorded.get('step')}, not the best step {best['step']}")
     _check_weights(path, saved, trainable)
-    with torch.no_grad():
-        for name, tensor in trainable.items():
-            tensor.copy_(saved[name])
+    _copy_into(trainable, saved)
+
+
+@torch.no_grad()
+def _copy_into(trainable: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> None:
+    for name, tensor in trainable.items():
+        tensor.copy_(placed_like(saved[name], tensor))
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:

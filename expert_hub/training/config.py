@@ -182,12 +182,23 @@ class TrainingConfig:
         "reference does), last = the final step.",
     )
     trust_remote_code: bool = setting(False, help="Run the model repo's own code (only if you trust it).")
+    sharding: str = setting(
+        "ddp",
+        choices=("ddp", "fsdp"),
+        help="How several processes (torchrun / accelerate launch) share the model: ddp = a whole copy each; fsdp = "
+        "the base, the trained rows and their optimizer state sharded across them (FSDP2), for a base that does not "
+        "fit one device (ESFT methods only).",
+    )
     # data-parallel processes; set by the loop, recorded because the data order depends on it
     processes: int = setting(1, help="Data-parallel processes (set by the loop).", cli=False)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         get_method(self.method).check_config(self)  # an unknown method is refused here
+        if self.sharding == "fsdp" and not get_method(self.method).shardable:
+            raise InvalidInputError(
+                f"--sharding fsdp trains the ESFT methods only; train --method {self.method} with --sharding ddp"
+            )
         if self.dtype == "float16":
             raise InvalidInputError("training in float16 overflows; use --dtype bfloat16 or float32")
         if self.pure_bf16:

@@ -11,7 +11,9 @@
    the method writes its artifact: an expert adapter (ESFT), a PEFT adapter (lora) or a full checkpoint (full).
 
 Data order is a pure function of the seed and the step, so a resumed run sees exactly the batches an
-uninterrupted one would. Launched by `torchrun` / `accelerate launch`, it trains data-parallel through accelerate.
+uninterrupted one would. Launched by `torchrun` / `accelerate launch`, it trains data-parallel: each process holds
+the whole model (accelerate's DDP) or, with `sharding="fsdp"`, a shard of it (`sharding.py`). Either way the loss is
+the mean over every rank's target tokens, so N processes train the weights one process would.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ import math
 import random
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import broadcast_object_list
 
 from ..data import IGNORE_INDEX, load_conversations, pack, pad_token_id, tokenize_conversation
 from ..errors import ExpertHubError, InvalidInputError
@@ -46,6 +48,7 @@ from .checkpoint import (
 from .config import TrainingConfig
 from .methods import RunContext, get_method, trainable_parameters
 from .precision import drop_float32_masters, keep_float32_masters
+from .sharding import gathered, gathered_optimizer_state, gradient_sync, shard_model
 
 CONFIG_FILE = "train_config.json"
 LOG_FILE = "log.jsonl"
@@ -65,7 +68,7 @@ class StepReport:
 
 @dataclass
 class TrainingResult:
-    model: torch.nn.Module  # the trained model (ESFT: rows merged back into the fused tensors)
+    model: torch.nn.Module  # the trained model (ESFT: rows merged back in; under FSDP: this rank's shards, rows apart)
     artifact: Path
     steps: int
     train_loss: float | None
@@ -88,6 +91,11 @@ def train(
         cpu=not torch.cuda.is_available(), kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
     )
     config.processes = accelerator.num_processes  # the data order depends on it: a resume must match
+    sharded = config.sharding == "fsdp"
+    if sharded and config.processes == 1:
+        raise InvalidInputError(
+            "--sharding fsdp shards the model across processes: launch several with torchrun or accelerate launch"
+        )
     _check_output(out, config)  # cheap checks first: bad input fails before any weights load
     for data in filter(None, (config.data, config.mix_data)):
         if next(load_conversations(data, config.split), None) is None:
@@ -106,7 +114,8 @@ def train(
     status(f"Loading {config.base}")
     tokenizer = load_tokenizer(config.base, trust_remote_code=config.trust_remote_code)
     model = load_base(config.base, dtype=_dtype(config.dtype), trust_remote_code=config.trust_remote_code)
-    model.to(accelerator.device)
+    if not sharded:  # sharding moves each rank's shards to its device: the whole model need not fit one
+        model.to(accelerator.device)
     model.config.use_cache = False
     if main_process:
         write_json_atomic(out / CONFIG_FILE, config.to_json())  # from here on, rerunning resumes this run
@@ -124,8 +133,11 @@ def train(
     # 2. the data
     status("Tokenizing and packing the data")
     train_blocks, eval_blocks = _packed_data(config, tokenizer)
+    if sharded:
+        trainable = trainable_parameters(shard_model(model))  # the sharded Parameters that took their places
     optimizer = torch.optim.AdamW(_param_groups(trainable, config.weight_decay), lr=config.lr, betas=config.betas)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not sharded:
+        model, optimizer = accelerator.prepare(model, optimizer)
 
     # 3. resume where the last checkpoint left off
     start_step, elapsed, train_loss, best = 0, 0.0, None, None
@@ -139,7 +151,8 @@ def train(
     if main_process:
         _truncate_log(out / LOG_FILE, start_step)
 
-    # 4. the steps
+    # 4. the steps (under FSDP every rank evaluates: the forward gathers each layer from all of them)
+    evaluating = main_process or sharded
     order = _DataOrder(len(train_blocks), config.seed)
     eval_loss = None
     for step in range(start_step, config.steps):
@@ -155,45 +168,44 @@ def train(
         seconds = time.perf_counter() - started
         elapsed += seconds
         done = step + 1
-        if main_process and eval_blocks and (done % config.eval_every == 0 or done == config.steps):
-            with _autocast(config, accelerator):
-                eval_loss = loss_over_examples(accelerator.unwrap_model(model), eval_blocks, config.batch_size)
-            eval_loss = eval_loss["value"]
+        if evaluating and eval_blocks and (done % config.eval_every == 0 or done == config.steps):
+            eval_loss = _eval_loss(model, eval_blocks, config, accelerator)
             if best is None or eval_loss < best["eval_loss"]:
                 best = {"step": done, "eval_loss": eval_loss}
                 if config.keep == "best":
-                    save_best(out / "best", trainable, best)
+                    weights = gathered(trainable)  # collective under FSDP: before the main process's test
+                    if main_process:
+                        save_best(out / "best", weights, best)
         tokens_per_second = sum(ids.numel() for ids, _ in batches) / seconds
         report = StepReport(done, config.steps, train_loss, tokens_per_second, eval_loss, aux_loss)
         if main_process:
             _append_log(out / LOG_FILE, report)
-            if done % config.save_every == 0 or done == config.steps:
-                save_checkpoint(
-                    out / "checkpoints",
-                    done,
-                    trainable,
-                    optimizer,
-                    {"seconds": elapsed, "loss": train_loss, "best": best},
-                    config.keep_checkpoints,
-                )
-            if on_step:
-                on_step(report)
+        if done % config.save_every == 0 or done == config.steps:
+            weights, optimizer_state = gathered(trainable), gathered_optimizer_state(optimizer)
+            if main_process:
+                progress = {"seconds": elapsed, "loss": train_loss, "best": best}
+                save_checkpoint(out / "checkpoints", done, weights, optimizer_state, progress, config.keep_checkpoints)
+        if main_process and on_step:
+            on_step(report)
         accelerator.wait_for_everyone()
 
     # 5. the artifact, from the best evaluated step (or the last)
     model = accelerator.unwrap_model(model)
-    if main_process and eval_blocks and eval_loss is None:
-        with _autocast(config, accelerator):
-            eval_loss = loss_over_examples(model, eval_blocks, config.batch_size)["value"]
+    if evaluating and eval_blocks and eval_loss is None:
+        eval_loss = _eval_loss(model, eval_blocks, config, accelerator)
     shipped = {"step": config.steps, "eval_loss": eval_loss}
-    if main_process and config.keep == "best" and best is not None and best["step"] != config.steps:
+    if evaluating and config.keep == "best" and best is not None and best["step"] != config.steps:
         status(f"Shipping step {best['step']}, the lowest eval loss ({best['eval_loss']:.4f})")
         load_best(out / "best", trainable, best)
         shipped = best
     if router_aux:
         router_aux.remove()
-    drop_float32_masters(model)
-    model = method.finish(model)
+    if sharded:  # the fused tensors are sharded: the artifact is made from the gathered trainable tensors
+        model.reshard()  # the root's own parameters stay gathered after a forward; the result holds shards only
+        weights = gathered(trainable)
+    else:
+        drop_float32_masters(model)
+        model = method.finish(model)
     model.config.use_cache = True
     artifact = out / method.artifact_name
     if main_process:
@@ -207,7 +219,10 @@ def train(
             "train_blocks": len(train_blocks),
             "eval_blocks": len(eval_blocks),
         }
-        method.write_artifact(model, artifact, tokenizer, method.artifact_metadata(summary))
+        if sharded:
+            method.write_sharded_artifact(model, weights, artifact, method.artifact_metadata(summary))
+        else:
+            method.write_artifact(model, artifact, tokenizer, method.artifact_metadata(summary))
     accelerator.wait_for_everyone()
     return TrainingResult(
         model,
@@ -237,27 +252,37 @@ def _step(
     """One optimizer step over the micro-batches; returns the mean loss per target token and the summed
     auxiliary loss of the micro-batches (None without --router-aux-loss)."""
     model.train()
-    target_tokens = max(sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in batches), 1)
+    # Summed over tokens and divided by the step's token count on all ranks: micro-batches and ranks add up to the
+    # step's mean, as one process computes it. The gradient reduction averages over ranks, hence `* processes`.
+    local_tokens = torch.tensor(sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in batches))
+    target_tokens = max(int(accelerator.reduce(local_tokens.to(accelerator.device), reduction="sum")), 1)
     total, aux_total = 0.0, 0.0
     for micro, (input_ids, labels) in enumerate(batches):
-        last = micro == len(batches) - 1
-        with nullcontext() if last else accelerator.no_sync(model):  # gradients sync once, after the last
-            # Summed over tokens and divided by the step's token count: micro-batches add up to the step mean.
+        with gradient_sync(model, micro == len(batches) - 1, accelerator):  # once per step, after the last
             inputs = dict(input_ids=input_ids, labels=labels, num_items_in_batch=target_tokens)
             with _autocast(config, accelerator):
                 if router_aux:
                     loss, aux_loss = router_aux.losses(model, **inputs)
                     aux_total += aux_loss.detach()
-                    loss_to_train = loss + aux_loss
+                    loss_to_train = loss * accelerator.num_processes + aux_loss  # each rank's aux loss is whole
                 else:
-                    loss = loss_to_train = model(**inputs).loss
+                    loss = model(**inputs).loss
+                    loss_to_train = loss * accelerator.num_processes
             accelerator.backward(loss_to_train)
         total += loss.detach()
     accelerator.clip_grad_norm_(list(trainable.values()), config.clip_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    mean_loss = accelerator.reduce(total, reduction="mean").item()  # the same figure on every rank
+    mean_loss = accelerator.reduce(total, reduction="sum").item()  # the same figure on every rank
     return mean_loss, accelerator.reduce(aux_total, reduction="mean").item() if router_aux else None
+
+
+def _eval_loss(model, blocks, config: TrainingConfig, accelerator) -> float:
+    """The held-out loss. Under FSDP every rank computes it (the forward is collective) and all take rank 0's, so
+    their decisions about the best step cannot drift apart."""
+    with _autocast(config, accelerator):
+        value = loss_over_examples(accelerator.unwrap_model(model), blocks, config.batch_size)["value"]
+    return broadcast_object_list([value])[0] if config.sharding == "fsdp" else value
 
 
 def _autocast(config: TrainingConfig, accelerator):

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from torch import nn
+from torch import Tensor, nn
 
 from ...adapter import METADATA_FILE, AdapterMetadata
 from ...errors import InvalidInputError
@@ -42,6 +42,7 @@ class TrainingMethod(ABC):
     artifact_name: ClassVar[str] = "adapter"  # the artifact's directory inside the run directory
     artifact_file: ClassVar[str | None] = None  # the file that marks a directory as this method's artifact
     ships_expert_adapter: ClassVar[bool] = False  # the artifact is an expert adapter the registry keeps
+    shardable: ClassVar[bool] = False  # trains under --sharding fsdp (it implements `write_sharded_artifact`)
 
     def __init__(self, config: TrainingConfig):
         self.config = config
@@ -75,6 +76,11 @@ class TrainingMethod(ABC):
     @abstractmethod
     def write_artifact(self, model: nn.Module, path: Path, tokenizer, metadata: dict) -> Path:
         """Write the artifact atomically (readers see no directory or a whole one)."""
+
+    def write_sharded_artifact(self, model: nn.Module, trained: dict[str, Tensor], path: Path, metadata: dict) -> Path:
+        """Under --sharding fsdp: write the artifact from `trained`, the full tensors of the trainable parameters by
+        name (gathered from every rank), since `model` holds only this rank's shards (methods that are `shardable`)."""
+        raise NotImplementedError(f"{self.name} does not train under --sharding fsdp")
 
     @classmethod
     def load_artifact(cls, base: str, directory: Path, force: bool = False, **from_pretrained_kwargs) -> nn.Module:

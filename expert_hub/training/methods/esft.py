@@ -21,10 +21,10 @@ from accelerate.utils import broadcast_object_list
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 
-from ...adapter import CONFIG_FILE, ExpertAdapter, fingerprint_selection
+from ...adapter import CONFIG_FILE, AdapterMetadata, ExpertAdapter, fingerprint_selection
 from ...data import load_conversations
 from ...errors import InvalidInputError
-from ...families import moe_layers, split_parameters
+from ...families import expert_views, moe_layers, split_parameters
 from ...models import load_base
 from ...routing import score_model, token_sequences
 from ...selection import DEFAULT_TOP_P, ExpertSelection, select_experts
@@ -54,6 +54,17 @@ class ExpertRows(nn.Module):
                 for name, fused in experts.named_parameters(recurse=False)
             }
         )
+
+
+class _MergedRows:
+    """An experts module's layout over trained rows alone: `expert_views(self, row)` is that expert as merged."""
+
+    def __init__(self, experts: nn.Module, rows: dict[str, torch.Tensor]):
+        self._experts, self._rows = experts, rows
+
+    def __getattr__(self, name: str):
+        rows = self.__dict__["_rows"]
+        return rows[name] if name in rows else getattr(self.__dict__["_experts"], name)
 
 
 class _ExpertsView:
@@ -141,6 +152,7 @@ class _ESFT(TrainingMethod):
 
     artifact_file = CONFIG_FILE
     ships_expert_adapter = True
+    shardable = True
 
     @abstractmethod
     def select(self, model: nn.Module, run: RunContext) -> ExpertSelection:
@@ -149,6 +161,11 @@ class _ESFT(TrainingMethod):
     def prepare(self, model: nn.Module, run: RunContext) -> nn.Module:
         self.selection = self.select(model, run)
         self.fingerprint = fingerprint_selection(model, self.selection)  # of the base rows, before any step
+        if self.config.sharding == "fsdp" and (self.selection.shared_experts or self.selection.non_expert_modules):
+            raise InvalidInputError(
+                "--sharding fsdp trains routed experts only, and this selection also trains shared experts or "
+                "non-expert modules; use --sharding ddp"
+            )
         return prepare_esft(model, self.selection, model.dtype if self.config.pure_bf16 else torch.float32)
 
     def finish(self, model: nn.Module) -> nn.Module:
@@ -157,6 +174,31 @@ class _ESFT(TrainingMethod):
     def write_artifact(self, model: nn.Module, path: Path, tokenizer, metadata: dict) -> Path:
         adapter = ExpertAdapter.from_model(model, self.selection, base_fingerprint=self.fingerprint, **metadata)
         return adapter.save(path, overwrite=True)
+
+    def write_sharded_artifact(
+        self, model: nn.Module, trained: dict[str, torch.Tensor], path: Path, metadata: dict
+    ) -> Path:
+        """The adapter `write_artifact` writes, from the gathered rows: the sharded fused tensors cannot take them.
+
+        Each row is cast to the model's dtype as `merge_esft` casts it, then cut into checkpoint tensors by the
+        same `expert_views` that reads a merged model, so both adapters hold the same tensors.
+        """
+        names = {id(module): name for name, module in model.named_modules()}
+        tensors = {}
+        for layer in moe_layers(model):
+            if (rows := getattr(layer.experts, "esft_rows", None)) is None:
+                continue
+            prefix = f"{names[id(rows)]}.weights"
+            merged = _MergedRows(
+                layer.experts,
+                {name: trained[f"{prefix}.{name}"].to(getattr(layer.experts, name).dtype) for name in rows.weights},
+            )
+            for row, expert in enumerate(rows.index.tolist()):
+                views = expert_views(merged, row)
+                tensors |= {layer.expert_key(expert, key): view.contiguous().clone() for key, view in views.items()}
+        revision = getattr(model.config, "_commit_hash", None)
+        adapter_metadata = AdapterMetadata(base_fingerprint=self.fingerprint, base_revision=revision, **metadata)
+        return ExpertAdapter(self.selection, tensors, adapter_metadata).save(path, overwrite=True)
 
     @classmethod
     def load_artifact(cls, base: str, directory: Path, force: bool = False, **from_pretrained_kwargs) -> nn.Module:
