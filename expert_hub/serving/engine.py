@@ -82,6 +82,22 @@ def _vllm_message(error: Exception) -> str:
     return first_line(error)
 
 
+def _refuse_parallelism(config) -> None:
+    """One device only, for now: the expert bank holds whole experts, written by one worker."""
+    options = {option: value for option, value in vllm.parallel_options(config).items() if value is True or value > 1}
+    if "--enable-expert-parallel" in options:
+        raise InvalidInputError(
+            "--enable-expert-parallel is not supported: vLLM's expert map places the base experts alone on ranks, "
+            "so a task's expert rows would have no rank to live on; serve without it"
+        )
+    if options:
+        option, value = next(iter(options.items()))
+        raise InvalidInputError(
+            f"{option} {value} is not supported yet: the expert bank holds whole experts on one device; serve on one "
+            "device (a model that does not fit one needs a merged checkpoint served by plain vLLM)"
+        )
+
+
 @asynccontextmanager
 async def start_engine(args):
     """vLLM's async engine client for the parsed server `args`; configuration and start-up failures become one
@@ -93,6 +109,7 @@ async def start_engine(args):
         config = vllm.engine_config(engine_args)
     except (ValueError, TypeError, ValidationError) as error:
         raise InvalidInputError(f"vLLM refused the server options: {_vllm_message(error)}") from error
+    _refuse_parallelism(config)
     if vllm.is_cpu() and vllm.memory_utilization_is_default(engine_args):
         vllm.set_kv_cache_bytes(
             engine_args,

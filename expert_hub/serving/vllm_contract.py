@@ -158,6 +158,17 @@ def engine_config(engine_arguments):
     return engine_arguments.create_engine_config(internal("OpenAI server usage context"))
 
 
+def parallel_options(config) -> dict[str, int | bool]:
+    """The parallelism of vLLM's configuration, by the `vllm serve` option that sets it."""
+    parallel = config.parallel_config
+    return {
+        "--tensor-parallel-size": parallel.tensor_parallel_size,
+        "--pipeline-parallel-size": parallel.pipeline_parallel_size,
+        "--data-parallel-size": parallel.data_parallel_size,
+        "--enable-expert-parallel": parallel.enable_expert_parallel,
+    }
+
+
 def memory_utilization_is_default(engine_arguments) -> bool:
     return engine_arguments.gpu_memory_utilization == internal("default memory utilization")
 
