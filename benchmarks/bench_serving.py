@@ -19,7 +19,6 @@ Run: `.venv/bin/python benchmarks/bench_serving.py [--requests 32 --max-tokens 6
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import statistics
@@ -32,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from bench_registry import _sha256_pass, _timed
 from rich.console import Console
 from rich.table import Table
 
@@ -96,25 +96,10 @@ def _selections(layers: int, experts: int) -> dict[str, dict[int, list[int]]]:
 
 def _load_bound(directory: Path, nbytes: int) -> float:
     """What loading a task cannot avoid: one sha256 pass over its files and one copy of its bytes (medians of 3)."""
-
-    def hash_pass() -> None:
-        for file in sorted(directory.iterdir()):
-            digest = hashlib.sha256()
-            with file.open("rb") as reader:
-                while chunk := reader.read(8 * 2**20):
-                    digest.update(chunk)
-
     source = torch.ones(nbytes // 4)
     target = torch.empty_like(source)
-    return sum(
-        statistics.median(_seconds(step) for _ in range(3)) for step in (hash_pass, lambda: target.copy_(source))
-    )
-
-
-def _seconds(function) -> float:
-    started = time.perf_counter()
-    function()
-    return time.perf_counter() - started
+    hash_pass = _timed(lambda: _sha256_pass(sorted(directory.iterdir())))
+    return hash_pass + _timed(lambda: target.copy_(source))
 
 
 def _start(base: Path, root: Path, port: int, bank_rows: int, dtype: str) -> subprocess.Popen:

@@ -40,7 +40,7 @@ from .families import (
     parse_expert_key,
     split_parameters,
 )
-from .io import atomic_directory, read_json, write_json_atomic
+from .io import atomic_directory, in_parallel, read_json, write_json_atomic
 from .models import ModelSummary, checkpoint_tensors
 from .selection import ExpertSelection
 
@@ -210,8 +210,7 @@ def check_dtype(key: str, tensor: torch.Tensor, origin: str) -> None:
 
 def _read_verified(directory: Path, sha256: dict[str, str]) -> dict[str, torch.Tensor]:
     """Every recorded file's bytes, each checked against its hash (different files read and hashed at once)."""
-    with ThreadPoolExecutor(max(1, min(len(sha256), os.cpu_count() or 1))) as pool:
-        return dict(zip(sha256, pool.map(lambda name: _read_and_hash(directory / name, sha256[name]), sha256)))
+    return dict(zip(sha256, in_parallel(lambda name: _read_and_hash(directory / name, sha256[name]), list(sha256))))
 
 
 def _read_and_hash(path: Path, sha256: str) -> torch.Tensor:

@@ -7,11 +7,15 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import IO, Any, NoReturn, TypeVar
 
 from .errors import InvalidInputError
+
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
@@ -169,3 +173,9 @@ def atomic_directory(directory: str | Path, overwrite: bool = False) -> Iterator
         raise_with_filename(error, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def in_parallel(function: Callable[[_Item], _Result], items: list[_Item]) -> list[_Result]:
+    """`function` over `items`, one thread per core at most: hashing different files at once uses every core."""
+    with ThreadPoolExecutor(max(1, min(len(items), os.cpu_count() or 1))) as pool:
+        return list(pool.map(function, items))

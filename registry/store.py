@@ -17,19 +17,19 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TypeVar
 
 from expert_hub.adapter import AdapterHeader, ExpertAdapter
 from expert_hub.errors import ExpertHubError, InvalidInputError
 from expert_hub.io import (
     atomic_directory,
     fsync_path,
+    in_parallel,
     publish_permissions,
     raise_with_filename,
     read_json,
@@ -42,8 +42,6 @@ _CHUNK = 8 * 2**20
 _SLICE = 64 * 2**20  # what the kernel copies and flushes at a time while the copy before it is hashed
 _DIGEST = re.compile(r"[0-9a-f]{64}")  # an object's name: the sha256 of its manifest
 _SELECTOR = re.compile(r"[0-9]+|[0-9a-f]{4,64}")  # after `task@`: a version or a hash prefix
-_Item = TypeVar("_Item")
-_Result = TypeVar("_Result")
 
 
 class RegistryError(ExpertHubError):
@@ -249,7 +247,7 @@ class Registry:
         self._remove_abandoned_staging()
         staging = Path(tempfile.mkdtemp(dir=staging_root, prefix=f"{os.getpid()}-"))
         try:
-            records = _in_parallel(lambda source: _copy_and_hash(source, staging / source.name), sources)
+            records = in_parallel(lambda source: _copy_and_hash(source, staging / source.name), sources)
             files = {source.name: record for source, record in zip(sources, records)}
             adapter = _check_adapter(staging, named_as=directory)
             task = task or validate_task_name(adapter.metadata.task or "")
@@ -387,7 +385,7 @@ def _check_adapter(staging: Path, named_as: Path) -> AdapterHeader:
 def _check_object(path: Path, digest: str) -> None:
     """Every stored file against the manifest, the files hashed at once (one pass over the bytes)."""
     files = _checked_manifest(path, digest)
-    _in_parallel(lambda name: _check_file(path / name, files[name]), sorted(files))
+    in_parallel(lambda name: _check_file(path / name, files[name]), sorted(files))
 
 
 def _checked_manifest(path: Path, digest: str) -> dict[str, dict]:
@@ -452,12 +450,6 @@ def _write_durably(path: Path, data: bytes) -> None:
         writer.write(data)
         writer.flush()
         os.fsync(writer.fileno())
-
-
-def _in_parallel(function: Callable[[_Item], _Result], items: list[_Item]) -> list[_Result]:
-    """`function` over `items`, one thread per core at most: hashing different files at once uses every core."""
-    with ThreadPoolExecutor(max(1, min(len(items), os.cpu_count() or 1))) as pool:
-        return list(pool.map(function, items))
 
 
 def _sha256_file(path: Path) -> str:
