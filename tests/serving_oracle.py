@@ -1,14 +1,66 @@
-"""Plain vLLM on merged checkpoints: the oracle the expert-hub server must match (run as a script: vLLM spawns).
+"""Plain vLLM on merged checkpoints: the oracle the expert-hub server must match.
 
-Usage: python serving_oracle.py REQUESTS.json OUT.json, where REQUESTS maps a checkpoint directory to a list of
-{"prompt": str, "max_tokens": int}; writes, per checkpoint, each request's token ids and their logprobs.
+`make_tasks` builds a tiny base, task adapters and each task's merged checkpoint; `plain_vllm_tokens` runs this file
+as a script (vLLM spawns) on them: python serving_oracle.py REQUESTS.json OUT.json [TENSOR_PARALLEL_SIZE], where
+REQUESTS maps a checkpoint directory to a list of {"prompt": str, "max_tokens": int}; it writes, per checkpoint, each
+request's token ids and their logprobs.
 """
 
+from __future__ import annotations
+
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
+
+
+def make_tasks(family: str, root: Path, tasks: dict) -> tuple[Path, dict[str, Path], dict[str, Path]]:
+    """A tiny `family` base, an adapter per task with random experts, and each task's merged checkpoint."""
+    import torch
+
+    from expert_hub import ExpertAdapter, ExpertSelection, load_model
+    from expert_hub.models import load_base
+    from expert_hub.testing import SERVING_SHAPES, build_tiny_model, byte_tokenizer
+
+    base = build_tiny_model(family, root / "base", **SERVING_SHAPES[family])
+    adapters, merged = {}, {}
+    for seed, (name, selection) in enumerate(tasks.items()):
+        adapter = ExpertAdapter.from_model(load_base(str(base)), ExpertSelection(selection), task=name)
+        generator = torch.Generator().manual_seed(100 + seed)
+        adapter.tensors = {k: torch.randn(v.shape, generator=generator) * 0.3 for k, v in adapter.tensors.items()}
+        adapters[name] = adapter.save(root / f"adapter-{name}")
+        merged[name] = root / f"merged-{name}"
+        load_model(str(base), adapters[name]).save_pretrained(merged[name])
+        byte_tokenizer().save_pretrained(merged[name])
+    return base, adapters, merged
+
+
+def plain_vllm_tokens(
+    root: Path, checkpoints: dict[str, Path], prompts: list[tuple[str, int]], tensor_parallel_size: int = 1
+) -> dict[str, list[dict]]:
+    """Each checkpoint's greedy tokens for each (prompt, max_tokens), one request at a time, by plain vLLM."""
+    requests = {str(path): [{"prompt": p, "max_tokens": n} for p, n in prompts] for path in checkpoints.values()}
+    requests_file, out = root / "oracle-requests.json", root / "oracle.json"
+    requests_file.write_text(json.dumps(requests))
+    subprocess.run(
+        [sys.executable, __file__, str(requests_file), str(out), str(tensor_parallel_size)],
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
+    results = json.loads(out.read_text())
+    return {name: results[str(path)] for name, path in checkpoints.items()}
 
 
 def main() -> None:
+    tensor_parallel_size = int(sys.argv[3])
+    if tensor_parallel_size > 1:  # one NUMA node here: vLLM's CPU backend needs each worker's cores named
+        cpus = sorted(os.sched_getaffinity(0))
+        share = len(cpus) // tensor_parallel_size
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+            ",".join(map(str, cpus[rank * share : (rank + 1) * share])) for rank in range(tensor_parallel_size)
+        )
     from vllm import LLM, SamplingParams
 
     with open(sys.argv[1]) as file:
@@ -24,6 +76,7 @@ def main() -> None:
             seed=0,
             compilation_config={"custom_ops": ["-rotary_embedding"]},
             kv_cache_memory_bytes=2**30,
+            tensor_parallel_size=tensor_parallel_size,
         )
         outputs = [
             llm.generate([p["prompt"]], SamplingParams(temperature=0, max_tokens=p["max_tokens"], logprobs=2))[0]

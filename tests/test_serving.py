@@ -8,7 +8,6 @@ a time, in a separate process.
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -23,9 +22,10 @@ import torch
 from expert_hub import ExpertAdapter, ExpertSelection, load_model
 from expert_hub.models import load_base
 from expert_hub.registry import Registry
-from expert_hub.testing import SERVING_SHAPES, build_tiny_model, byte_tokenizer
+from expert_hub.testing import SERVING_SHAPES, build_tiny_model
 
 from .serving_client import API_KEY, Server, start_server
+from .serving_oracle import make_tasks, plain_vllm_tokens
 
 PROMPTS = ["Hello world, this is", "The quick brown fox jumps"]
 LONG = " ".join(f"word{i}" for i in range(50))  # ~340 tokens: many KV blocks
@@ -35,38 +35,6 @@ TASKS = {  # overlapping (law / intent share layer 0 expert 3) and disjoint (cod
     "code": {2: [5], 3: [6]},
     "extra": {1: [8, 9], 2: [3]},  # registered, not served at start: loaded at run time
 }
-
-
-def _make_tasks(family: str, root: Path, tasks: dict) -> tuple[Path, dict[str, Path], dict[str, Path]]:
-    base = build_tiny_model(family, root / "base", **SERVING_SHAPES[family])
-    adapters, merged = {}, {}
-    for seed, (name, selection) in enumerate(tasks.items()):
-        adapter = ExpertAdapter.from_model(load_base(str(base)), ExpertSelection(selection), task=name)
-        generator = torch.Generator().manual_seed(100 + seed)
-        adapter.tensors = {k: torch.randn(v.shape, generator=generator) * 0.3 for k, v in adapter.tensors.items()}
-        adapters[name] = adapter.save(root / f"adapter-{name}")
-        merged[name] = root / f"merged-{name}"
-        load_model(str(base), adapters[name]).save_pretrained(merged[name])
-        byte_tokenizer().save_pretrained(merged[name])
-    return base, adapters, merged
-
-
-def _oracle(root: Path, checkpoints: dict[str, Path], prompts: list[tuple[str, int]]) -> dict[str, list[dict]]:
-    requests = {str(path): [{"prompt": p, "max_tokens": n} for p, n in prompts] for path in checkpoints.values()}
-    (root / "oracle-requests.json").write_text(json.dumps(requests))
-    subprocess.run(
-        [
-            sys.executable,
-            str(Path(__file__).with_name("serving_oracle.py")),
-            str(root / "oracle-requests.json"),
-            str(root / "oracle.json"),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=900,
-    )
-    results = json.loads((root / "oracle.json").read_text())
-    return {name: results[str(path)] for name, path in checkpoints.items()}
 
 
 def test_default_bank_size_fits_any_resident_set_of_the_given_tasks(tmp_path):
@@ -99,6 +67,7 @@ def test_rows_are_written_in_the_gpu_kernel_layout_and_another_layout_is_caught(
         w13_weight=torch.zeros(3, 16, 16),
         w2_weight=torch.zeros(3, 16, 8),
         expert_sizes=(8, 16),
+        expert_shard=(0, 1),  # one device: the whole expert
         quant_method=SimpleNamespace(moe_kernel=kernel),
     )
     layer.w13_weight[0], layer.w2_weight[0] = torch.cat([gate, up]), down
@@ -116,7 +85,7 @@ class _FakeBankedLayer(torch.nn.Module):
 
     def __init__(self, experts: int = 4, spare: int = 3, intermediate: int = 8, hidden: int = 16):
         super().__init__()
-        self.base_experts, self.expert_sizes = experts, (intermediate, hidden)
+        self.base_experts, self.expert_sizes, self.expert_shard = experts, (intermediate, hidden), (0, 1)
         self.w13_weight = torch.zeros(experts + spare, 2 * intermediate, hidden)
         self.w2_weight = torch.zeros(experts + spare, hidden, intermediate)
         self.task_remap = torch.arange(experts, dtype=torch.int32).repeat(3, 1)
@@ -304,12 +273,12 @@ def test_a_bank_too_small_for_one_expert_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-qwen")
-    base, adapters, merged = _make_tasks("qwen3_moe", root, TASKS)
+    base, adapters, merged = make_tasks("qwen3_moe", root, TASKS)
     registry = Registry(root / "registry")
     for name in ("law", "intent", "extra"):
         registry.register(adapters[name])
     prompts = [(p, 12) for p in PROMPTS] + [(LONG, 6)]
-    oracle = _oracle(root, {"base": base, **merged}, prompts)
+    oracle = plain_vllm_tokens(root, {"base": base, **merged}, prompts)
     # Compiled (vLLM's default), unlike the deepseek server: the bank's remap and token tags must reach the graph.
     server = start_server(
         root, base, f"law,intent,code={adapters['code']}", root / "registry", 8641, ["--max-resident-tasks", "3"]
@@ -524,8 +493,8 @@ def test_loading_and_unloading_while_other_tasks_run(qwen):
 def deepseek(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-deepseek")
     tasks = {"law": {1: [3, 7], 2: [0], 3: [15]}, "intent": {1: [3], 3: [2, 4]}}
-    base, adapters, merged = _make_tasks("deepseek_v2", root, tasks)
-    oracle = _oracle(root, {"base": base, **merged}, [(p, 12) for p in PROMPTS])
+    base, adapters, merged = make_tasks("deepseek_v2", root, tasks)
+    oracle = plain_vllm_tokens(root, {"base": base, **merged}, [(p, 12) for p in PROMPTS])
     # 0.0014 GiB over 3 MoE layers = 5 rows of 96 KiB experts per layer
     server = start_server(
         root,

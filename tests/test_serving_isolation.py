@@ -415,7 +415,7 @@ def test_serve_refuses_bad_tasks_and_options_in_one_line(server, tmp_path):
         (["--max-model-len", "100000"], "vLLM refused the server options: User-specified max_model_len (100000)"),
         (["--kv-cache-gb", "0"], "--kv-cache-gb must be positive"),
         (["--enable-expert-parallel"], "--enable-expert-parallel is not supported: vLLM's expert map places"),
-        (["--tensor-parallel-size", "2"], "--tensor-parallel-size 2 is not supported yet"),
+        (["--data-parallel-size", "2"], "--data-parallel-size 2 is not supported yet: its replicas route"),
         (["--kv-cache-gb", "0.000001"], "a KV cache of 0.0 MiB holds less than two 512-token sequences"),
         (["--kv-cache-gb", "100000"], "a KV cache of 100000.00 GiB is more than the"),
     ]

@@ -63,7 +63,8 @@ class BankSettings:
         return cls(**json.loads(value)) if value else None
 
     def rows_per_layer(self, sizes: vllm.ExpertSizes, dtype: torch.dtype) -> int:
-        """Rows per layer: given, or as many whole experts (gate, up and down) as the byte budget holds."""
+        """Rows per layer: given, or as many experts (gate, up and down; this rank's shard of each under tensor
+        parallelism) as the byte budget holds, which is then per device."""
         if self.extra_rows is not None:
             return self.extra_rows
         return self.bytes_per_layer // (3 * sizes.hidden * sizes.intermediate * dtype.itemsize)
@@ -84,6 +85,7 @@ def _bank_initialiser(max_tasks: int):
 
     def init_bank(layer, sizes: vllm.ExpertSizes, extra_rows: int) -> None:
         layer.base_experts, layer.expert_sizes = sizes.experts, (sizes.intermediate, sizes.hidden)
+        layer.expert_shard = (sizes.shard, sizes.shards)
         with torch.no_grad():  # some loaders fill extra rows with copies, others leave them uninitialised
             for weight in vllm.expert_weights(layer):
                 weight[sizes.experts :].zero_()

@@ -1,32 +1,58 @@
 """The front end's typed client for the bank's worker methods (`worker.ExpertBankWorker`, run by `collective_rpc`).
 
 The method names are taken from the worker class itself, so they are written once; replies come back as the
-worker's result types. A worker's unexpected exception arrives as vLLM's own exception (whose text carries the
-worker's message: `vllm_contract.worker_error_message`).
+worker's result types. Every worker (each tensor-parallel rank) answers, and their answers must agree: ranks that
+loaded a task into different rows, or one that loaded it while another did not, would serve wrong tokens. A
+worker's unexpected exception arrives as vLLM's own exception (whose text carries the worker's message:
+`vllm_contract.worker_error_message`).
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Any
 
 from . import vllm_contract as vllm
 from .worker import BankInfo, ExpertBankWorker, LayoutResult, LoadResult
 
 
+class WorkersDisagreeError(RuntimeError):
+    """Tensor-parallel ranks answered one bank call differently (a bug or a failing device, never bad input)."""
+
+
 class BankClient:
-    """The expert bank of every worker of `engine`, as the first worker reports it."""
+    """The expert bank of every worker of `engine`."""
 
     def __init__(self, engine):
         self.engine = engine
 
     async def load_task(self, key: str, directory: str, sha256: dict[str, str] | None = None) -> LoadResult:
+        """Load on every rank. Where the ranks disagree or one fails, the task is unloaded from all of them before
+        raising, so no rank keeps rows the others lack."""
         method = ExpertBankWorker.expert_hub_load_task.__name__
-        reply = await vllm.call_workers(self.engine, method, key, directory, sha256)
-        return LoadResult(**reply)
+        try:
+            return LoadResult(**_agreed(await vllm.call_workers(self.engine, method, key, directory, sha256), method))
+        except Exception:
+            with contextlib.suppress(Exception):  # a worker that died: the error being raised says so
+                await self.unload_task(key)
+            raise
 
     async def unload_task(self, key: str) -> bool:
-        return await vllm.call_workers(self.engine, ExpertBankWorker.expert_hub_unload_task.__name__, key)
+        """True when any rank held the task (after which none does)."""
+        return any(await vllm.call_workers(self.engine, ExpertBankWorker.expert_hub_unload_task.__name__, key))
 
     async def bank_info(self) -> BankInfo:
-        return await vllm.call_workers(self.engine, ExpertBankWorker.expert_hub_bank_info.__name__)
+        """One rank's bank (every rank holds the same rows, each its shard of every expert)."""
+        replies = await vllm.call_workers(self.engine, ExpertBankWorker.expert_hub_bank_info.__name__)
+        return _agreed(replies, "bank_info")
 
     async def check_layout(self) -> LayoutResult:
-        return LayoutResult(**await vllm.call_workers(self.engine, ExpertBankWorker.expert_hub_check_layout.__name__))
+        """The first rank's verdict that is not "ok", else "ok": each rank checks its own shard."""
+        replies = await vllm.call_workers(self.engine, ExpertBankWorker.expert_hub_check_layout.__name__)
+        return LayoutResult(**next((reply for reply in replies if reply["status"] != "ok"), replies[0]))
+
+
+def _agreed(replies: list[Any], call: str) -> Any:
+    if any(reply != replies[0] for reply in replies[1:]):
+        raise WorkersDisagreeError(f"the tensor-parallel ranks answered {call} differently: {replies}")
+    return replies[0]

@@ -6,6 +6,7 @@ vLLM itself is reached through `vllm_contract`.
 from __future__ import annotations
 
 import json
+import os
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -83,19 +84,46 @@ def _vllm_message(error: Exception) -> str:
 
 
 def _refuse_parallelism(config) -> None:
-    """One device only, for now: the expert bank holds whole experts, written by one worker."""
+    """Tensor parallelism only: each rank's bank holds its shard of every task expert (see `worker.py`)."""
     options = {option: value for option, value in vllm.parallel_options(config).items() if value is True or value > 1}
     if "--enable-expert-parallel" in options:
         raise InvalidInputError(
             "--enable-expert-parallel is not supported: vLLM's expert map places the base experts alone on ranks, "
-            "so a task's expert rows would have no rank to live on; serve without it"
+            "so a task's expert rows would have no rank to live on; serve without it (--tensor-parallel-size "
+            "shards every expert, task experts included, across the devices)"
         )
-    if options:
-        option, value = next(iter(options.items()))
+    if "--data-parallel-size" in options:
         raise InvalidInputError(
-            f"{option} {value} is not supported yet: the expert bank holds whole experts on one device; serve on one "
-            "device (a model that does not fit one needs a merged checkpoint served by plain vLLM)"
+            f"--data-parallel-size {options['--data-parallel-size']} is not supported yet: its replicas route "
+            "each other's tokens through their MoE layers, and the bank tags only a replica's own tokens with their "
+            "tasks; use --tensor-parallel-size, or one server per device behind a load balancer"
         )
+    if "--pipeline-parallel-size" in options:
+        raise InvalidInputError(
+            f"--pipeline-parallel-size {options['--pipeline-parallel-size']} is not supported yet: "
+            "use --tensor-parallel-size"
+        )
+
+
+def cpu_thread_binding(workers: int) -> str | None:
+    """On CPU, the cores for each of `workers` worker processes (`VLLM_CPU_OMP_THREADS_BIND`), when vLLM's own
+    default cannot place them: None where it can, or where the user chose a binding.
+
+    vLLM binds each worker of a tensor-parallel group to a NUMA node of its own and refuses to start with fewer
+    nodes than workers, the usual case on one socket or in a container. The allowed CPUs are then split evenly.
+    """
+    if workers < 2 or not vllm.is_cpu() or not vllm.cpu_thread_binding_is_default():
+        return None
+    nodes, cpus = vllm.cpu_layout()
+    if nodes >= workers:
+        return None
+    if len(cpus) < workers:
+        raise InvalidInputError(
+            f"--tensor-parallel-size {workers} needs a CPU per worker and {len(cpus)} are available: "
+            "give a smaller --tensor-parallel-size"
+        )
+    share = len(cpus) // workers
+    return "|".join(",".join(map(str, cpus[rank * share : (rank + 1) * share])) for rank in range(workers))
 
 
 @asynccontextmanager
@@ -110,6 +138,9 @@ async def start_engine(args):
     except (ValueError, TypeError, ValidationError) as error:
         raise InvalidInputError(f"vLLM refused the server options: {_vllm_message(error)}") from error
     _refuse_parallelism(config)
+    binding = cpu_thread_binding(vllm.parallel_options(config)["--tensor-parallel-size"])
+    if binding:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding  # read by the engine process vLLM spawns next
     if vllm.is_cpu() and vllm.memory_utilization_is_default(engine_args):
         vllm.set_kv_cache_bytes(
             engine_args,

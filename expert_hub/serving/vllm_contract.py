@@ -51,6 +51,9 @@ INTERNALS = {  # what expert-hub uses -> "module:attribute.path" in the supporte
     "OpenAI server usage context": "vllm.usage.usage_lib:UsageContext.OPENAI_API_SERVER",
     "platform": "vllm.platforms:current_platform",
     "KV cache dtype": "vllm.utils.torch_utils:kv_cache_dtype_str_to_dtype",
+    "CPU thread binding variable": "vllm.envs:VLLM_CPU_OMP_THREADS_BIND",
+    "visible NUMA nodes": "vllm.utils.cpu_resource_utils:get_visible_memory_node",
+    "allowed CPUs": "vllm.utils.cpu_resource_utils:get_allowed_cpu_list",
 }
 
 
@@ -169,6 +172,16 @@ def parallel_options(config) -> dict[str, int | bool]:
     }
 
 
+def cpu_thread_binding_is_default() -> bool:
+    """Whether `VLLM_CPU_OMP_THREADS_BIND` is vLLM's "auto": one NUMA node per worker process."""
+    return internal("CPU thread binding variable") == "auto"
+
+
+def cpu_layout() -> tuple[int, list[int]]:
+    """This machine's NUMA nodes visible to vLLM, and the CPUs this process may run on."""
+    return len(internal("visible NUMA nodes")()), sorted(cpu.id for cpu in internal("allowed CPUs")())
+
+
 def memory_utilization_is_default(engine_arguments) -> bool:
     return engine_arguments.gpu_memory_utilization == internal("default memory utilization")
 
@@ -212,10 +225,10 @@ def given_kv_cache_bytes(config) -> int | None:
 # --- Talking to the workers (front end) --------------------------------------------------------------------------
 
 
-async def call_workers(engine, method: str, *args) -> Any:
-    """Call a worker-extension method by name on every worker; the first worker's reply (plain data: vLLM sends
-    replies with msgpack, which turns dataclasses into dicts)."""
-    return (await engine.collective_rpc(method, args=args))[0]
+async def call_workers(engine, method: str, *args) -> list[Any]:
+    """Call a worker-extension method by name on every worker (each tensor-parallel rank); their replies in rank
+    order (plain data: vLLM sends replies with msgpack, which turns dataclasses into dicts)."""
+    return await engine.collective_rpc(method, args=args)
 
 
 def worker_error_message(error: Exception) -> str:
@@ -245,8 +258,10 @@ def enable_kv_cache_zeroing() -> None:
 
 class ExpertSizes(NamedTuple):
     experts: int  # the model's routed experts per layer
-    intermediate: int  # one expert's checkpoint shape, before vLLM rounds the sizes up for its kernel
+    intermediate: int  # one expert's shape on this rank, before vLLM rounds the sizes up for its kernel
     hidden: int
+    shard: int  # this rank's slice of the intermediate dimension (`shard * intermediate` onwards) ...
+    shards: int  # ... of this many: vLLM's tensor-parallel rank and size for the experts
 
 
 def replace_routed_experts(
@@ -265,8 +280,13 @@ def replace_routed_experts(
         expert_hub_bank = True
 
         def __init__(self, layer_name, params_dtype, moe_config, *args, **kwargs):
+            parallel = moe_config.moe_parallel_config
             sizes = ExpertSizes(
-                moe_config.num_experts, moe_config.intermediate_size_per_partition, moe_config.hidden_dim
+                moe_config.num_experts,
+                moe_config.intermediate_size_per_partition,
+                moe_config.hidden_dim,
+                parallel.tp_rank,
+                parallel.tp_size,
             )
             rows = extra_rows(sizes, params_dtype or torch.get_default_dtype())
             moe_config.num_experts += rows  # create_weights makes E + rows; the router keeps E

@@ -5,6 +5,9 @@ publishes its remap row; unloading frees them. The front end decides what to loa
 calls these methods through `bank_client.BankClient`. Expected outcomes (loaded, bank full, adapter refused; the
 layout check's verdict) come back as plain-data results, which cross the process boundary as they are; only
 unexpected failures raise. vLLM's objects are reached through `vllm_contract`.
+
+Under tensor parallelism each rank runs every call on its own shard of the experts (`_kernel_row`); the same calls
+in the same order leave every rank with the same rows, and the front end checks that their replies agree.
 """
 
 from __future__ import annotations
@@ -71,8 +74,8 @@ class ExpertBankWorker:
     def expert_hub_check_layout(self) -> dict:
         """Write one base expert from the checkpoint into a spare row as tasks are written, and compare it with the
         row vLLM loaded. A backend whose kernel layout `vllm_contract.kernel_rows` does not reproduce (FlashInfer's
-        swapped halves, quantized weights, tensor-parallel shards) then fails at start-up instead of serving wrong
-        tokens. A `LayoutResult`."""
+        swapped halves, quantized weights) then fails at start-up instead of serving wrong
+        tokens. Each tensor-parallel rank checks its own shard. A `LayoutResult`."""
         index, layer = min(_banked_layers(vllm.served_model(self)).items())
         keys = {name: expert_checkpoint_key(index, 0, name) for name in _EXPERT_TENSORS}
         directory = _local_checkpoint(*vllm.served_checkpoint(self))
@@ -217,15 +220,19 @@ def _extra_rows(layer) -> int:
 
 
 def _kernel_row(layer, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One expert (checkpoint layout) as the `w13` and `w2` rows the layer's expert kernel expects."""
+    """One expert (checkpoint layout) as the `w13` and `w2` rows the layer's expert kernel expects: under tensor
+    parallelism this rank's slice of its intermediate dimension, cut as vLLM's weight loader cuts the base experts."""
     gate, up, down = (tensors[name] for name in _EXPERT_TENSORS)
     intermediate, hidden = layer.expert_sizes
-    if not gate.shape == up.shape == (intermediate, hidden) or down.shape != (hidden, intermediate):
+    shard, shards = layer.expert_shard
+    full = intermediate * shards
+    if not gate.shape == up.shape == (full, hidden) or down.shape != (hidden, full):
         raise ValueError(
             f"expert shapes {tuple(gate.shape)} / {tuple(up.shape)} / {tuple(down.shape)} do not fit "
-            f"the served model's gate / up {(intermediate, hidden)} and down {(hidden, intermediate)}"
+            f"the served model's gate / up {(full, hidden)} and down {(hidden, full)}"
         )
-    w13, w2 = vllm.kernel_rows(layer, gate, up, down)
+    part = slice(shard * intermediate, (shard + 1) * intermediate)
+    w13, w2 = vllm.kernel_rows(layer, gate[part], up[part], down[:, part])
     w13_weight, w2_weight = vllm.expert_weights(layer)
     if w13.shape[1:] != w13_weight.shape[1:] or w2.shape[1:] != w2_weight.shape[1:]:
         raise ValueError(
