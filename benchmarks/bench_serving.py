@@ -10,10 +10,14 @@ against the running server over HTTP and in one run:
    over the task's files plus one copy of its bytes (into the bank), both timed here on the same (warm) files;
 3. the same load spread over those 4 tasks (they share batches), alternating with base-only rounds (tasks
    resident) -> tokens/s and the ratio to the median of those interleaved base-only rounds (goal >= 0.95);
-4. a stress case: 4 tasks of 12 random experts per layer, 2.5x the paper's, swapped in at run time.
+4. a stress case: 4 tasks of 12 random experts per layer, 2.5x the paper's, swapped in at run time;
+5. with `--peer lora`, the same base served by plain vLLM with its multi-LoRA support and 4 rank-8 LoRA adapters
+   (`lora_peer.py`): adapter loads timed, then the paper sets' mixed load alternating with base-only rounds, side by
+   side with expert-hub's figures: tokens/s against each server's own base-only rounds, memory and load time per
+   adapter.
 The cost of a task is the extra distinct expert rows its tokens make the kernel read; the ratios show it. Every
 ratio divides by base-only rounds run between the mixed ones, so warm-up and drift hit both sides alike.
-Run: `.venv/bin/python benchmarks/bench_serving.py [--requests 32 --max-tokens 64]`.
+Run: `.venv/bin/python benchmarks/bench_serving.py [--requests 32 --max-tokens 64] [--peer lora]`.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import lora_peer
 import torch
 from bench_registry import _sha256_pass, _timed
 from rich.console import Console
@@ -125,16 +130,7 @@ def _start(base: Path, root: Path, port: int, bank_rows: int, dtype: str) -> sub
         stderr=subprocess.STDOUT,
         env=environment,
     )
-    for _ in range(900):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
-            return server
-        except OSError:
-            if server.poll() is not None:
-                sys.exit((root / "server.log").read_text()[-3000:])
-            time.sleep(1)
-    server.kill()
-    sys.exit("the server did not start in 900 s")
+    return lora_peer.wait_for_health(server, port, root / "server.log")
 
 
 def main() -> None:
@@ -144,9 +140,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--port", type=int, default=8750)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--peer", choices=["lora"], help="also measure plain vLLM's multi-LoRA serving")
     args = parser.parse_args()
     if not ESFT_DATA.is_dir():
         sys.exit(f"the published ESFT expert configs are expected in {ESFT_DATA}")
+    if args.peer == "lora":
+        lora_peer.refuse_cpu()
 
     from expert_hub import ExpertAdapter, ExpertSelection
     from expert_hub.models import describe_model, load_base
@@ -198,8 +197,30 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(timeout=120)
+        peer = _lora_peer(args, base, root) if args.peer == "lora" else None
 
     _report(console, args, rates, loads, bank, default_rows, paper, stress)
+    if peer:
+        _report_peer(console, rates, loads, bank, default_rows, paper, peer)
+
+
+def _lora_peer(args, base: Path, root: Path) -> dict:
+    """Plain vLLM with 4 LoRA adapters: load times, then mixed rounds alternating with base-only rounds."""
+    adapters = lora_peer.make_adapters(base, root)
+    url = f"http://127.0.0.1:{args.port}"
+    server = lora_peer.start_plain_vllm(base, root, args.port, args.dtype)
+    names = [directory.name for directory in adapters]
+    rates: dict[str, list[float]] = {"lora": [], "base": []}
+    try:
+        loads = [lora_peer.load_adapter(url, name, directory) for name, directory in zip(names, adapters)]
+        _load(url, names, args.requests, args.max_tokens)  # warm-up: not measured
+        for _ in range(args.rounds):
+            rates["lora"].append(_load(url, names, args.requests, args.max_tokens))
+            rates["base"].append(_load(url, [str(base)], args.requests, args.max_tokens))
+    finally:
+        server.terminate()
+        server.wait(timeout=120)
+    return {"rates": rates, "loads": loads, "bytes": [lora_peer.adapter_bytes(d) for d in adapters]}
 
 
 def _report(console, args, rates, loads, bank, default_rows, paper, stress) -> None:
@@ -261,6 +282,47 @@ def _report(console, args, rates, loads, bank, default_rows, paper, stress) -> N
             f"rows/layer = {bank_mib:.1f} MiB, {bank_mib / 4:.1f} MiB per task for {task_mib:.1f} MiB of "
             f"experts each ({bank_mib / 4 / task_mib:.2f}x)"
         )
+
+
+def _report_peer(console, rates, loads, bank, default_rows, paper, peer) -> None:
+    """expert-hub's paper-set figures beside plain vLLM's multi-LoRA on the same base, load and machine."""
+    table = Table(
+        title="The peer: 4 adapters on the same base and load, each system against its own interleaved base-only rounds"
+    )
+    for column in (
+        "system",
+        "base-only tokens/s",
+        "mixed tokens/s",
+        "mixed / base",
+        "MiB per adapter",
+        "MiB held per resident adapter",
+        "load ms (median)",
+    ):
+        table.add_column(column, justify="left" if column == "system" else "right")
+    base, mixed = statistics.median(rates["base, paper tasks resident"]), statistics.median(rates["paper"])
+    paper_loads = [load["seconds"] for load in loads if load["task"] in paper]
+    held = default_rows["paper"] * bank["bytes_per_row"] / 4
+    table.add_row(
+        "expert-hub, ESFT experts (the paper's sets)",
+        f"{base:,.1f}",
+        f"{mixed:,.1f}",
+        f"{mixed / base:.3f}",
+        f"{statistics.mean(t.nbytes for t in paper.values()) / 2**20:.2f}",
+        f"{held / 2**20:.2f}",
+        f"{statistics.median(paper_loads) * 1e3:.1f}",
+    )
+    lora_base, lora_mixed = (statistics.median(peer["rates"][kind]) for kind in ("base", "lora"))
+    lora_mib = statistics.mean(peer["bytes"]) / 2**20
+    table.add_row(
+        f"plain vLLM, multi-LoRA (rank {lora_peer.RANK}, attention)",
+        f"{lora_base:,.1f}",
+        f"{lora_mixed:,.1f}",
+        f"{lora_mixed / lora_base:.3f}",
+        f"{lora_mib:.2f}",
+        f"{lora_mib:.2f}",  # a slot of --max-lora-rank 8 holds exactly a rank-8 adapter
+        f"{statistics.median(peer['loads']) * 1e3:.1f}",
+    )
+    console.print(table)
 
 
 if __name__ == "__main__":
