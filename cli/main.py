@@ -9,7 +9,17 @@ import typer
 from expert_hub.errors import ExpertHubError
 from expert_hub.io import first_line
 
-from . import analysis, analyze, builtin_tasks, evaluation, quickstart, registry_commands, serving, training  # noqa: F401  (importing registers their commands)
+from . import (  # noqa: F401  (importing registers their commands)
+    analysis,
+    analyze,
+    builtin_tasks,
+    evaluation,
+    quickstart,
+    registry_commands,
+    routing_commands,
+    serving,
+    training,
+)
 from .app import app
 
 

@@ -37,12 +37,17 @@ def load_config(base: str, **hub_options):
     return config
 
 
-def load_base(base: str, **from_pretrained_kwargs) -> PreTrainedModel:
-    """A supported MoE causal LM from a local directory or Hub id (`trust_remote_code` only when asked)."""
+def load_base(base: str, layers: int | None = None, **from_pretrained_kwargs) -> PreTrainedModel:
+    """A supported MoE causal LM from a local directory or Hub id (`trust_remote_code` only when asked); with
+    `layers`, only its first `layers` decoder layers (the others' weights are never read)."""
     from transformers import AutoModelForCausalLM
 
     hub_options = {key: value for key, value in from_pretrained_kwargs.items() if key in _HUB_OPTIONS}
     config = load_config(base, **hub_options)
+    if layers is not None:
+        config.num_hidden_layers = layers
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = config.layer_types[:layers]
     try:
         return AutoModelForCausalLM.from_pretrained(base, config=config, **from_pretrained_kwargs)
     except (OSError, ValueError) as error:

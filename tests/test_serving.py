@@ -8,10 +8,12 @@ a time, in a separate process.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,15 +22,17 @@ import pytest
 import torch
 
 from expert_hub import ExpertAdapter, ExpertSelection, load_model
+from expert_hub.auto_routing import profile_prompts
 from expert_hub.models import load_base
 from expert_hub.registry import Registry
-from expert_hub.testing import SERVING_SHAPES, build_tiny_model
+from expert_hub.testing import SERVING_SHAPES, build_tiny_model, byte_tokenizer
 
 from .serving_client import API_KEY, Server, start_server
 from .serving_oracle import make_tasks, plain_vllm_tokens
 
 PROMPTS = ["Hello world, this is", "The quick brown fox jumps"]
 LONG = " ".join(f"word{i}" for i in range(50))  # ~340 tokens: many KV blocks
+AUTO_PROMPTS = {"law": "abcdefghij" * 3, "intent": "0123456789" * 3}  # what each task's requests look like
 TASKS = {  # overlapping (law / intent share layer 0 expert 3) and disjoint (code) selections
     "law": {0: [3, 7], 1: [3], 2: [1, 2], 3: [7]},
     "intent": {0: [3, 9], 1: [4], 3: [0, 15]},
@@ -274,10 +278,14 @@ def test_a_bank_too_small_for_one_expert_is_refused(tmp_path):
 def qwen(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-qwen")
     base, adapters, merged = make_tasks("qwen3_moe", root, TASKS)
+    model, tokenizer = load_base(str(base)), byte_tokenizer()
+    for name, text in AUTO_PROMPTS.items():  # law's requests are letters, intent's digits: they route apart
+        samples = [tokenizer.encode(text[i:] + text[:i]) for i in range(len(text))]
+        profile_prompts(model, samples).save(adapters[name])
     registry = Registry(root / "registry")
     for name in ("law", "intent", "extra"):
         registry.register(adapters[name])
-    prompts = [(p, 12) for p in PROMPTS] + [(LONG, 6)]
+    prompts = [(p, 12) for p in PROMPTS + list(AUTO_PROMPTS.values())] + [(LONG, 6)]
     oracle = plain_vllm_tokens(root, {"base": base, **merged}, prompts)
     # Compiled (vLLM's default), unlike the deepseek server: the bank's remap and token tags must reach the graph.
     server = start_server(
@@ -289,7 +297,8 @@ def qwen(tmp_path_factory):
 
 
 def _expected(oracle, name: str, prompt: str) -> list[int]:
-    index = PROMPTS.index(prompt) if prompt in PROMPTS else len(PROMPTS)
+    asked = PROMPTS + list(AUTO_PROMPTS.values())
+    index = asked.index(prompt) if prompt in asked else len(asked)
     return oracle[name][index]["token_ids"]
 
 
@@ -353,6 +362,36 @@ def test_task_selection_by_body_field_and_header(qwen):
         headers={"x-expert-task": "code"},
     )
     assert status == 200 and body["choices"][0]["token_ids"] == _expected(oracle, "code", PROMPTS[1])
+
+
+def test_auto_runs_the_task_whose_routing_profile_the_prompt_matches(qwen):
+    """`"model": "auto"` (or `X-Expert-Task: auto`) gives exactly the named task's tokens, and says which ran."""
+    server, oracle, _ = qwen
+    counted = server.counters()
+    for task, prompt in AUTO_PROMPTS.items():
+        by_model = server.complete("auto", prompt, 12)
+        assert by_model["model"] == task and by_model["token_ids"] == _expected(oracle, task, prompt)
+        request = urllib.request.Request(
+            server.url + "/v1/completions",
+            data=json.dumps({"model": server.base, "prompt": prompt, "max_tokens": 12, "temperature": 0}).encode(),
+            headers={"content-type": "application/json", "authorization": f"Bearer {API_KEY}", "x-expert-task": "auto"},
+        )
+        with urllib.request.urlopen(request, timeout=300) as response:
+            assert response.headers["x-expert-task-chosen"] == task
+            assert json.loads(response.read())["model"] == task
+    status, text = server.request("GET", "/metrics")
+    assert 'expert_hub_auto_routed_requests_total{task="law"} 2.0' in text.decode()
+    assert (
+        server.counters()['expert_hub_task_requests_total{task="law"}']
+        == counted.get('expert_hub_task_requests_total{task="law"}', 0) + 2
+    )
+    for path, body, message in (
+        ("/v1/completions", {"model": "auto", "prompt": "", "max_tokens": 2}, "the prompt is empty"),
+        ("/v1/completions", {"model": "auto", "prompt": ["a", "b"], "max_tokens": 2}, "one prompt per request"),
+        ("/tokenize", {"model": "auto", "prompt": "abc"}, "auto routing serves POST /v1/chat/completions and"),
+    ):
+        status, answer = server.request("POST", path, body)
+        assert status == 400 and message in answer["error"]["message"], answer
 
 
 def test_prefix_caching_never_mixes_tasks(qwen):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from expert_hub import ExpertAdapter, ExpertSelection, load_model
+from expert_hub.auto_routing import RoutingProfile
 from expert_hub.errors import InvalidInputError
 from expert_hub.families import moe_layers, read_expert, split_parameters
 from expert_hub.models import load_base
@@ -107,6 +108,8 @@ def test_loss_falls_and_the_adapter_reproduces_the_trained_logits(tiny_models, t
         reloaded = load_model(str(tiny_models["qwen3_moe"]), result.artifact)(input_ids).logits
         base = load_base(str(tiny_models["qwen3_moe"]))(input_ids).logits
     assert torch.equal(trained, reloaded) and not torch.equal(trained, base)
+    profile = RoutingProfile.load(result.artifact)  # how the base routes the task's prompts, for auto routing
+    assert set(profile.shares) == {layer.index for layer in moe_layers(result.model)} and profile.tokens > 0
 
 
 def _train_until_interrupted_at_step_6(config: TrainingConfig) -> None:

@@ -24,7 +24,7 @@ from expert_hub.models import ModelSummary
 from expert_hub.registry import validate_task_name
 
 from .bank import BankSettings
-from .tasks import Task, adapter_task
+from .tasks import AUTO, Task, adapter_task
 
 
 def resolve_tasks(base: str, model: ModelSummary, specs: list[str], all_tasks: bool, registry) -> dict[str, Task]:
@@ -47,6 +47,10 @@ def resolve_tasks(base: str, model: ModelSummary, specs: list[str], all_tasks: b
             task = adapter_task(entry.task, registry.verify(entry), model, entry.version, hashes)
         if task.name in tasks:
             raise InvalidInputError(f"task {task.name} is given twice")
+        if task.name == AUTO:
+            raise InvalidInputError(
+                f'a task named "{AUTO}" cannot be served: the name asks the server to choose a task'
+            )
         _check_fingerprint(base, task)
         tasks[task.name] = task
     return tasks

@@ -17,6 +17,9 @@ from . import vllm_contract as vllm
 from .bank import TASK_ARG
 
 TASK_REQUESTS = Counter("expert_hub_task_requests", "Requests per task (base = no task)", ["task"])
+AUTO_ROUTED_REQUESTS = Counter(
+    "expert_hub_auto_routed_requests", 'Requests sent as "model": "auto", by the task chosen (base = none)', ["task"]
+)
 TASK_PROMPT_TOKENS = Counter("expert_hub_task_prompt_tokens", "Prompt tokens per task", ["task"])
 TASK_COMPLETION_TOKENS = Counter("expert_hub_task_completion_tokens", "Generated tokens per task", ["task"])
 

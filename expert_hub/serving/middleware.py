@@ -8,6 +8,9 @@ sees it. Outermost in the stack, it
   private key in `vllm_xargs` and its cache salt (see `tasks.py`), its task is pinned until the response ends, and
   the response names the task. A task selector on any other endpoint is refused with a 400 naming the endpoint,
   never answered by the base model; the tokenizer endpoints accept one (every task shares the base's tokenizer);
+- routes `"model": "auto"` requests (or `X-Expert-Task: auto`) on completions and chat completions to the task whose
+  routing profile best matches the prompt's (`auto.py`), or to the base model; the response names what ran, in
+  `model` and an `X-Expert-Task-Chosen` header;
 - adds every servable task to vLLM's `/v1/models` listing, with the base as parent;
 - counts requests per task (token counters: `metrics.py`).
 """
@@ -21,10 +24,10 @@ from starlette.routing import Match
 
 from . import vllm_contract as vllm
 from .bank import TASK_ARG
-from .metrics import TASK_REQUESTS
+from .metrics import AUTO_ROUTED_REQUESTS, TASK_REQUESTS
 from .routes import admin_router
 from .serving_state import ServingState, error_body, serving_state
-from .tasks import Task, TaskError
+from .tasks import AUTO, Task, TaskError
 
 # Endpoints whose requests carry `model`, `vllm_xargs` and `cache_salt` at the top level and generate: a task runs here.
 TASK_ROUTES = frozenset(
@@ -37,6 +40,7 @@ TASK_ROUTES = frozenset(
         "/invocations",
     }
 )
+AUTO_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})  # where a request can ask for auto routing
 # Endpoints that only use the tokenizer, which every task shares: a task name is checked, the base answers.
 TOKENIZER_ROUTES = frozenset({"/tokenize", "/detokenize", "/v1/messages/count_tokens"})
 
@@ -69,6 +73,8 @@ class TaskRouting:
                 _check_model_exists(state, scope, request)
         except TaskError as error:
             return await _respond(send, error.status, error_body(error.status, str(error)))
+        if task == AUTO:
+            return await self._run_auto(state, scope, receive, send, request)
         if path in TASK_ROUTES and scope["method"] == "POST" and request is not None:
             if task is None:
                 TASK_REQUESTS.labels(task="base").inc()
@@ -84,7 +90,9 @@ class TaskRouting:
             )
         await self.app(scope, receive, send)
 
-    async def _run_as_task(self, state: ServingState, scope, receive, send, request: dict, task: str) -> None:
+    async def _run_as_task(
+        self, state: ServingState, scope, receive, send, request: dict, task: str, headers: tuple = ()
+    ) -> None:
         """Run a generating request on its task's experts, the task pinned until the response ends."""
         try:
             _check_task_request(request)
@@ -94,9 +102,31 @@ class TaskRouting:
         try:
             TASK_REQUESTS.labels(task=task).inc()
             body = json.dumps(_as_task_request(state, request, served)).encode()
-            await self.app(_with_length(scope, body), _replay(body, receive), _rename_model(state, task, send))
+            renaming = _rename_model(state, task, send, headers)
+            await self.app(_with_length(scope, body), _replay(body, receive), renaming)
         finally:
             state.manager.release(task)
+
+    async def _run_auto(self, state: ServingState, scope, receive, send, request: dict | None) -> None:
+        """Route a request by its prompt's routing, then run it as the chosen task or as the base model."""
+        path = _path(scope)
+        if path not in AUTO_ROUTES or scope["method"] != "POST" or request is None:
+            message = f"auto routing serves POST {' and '.join(sorted(AUTO_ROUTES))}, not {scope['method']} {path}"
+            return await _respond(send, 400, error_body(400, message))
+        try:
+            choice = await state.auto.choose(path, request, dict(state.manager.known))
+        except TaskError as error:
+            return await _respond(send, error.status, error_body(error.status, str(error)))
+        chosen = choice.task or "base"
+        AUTO_ROUTED_REQUESTS.labels(task=chosen).inc()
+        headers = ((b"x-expert-task-chosen", (choice.task or state.base_name).encode()),)
+        request = {key: value for key, value in request.items() if key != "task"}
+        if choice.task is not None:
+            return await self._run_as_task(state, scope, receive, send, request, choice.task, headers)
+        TASK_REQUESTS.labels(task="base").inc()
+        body = json.dumps(request | {"model": state.base_name}).encode()
+        renaming = _rename_model(state, state.base_name, send, headers)
+        await self.app(_with_length(scope, body), _replay(body, receive), renaming)
 
     async def _tokenize_for_task(self, state: ServingState, scope, receive, send, request: dict, task: str) -> None:
         """Every task shares the base model's tokenizer: the task only has to exist."""
@@ -177,7 +207,9 @@ def _requested_task(state: ServingState, scope, request: dict | None) -> str | N
             if not isinstance(request["task"], str):
                 raise TaskError("`task` must be a task name", 400)
             named.add(request["task"])
-        if isinstance(request.get("model"), str) and request["model"] in state.manager.known:
+        if request.get("model") == AUTO or (
+            isinstance(request.get("model"), str) and request["model"] in state.manager.known
+        ):
             named.add(request["model"])
     named -= set(state.base_names)
     if len(named) > 1:
@@ -267,8 +299,9 @@ async def _respond(send, status: int, body: bytes, headers: list | None = None) 
     await send({"type": "http.response.body", "body": body})
 
 
-def _rename_model(state: ServingState, task: str, send):
-    """Responses name the task, not the base model they ran on (content-length fixed for plain bodies)."""
+def _rename_model(state: ServingState, task: str, send, extra_headers: tuple = ()):
+    """Responses name the task, not the base model they ran on (content-length fixed for plain bodies), with
+    `extra_headers`."""
     old, new = f'"model":"{state.base_name}"'.encode(), f'"model":"{task}"'.encode()
     held = {}
 
@@ -279,7 +312,7 @@ def _rename_model(state: ServingState, task: str, send):
         if message["type"] == "http.response.body":
             chunk = message.get("body", b"").replace(old, new)
             if held:
-                headers = [(k, v) for k, v in held["headers"] if k != b"content-length"]
+                headers = [(k, v) for k, v in held["headers"] if k != b"content-length"] + list(extra_headers)
                 if not message.get("more_body", False):
                     headers.append((b"content-length", str(len(chunk)).encode()))
                 await send({**held, "headers": headers})

@@ -16,6 +16,7 @@ from argparse import Namespace
 from expert_hub.errors import InvalidInputError
 
 from . import vllm_contract as vllm
+from .auto import AutoRouting
 from .engine import start_engine
 from .metrics import count_tokens
 from .middleware import TaskRouting
@@ -45,7 +46,7 @@ async def serve(
         manager = TaskManager(engine, dict(tasks), max_resident, model, registry, base, base_names[0])
         engine.generate = count_tokens(engine.generate, manager.task_of_key)
         await _prepare_bank(manager, list(tasks)[:max_resident])
-        state = ServingState(manager, base_names, keys)
+        state = ServingState(manager, base_names, keys, AutoRouting(base, model.moe_layers))
 
         def extend_app(app) -> None:
             state.install(app)

@@ -12,6 +12,7 @@ import json
 import secrets
 from dataclasses import dataclass
 
+from .auto import AutoRouting
 from .tasks import TaskManager
 
 _ERROR_TYPES = {
@@ -50,6 +51,7 @@ class ServingState:
     manager: TaskManager
     base_names: tuple[str, ...]  # the served model's names; the first is the one vLLM answers with
     api_keys: ApiKeys
+    auto: AutoRouting  # `"model": "auto"`
 
     @property
     def base_name(self) -> str:

@@ -41,6 +41,9 @@ class TaskError(ExpertHubError):
         self.status = status
 
 
+AUTO = "auto"  # the model name that asks the server to choose the task (`auto.py`); no task can have it
+
+
 @dataclass
 class Task:
     name: str
@@ -191,6 +194,8 @@ class TaskManager:
         A task that is already servable stays as it is; naming another version of it is a conflict.
         """
         name, _, version = ref.partition("@")
+        if name == AUTO:
+            raise TaskError(f'a task named "{AUTO}" cannot be served: the name asks the server to choose a task', 400)
         if name not in self.known or version:
             task = await asyncio.to_thread(self._from_registry, ref)  # reads the manifest and safetensors headers
             current = self.known.setdefault(task.name, task)

@@ -31,6 +31,7 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import broadcast_object_list
 
+from ..auto_routing import PROFILE_FILE
 from ..data import IGNORE_INDEX, load_conversations, pack, pad_token_id, tokenize_conversation
 from ..errors import ExpertHubError, InvalidInputError
 from ..evaluation import loss_over_examples
@@ -310,7 +311,9 @@ def _check_output(out: Path, config: TrainingConfig) -> None:
     saved = out / CONFIG_FILE
     if saved.is_file():
         config.check_resumable_from(read_json(saved), str(out))
-    elif out.exists() and any(path.name not in ("expert_cfg.json", "scores.json") for path in out.iterdir()):
+    elif out.exists() and any(
+        path.name not in ("expert_cfg.json", "scores.json", PROFILE_FILE) for path in out.iterdir()
+    ):
         raise InvalidInputError(f"{out} is not empty and holds no expert-hub run; choose another --out")
 
 

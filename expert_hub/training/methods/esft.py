@@ -12,7 +12,9 @@ Ratio / Average Gate Score); `esft` trains the experts of a given `expert_cfg.js
 
 from __future__ import annotations
 
+import shutil
 from abc import abstractmethod
+from itertools import islice
 from pathlib import Path
 from typing import ClassVar
 
@@ -22,7 +24,8 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 
 from ...adapter import CONFIG_FILE, AdapterMetadata, ExpertAdapter, fingerprint_selection
-from ...data import load_conversations
+from ...auto_routing import PROFILE_FILE, RoutingProfile, profile_prompts
+from ...data import load_conversations, prompt_ids
 from ...errors import InvalidInputError
 from ...families import expert_views, moe_layers, split_parameters
 from ...models import load_base
@@ -147,6 +150,9 @@ def merge_esft(model: nn.Module) -> nn.Module:
     return model
 
 
+PROFILE_PROMPTS = 256  # task prompts a routing profile is measured on: the demo's tasks separate with 200
+
+
 class _ESFT(TrainingMethod):
     """What the three ESFT methods share: they differ only in how the experts are chosen (`select`)."""
 
@@ -161,6 +167,10 @@ class _ESFT(TrainingMethod):
     def prepare(self, model: nn.Module, run: RunContext) -> nn.Module:
         self.selection = self.select(model, run)
         self.fingerprint = fingerprint_selection(model, self.selection)  # of the base rows, before any step
+        self.profile = run.out / PROFILE_FILE
+        if run.accelerator.is_main_process and not self.profile.is_file():
+            run.status("Profiling the routing of the task's prompts (for auto routing)")
+            self._profile_prompts(model, run).save(run.out)
         if self.config.sharding == "fsdp" and (self.selection.shared_experts or self.selection.non_expert_modules):
             raise InvalidInputError(
                 "--sharding fsdp trains routed experts only, and this selection also trains shared experts or "
@@ -168,12 +178,27 @@ class _ESFT(TrainingMethod):
             )
         return prepare_esft(model, self.selection, model.dtype if self.config.pure_bf16 else torch.float32)
 
+    def _profile_prompts(self, model: nn.Module, run: RunContext) -> RoutingProfile:
+        """How the base routes the prompts of (a seeded sample of) the task data: what a request for it looks like."""
+        config = self.config
+        conversations = load_conversations(config.data, config.split, seed=config.seed)
+        prompts = (
+            prompt_ids(messages[:-1], run.tokenizer, config.chat_template)[: config.seq_len]
+            for messages in islice(conversations, PROFILE_PROMPTS)
+        )
+        return profile_prompts(model, prompts)
+
     def finish(self, model: nn.Module) -> nn.Module:
         return merge_esft(model)
 
+    def _with_profile(self, adapter: Path) -> Path:
+        """The adapter, with the routing profile of its task's prompts beside the experts."""
+        shutil.copyfile(self.profile, adapter / PROFILE_FILE)
+        return adapter
+
     def write_artifact(self, model: nn.Module, path: Path, tokenizer, metadata: dict) -> Path:
         adapter = ExpertAdapter.from_model(model, self.selection, base_fingerprint=self.fingerprint, **metadata)
-        return adapter.save(path, overwrite=True)
+        return self._with_profile(adapter.save(path, overwrite=True))
 
     def write_sharded_artifact(
         self, model: nn.Module, trained: dict[str, torch.Tensor], path: Path, metadata: dict
@@ -198,7 +223,7 @@ class _ESFT(TrainingMethod):
                 tensors |= {layer.expert_key(expert, key): view.contiguous().clone() for key, view in views.items()}
         revision = getattr(model.config, "_commit_hash", None)
         adapter_metadata = AdapterMetadata(base_fingerprint=self.fingerprint, base_revision=revision, **metadata)
-        return ExpertAdapter(self.selection, tensors, adapter_metadata).save(path, overwrite=True)
+        return self._with_profile(ExpertAdapter(self.selection, tensors, adapter_metadata).save(path, overwrite=True))
 
     @classmethod
     def load_artifact(cls, base: str, directory: Path, force: bool = False, **from_pretrained_kwargs) -> nn.Module:

@@ -1,0 +1,109 @@
+"""Auto routing from the command line: `profile` a task's prompts, and `route` a prompt to see which task it picks."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from expert_hub.auto_routing import DEFAULT_DEPTH, DEFAULT_THRESHOLD
+from expert_hub.errors import InvalidInputError
+
+from .app import app, base_or_demo, console, data_or_builtin, status_console
+
+Base = Annotated[str | None, typer.Option(help="Base MoE model (directory or Hub id) [default: the demo base].")]
+
+
+def _adapter_directory(task: str, base: str, registry) -> tuple[Path, object | None]:
+    """A task's adapter directory (a registry entry's stored object, or the directory itself) and its entry."""
+    if Path(task).is_dir():
+        return Path(task), None
+    entry = registry.resolve(task, base)
+    return registry.verify(entry), entry
+
+
+@app.command()
+def profile(
+    task: Annotated[str, typer.Argument(help="A registered task (law, law@3) or an adapter directory.")],
+    data: Annotated[
+        Path | None, typer.Option(help="Task data (conversations); the prompts are profiled [default: built-in].")
+    ] = None,
+    base: Base = None,
+    prompts: Annotated[int, typer.Option(min=1, help="How many of the data's prompts to profile.")] = 256,
+) -> None:
+    """Measure how the base routes a task's prompts, so `"model": "auto"` can choose the task.
+
+    Training writes the profile itself; this adds one to an adapter that lacks it (a pulled published one, say).
+    An adapter directory gets the file; a registered task gets a new version holding it.
+    """
+    from itertools import islice
+
+    from expert_hub.auto_routing import profile_prompts
+    from expert_hub.data import load_conversations, prompt_ids
+    from expert_hub.models import load_base, load_tokenizer
+    from expert_hub.registry import Registry
+
+    base = base_or_demo(base)
+    registry = Registry()
+    directory, entry = _adapter_directory(task, base, registry)
+    name = entry.task if entry else directory.name
+    source = data_or_builtin(str(data) if data else None, name, "train")
+    with status_console.status(f"Profiling {prompts} prompts of {source} on {base}"):
+        model, tokenizer = load_base(base), load_tokenizer(base)
+        conversations = islice(load_conversations(source), prompts)
+        measured = profile_prompts(model, (prompt_ids(messages[:-1], tokenizer) for messages in conversations))
+    if entry is None:
+        console.print(f"Profiled {measured.tokens:,} prompt tokens -> {measured.save(directory)}")
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        copy = registry.export(entry.ref, Path(scratch) / "adapter", base=entry.base_model)
+        measured.save(copy)
+        new = registry.register(copy, task=entry.task, base=entry.base_model)
+    console.print(f"Profiled {measured.tokens:,} prompt tokens -> registered {new.ref} ({entry.ref} with its profile)")
+
+
+@app.command()
+def route(
+    prompt: Annotated[str, typer.Argument(help="The prompt, as a completions request would send it.")],
+    tasks: Annotated[str, typer.Option(help="Comma-separated candidates: registry names or adapter directories.")],
+    base: Base = None,
+    depth: Annotated[int, typer.Option(min=1, help="MoE layers the prompt runs through.")] = DEFAULT_DEPTH,
+    threshold: Annotated[
+        float, typer.Option(help="Lowest score (nats per selection over chance) that picks a task, else the base.")
+    ] = DEFAULT_THRESHOLD,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Show which task a prompt would be routed to by `"model": "auto"`, with every candidate's score."""
+    from expert_hub.auto_routing import RoutingProfile, TaskRouter
+    from expert_hub.models import load_base, load_tokenizer
+    from expert_hub.registry import Registry
+
+    if not prompt.strip():
+        raise InvalidInputError("the prompt is empty: there is nothing to route")
+    base = base_or_demo(base)
+    registry = Registry()
+    profiles = {}
+    for name in [t.strip() for t in tasks.split(",") if t.strip()]:
+        directory, entry = _adapter_directory(name, base, registry)
+        if (found := RoutingProfile.load(directory)) is None:
+            raise InvalidInputError(f"{name} has no routing profile: add one with `expert-hub profile {name}`")
+        profiles[entry.task if entry else directory.name] = found
+    with status_console.status(f"Loading {base}"):
+        router = TaskRouter(load_base(base), depth, threshold)
+        token_ids = load_tokenizer(base).encode(prompt)
+    choice = router.route(token_ids, profiles)
+    if as_json:
+        console.print_json(json.dumps({"task": choice.task, "confidence": choice.confidence, "scores": choice.scores}))
+        return
+    table = Table(title=f"Routing on the first {depth} MoE layers of {base}")
+    for column in ("task", "score (nats/selection over chance)"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    for name, score in choice.scores.items():
+        table.add_row(name, f"{score:+.3f}")
+    console.print(table)
+    chosen = choice.task or f"the base model (no task reaches {threshold})"
+    console.print(f"-> {chosen}; confidence {choice.confidence:.3f}")

@@ -1,0 +1,135 @@
+"""Auto routing: task routing profiles, the router that compares a prompt's routing with them, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from expert_hub import ExpertAdapter, ExpertSelection
+from expert_hub.auto_routing import PROFILE_FILE, RoutingProfile, TaskRouter, profile_prompts
+from expert_hub.errors import InvalidInputError
+from expert_hub.families import moe_layers
+from expert_hub.models import load_base
+
+
+def _prompts(low: int, high: int, count: int, seed: int) -> list[list[int]]:
+    """Prompts of 32 token ids from [low, high): two narrow, disjoint ranges route clearly apart, even in a random model."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(low, high, (32,), generator=generator).tolist() for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_models):
+    return load_base(str(tiny_models["qwen3_moe"]))
+
+
+@pytest.fixture(scope="module")
+def profiles(qwen):
+    return {
+        "low": profile_prompts(qwen, _prompts(3, 13, 40, 0)),
+        "high": profile_prompts(qwen, _prompts(240, 250, 40, 1)),
+    }
+
+
+def test_a_profile_is_each_moe_layers_share_of_the_selections_and_round_trips(qwen, profiles, tmp_path):
+    profile = profiles["low"]
+    assert set(profile.shares) == {layer.index for layer in moe_layers(qwen)}
+    assert all(abs(sum(shares) - 1) < 1e-6 for shares in profile.shares.values())
+    assert profile.tokens == 40 * 32
+    profile.save(tmp_path)
+    assert RoutingProfile.load(tmp_path) == profile
+    assert RoutingProfile.load(tmp_path / "nowhere") is None
+    (tmp_path / PROFILE_FILE).write_text('{"format": "expert-hub.routing-profile/1", "shares": [1]}')
+    with pytest.raises(InvalidInputError, match="is malformed"):
+        RoutingProfile.load(tmp_path)
+
+
+def test_the_router_separates_tasks_that_route_differently(qwen, profiles):
+    router = TaskRouter(qwen, depth=2, threshold=-1.0)  # the default threshold is measured on the demo base
+    for task, (low, high) in {"low": (3, 13), "high": (240, 250)}.items():
+        for prompt in _prompts(low, high, 20, seed=7):  # held out: not the prompts profiled
+            choice = router.route(prompt, profiles)
+            assert choice.task == task == next(iter(choice.scores)) and choice.confidence > 0.5
+    assert TaskRouter(qwen, threshold=10.0).route(_prompts(3, 13, 1, 7)[0], profiles).task is None  # -> the base
+
+
+def test_only_the_layers_up_to_the_routing_depth_run(qwen, profiles):
+    later = qwen.base_model.layers[moe_layers(qwen)[1].index + 1 :]
+    ran = []
+    handles = [layer.register_forward_hook(lambda *_: ran.append(1)) for layer in later]
+    try:
+        TaskRouter(qwen, depth=2).route(_prompts(3, 13, 1, 3)[0], profiles)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert later and not ran
+
+
+def test_bad_routing_input_is_refused_clearly(qwen, profiles):
+    router = TaskRouter(qwen)
+    with pytest.raises(InvalidInputError, match="the prompt is empty"):
+        router.route([], profiles)
+    with pytest.raises(InvalidInputError, match="needs at least one task with a routing profile"):
+        router.route([5, 6], {})
+    with pytest.raises(InvalidInputError, match="the routing depth must be 1 to"):
+        TaskRouter(qwen, depth=99)
+    misfit = RoutingProfile({index: [1.0] for index in profiles["low"].shares}, 1)
+    with pytest.raises(InvalidInputError, match="task odd's routing profile does not fit the model"):
+        router.route([5, 6], {"odd": misfit})
+
+
+def _conversations(path: Path, words: str, count: int = 30) -> Path:
+    with path.open("w") as lines:
+        for i in range(count):
+            question = " ".join(words.split()[(i + j) % len(words.split())] for j in range(8))
+            lines.write(
+                json.dumps(
+                    {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": "ok"}]}
+                )
+                + "\n"
+            )
+    return path
+
+
+def _cli(*args: str, home: Path) -> subprocess.CompletedProcess:
+    command = [str(Path(sys.executable).with_name("expert-hub")), *args]
+    return subprocess.run(
+        command, capture_output=True, text=True, env={"EXPERT_HUB_HOME": str(home), "PATH": ""}, timeout=300
+    )
+
+
+def test_profile_and_route_from_the_command_line(tiny_models, tmp_path, registry_home):
+    base = str(tiny_models["qwen3_moe"])
+    model = load_base(base)
+    tasks = {"letters": "alpha bravo charlie delta echo foxtrot golf hotel india", "digits": "1234 5678 9012 3456 7890"}
+    for name, words in tasks.items():
+        ExpertAdapter.from_model(model, ExpertSelection({0: [1]}), task=name).save(tmp_path / name)
+        data = _conversations(tmp_path / f"{name}.jsonl", words)
+        result = _cli("profile", str(tmp_path / name), "--data", str(data), "--base", base, home=registry_home)
+        assert result.returncode == 0, result.stderr
+        assert (tmp_path / name / PROFILE_FILE).is_file()
+    candidates = f"{tmp_path / 'letters'},{tmp_path / 'digits'}"
+    result = _cli(
+        "route",
+        "User: golf hotel alpha echo delta\n\nAssistant:",
+        "--tasks",
+        candidates,
+        "--base",
+        base,
+        "--json",
+        home=registry_home,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["task"] == "letters"
+    ExpertAdapter.from_model(model, ExpertSelection({0: [1]}), task="bare").save(tmp_path / "bare")
+    for args, message in (
+        (["route", " ", "--tasks", candidates], "error: the prompt is empty: there is nothing to route"),
+        (["route", "x", "--tasks", str(tmp_path / "bare")], "has no routing profile: add one with `expert-hub profile"),
+    ):
+        result = _cli(*args, "--base", base, home=registry_home)
+        assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
