@@ -167,15 +167,15 @@ class _ESFT(TrainingMethod):
     def prepare(self, model: nn.Module, run: RunContext) -> nn.Module:
         self.selection = self.select(model, run)
         self.fingerprint = fingerprint_selection(model, self.selection)  # of the base rows, before any step
-        self.profile = run.out / PROFILE_FILE
-        if run.accelerator.is_main_process and not self.profile.is_file():
-            run.status("Profiling the routing of the task's prompts (for auto routing)")
-            self._profile_prompts(model, run).save(run.out)
         if self.config.sharding == "fsdp" and (self.selection.shared_experts or self.selection.non_expert_modules):
             raise InvalidInputError(
                 "--sharding fsdp trains routed experts only, and this selection also trains shared experts or "
                 "non-expert modules; use --sharding ddp"
             )
+        self.profile = run.out / PROFILE_FILE
+        if run.accelerator.is_main_process and not self.profile.is_file():
+            run.status("Profiling the routing of the task's prompts (for auto routing)")
+            self._profile_prompts(model, run).save(run.out)
         return prepare_esft(model, self.selection, model.dtype if self.config.pure_bf16 else torch.float32)
 
     def _profile_prompts(self, model: nn.Module, run: RunContext) -> RoutingProfile:
