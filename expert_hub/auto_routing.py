@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .data import pad
 from .errors import InvalidInputError
 from .families import moe_layers
 from .io import read_json, write_json_atomic
-from .routing import RoutingRecorder, score_model
+from .routing import score_model
 
 PROFILE_FILE = "routing_profile.json"
 FORMAT = "expert-hub.routing-profile/1"
@@ -100,23 +101,31 @@ class TaskRouter:
         self.model, self.threshold = model.eval(), threshold
         self.layers = layers[:depth]
 
-    @torch.no_grad()
     def route(self, token_ids: list[int], profiles: dict[str, RoutingProfile]) -> RouteChoice:
         """The task among `profiles` whose routing best explains the prompt's, or None (the base model)."""
+        return self.route_many([token_ids], profiles)[0]
+
+    @torch.no_grad()
+    def route_many(self, prompts: list[list[int]], profiles: dict[str, RoutingProfile]) -> list[RouteChoice]:
+        """`route` for several prompts in one padded forward pass."""
         if not profiles:
             raise InvalidInputError("auto routing needs at least one task with a routing profile")
-        if not token_ids:
+        if not all(prompts):
             raise InvalidInputError("the prompt is empty: there is nothing to route")
-        log_shares = {name: self._log_shares(name, profile) for name, profile in profiles.items()}
-        counts = self._selections(token_ids)  # [depth, experts]
+        names = list(profiles)
+        log_shares = torch.stack([self._log_shares(name, profiles[name]) for name in names])  # [tasks, depth, E]
+        counts = self._selections(prompts)  # [prompts, depth, E]
+        totals = torch.einsum("pde,tde->pt", counts, log_shares)
         chance = sum(math.log(layer.num_experts) for layer in self.layers) / len(self.layers)
-        totals = {name: (counts * shares).sum().item() for name, shares in log_shares.items()}
-        scores = {name: total / counts.sum().item() + chance for name, total in totals.items()}
-        ranked = dict(sorted(scores.items(), key=lambda item: item[1], reverse=True))
-        best = next(iter(ranked))
-        posterior = torch.softmax(torch.tensor(list(totals.values()), dtype=torch.float64), 0)
-        confidence = posterior[list(totals).index(best)].item()
-        return RouteChoice(best if ranked[best] >= self.threshold else None, ranked, confidence)
+        scores = totals / counts.sum(dim=(1, 2)).unsqueeze(1) + chance
+        posteriors = torch.softmax(totals.double(), dim=1)
+        choices = []
+        for prompt_scores, posterior in zip(scores.tolist(), posteriors):
+            ranked = dict(sorted(zip(names, prompt_scores), key=lambda item: item[1], reverse=True))
+            best = next(iter(ranked))
+            task = best if ranked[best] >= self.threshold else None
+            choices.append(RouteChoice(task, ranked, posterior[names.index(best)].item()))
+        return choices
 
     def _log_shares(self, name: str, profile: RoutingProfile) -> torch.Tensor:
         """[depth, experts]: the log of the profile's shares in the layers routed on."""
@@ -125,19 +134,29 @@ class TaskRouter:
                 raise InvalidInputError(f"task {name}'s routing profile does not fit the model (layer {layer.index})")
         return torch.stack([torch.tensor(profile.shares[layer.index]).clamp_min(_FLOOR).log() for layer in self.layers])
 
-    def _selections(self, token_ids: list[int]) -> torch.Tensor:
-        """How often each expert of the first `depth` MoE layers is in the prompt tokens' top-k."""
+    def _selections(self, prompts: list[list[int]]) -> torch.Tensor:
+        """[prompts, depth, experts]: how often each expert of the first `depth` MoE layers is in each prompt's
+        tokens' top-k (padding not counted)."""
         device = next(self.model.parameters()).device
+        input_ids, attention_mask = (tensor.to(device) for tensor in pad(prompts, 0))
+        counts = torch.zeros(len(prompts), len(self.layers), self.layers[0].num_experts)
 
-        def stop(*_):
-            raise _Routed
+        def record(position: int):
+            def hook(module, inputs, output) -> None:
+                indices = output[2].reshape(len(prompts), -1, output[2].shape[-1]).cpu()  # [prompts, tokens, k]
+                kept = attention_mask.cpu().unsqueeze(-1).expand_as(indices).to(counts.dtype)
+                counts[:, position].scatter_add_(1, indices.reshape(len(prompts), -1), kept.reshape(len(prompts), -1))
+                if position == len(self.layers) - 1:
+                    raise _Routed  # the layers after the last one routed on never run
 
-        with RoutingRecorder(self.model) as recorder:
-            handle = self.layers[-1].router.register_forward_hook(stop)  # after the recorder's hook: counted first
-            try:
-                self.model.base_model(input_ids=torch.tensor([token_ids], device=device), use_cache=False)
-            except _Routed:
-                pass
-            finally:
+            return hook
+
+        handles = [layer.router.register_forward_hook(record(i)) for i, layer in enumerate(self.layers)]
+        try:
+            self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _Routed:
+            pass
+        finally:
+            for handle in handles:
                 handle.remove()
-        return torch.stack([recorder.selections[i].float().cpu() for i in range(len(self.layers))])
+        return counts

@@ -58,6 +58,18 @@ def test_the_router_separates_tasks_that_route_differently(qwen, profiles):
     assert TaskRouter(qwen, threshold=10.0).route(_prompts(3, 13, 1, 7)[0], profiles).task is None  # -> the base
 
 
+def test_prompts_routed_together_are_routed_as_each_alone(qwen, profiles):
+    """The server routes concurrent prompts in one padded pass: padding must not change any prompt's routing."""
+    router = TaskRouter(qwen, depth=2, threshold=-1.0)
+    prompts = [
+        prompt[:length] for prompt, length in zip(_prompts(3, 13, 3, 5) + _prompts(240, 250, 3, 5), (32, 9, 20) * 2)
+    ]
+    together = router.route_many(prompts, profiles)
+    for prompt, choice in zip(prompts, together):
+        alone = router.route(prompt, profiles)
+        assert choice.task == alone.task and choice.scores == pytest.approx(alone.scores, abs=1e-5)
+
+
 def test_only_the_layers_up_to_the_routing_depth_run(qwen, profiles):
     later = qwen.base_model.layers[moe_layers(qwen)[1].index + 1 :]
     ran = []

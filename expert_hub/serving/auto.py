@@ -2,9 +2,10 @@
 
 The router (`expert_hub.auto_routing`) runs the base model's first `depth` MoE layers with transformers, in the
 front-end process beside vLLM: only those layers are loaded (a config cut after the last of them), on the CPU, when
-the first request asks for auto routing, and each prompt runs in a worker thread, one at a time, so the event loop
-keeps serving while it routes. The candidates are the servable tasks that have a routing profile; a task without
-one is never chosen.
+the first request asks for auto routing. Prompts that arrive while a routing pass runs wait for the next one and are
+routed together, in one padded forward pass in a worker thread, so the event loop keeps serving and a burst of
+requests costs a few passes, not one each. The candidates are the servable tasks that have a routing profile; a
+task without one is never chosen.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from pathlib import Path
 
 from expert_hub.auto_routing import DEFAULT_DEPTH, DEFAULT_THRESHOLD, RouteChoice, RoutingProfile, TaskRouter
 from expert_hub.data import prompt_ids
-from expert_hub.errors import InvalidInputError
 from expert_hub.io import first_line
 
 from .tasks import Task, TaskError
@@ -34,7 +34,10 @@ class AutoRouting:
         self.router: TaskRouter | None = None  # loaded by the first auto request
         self.tokenizer = None
         self._profiles: dict[Path, RoutingProfile | None] = {}  # by adapter directory: a task's files never change
-        self._one_at_a_time = asyncio.Lock()
+        self._loading = asyncio.Lock()
+        self._waiting: list[tuple[list[int], asyncio.Future]] = []  # prompts for the next routing pass
+        self._candidates: dict[str, RoutingProfile] = {}  # the newest request's: tasks come and go at run time
+        self._pass: asyncio.Task | None = None
 
     def _load(self) -> None:
         from expert_hub.models import load_base, load_tokenizer
@@ -55,18 +58,36 @@ class AutoRouting:
         profiles = self.profiles(tasks)
         if not profiles:
             raise TaskError("auto routing needs a served task with a routing profile; none has one", 400)
-        async with self._one_at_a_time:
+        async with self._loading:
             if self.router is None:
                 try:
                     await asyncio.to_thread(self._load)
                 except Exception as error:  # the server's own model: not the client's fault
                     logger.exception("cannot load the auto router")
                     raise TaskError(f"auto routing is unavailable: {first_line(error)}", 500) from error
-            token_ids = self._prompt_ids(path, request)
+        token_ids = self._prompt_ids(path, request)
+        chosen = asyncio.get_running_loop().create_future()
+        self._waiting.append((token_ids, chosen))
+        self._candidates = profiles
+        if self._pass is None or self._pass.done():
+            self._pass = asyncio.create_task(self._route_waiting())
+        return await chosen
+
+    async def _route_waiting(self) -> None:
+        """Route every waiting prompt, a pass at a time, until none waits."""
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
             try:
-                return await asyncio.to_thread(self.router.route, token_ids, profiles)
-            except InvalidInputError as error:
-                raise TaskError(str(error), 400) from error
+                choices = await asyncio.to_thread(self.router.route_many, [ids for ids, _ in batch], self._candidates)
+            except Exception as error:  # a profile that does not fit the model: the server's own files
+                logger.exception("auto routing failed")
+                for _, chosen in batch:
+                    if not chosen.done():  # its client may have gone
+                        chosen.set_exception(TaskError(f"auto routing failed: {first_line(error)}", 500))
+                continue
+            for (_, chosen), choice in zip(batch, choices):
+                if not chosen.done():
+                    chosen.set_result(choice)
 
     def _prompt_ids(self, path: str, request: dict) -> list[int]:
         """The prompt's token ids as vLLM will see them: a completion's text (or ids), a chat's rendered turns."""
@@ -77,6 +98,8 @@ class AutoRouting:
             if isinstance(prompt, str):
                 return self.tokenizer.encode(prompt)
             if isinstance(prompt, list) and all(isinstance(token, int) for token in prompt):
+                if not all(0 <= token < len(self.tokenizer) for token in prompt):
+                    raise TaskError("the prompt holds token ids outside the vocabulary", 400)
                 return prompt
             raise TaskError("auto routing takes one prompt per request: a string or a list of token ids", 400)
         messages = request.get("messages")
