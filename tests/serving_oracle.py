@@ -54,13 +54,13 @@ def plain_vllm_tokens(
 
 
 def main() -> None:
+    from expert_hub.serving.engine import cpu_thread_binding
+
     tensor_parallel_size = int(sys.argv[3])
-    if tensor_parallel_size > 1:  # one NUMA node here: vLLM's CPU backend needs each worker's cores named
-        cpus = sorted(os.sched_getaffinity(0))
-        share = len(cpus) // tensor_parallel_size
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
-            ",".join(map(str, cpus[rank * share : (rank + 1) * share])) for rank in range(tensor_parallel_size)
-        )
+    if binding := cpu_thread_binding(
+        tensor_parallel_size
+    ):  # the cores each rank gets, as `expert-hub serve` splits them
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
     from vllm import LLM, SamplingParams
 
     with open(sys.argv[1]) as file:
