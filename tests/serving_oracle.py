@@ -61,6 +61,7 @@ def main() -> None:
         tensor_parallel_size
     ):  # the cores each rank gets, as `expert-hub serve` splits them
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: a start costs no spawn
     from vllm import LLM, SamplingParams
 
     with open(sys.argv[1]) as file:
@@ -77,6 +78,7 @@ def main() -> None:
             compilation_config={"custom_ops": ["-rotary_embedding"]},
             kv_cache_memory_bytes=2**30,
             tensor_parallel_size=tensor_parallel_size,
+            distributed_executor_backend="uni" if tensor_parallel_size == 1 else "mp",
         )
         outputs = [
             llm.generate([p["prompt"]], SamplingParams(temperature=0, max_tokens=p["max_tokens"], logprobs=2))[0]

@@ -419,7 +419,9 @@ def test_serve_refuses_bad_tasks_and_options_in_one_line(server, tmp_path):
         (["--kv-cache-gb", "0.000001"], "a KV cache of 0.0 MiB holds less than two 512-token sequences"),
         (["--kv-cache-gb", "100000"], "a KV cache of 100000.00 GiB is more than the"),
     ]
-    for options, message in cases:
+
+    def refusal(case: tuple[int, tuple[list[str], str]]) -> None:
+        port, (options, message) = case
         result = subprocess.run(
             [
                 str(Path(sys.executable).with_name("expert-hub")),
@@ -429,7 +431,7 @@ def test_serve_refuses_bad_tasks_and_options_in_one_line(server, tmp_path):
                 "--dtype",
                 "float32",
                 "--port",
-                "8652",
+                str(port),
                 *options,
             ],
             capture_output=True,
@@ -439,3 +441,6 @@ def test_serve_refuses_bad_tasks_and_options_in_one_line(server, tmp_path):
         last = result.stderr.strip().splitlines()[-1]
         assert result.returncode == 1 and "Traceback" not in result.stderr, (options, result.stderr[-2000:])
         assert last.startswith("error: ") and message in last, (options, last)
+
+    with ThreadPoolExecutor(3) as pool:  # a refusal is mostly one core's imports: three at a time
+        list(pool.map(refusal, enumerate(cases, start=8670)))
