@@ -57,7 +57,7 @@ def _train(base: str, root: Path, steps: int | None, console: Console) -> dict[s
 
 def _routing(base: str, profiles: dict, prompts: dict[str, list[list[int]]], console: Console) -> dict:
     """Accuracy per task, confusion, accuracy vs depth and vs length, ms per routing."""
-    from expert_hub.auto_routing import DEFAULT_DEPTH, TaskRouter
+    from expert_hub.auto_routing import DEFAULT_DEPTH, DEFAULT_WINDOW, TaskRouter
     from expert_hub.families import moe_layers
     from expert_hub.models import load_base
 
@@ -75,15 +75,17 @@ def _routing(base: str, profiles: dict, prompts: dict[str, list[list[int]]], con
             if depth == DEFAULT_DEPTH:
                 confusion[task] = {str(name): chosen.count(name) for name in (*TASKS, None)}
         by_depth[depth] = right
-    router = TaskRouter(model)
-    by_length = {}
-    for length in LENGTHS:
+    router, whole = TaskRouter(model), TaskRouter(model, window=None)
+
+    def accuracy(cut: int | None) -> float:
         hits = [
-            router.route(prompt[:length], profiles).task == expected[task]
+            whole.route(prompt[:cut], profiles).task == expected[task]
             for task, task_prompts in prompts.items()
             for prompt in task_prompts
         ]
-        by_length[length] = sum(hits) / len(hits)
+        return sum(hits) / len(hits)
+
+    by_length = {length: accuracy(length) for length in LENGTHS}
     long_enough = [(task, p) for task, task_prompts in prompts.items() for p in task_prompts if len(p) >= 32]
     long_accuracy = sum(router.route(p, profiles).task == expected[t] for t, p in long_enough) / len(long_enough)
     return {
@@ -91,6 +93,8 @@ def _routing(base: str, profiles: dict, prompts: dict[str, list[list[int]]], con
         "accuracy_by_depth": by_depth,
         "confusion": confusion,
         "accuracy_by_length": by_length,
+        "accuracy_whole_prompt": accuracy(None),
+        "window": DEFAULT_WINDOW,
         "accuracy_prompts_32_plus": long_accuracy,
         "prompts_32_plus": len(long_enough),
         "ms_per_prompt": 1e3 * statistics.median(seconds),
@@ -190,29 +194,40 @@ def _serving(base: str, root: Path, artifacts: dict, eval_prompts: dict[str, lis
     tasks = [TASKS[index % len(TASKS)] for index in range(args.requests)]
     jobs = [(task, eval_prompts[task][index // len(TASKS)]) for index, task in enumerate(tasks)]
 
-    def one(job: tuple[str, str], auto: bool) -> int:
+    def one(job: tuple[str, str], auto: bool, max_tokens: int) -> int:
         task, text = job
-        body = {"model": "auto" if auto else task, "prompt": text, "max_tokens": args.max_tokens, "temperature": 0}
+        body = {"model": "auto" if auto else task, "prompt": text, "max_tokens": max_tokens, "temperature": 0}
         return _request("POST", url + "/v1/completions", body | {"ignore_eos": True})["usage"]["completion_tokens"]
 
-    def rate(auto: bool) -> float:
+    def burst(auto: bool, max_tokens: int) -> tuple[int, float]:
+        """Every job at once: output tokens, seconds."""
         started = time.perf_counter()
         with ThreadPoolExecutor(len(jobs)) as pool:
-            tokens = sum(pool.map(lambda job: one(job, auto), jobs))
-        return tokens / (time.perf_counter() - started)
+            tokens = sum(pool.map(lambda job: one(job, auto, max_tokens), jobs))
+        return tokens, time.perf_counter() - started
 
-    rates = {"named": [], "auto": []}
+    rates, prefill = {"named": [], "auto": []}, {"named": [], "auto": []}
     try:
-        rate(auto=True)  # warm-up: loads every task and the router
-        rate(auto=False)
+        burst(auto=True, max_tokens=args.max_tokens)  # warm-up: loads every task and the router
+        burst(auto=False, max_tokens=args.max_tokens)
         for _ in range(args.rounds):
-            rates["named"].append(rate(auto=False))
-            rates["auto"].append(rate(auto=True))
+            for kind in ("named", "auto"):
+                tokens, seconds = burst(kind == "auto", args.max_tokens)
+                rates[kind].append(tokens / seconds)
+                prefill[kind].append(burst(kind == "auto", 1)[1])  # one token each: little but the prefill
     finally:
         server.terminate()
         server.wait(timeout=120)
     named, auto = statistics.median(rates["named"]), statistics.median(rates["auto"])
-    return {"named_tokens_per_s": named, "auto_tokens_per_s": auto, "ratio": auto / named, "rounds": args.rounds}
+    return {
+        "named_tokens_per_s": named,
+        "auto_tokens_per_s": auto,
+        "ratio": auto / named,
+        "rounds": args.rounds,
+        "requests": len(jobs),
+        "prefill_ms_named": 1e3 * statistics.median(prefill["named"]),
+        "prefill_ms_auto": 1e3 * statistics.median(prefill["auto"]),
+    }
 
 
 def main() -> None:
@@ -281,12 +296,17 @@ def _report(console: Console, results: dict) -> None:
     for layers, right in routing["accuracy_by_depth"].items():
         depth.add_row(str(layers), *(f"{right[task]:.3f}" for task in (*TASKS, OUTSIDE)))
     console.print(depth)
-    lengths = Table(title="Accuracy against the prompt's first N tokens (six tasks + general; the classifier: six)")
+    lengths = Table(
+        title=f"Accuracy against the prompt's first N tokens, depth {routing['depth']} (six tasks + general; the "
+        f"classifier: six); the router routes on the first {routing['window']}"
+    )
     for column in ("first N tokens", "routing", "TF-IDF + logistic regression"):
         lengths.add_column(column, justify="right")
     for length, accuracy in routing["accuracy_by_length"].items():
         lengths.add_row(str(length), f"{accuracy:.3f}", f"{results['classifier']['accuracy_by_length'][length]:.3f}")
-    lengths.add_row("whole prompt", "-", f"{results['classifier']['accuracy']:.3f}")
+    lengths.add_row(
+        "whole prompt", f"{routing['accuracy_whole_prompt']:.3f}", f"{results['classifier']['accuracy']:.3f}"
+    )
     console.print(lengths)
     console.print(
         f"goal: >= 95% on prompts of >= 32 tokens -> {routing['accuracy_prompts_32_plus']:.3f} "
@@ -303,6 +323,10 @@ def _report(console: Console, results: dict) -> None:
         console.print(
             f"serving, {serving['rounds']} interleaved rounds: named {serving['named_tokens_per_s']:.1f} tokens/s, "
             f"auto {serving['auto_tokens_per_s']:.1f} tokens/s -> {serving['ratio']:.3f} (goal >= 0.95)"
+        )
+        console.print(
+            f"the same {serving['requests']} requests at once, one token each (their prefill): named "
+            f"{serving['prefill_ms_named']:.0f} ms, auto {serving['prefill_ms_auto']:.0f} ms"
         )
 
 

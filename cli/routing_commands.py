@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from expert_hub.auto_routing import DEFAULT_DEPTH, DEFAULT_THRESHOLD
+from expert_hub.auto_routing import DEFAULT_DEPTH, DEFAULT_THRESHOLD, DEFAULT_WINDOW
 from expert_hub.errors import InvalidInputError
 
 from .app import app, base_or_demo, console, data_or_builtin, status_console
@@ -75,6 +75,9 @@ def route(
     threshold: Annotated[
         float, typer.Option(help="Lowest score (nats per selection over chance) that picks a task, else the base.")
     ] = DEFAULT_THRESHOLD,
+    window: Annotated[
+        int, typer.Option(min=0, help="Prompt tokens routed on, from its start (0: the whole prompt).")
+    ] = DEFAULT_WINDOW,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Show which task a prompt would be routed to by `"model": "auto"`, with every candidate's score."""
@@ -93,13 +96,14 @@ def route(
             raise InvalidInputError(f"{name} has no routing profile: add one with `expert-hub profile {name}`")
         profiles[entry.task if entry else directory.name] = found
     with status_console.status(f"Loading {base}"):
-        router = TaskRouter(load_base(base), depth, threshold)
+        router = TaskRouter(load_base(base), depth, threshold, window or None)
         token_ids = load_tokenizer(base).encode(prompt)
     choice = router.route(token_ids, profiles)
     if as_json:
         console.print_json(json.dumps({"task": choice.task, "confidence": choice.confidence, "scores": choice.scores}))
         return
-    table = Table(title=f"Routing on the first {depth} MoE layers of {base}")
+    routed = f"its first {window} tokens" if window else "the whole prompt"
+    table = Table(title=f"Routing {routed} on the first {depth} MoE layers of {base}")
     for column in ("task", "score (nats/selection over chance)"):
         table.add_column(column, justify="left" if column == "task" else "right")
     for name, score in choice.scores.items():

