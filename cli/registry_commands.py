@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -10,6 +12,7 @@ import typer
 from rich.table import Table
 
 from .app import app, console
+from .routing_commands import ProfileData, profile_adder
 
 Base = Annotated[str | None, typer.Option(help="Only entries of this base model (directory or Hub id).")]
 
@@ -38,11 +41,17 @@ def import_adapter(
     base: Annotated[
         str | None, typer.Option(help="Base model it was trained from (default: from its metadata).")
     ] = None,
+    profile_data: ProfileData = None,
 ) -> None:
     """Register an existing adapter directory (or the run directory `train` wrote it in) as the next version."""
     if not (directory / "expert_cfg.json").exists() and (directory / "adapter" / "expert_cfg.json").is_file():
         directory = directory / "adapter"  # `expert-hub import runs/law-esft-token`
-    entry = _registry().register(directory, task=task, base=base)
+    add_profile = profile_adder(profile_data, base)
+    with tempfile.TemporaryDirectory() as scratch:
+        if add_profile is not None:  # into a copy: the user's directory is left as it is
+            directory = Path(shutil.copytree(directory, Path(scratch) / directory.name))
+            add_profile(directory)
+        entry = _registry().register(directory, task=task, base=base)
     console.print(f"Registered {entry.ref} ({entry.digest[:12]}, {_size(entry.bytes)}) for base {entry.base_model}")
 
 
@@ -172,9 +181,11 @@ def pull(
     base: Annotated[
         str | None, typer.Option(help="Base model it was trained from (default: from its metadata).")
     ] = None,
+    profile_data: ProfileData = None,
 ) -> None:
     """Download an adapter from the Hub (expert-hub's or a published ESFT one) and register it."""
     from expert_hub.registry.hub import pull as pull_entry
 
-    entry = pull_entry(_registry(), repo, revision=revision, task=task, base=base)
+    add_profile = profile_adder(profile_data, base)
+    entry = pull_entry(_registry(), repo, revision=revision, task=task, base=base, prepare=add_profile)
     console.print(f"Pulled {repo} as {entry.ref} ({entry.digest[:12]}, {_size(entry.bytes)})")

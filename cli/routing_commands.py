@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +17,34 @@ from expert_hub.errors import InvalidInputError
 from .app import app, base_or_demo, console, data_or_builtin, status_console
 
 Base = Annotated[str | None, typer.Option(help="Base MoE model (directory or Hub id) [default: the demo base].")]
+ProfileData = Annotated[
+    Path | None,
+    typer.Option(
+        help="Task data (conversations): add the task's routing profile, measured on its prompts, for "
+        '`"model": "auto"`.'
+    ),
+]
+
+
+def profile_adder(data: Path | None, base: str | None) -> Callable[[Path], None] | None:
+    """What `--profile-data` does to an adapter directory before it is registered: add the routing profile of the
+    data's prompts on `base`, by default the base the adapter names."""
+    if data is None:
+        return None
+    from expert_hub.adapter import AdapterHeader
+    from expert_hub.auto_routing import profile_task_data
+
+    if not data.is_file():
+        raise InvalidInputError(f"--profile-data {data} is not a file")
+
+    def add(directory: Path) -> None:
+        model = base or AdapterHeader.read(directory).metadata.base_model
+        if model is None:
+            raise InvalidInputError("the adapter does not name its base model: give --base to profile it")
+        with status_console.status(f"Profiling the prompts of {data} on {model}"):
+            profile_task_data(model, data).save(directory)
+
+    return add
 
 
 def _adapter_directory(task: str, base: str, registry) -> tuple[Path, object | None]:
@@ -40,11 +69,7 @@ def profile(
     Training writes the profile itself; this adds one to an adapter that lacks it (a pulled published one, say).
     An adapter directory gets the file; a registered task gets a new version holding it.
     """
-    from itertools import islice
-
-    from expert_hub.auto_routing import profile_prompts
-    from expert_hub.data import load_conversations, prompt_ids
-    from expert_hub.models import load_base, load_tokenizer
+    from expert_hub.auto_routing import profile_task_data
     from expert_hub.registry import Registry
 
     base = base_or_demo(base)
@@ -53,9 +78,7 @@ def profile(
     name = entry.task if entry else directory.name
     source = data_or_builtin(str(data) if data else None, name, "train")
     with status_console.status(f"Profiling {prompts} prompts of {source} on {base}"):
-        model, tokenizer = load_base(base), load_tokenizer(base)
-        conversations = islice(load_conversations(source), prompts)
-        measured = profile_prompts(model, (prompt_ids(messages[:-1], tokenizer) for messages in conversations))
+        measured = profile_task_data(base, source, prompts)
     if entry is None:
         console.print(f"Profiled {measured.tokens:,} prompt tokens -> {measured.save(directory)}")
         return

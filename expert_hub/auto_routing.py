@@ -43,6 +43,7 @@ FORMAT = "expert-hub.routing-profile/1"
 DEFAULT_DEPTH = 2  # MoE layers a prompt runs through before it is routed
 DEFAULT_THRESHOLD = 0.06  # nats per selection over chance; the demo base's held-out tasks stay under it
 DEFAULT_WINDOW = 32  # prompt tokens routed on
+PROFILE_PROMPTS = 256  # task prompts a routing profile is measured on: the demo's tasks separate with 200
 _FLOOR = 1e-4  # share given to an expert a task never used, so one stray selection is not -infinity
 
 
@@ -82,6 +83,19 @@ def profile_prompts(model: nn.Module, prompts: Iterable[list[int]], batch_size: 
         raise InvalidInputError("no prompt tokens to profile")
     shares = {layer: [by_expert[e] for e in sorted(by_expert)] for layer, by_expert in scores.token_scores.items()}
     return RoutingProfile(shares, tokens)
+
+
+def profile_task_data(base: str, data: str | Path, prompts: int = PROFILE_PROMPTS) -> RoutingProfile:
+    """The routing profile of the first `prompts` prompts of task data (conversations) on `base`: for an adapter
+    that came without one, such as a pulled published one."""
+    from itertools import islice
+
+    from .data import load_conversations, prompt_ids
+    from .models import load_base, load_tokenizer
+
+    model, tokenizer = load_base(base), load_tokenizer(base)
+    conversations = islice(load_conversations(str(data)), prompts)
+    return profile_prompts(model, (prompt_ids(messages[:-1], tokenizer) for messages in conversations))
 
 
 @dataclass(frozen=True)

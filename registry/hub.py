@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -84,16 +85,20 @@ def pull(
     task: str | None = None,
     base: str | None = None,
     token: str | None = None,
+    prepare: Callable[[Path], None] | None = None,
 ) -> Entry:
     """Download `repo_id` (expert-hub's layout or a published `deepseek-ai/ESFT-*-lite` one) and register it.
 
-    The task name defaults to the adapter's own, else the repo's name.
+    The task name defaults to the adapter's own, else the repo's name. `prepare` may add files to the downloaded
+    directory before it is registered (the CLI's `--profile-data` adds a routing profile), so one version holds all.
     """
     with tempfile.TemporaryDirectory() as download:
         with _hub_errors(repo_id, revision):  # plain files of our own: the Hub cache's snapshot is symlinks
             directory = Path(snapshot_download(repo_id, revision=revision, token=token, local_dir=download))
         header = AdapterHeader.read(directory)
         task = validate_task_name(task or header.metadata.task or repo_id.split("/")[-1])
+        if prepare is not None:
+            prepare(directory)
         return registry.register(directory, task=task, base=base)
 
 

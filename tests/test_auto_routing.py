@@ -156,3 +156,29 @@ def test_profile_and_route_from_the_command_line(tiny_models, tmp_path, registry
     ):
         result = _cli(*args, "--base", base, home=registry_home)
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_import_with_profile_data_registers_the_adapter_with_its_profile(tiny_models, tmp_path, registry_home):
+    from expert_hub.auto_routing import profile_task_data
+    from expert_hub.registry import Registry
+
+    base = str(tiny_models["qwen3_moe"])
+    ExpertAdapter.from_model(load_base(base), ExpertSelection({0: [1]}), task="letters", base_model=base).save(
+        tmp_path / "letters"
+    )
+    data = _conversations(tmp_path / "letters.jsonl", "alpha bravo charlie delta echo foxtrot golf hotel india")
+    result = _cli("import", str(tmp_path / "letters"), "--profile-data", str(data), home=registry_home)
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "letters" / PROFILE_FILE).exists()  # the user's directory is left as it was
+    stored = Registry().verify(Registry().resolve("letters"))
+    assert RoutingProfile.load(stored) == profile_task_data(base, data)
+    ExpertAdapter.from_model(load_base(base), ExpertSelection({0: [1]}), task="nameless", base_model=None).save(
+        tmp_path / "nameless"
+    )
+    for directory, data_file, message in (
+        ("letters", tmp_path / "none.jsonl", "is not a file"),
+        ("nameless", data, "the adapter does not name its base model: give --base to profile it"),
+    ):
+        result = _cli("import", str(tmp_path / directory), "--profile-data", str(data_file), home=registry_home)
+        assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+    assert [entry.ref for entry in Registry().entries()] == ["letters@1"]  # nothing half-registered

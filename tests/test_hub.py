@@ -80,6 +80,16 @@ def test_push_then_pull_into_another_registry(hub, registered, tmp_path):
         )
 
 
+def test_pull_registers_what_prepare_adds_in_one_version(hub, registered, tmp_path):
+    """`pull --profile-data` adds the routing profile to the download before it is registered."""
+    _, first, _ = registered
+    push(first, "law", "acme/law-experts")
+    second = Registry(tmp_path / "second")
+    pulled = pull(second, "acme/law-experts", prepare=lambda directory: (directory / "extra.json").write_text("{}"))
+    assert pulled.ref == "law@1" and (second.verify(pulled) / "extra.json").read_text() == "{}"
+    assert [entry.ref for entry in second.entries()] == ["law@1"]
+
+
 def test_the_model_card(hub, registered, tmp_path):
     _, first, _ = registered
     push(first, "law", "acme/law-experts", license="apache-2.0")

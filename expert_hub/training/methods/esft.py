@@ -24,7 +24,7 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 
 from ...adapter import CONFIG_FILE, AdapterMetadata, ExpertAdapter, fingerprint_selection
-from ...auto_routing import PROFILE_FILE, RoutingProfile, profile_prompts
+from ...auto_routing import PROFILE_FILE, PROFILE_PROMPTS, RoutingProfile, profile_prompts
 from ...data import load_conversations, prompt_ids
 from ...errors import InvalidInputError
 from ...families import expert_views, moe_layers, split_parameters
@@ -148,9 +148,6 @@ def merge_esft(model: nn.Module) -> nn.Module:
             del layer.experts.esft_rows
     model.set_experts_implementation(getattr(model, "esft_previous_experts_implementation", "grouped_mm"))
     return model
-
-
-PROFILE_PROMPTS = 256  # task prompts a routing profile is measured on: the demo's tasks separate with 200
 
 
 class _ESFT(TrainingMethod):
