@@ -35,7 +35,8 @@ INTERNALS = {  # what expert-hub uses -> "module:attribute.path" in the supporte
     "out-of-tree layer registry": "vllm.model_executor.custom_op:op_registry_oot",
     "KV cache zeroing switch": "vllm.v1.kv_cache_interface:KVCacheConfig.needs_kv_cache_zeroing",
     "KV cache config": "vllm.v1.kv_cache_interface:KVCacheConfig",
-    "CPU expert prepacking": "vllm._custom_ops:cpu_prepack_moe_weight",
+    "CPU expert prepacking": "vllm._custom_ops:torch.ops._C.prepack_moe_weight",  # (plain, out, isa); importing
+    # vllm._custom_ops registers vllm's C++ ops
     "delta output kind": "vllm.sampling_params:RequestOutputKind.DELTA",
     "CLI environment setup": "vllm.entrypoints.serve.utils.api_utils:cli_env_setup",
     "argument parser": "vllm.utils.argparse_utils:FlexibleArgumentParser",
@@ -347,9 +348,10 @@ def expert_kernel_name(layer) -> str:
     return type(layer.quant_method.moe_kernel.fused_experts).__name__
 
 
-def kernel_rows(layer, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One expert in checkpoint layout as `[1, ...]` `w13` / `w2` slices in the layout of `layer`'s expert kernel:
-    padded to the sizes vLLM rounded up to, and prepacked for the CPU kernel (a one-expert slice packs identically)."""
+def write_kernel_row(layer, row: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+    """Write one expert, in checkpoint layout, into bank row `row` of `layer` in its expert kernel's layout: padded
+    to the sizes vLLM rounded up to and, for the CPU kernel, prepacked straight into the row (a one-expert slice
+    packs identically), so a task's bytes are converted once and land once."""
     w13_weight, w2_weight = expert_weights(layer)
     intermediate, hidden = gate.shape
     dtype, padded_hidden, padded = w13_weight.dtype, w2_weight.shape[1], w2_weight.shape[2]
@@ -360,5 +362,8 @@ def kernel_rows(layer, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor)
     kernel = layer.quant_method.moe_kernel.fused_experts
     if hasattr(kernel, "isa"):  # the CPU kernel
         prepack = internal("CPU expert prepacking")
-        w13, w2 = prepack(w13, kernel.isa), prepack(w2, kernel.isa)
-    return w13, w2
+        prepack(w13, w13_weight[row : row + 1], kernel.isa)
+        prepack(w2, w2_weight[row : row + 1], kernel.isa)
+    else:
+        w13_weight[row].copy_(w13[0])
+        w2_weight[row].copy_(w2[0])

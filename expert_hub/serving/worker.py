@@ -6,7 +6,7 @@ calls these methods through `bank_client.BankClient`. Expected outcomes (loaded,
 layout check's verdict) come back as plain-data results, which cross the process boundary as they are; only
 unexpected failures raise. vLLM's objects are reached through `vllm_contract`.
 
-Under tensor parallelism each rank runs every call on its own shard of the experts (`_kernel_row`); the same calls
+Under tensor parallelism each rank runs every call on its own shard of the experts (`_shard`); the same calls
 in the same order leave every rank with the same rows, and the front end checks that their replies agree.
 """
 
@@ -73,7 +73,7 @@ class ExpertBankWorker:
     @torch.no_grad()
     def expert_hub_check_layout(self) -> dict:
         """Write one base expert from the checkpoint into a spare row as tasks are written, and compare it with the
-        row vLLM loaded. A backend whose kernel layout `vllm_contract.kernel_rows` does not reproduce (FlashInfer's
+        row vLLM loaded. A backend whose kernel layout `vllm_contract.write_kernel_row` does not reproduce (FlashInfer's
         swapped halves, quantized weights) then fails at start-up instead of serving wrong
         tokens. Each tensor-parallel rank checks its own shard. A `LayoutResult`."""
         index, layer = min(_banked_layers(vllm.served_model(self)).items())
@@ -89,8 +89,9 @@ class ExpertBankWorker:
         """Write the adapter's experts into free rows and publish its remap row under `key`. A `LoadResult`.
 
         All or nothing: the adapter is read (once: a registry task's files are hashed from the same bytes, against
-        `sha256`), checked (finite weights, experts the served model has, shapes) and converted to the kernel layout
-        before the bank is touched, and a failure while writing gives every row back (and raises).
+        `sha256`) and checked (finite weights, experts the served model has, shapes) before the bank is touched;
+        each expert is then converted to the kernel layout straight into its row, and a failure while writing gives
+        every row back (and raises).
         """
         if key in bank.TASK_ROWS:
             return asdict(LoadResult("loaded", bank.TASK_ROWS[key]))
@@ -98,9 +99,7 @@ class ExpertBankWorker:
         try:
             adapter = ExpertAdapter.load(directory, sha256)  # refuses changed files and non-finite weights
             rows = {
-                index: [
-                    (expert, *_kernel_row(layers[index], _expert_tensors(adapter, index, expert))) for expert in experts
-                ]
+                index: [(expert, _shard(layers[index], _expert_tensors(adapter, index, expert))) for expert in experts]
                 for index, experts in _checked_experts(adapter, layers).items()
             }
         except (ExpertHubError, ValueError, OSError) as error:
@@ -122,11 +121,9 @@ class ExpertBankWorker:
         try:
             for index, experts in rows.items():
                 layer = layers[index]
-                w13_weight, w2_weight = vllm.expert_weights(layer)
                 layer.task_rows[row] = [layer.free_rows.pop(0) for _ in experts]
-                for (expert, w13, w2), target in zip(experts, layer.task_rows[row]):
-                    w13_weight[target].copy_(w13)
-                    w2_weight[target].copy_(w2)
+                for (expert, weights), target in zip(experts, layer.task_rows[row]):
+                    vllm.write_kernel_row(layer, target, *weights)
                     layer.task_remap[row, expert] = target
         except BaseException:
             _release_row(layers.values(), row)
@@ -171,8 +168,7 @@ def check_row_layout(layer, row: int, expert: int, tensors: dict[str, torch.Tens
     """Write `expert`'s checkpoint tensors into the free `row` and compare it with the loaded `expert` row."""
     weights = vllm.expert_weights(layer)
     try:
-        for weight, written in zip(weights, _kernel_row(layer, tensors)):
-            weight[row].copy_(written)
+        vllm.write_kernel_row(layer, row, *_shard(layer, tensors))
         same = all(torch.equal(weight[row], weight[expert]) for weight in weights)
     finally:
         for weight in weights:
@@ -219,9 +215,9 @@ def _extra_rows(layer) -> int:
     return vllm.expert_weights(layer)[0].shape[0] - layer.base_experts
 
 
-def _kernel_row(layer, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One expert (checkpoint layout) as the `w13` and `w2` rows the layer's expert kernel expects: under tensor
-    parallelism this rank's slice of its intermediate dimension, cut as vLLM's weight loader cuts the base experts."""
+def _shard(layer, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One expert's gate, up and down (checkpoint layout) as this rank holds them: under tensor parallelism its
+    slice of the intermediate dimension, cut as vLLM's weight loader cuts the base experts."""
     gate, up, down = (tensors[name] for name in _EXPERT_TENSORS)
     intermediate, hidden = layer.expert_sizes
     shard, shards = layer.expert_shard
@@ -232,11 +228,4 @@ def _kernel_row(layer, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
             f"the served model's gate / up {(full, hidden)} and down {(hidden, full)}"
         )
     part = slice(shard * intermediate, (shard + 1) * intermediate)
-    w13, w2 = vllm.kernel_rows(layer, gate[part], up[part], down[:, part])
-    w13_weight, w2_weight = vllm.expert_weights(layer)
-    if w13.shape[1:] != w13_weight.shape[1:] or w2.shape[1:] != w2_weight.shape[1:]:
-        raise ValueError(
-            f"expert shapes {tuple(w13.shape[1:])} / {tuple(w2.shape[1:])} do not match the served "
-            f"model's {tuple(w13_weight.shape[1:])} / {tuple(w2_weight.shape[1:])}"
-        )
-    return w13[0].to(w13_weight.device), w2[0].to(w2_weight.device)
+    return gate[part], up[part], down[:, part]
