@@ -27,6 +27,7 @@ from expert_hub.models import load_base
 from expert_hub.registry import Registry
 from expert_hub.testing import SERVING_SHAPES, build_tiny_model, byte_tokenizer
 
+from .fake_bank import FakeBankedLayer
 from .serving_client import API_KEY, Server, start_server
 from .serving_oracle import make_tasks, plain_vllm_tokens
 
@@ -66,35 +67,13 @@ def test_rows_are_written_in_the_gpu_kernel_layout_and_another_layout_is_caught(
 
     gate, up, down = torch.randn(8, 16), torch.randn(8, 16), torch.randn(16, 8)
     expert = {"gate_proj.weight": gate, "up_proj.weight": up, "down_proj.weight": down}
-    kernel = SimpleNamespace(fused_experts=SimpleNamespace())  # no CPU `isa`: no padding, no prepacking
-    layer = SimpleNamespace(
-        w13_weight=torch.zeros(3, 16, 16),
-        w2_weight=torch.zeros(3, 16, 8),
-        expert_sizes=(8, 16),
-        expert_shard=(0, 1),  # one device: the whole expert
-        quant_method=SimpleNamespace(moe_kernel=kernel),
-    )
+    layer = FakeBankedLayer(experts=2, spare=1)  # one device: the whole expert
     layer.w13_weight[0], layer.w2_weight[0] = torch.cat([gate, up]), down
     assert check_row_layout(layer, 2, 0, expert).status == "ok"
     assert not layer.w13_weight[2].any() and not layer.w2_weight[2].any()  # the spare row is cleared again
     layer.w13_weight[1], layer.w2_weight[1] = torch.cat([up, gate]), down  # a kernel keeping [up; gate]
     result = check_row_layout(layer, 2, 1, expert)
     assert result.status == "wrong_layout" and "layout the expert bank cannot write" in result.message
-
-
-class _FakeBankedLayer(torch.nn.Module):
-    """What the worker sees of one banked MoE layer on a GPU: E base rows, spare rows, a remap (no CPU prepacking)."""
-
-    expert_hub_bank = True
-
-    def __init__(self, experts: int = 4, spare: int = 3, intermediate: int = 8, hidden: int = 16):
-        super().__init__()
-        self.base_experts, self.expert_sizes, self.expert_shard = experts, (intermediate, hidden), (0, 1)
-        self.w13_weight = torch.zeros(experts + spare, 2 * intermediate, hidden)
-        self.w2_weight = torch.zeros(experts + spare, hidden, intermediate)
-        self.task_remap = torch.arange(experts, dtype=torch.int32).repeat(3, 1)
-        self.free_rows, self.task_rows = list(range(experts, experts + spare)), {}
-        self.quant_method = SimpleNamespace(moe_kernel=SimpleNamespace(fused_experts=SimpleNamespace()))
 
 
 class _FailingRemap:
@@ -125,7 +104,7 @@ def test_a_task_load_is_all_or_nothing_and_unloading_leaves_nothing_behind(tmp_p
     from expert_hub.serving.worker import ExpertBankWorker
 
     model = torch.nn.Module()
-    model.layers = torch.nn.ModuleList([_FakeBankedLayer(), _FakeBankedLayer()])
+    model.layers = torch.nn.ModuleList([FakeBankedLayer(), FakeBankedLayer()])
     worker = ExpertBankWorker()
     worker.model_runner = SimpleNamespace(model=model)
     snapshot = [(layer.w13_weight.clone(), layer.task_remap.clone(), sorted(layer.free_rows)) for layer in model.layers]

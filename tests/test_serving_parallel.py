@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from expert_hub.registry import Registry
 from expert_hub.serving import engine, vllm_contract
 from expert_hub.serving.bank_client import BankClient, WorkersDisagreeError
 
+from .fake_bank import FakeBankedLayer
 from .serving_client import start_server
 from .serving_oracle import make_tasks, plain_vllm_tokens
 
@@ -103,14 +103,7 @@ def test_each_rank_writes_its_slice_of_an_expert_as_vllm_loads_the_base():
 
     gate, up, down = torch.randn(8, 16), torch.randn(8, 16), torch.randn(16, 8)
     expert = {"gate_proj.weight": gate, "up_proj.weight": up, "down_proj.weight": down}
-    kernel = SimpleNamespace(fused_experts=SimpleNamespace())  # no CPU `isa`: no padding, no prepacking
-    layer = SimpleNamespace(
-        w13_weight=torch.zeros(3, 8, 16),
-        w2_weight=torch.zeros(3, 16, 4),
-        expert_sizes=(4, 16),
-        expert_shard=(1, 2),
-        quant_method=SimpleNamespace(moe_kernel=kernel),
-    )
+    layer = FakeBankedLayer(experts=2, spare=1, intermediate=4, shard=(1, 2))
     layer.w13_weight[0], layer.w2_weight[0] = torch.cat([gate[4:], up[4:]]), down[:, 4:]
     layer.w13_weight[1], layer.w2_weight[1] = torch.cat([gate[:4], up[:4]]), down[:, :4]
     assert check_row_layout(layer, 2, 0, expert).status == "ok"
