@@ -17,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -88,8 +89,12 @@ def server(tmp_path_factory):
     }
     assert len({tuple(tokens) for tokens in server.expected.values()}) == 3  # the tasks really differ
     yield server
-    server.process.terminate()
+    engine = psutil.Process(server.process.pid).children(recursive=True)
+    assert engine  # vLLM's engine process and its worker
+    server.process.kill()  # outright, as the OOM killer would: the engine must not outlive the server
     server.process.wait(timeout=60)
+    _, alive = psutil.wait_procs(engine, timeout=60)
+    assert not alive, f"{[process.name() for process in alive]} outlived a killed server"
 
 
 def _unchanged(server) -> None:

@@ -22,8 +22,12 @@ and loading live in `worker.py`.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import multiprocessing
 import os
+import signal
+import sys
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -75,9 +79,22 @@ def register() -> None:
     settings = BankSettings.from_env()
     if settings is None:
         return
+    _end_with_parent()
     vllm.enable_kv_cache_zeroing()
     vllm.replace_routed_experts(settings.rows_per_layer, _bank_initialiser(settings.max_tasks), _remap_topk_ids)
     vllm.after_input_preparation(_tag_tokens_with_tasks)
+
+
+def _end_with_parent() -> None:
+    """In a process vLLM spawned for the server (its engine, the engine's workers): be sent SIGTERM when the parent
+    dies, which vLLM handles as a shutdown. A server killed outright (SIGKILL, the OOM killer) then leaves no engine
+    behind holding the model and the device's memory."""
+    if sys.platform != "linux" or multiprocessing.parent_process() is None:  # the server's own process
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if not multiprocessing.parent_process().is_alive():  # it died before the line above took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _bank_initialiser(max_tasks: int):
