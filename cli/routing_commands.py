@@ -69,7 +69,7 @@ def profile(
     Training writes the profile itself; this adds one to an adapter that lacks it (a pulled published one, say).
     An adapter directory gets the file; a registered task gets a new version holding it.
     """
-    from expert_hub.auto_routing import profile_task_data
+    from expert_hub.auto_routing import RoutingProfile, profile_task_data
     from expert_hub.registry import Registry
 
     base = base_or_demo(base)
@@ -81,6 +81,9 @@ def profile(
         measured = profile_task_data(base, source, prompts)
     if entry is None:
         console.print(f"Profiled {measured.tokens:,} prompt tokens -> {measured.save(directory)}")
+        return
+    if RoutingProfile.load(directory) == measured:  # a new version would hold the very same files
+        console.print(f"Profiled {measured.tokens:,} prompt tokens: {entry.ref} already has this profile")
         return
     with tempfile.TemporaryDirectory() as scratch:
         copy = registry.export(entry.ref, Path(scratch) / "adapter", base=entry.base_model)

@@ -182,3 +182,11 @@ def test_import_with_profile_data_registers_the_adapter_with_its_profile(tiny_mo
         result = _cli("import", str(tmp_path / directory), "--profile-data", str(data_file), home=registry_home)
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
     assert [entry.ref for entry in Registry().entries()] == ["letters@1"]  # nothing half-registered
+    result = _cli("profile", "letters", "--data", str(data), "--base", base, home=registry_home)
+    assert result.returncode == 0 and "letters@1 already has this profile" in result.stdout, result.stderr
+    digits = _conversations(tmp_path / "digits.jsonl", "1234 5678 9012 3456 7890")
+    result = _cli("profile", "letters", "--data", str(digits), "--base", base, home=registry_home)
+    assert result.returncode == 0, result.stderr
+    latest = Registry().resolve("letters")
+    assert latest.ref == "letters@2"
+    assert RoutingProfile.load(Registry().verify(latest)) == profile_task_data(base, digits)
