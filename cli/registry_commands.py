@@ -48,11 +48,24 @@ def import_adapter(
         directory = directory / "adapter"  # `expert-hub import runs/law-esft-token`
     add_profile = profile_adder(profile_data, base)
     with tempfile.TemporaryDirectory() as scratch:
-        if add_profile is not None:  # into a copy: the user's directory is left as it is
-            directory = Path(shutil.copytree(directory, Path(scratch) / directory.name))
+        if add_profile is not None:  # into a copy of its files: the user's directory is left as it is
+            directory = _copy_files(directory, Path(scratch) / directory.name)
             add_profile(directory)
         entry = _registry().register(directory, task=task, base=base)
     console.print(f"Registered {entry.ref} ({entry.digest[:12]}, {_size(entry.bytes)}) for base {entry.base_model}")
+
+
+def _copy_files(directory: Path, copy: Path) -> Path:
+    """The adapter's regular files (what the registry stores), refused as the registry refuses them: a link copied as
+    a plain file would slip past that check."""
+    from expert_hub.registry.store import refuse_links_and_special_files
+
+    refuse_links_and_special_files(directory)
+    copy.mkdir()
+    for path in directory.iterdir():
+        if path.is_file():
+            shutil.copyfile(path, copy / path.name)
+    return copy
 
 
 @app.command()

@@ -235,7 +235,7 @@ class Registry:
         registry as it was.
         """
         directory = Path(directory)
-        _refuse_links_and_special_files(directory)
+        refuse_links_and_special_files(directory)
         task = validate_task_name(task) if task is not None else None  # before gigabytes are copied
         sources = sorted(
             path
@@ -358,7 +358,7 @@ class Registry:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def _refuse_links_and_special_files(directory: Path) -> None:
+def refuse_links_and_special_files(directory: Path) -> None:
     """A link would copy (and `push` publish) whatever it points at, such as a key file elsewhere on the disk."""
     if not directory.is_dir():
         raise InvalidInputError(f"{directory} is not a directory")

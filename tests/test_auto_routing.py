@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -175,9 +176,12 @@ def test_import_with_profile_data_registers_the_adapter_with_its_profile(tiny_mo
     ExpertAdapter.from_model(load_base(base), ExpertSelection({0: [1]}), task="nameless", base_model=None).save(
         tmp_path / "nameless"
     )
+    shutil.copytree(tmp_path / "letters", tmp_path / "linked")
+    (tmp_path / "linked" / "notes.txt").symlink_to(tmp_path / "letters.jsonl")  # copied plainly, it would get in
     for directory, data_file, message in (
         ("letters", tmp_path / "none.jsonl", "is not a file"),
         ("nameless", data, "the adapter does not name its base model: give --base to profile it"),
+        ("linked", data, "notes.txt is a symlink; an adapter directory holds regular files only"),
     ):
         result = _cli("import", str(tmp_path / directory), "--profile-data", str(data_file), home=registry_home)
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
