@@ -85,17 +85,36 @@ def profile_prompts(model: nn.Module, prompts: Iterable[list[int]], batch_size: 
     return RoutingProfile(shares, tokens)
 
 
-def profile_task_data(base: str, data: str | Path, prompts: int = PROFILE_PROMPTS) -> RoutingProfile:
-    """The routing profile of the first `prompts` prompts of task data (conversations) on `base`: for an adapter
-    that came without one, such as a pulled published one."""
+def profile_conversations(
+    model: nn.Module,
+    tokenizer,
+    conversations: Iterable[list[dict]],
+    prompts: int = PROFILE_PROMPTS,
+    chat_template: bool = False,
+    max_tokens: int | None = None,
+) -> RoutingProfile:
+    """The routing profile of the first `prompts` conversations' prompts (every turn before the answer, formatted as
+    training formats them, cut to `max_tokens`) on the base `model`."""
     from itertools import islice
 
-    from .data import load_conversations, prompt_ids
+    from .data import prompt_ids
+
+    return profile_prompts(
+        model,
+        (
+            prompt_ids(messages[:-1], tokenizer, chat_template)[:max_tokens]
+            for messages in islice(conversations, prompts)
+        ),
+    )
+
+
+def profile_task_data(base: str, data: str | Path, prompts: int = PROFILE_PROMPTS) -> RoutingProfile:
+    """The routing profile of task data (conversations) on `base`: for an adapter that came without one, such as a
+    pulled published one."""
+    from .data import load_conversations
     from .models import load_base, load_tokenizer
 
-    model, tokenizer = load_base(base), load_tokenizer(base)
-    conversations = islice(load_conversations(str(data)), prompts)
-    return profile_prompts(model, (prompt_ids(messages[:-1], tokenizer) for messages in conversations))
+    return profile_conversations(load_base(base), load_tokenizer(base), load_conversations(str(data)), prompts)
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,8 @@ INTERNALS = {  # what expert-hub uses -> "module:attribute.path" in the supporte
     "out-of-tree layer registry": "vllm.model_executor.custom_op:op_registry_oot",
     "KV cache zeroing switch": "vllm.v1.kv_cache_interface:KVCacheConfig.needs_kv_cache_zeroing",
     "KV cache config": "vllm.v1.kv_cache_interface:KVCacheConfig",
-    "CPU expert prepacking": "vllm._custom_ops:torch.ops._C.prepack_moe_weight",  # (plain, out, isa); importing
-    # vllm._custom_ops registers vllm's C++ ops
+    # (plain, out, isa); importing vllm._custom_ops first registers vLLM's C++ ops
+    "CPU expert prepacking": "vllm._custom_ops:torch.ops._C.prepack_moe_weight",
     "delta output kind": "vllm.sampling_params:RequestOutputKind.DELTA",
     "CLI environment setup": "vllm.entrypoints.serve.utils.api_utils:cli_env_setup",
     "argument parser": "vllm.utils.argparse_utils:FlexibleArgumentParser",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import shutil
 from abc import abstractmethod
-from itertools import islice
 from pathlib import Path
 from typing import ClassVar
 
@@ -24,8 +23,8 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 
 from ...adapter import CONFIG_FILE, AdapterMetadata, ExpertAdapter, fingerprint_selection
-from ...auto_routing import PROFILE_FILE, PROFILE_PROMPTS, RoutingProfile, profile_prompts
-from ...data import load_conversations, prompt_ids
+from ...auto_routing import PROFILE_FILE, RoutingProfile, profile_conversations
+from ...data import load_conversations
 from ...errors import InvalidInputError
 from ...families import expert_views, moe_layers, split_parameters
 from ...models import load_base
@@ -179,11 +178,9 @@ class _ESFT(TrainingMethod):
         """How the base routes the prompts of (a seeded sample of) the task data: what a request for it looks like."""
         config = self.config
         conversations = load_conversations(config.data, config.split, seed=config.seed)
-        prompts = (
-            prompt_ids(messages[:-1], run.tokenizer, config.chat_template)[: config.seq_len]
-            for messages in islice(conversations, PROFILE_PROMPTS)
+        return profile_conversations(
+            model, run.tokenizer, conversations, chat_template=config.chat_template, max_tokens=config.seq_len
         )
-        return profile_prompts(model, prompts)
 
     def finish(self, model: nn.Module) -> nn.Module:
         return merge_esft(model)
