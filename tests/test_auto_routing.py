@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ from expert_hub.auto_routing import PROFILE_FILE, RoutingProfile, TaskRouter, pr
 from expert_hub.errors import InvalidInputError
 from expert_hub.families import moe_layers
 from expert_hub.models import load_base
+from expert_hub.serving.auto import AutoRouting
+from expert_hub.serving.tasks import Task
 
 
 def _prompts(low: int, high: int, count: int, seed: int) -> list[list[int]]:
@@ -194,3 +198,41 @@ def test_import_with_profile_data_registers_the_adapter_with_its_profile(tiny_mo
     latest = Registry().resolve("letters")
     assert latest.ref == "letters@2"
     assert RoutingProfile.load(Registry().verify(latest)) == profile_task_data(base, digits)
+
+
+def test_the_server_routes_a_burst_in_one_pass_on_a_thread_of_its_own(qwen, tiny_models, profiles, tmp_path):
+    """Requests that arrive a moment apart share one routing pass, which runs on the router's own thread with the
+    torch thread count and dtype the server gives it on a CPU engine (a thread count is set per thread: a pass on
+    any other thread would run on torch's default)."""
+    tasks = {}
+    for name, profile in profiles.items():
+        profile.save(tmp_path / name)
+        tasks[name] = Task(name, tmp_path / name, 0, {})
+    routing = AutoRouting(
+        str(tiny_models["qwen3_moe"]), [layer.index for layer in moe_layers(qwen)], threads=1, dtype=torch.bfloat16
+    )
+    low, high = _prompts(3, 13, 2, 7), _prompts(240, 250, 2, 8)
+    passes = []
+
+    async def request(prompt: list[int], delay: float) -> str | None:
+        await asyncio.sleep(delay)
+        return (await routing.choose("/v1/completions", {"prompt": prompt}, tasks)).task
+
+    async def burst() -> list[str | None]:
+        assert await request(low[0], 0) == "low"  # loads the router
+        route_many = routing.router.route_many
+
+        def recorded(prompts, candidates):
+            passes.append((len(prompts), threading.get_ident(), torch.get_num_threads()))
+            return route_many(prompts, candidates)
+
+        routing.router.route_many = recorded
+        return await asyncio.gather(*(request(p, i * 0.001) for i, p in enumerate([*low, *high])))
+
+    before = torch.get_num_threads()
+    try:
+        assert asyncio.run(burst()) == ["low", "low", "high", "high"]
+    finally:
+        torch.set_num_threads(before)  # the router's setting is also torch's default for threads started later
+    assert next(routing.router.model.parameters()).dtype == torch.bfloat16
+    assert passes == [(4, passes[0][1], 1)] and passes[0][1] != threading.get_ident()

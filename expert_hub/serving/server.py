@@ -46,7 +46,7 @@ async def serve(
         manager = TaskManager(engine, dict(tasks), max_resident, model, registry, base, base_names[0])
         engine.generate = count_tokens(engine.generate, manager.task_of_key)
         await _prepare_bank(manager, list(tasks)[:max_resident])
-        state = ServingState(manager, base_names, keys, AutoRouting(base, model.moe_layers))
+        state = ServingState(manager, base_names, keys, _auto_routing(base, model, engine))
 
         def extend_app(app) -> None:
             state.install(app)
@@ -54,6 +54,13 @@ async def serve(
 
         shutdown = await vllm.build_and_serve(engine, listen_address, sock, args, extend_app)  # TLS and all
     await shutdown
+
+
+def _auto_routing(base: str, model, engine) -> AutoRouting:
+    """The router for `"model": "auto"`; with a CPU engine it runs as the engine does (see `auto`)."""
+    if vllm.is_cpu():
+        return AutoRouting(base, model.moe_layers, threads=1, dtype=vllm.served_dtype(engine))
+    return AutoRouting(base, model.moe_layers)
 
 
 async def _prepare_bank(manager: TaskManager, initial: list[str]) -> None:

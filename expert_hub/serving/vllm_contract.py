@@ -122,6 +122,11 @@ def is_cpu() -> bool:
     return internal("platform").is_cpu()
 
 
+def served_dtype(engine) -> torch.dtype:
+    """The dtype the engine runs the model in: vLLM casts a float32 checkpoint down to bfloat16 or float16."""
+    return engine.model_config.dtype
+
+
 def setup_server(args: Namespace):
     """vLLM's listening address and socket, bound before the engine starts (as `vllm serve` does)."""
     return internal("server socket")(args, reuse_port=False)
