@@ -194,10 +194,15 @@ def _serving(base: str, root: Path, artifacts: dict, eval_prompts: dict[str, lis
     tasks = [TASKS[index % len(TASKS)] for index in range(args.requests)]
     jobs = [(task, eval_prompts[task][index // len(TASKS)]) for index, task in enumerate(tasks)]
 
+    chosen_right: list[bool] = []  # the server's own auto choices, every auto request
+
     def one(job: tuple[str, str], auto: bool, max_tokens: int) -> int:
         task, text = job
         body = {"model": "auto" if auto else task, "prompt": text, "max_tokens": max_tokens, "temperature": 0}
-        return _request("POST", url + "/v1/completions", body | {"ignore_eos": True})["usage"]["completion_tokens"]
+        response = _request("POST", url + "/v1/completions", body | {"ignore_eos": True})
+        if auto:
+            chosen_right.append(response["model"] == task)
+        return response["usage"]["completion_tokens"]
 
     def burst(auto: bool, max_tokens: int) -> tuple[int, float]:
         """Every job at once: output tokens, seconds."""
@@ -223,10 +228,12 @@ def _serving(base: str, root: Path, artifacts: dict, eval_prompts: dict[str, lis
         "named_tokens_per_s": named,
         "auto_tokens_per_s": auto,
         "ratio": auto / named,
+        "round_ratios": [a / n for n, a in zip(rates["named"], rates["auto"])],  # each auto round / the named before
         "rounds": args.rounds,
         "requests": len(jobs),
         "prefill_ms_named": 1e3 * statistics.median(prefill["named"]),
         "prefill_ms_auto": 1e3 * statistics.median(prefill["auto"]),
+        "server_choices_right": sum(chosen_right) / len(chosen_right),
     }
 
 
@@ -322,11 +329,14 @@ def _report(console: Console, results: dict) -> None:
     if serving := results.get("serving"):
         console.print(
             f"serving, {serving['rounds']} interleaved rounds: named {serving['named_tokens_per_s']:.1f} tokens/s, "
-            f"auto {serving['auto_tokens_per_s']:.1f} tokens/s -> {serving['ratio']:.3f} (goal >= 0.95)"
+            f"auto {serving['auto_tokens_per_s']:.1f} tokens/s -> {serving['ratio']:.3f} (goal >= 0.95); each auto "
+            f"round against the named one before it: {min(serving['round_ratios']):.3f} to "
+            f"{max(serving['round_ratios']):.3f}"
         )
         console.print(
             f"the same {serving['requests']} requests at once, one token each (their prefill): named "
-            f"{serving['prefill_ms_named']:.0f} ms, auto {serving['prefill_ms_auto']:.0f} ms"
+            f"{serving['prefill_ms_named']:.0f} ms, auto {serving['prefill_ms_auto']:.0f} ms; the server sent "
+            f"{serving['server_choices_right']:.1%} of the auto requests to their own task"
         )
 
 
