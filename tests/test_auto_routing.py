@@ -18,6 +18,7 @@ from expert_hub.auto_routing import PROFILE_FILE, RoutingProfile, TaskRouter, pr
 from expert_hub.errors import InvalidInputError
 from expert_hub.families import moe_layers
 from expert_hub.models import load_base
+from expert_hub.serving import auto
 from expert_hub.serving.auto import AutoRouting
 from expert_hub.serving.tasks import Task
 
@@ -200,10 +201,12 @@ def test_import_with_profile_data_registers_the_adapter_with_its_profile(tiny_mo
     assert RoutingProfile.load(Registry().verify(latest)) == profile_task_data(base, digits)
 
 
-def test_the_server_routes_a_burst_in_one_pass_on_a_thread_of_its_own(qwen, tiny_models, profiles, tmp_path):
-    """Requests that arrive a moment apart share one routing pass, which runs on the router's own thread with the
-    torch thread count and dtype the server gives it on a CPU engine (a thread count is set per thread: a pass on
-    any other thread would run on torch's default)."""
+def test_the_server_routes_a_burst_in_one_pass_on_a_thread_of_its_own(
+    qwen, tiny_models, profiles, tmp_path, monkeypatch
+):
+    """Requests that arrive a few milliseconds apart share one routing pass, which runs on the router's own thread
+    (the one that loaded it) with the torch thread count and dtype the server gives it beside a CPU engine."""
+    monkeypatch.setattr(auto, "GATHER_S", 1.0)  # the cap: a stalled event loop must not split the burst here
     tasks = {}
     for name, profile in profiles.items():
         profile.save(tmp_path / name)
@@ -212,7 +215,16 @@ def test_the_server_routes_a_burst_in_one_pass_on_a_thread_of_its_own(qwen, tiny
         str(tiny_models["qwen3_moe"]), [layer.index for layer in moe_layers(qwen)], threads=1, dtype=torch.bfloat16
     )
     low, high = _prompts(3, 13, 2, 7), _prompts(240, 250, 2, 8)
-    passes = []
+    threads_used = []
+
+    def on_the_thread(function):
+        def recorded(*args):
+            threads_used.append((function.__name__, threading.current_thread().name, torch.get_num_threads()))
+            return function(*args)
+
+        return recorded
+
+    routing._load = on_the_thread(routing._load)
 
     async def request(prompt: list[int], delay: float) -> str | None:
         await asyncio.sleep(delay)
@@ -220,19 +232,19 @@ def test_the_server_routes_a_burst_in_one_pass_on_a_thread_of_its_own(qwen, tiny
 
     async def burst() -> list[str | None]:
         assert await request(low[0], 0) == "low"  # loads the router
-        route_many = routing.router.route_many
-
-        def recorded(prompts, candidates):
-            passes.append((len(prompts), threading.get_ident(), torch.get_num_threads()))
-            return route_many(prompts, candidates)
-
-        routing.router.route_many = recorded
-        return await asyncio.gather(*(request(p, i * 0.001) for i, p in enumerate([*low, *high])))
+        routing.router.route_many = on_the_thread(routing.router.route_many)
+        passes = len(threads_used)
+        chosen = await asyncio.gather(*(request(p, i * 0.002) for i, p in enumerate([*low, *high])))  # over 6 ms
+        assert len(threads_used) == passes + 1, "the burst took more than one pass"
+        return chosen
 
     before = torch.get_num_threads()
+    assert before > 1, "torch runs on one thread here: the thread count the router is given cannot be told apart"
     try:
         assert asyncio.run(burst()) == ["low", "low", "high", "high"]
     finally:
         torch.set_num_threads(before)  # the router's setting is also torch's default for threads started later
     assert next(routing.router.model.parameters()).dtype == torch.bfloat16
-    assert passes == [(4, passes[0][1], 1)] and passes[0][1] != threading.get_ident()
+    names = {name for _, name, _ in threads_used}
+    assert len(names) == 1 and names.pop().startswith("auto-router")
+    assert {count for _, _, count in threads_used} == {1}

@@ -2,16 +2,18 @@
 
 The router (`expert_hub.auto_routing`) runs the base model's first `depth` MoE layers with transformers, in the
 front-end process beside vLLM: only those layers are loaded (a config cut after the last of them), on the CPU, when
-the first request asks for auto routing. Prompts are routed together, in one padded forward pass in a worker thread,
-so the event loop keeps serving: a pass starts once prompts stop arriving for a moment (`QUIET_S`, at most `GATHER_S`
-after the first), so a burst of requests costs one pass rather than a pass for its first request and one for the
-rest, and prompts that arrive during a pass wait for the next. The candidates are the servable tasks that have a
-routing profile; a task without one is never chosen.
+the first request asks for auto routing. Prompts are routed together, in one padded forward pass on the router's own
+thread, so the event loop keeps serving: a pass waits while prompts keep arriving (until none has for `QUIET_S`, at
+most `GATHER_S` after the oldest arrived), so a burst of requests costs one pass rather than one for its first request
+and another for the rest; prompts that arrive during a pass go in the next. A lone prompt waits `QUIET_S`. The
+candidates are the servable tasks that have a routing profile; a task without one is never chosen.
 
-With a CPU engine the router runs as the engine does. On one thread: vLLM binds its workers to every core but those
-it keeps for its scheduler and this front end, and a second router thread lands on a worker's core (on 2 cores a
-one-prompt pass took 18 ms on two threads, 7 ms on one). In the engine's dtype: on the demo base, bfloat16 routes
-24 prompts in 26 ms against float32's 38 ms, with the same choices on the benchmark's held-out prompts.
+With a CPU engine the router runs as the engine does. On one torch thread: vLLM pins its workers to every core but the
+ones it keeps for its scheduler, which this front end shares, and more router threads contend for a worker's core (on
+2 cores, one prompt took 18 ms routed on asyncio's shared pool with torch's two threads, 6-7 ms on one thread of its
+own). torch's thread count is partly process-wide: front-end threads that first use torch after the router starts
+get one thread too. In the served dtype (bfloat16 for a float32 checkpoint): `bench_auto_routing.py` measures its
+choices against float32's and its pass time.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -33,6 +36,12 @@ logger = logging.getLogger(__name__)
 
 QUIET_S = 0.003  # a burst's requests reach the router up to 3 ms apart on 2 cores
 GATHER_S = 0.015  # the longest a prompt waits for others before its pass starts
+
+
+class _Waiting(NamedTuple):
+    token_ids: list[int]
+    chosen: asyncio.Future  # the request's answer
+    arrived: float  # event-loop time
 
 
 class AutoRouting:
@@ -49,20 +58,17 @@ class AutoRouting:
     ):
         self.base, self.depth, self.threshold = base, min(depth, len(moe_layers)), threshold
         self.dtype = dtype  # None: the checkpoint's
-        # one thread runs every pass: a torch thread count applies to the thread that sets it, and each thread that
-        # runs torch ops keeps its own pool of helper threads
-        self._thread = ThreadPoolExecutor(
-            1,
-            "auto-router",
-            initializer=torch.set_num_threads if threads else None,
-            initargs=(threads,) if threads else (),
+        # one thread loads the router and runs every pass: a thread that has run torch keeps its own thread count,
+        # and each such thread keeps its own pool of torch helper threads
+        self._executor = ThreadPoolExecutor(
+            1, "auto-router", initializer=(lambda: torch.set_num_threads(threads)) if threads else None
         )
         self.layers_needed = moe_layers[self.depth - 1] + 1
         self.router: TaskRouter | None = None  # loaded by the first auto request
         self.tokenizer = None
         self._profiles: dict[Path, RoutingProfile | None] = {}  # by adapter directory: a task's files never change
         self._loading = asyncio.Lock()
-        self._waiting: list[tuple[list[int], asyncio.Future]] = []  # prompts for the next routing pass
+        self._waiting: list[_Waiting] = []  # prompts for the next routing pass
         self._candidates: dict[str, RoutingProfile] = {}  # the newest request's: tasks come and go at run time
         self._pass: asyncio.Task | None = None
 
@@ -93,8 +99,9 @@ class AutoRouting:
                     logger.exception("cannot load the auto router")
                     raise TaskError(f"auto routing is unavailable: {first_line(error)}", 500) from error
         token_ids = self._prompt_ids(path, request)
-        chosen = asyncio.get_running_loop().create_future()
-        self._waiting.append((token_ids, chosen))
+        loop = asyncio.get_running_loop()
+        chosen = loop.create_future()
+        self._waiting.append(_Waiting(token_ids, chosen, loop.time()))
         self._candidates = profiles
         if self._pass is None or self._pass.done():
             self._pass = asyncio.create_task(self._route_waiting())
@@ -104,25 +111,30 @@ class AutoRouting:
         """Route every waiting prompt, a pass at a time, until none waits."""
         loop = asyncio.get_running_loop()
         while self._waiting:
-            deadline, seen = loop.time() + GATHER_S, 0
-            while len(self._waiting) != seen and loop.time() < deadline:
+            seen, deadline = 0, self._waiting[0].arrived + GATHER_S
+            while len(self._waiting) != seen and (left := deadline - loop.time()) > 0:
                 seen = len(self._waiting)
-                await asyncio.sleep(QUIET_S)
-            batch, self._waiting = self._waiting, []
+                await asyncio.sleep(min(QUIET_S, left))
+            batch = [waiting for waiting in self._waiting if not waiting.chosen.done()]  # a client may have gone
+            self._waiting = []
+            if not batch:
+                continue
             try:
-                choices = await self._in_thread(self.router.route_many, [ids for ids, _ in batch], self._candidates)
+                choices = await self._in_thread(
+                    self.router.route_many, [waiting.token_ids for waiting in batch], self._candidates
+                )
             except Exception as error:  # a profile that does not fit the model: the server's own files
                 logger.exception("auto routing failed")
-                for _, chosen in batch:
-                    if not chosen.done():  # its client may have gone
-                        chosen.set_exception(TaskError(f"auto routing failed: {first_line(error)}", 500))
+                for waiting in batch:
+                    if not waiting.chosen.done():
+                        waiting.chosen.set_exception(TaskError(f"auto routing failed: {first_line(error)}", 500))
                 continue
-            for (_, chosen), choice in zip(batch, choices):
-                if not chosen.done():
-                    chosen.set_result(choice)
+            for waiting, choice in zip(batch, choices):
+                if not waiting.chosen.done():
+                    waiting.chosen.set_result(choice)
 
     async def _in_thread(self, function, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     def _prompt_ids(self, path: str, request: dict) -> list[int]:
         """The prompt's token ids as vLLM will see them: a completion's text (or ids), a chat's rendered turns."""
