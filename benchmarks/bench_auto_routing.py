@@ -29,6 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
 from bench_serving import _request
 from lora_peer import wait_for_health
 from rich.console import Console
@@ -88,7 +89,7 @@ def _routing(base: str, profiles: dict, prompts: dict[str, list[list[int]]], con
     by_length = {length: accuracy(length) for length in LENGTHS}
     long_enough = [(task, p) for task, task_prompts in prompts.items() for p in task_prompts if len(p) >= 32]
     long_accuracy = sum(router.route(p, profiles).task == expected[t] for t, p in long_enough) / len(long_enough)
-    return {
+    return _as_served(base, profiles, prompts, router, expected) | {
         "depth": DEFAULT_DEPTH,
         "accuracy_by_depth": by_depth,
         "confusion": confusion,
@@ -99,6 +100,45 @@ def _routing(base: str, profiles: dict, prompts: dict[str, list[list[int]]], con
         "prompts_32_plus": len(long_enough),
         "ms_per_prompt": 1e3 * statistics.median(seconds),
     }
+
+
+def _as_served(base: str, profiles: dict, prompts: dict, router, expected: dict) -> dict:
+    """The router as the server runs it beside a CPU engine (one torch thread, on a thread of its own, bfloat16: what
+    vLLM serves the float32 demo base in) against `router` (float32): choices on every held-out prompt, and one pass
+    over a burst of 24 prompts (the serving burst's), float32 and bfloat16 both on one thread."""
+    from expert_hub.auto_routing import TaskRouter
+    from expert_hub.models import load_base
+
+    served = TaskRouter(load_base(base, layers=router.layers[-1].index + 1, dtype=torch.bfloat16))
+    burst = [prompts[TASKS[index % len(TASKS)]][index // len(TASKS)] for index in range(24)]
+
+    def pass_ms(chosen_router) -> float:
+        chosen_router.route_many(burst, profiles)  # warm-up
+        times = []
+        for _ in range(9):
+            started = time.perf_counter()
+            chosen_router.route_many(burst, profiles)
+            times.append(time.perf_counter() - started)
+        return 1e3 * statistics.median(times)
+
+    def measure() -> dict:
+        pairs = [
+            (task, served.route_many(task_prompts, profiles), router.route_many(task_prompts, profiles))
+            for task, task_prompts in prompts.items()
+        ]
+        choices = [(task, a.task, b.task) for task, bf16, fp32 in pairs for a, b in zip(bf16, fp32)]
+        return {
+            "served_accuracy": sum(chosen == expected[task] for task, chosen, _ in choices) / len(choices),
+            "served_agreement": sum(chosen == reference for _, chosen, reference in choices) / len(choices),
+            "burst_pass_ms_bfloat16": pass_ms(served),
+            "burst_pass_ms_float32": pass_ms(router),
+        }
+
+    threads = torch.get_num_threads()
+    with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) as thread:
+        figures = thread.submit(measure).result()
+    torch.set_num_threads(threads)  # the one-thread setting is also torch's default for threads started later
+    return figures
 
 
 def _classifier(train_texts: dict[str, list[str]], eval_texts: dict[str, list[str]], tokenizer) -> dict:
@@ -319,6 +359,13 @@ def _report(console: Console, results: dict) -> None:
         f"goal: >= 95% on prompts of >= 32 tokens -> {routing['accuracy_prompts_32_plus']:.3f} "
         f"({routing['prompts_32_plus']} prompts); routing takes {routing['ms_per_prompt']:.1f} ms per prompt here"
     )
+    console.print(
+        f"as the server routes beside a CPU engine (bfloat16, one thread): {routing['served_accuracy']:.3f} right on "
+        f"every held-out prompt, the same choice as float32 for {routing['served_agreement']:.1%}; a pass over 24 "
+        f"prompts {routing['burst_pass_ms_bfloat16']:.1f} ms (float32 on one thread: "
+        f"{routing['burst_pass_ms_float32']:.1f} ms)",
+        soft_wrap=True,
+    )
     scores = Table(title="End-task score on held-out records: the task named, auto-routed, the base model")
     for column in ("task", "metric", "named", "auto", "base", "auto / named"):
         scores.add_column(column, justify="left" if column in ("task", "metric") else "right")
@@ -331,12 +378,14 @@ def _report(console: Console, results: dict) -> None:
             f"serving, {serving['rounds']} interleaved rounds: named {serving['named_tokens_per_s']:.1f} tokens/s, "
             f"auto {serving['auto_tokens_per_s']:.1f} tokens/s -> {serving['ratio']:.3f} (goal >= 0.95); each auto "
             f"round against the named one before it: {min(serving['round_ratios']):.3f} to "
-            f"{max(serving['round_ratios']):.3f}"
+            f"{max(serving['round_ratios']):.3f}",
+            soft_wrap=True,
         )
         console.print(
             f"the same {serving['requests']} requests at once, one token each (their prefill): named "
             f"{serving['prefill_ms_named']:.0f} ms, auto {serving['prefill_ms_auto']:.0f} ms; the server sent "
-            f"{serving['server_choices_right']:.1%} of the auto requests to their own task"
+            f"{serving['server_choices_right']:.1%} of the auto requests to their own task",
+            soft_wrap=True,
         )
 
 
