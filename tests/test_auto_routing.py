@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from expert_hub.families import moe_layers
 from expert_hub.models import load_base
 from expert_hub.serving import auto
 from expert_hub.serving.auto import AutoRouting
-from expert_hub.serving.tasks import Task
+from expert_hub.serving.tasks import Task, TaskError
 
 
 def _prompts(low: int, high: int, count: int, seed: int) -> list[list[int]]:
@@ -201,16 +202,50 @@ def test_import_with_profile_data_registers_the_adapter_with_its_profile(tiny_mo
     assert RoutingProfile.load(Registry().verify(latest)) == profile_task_data(base, digits)
 
 
+def _served_tasks(profiles: dict[str, RoutingProfile], directory: Path) -> dict[str, Task]:
+    """Server tasks whose adapter directories hold just their routing profiles."""
+    for name, profile in profiles.items():
+        profile.save(directory / name)
+    return {name: Task(name, directory / name, 0, {}) for name in profiles}
+
+
+def test_the_server_loads_its_router_once_though_a_client_leaves_mid_load(qwen, tiny_models, profiles, tmp_path):
+    """A failed load answers 500 and is tried again by the next request; a client that leaves mid-load does not
+    stop the load, and the request after it waits for that load instead of starting another."""
+    tasks = _served_tasks(profiles, tmp_path)
+    routing = AutoRouting(str(tiny_models["qwen3_moe"]), [layer.index for layer in moe_layers(qwen)])
+    load, loads = routing._load, []
+
+    def slow_load() -> None:
+        loads.append(threading.current_thread().name)
+        time.sleep(0.3)
+        if len(loads) == 1:
+            raise OSError("the disk went away")
+        load()
+
+    routing._load = slow_load
+    prompt = {"prompt": _prompts(3, 13, 1, 9)[0]}
+
+    async def requests() -> str | None:
+        with pytest.raises(TaskError, match="auto routing is unavailable: the disk went away") as failed:
+            await routing.choose("/v1/completions", prompt, tasks)
+        assert failed.value.status == 500
+        leaving = asyncio.create_task(routing.choose("/v1/completions", prompt, tasks))
+        await asyncio.sleep(0.1)  # the second load is under way
+        leaving.cancel()
+        return (await routing.choose("/v1/completions", prompt, tasks)).task
+
+    assert asyncio.run(requests()) == "low"
+    assert len(loads) == 2
+
+
 def test_the_server_routes_a_burst_in_one_pass_on_a_thread_of_its_own(
     qwen, tiny_models, profiles, tmp_path, monkeypatch
 ):
     """Requests that arrive a few milliseconds apart share one routing pass, which runs on the router's own thread
     (the one that loaded it) with the torch thread count and dtype the server gives it beside a CPU engine."""
     monkeypatch.setattr(auto, "GATHER_S", 1.0)  # the cap: a stalled event loop must not split the burst here
-    tasks = {}
-    for name, profile in profiles.items():
-        profile.save(tmp_path / name)
-        tasks[name] = Task(name, tmp_path / name, 0, {})
+    tasks = _served_tasks(profiles, tmp_path)
     routing = AutoRouting(
         str(tiny_models["qwen3_moe"]), [layer.index for layer in moe_layers(qwen)], threads=1, dtype=torch.bfloat16
     )

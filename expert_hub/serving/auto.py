@@ -67,7 +67,7 @@ class AutoRouting:
         self.router: TaskRouter | None = None  # loaded by the first auto request
         self.tokenizer = None
         self._profiles: dict[Path, RoutingProfile | None] = {}  # by adapter directory: a task's files never change
-        self._loading = asyncio.Lock()
+        self._loading: asyncio.Future | None = None  # the router's load, shared by the requests waiting for it
         self._waiting: list[_Waiting] = []  # prompts for the next routing pass
         self._candidates: dict[str, RoutingProfile] = {}  # the newest request's: tasks come and go at run time
         self._pass: asyncio.Task | None = None
@@ -91,13 +91,8 @@ class AutoRouting:
         profiles = self.profiles(tasks)
         if not profiles:
             raise TaskError("auto routing needs a served task with a routing profile; none has one", 400)
-        async with self._loading:
-            if self.router is None:
-                try:
-                    await self._in_thread(self._load)
-                except Exception as error:  # the server's own model: not the client's fault
-                    logger.exception("cannot load the auto router")
-                    raise TaskError(f"auto routing is unavailable: {first_line(error)}", 500) from error
+        if self.router is None:
+            await self._loaded()
         token_ids = self._prompt_ids(path, request)
         loop = asyncio.get_running_loop()
         chosen = loop.create_future()
@@ -106,6 +101,20 @@ class AutoRouting:
         if self._pass is None or self._pass.done():
             self._pass = asyncio.create_task(self._route_waiting())
         return await chosen
+
+    async def _loaded(self) -> None:
+        """Wait for the router, loading it once for every request that waits: a client that leaves mid-load neither
+        stops the load nor makes the next request start another. A failed load is tried again by the next one."""
+        if self._loading is None:
+            self._loading = asyncio.ensure_future(self._in_thread(self._load))
+        loading = self._loading
+        try:
+            await asyncio.shield(loading)
+        except Exception as error:  # the server's own model: not the client's fault
+            if self._loading is loading:
+                self._loading = None
+                logger.exception("cannot load the auto router")
+            raise TaskError(f"auto routing is unavailable: {first_line(error)}", 500) from error
 
     async def _route_waiting(self) -> None:
         """Route every waiting prompt, a pass at a time, until none waits."""
