@@ -107,14 +107,18 @@ class AutoRouting:
         stops the load nor makes the next request start another. A failed load is tried again by the next one."""
         if self._loading is None:
             self._loading = asyncio.ensure_future(self._in_thread(self._load))
-        loading = self._loading
+            self._loading.add_done_callback(self._forget_failed_load)
         try:
-            await asyncio.shield(loading)
+            await asyncio.shield(self._loading)
         except Exception as error:  # the server's own model: not the client's fault
-            if self._loading is loading:
-                self._loading = None
-                logger.exception("cannot load the auto router")
             raise TaskError(f"auto routing is unavailable: {first_line(error)}", 500) from error
+
+    def _forget_failed_load(self, loading: asyncio.Future) -> None:
+        """Log a failed load once, and let the next request try again (even when no request waited for this one)."""
+        if loading.cancelled() or loading.exception() is not None:
+            self._loading = None
+            if not loading.cancelled():
+                logger.error("cannot load the auto router", exc_info=loading.exception())
 
     async def _route_waiting(self) -> None:
         """Route every waiting prompt, a pass at a time, until none waits."""
