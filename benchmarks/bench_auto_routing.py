@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from bench_registry import _timed
 from bench_serving import _request
 from lora_peer import wait_for_health
 from rich.console import Console
@@ -114,12 +115,7 @@ def _as_served(base: str, profiles: dict, prompts: dict, router, expected: dict)
 
     def pass_ms(chosen_router) -> float:
         chosen_router.route_many(burst, profiles)  # warm-up
-        times = []
-        for _ in range(9):
-            started = time.perf_counter()
-            chosen_router.route_many(burst, profiles)
-            times.append(time.perf_counter() - started)
-        return 1e3 * statistics.median(times)
+        return 1e3 * _timed(lambda: chosen_router.route_many(burst, profiles), repeats=9)
 
     def measure() -> dict:
         pairs = [
