@@ -8,7 +8,9 @@ a time, in a separate process.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -158,6 +160,42 @@ def test_a_task_load_is_all_or_nothing_and_unloading_leaves_nothing_behind(tmp_p
         assert untouched()  # rows zeroed and free again, remap back to the base experts
     finally:
         bank.TASK_ROWS.pop("k3", None)
+
+
+def test_a_worker_bound_to_one_core_reads_and_hashes_a_task_on_every_core_of_the_server(tmp_path, monkeypatch):
+    """vLLM binds its CPU worker's threads to its compute cores (one of two here); a task load's reading and hashing
+    threads must not take turns on that core alone."""
+    from expert_hub import adapter as adapter_module
+    from expert_hub.serving import bank, vllm_contract
+    from expert_hub.serving.worker import ExpertBankWorker
+
+    server = os.sched_getaffinity(0)
+    assert len(server) > 1, "the CI machine has 2 cores"
+    monkeypatch.setattr(vllm_contract, "server_cores", lambda: server)
+    directory = _fake_adapter(tmp_path / "task", {0: [1, 2], 1: [3]})
+    sha256 = {file.name: hashlib.sha256(file.read_bytes()).hexdigest() for file in directory.iterdir()}
+    read_on, read_and_hash = [], adapter_module._read_and_hash
+
+    def spied(path, digest):
+        read_on.append(os.sched_getaffinity(0))  # the hashing thread it starts inherits this
+        return read_and_hash(path, digest)
+
+    monkeypatch.setattr(adapter_module, "_read_and_hash", spied)
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([FakeBankedLayer(), FakeBankedLayer()])
+    worker = ExpertBankWorker()
+    worker.model_runner = SimpleNamespace(model=model)
+
+    def load_as_a_bound_worker() -> dict:
+        os.sched_setaffinity(0, {min(server)})
+        return worker.expert_hub_load_task("bound", str(directory), sha256)
+
+    try:
+        with ThreadPoolExecutor(1) as vllm_worker:
+            assert vllm_worker.submit(load_as_a_bound_worker).result()["status"] == "loaded"
+    finally:
+        bank.TASK_ROWS.pop("bound", None)
+    assert read_on and all(cores == server for cores in read_on)
 
 
 def test_an_unsupported_vllm_or_a_moved_internal_is_named_in_one_line(monkeypatch):

@@ -12,6 +12,8 @@ in the same order leave every rank with the same rows, and the front end checks 
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, TypedDict
@@ -97,7 +99,7 @@ class ExpertBankWorker:
             return asdict(LoadResult("loaded", bank.TASK_ROWS[key]))
         layers = _banked_layers(vllm.served_model(self))
         try:
-            adapter = ExpertAdapter.load(directory, sha256)  # refuses changed files and non-finite weights
+            adapter = _read_adapter(directory, sha256)  # refuses changed files and non-finite weights
             rows = {
                 index: [(expert, _shard(layers[index], _expert_tensors(adapter, index, expert))) for expert in experts]
                 for index, experts in _checked_experts(adapter, layers).items()
@@ -138,6 +140,19 @@ class ExpertBankWorker:
             return False
         _release_row(_banked_layers(vllm.served_model(self)).values(), row)
         return True
+
+
+def _read_adapter(directory: str, sha256: dict[str, str] | None) -> ExpertAdapter:
+    """`ExpertAdapter.load` on every core the server has, not only the worker's compute cores.
+
+    vLLM binds the CPU worker's threads, and so the threads they start, to the cores it computes on: one of the two
+    on a 2-core machine, where reading a task's files and hashing them would then take turns on one core. Model
+    steps wait for a load anyway (the worker runs one call at a time), so the load's threads may also use the cores
+    vLLM keeps for its scheduler and API server. Measured on 2 cores, a 144 MiB task is read, hashed and checked in
+    about 93 ms instead of 160.
+    """
+    with ThreadPoolExecutor(1, initializer=os.sched_setaffinity, initargs=(0, vllm.server_cores())) as loader:
+        return loader.submit(ExpertAdapter.load, directory, sha256).result()
 
 
 def _checked_experts(adapter: ExpertAdapter, layers: dict[int, torch.nn.Module]) -> dict[int, list[int]]:
