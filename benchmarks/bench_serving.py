@@ -266,7 +266,16 @@ def _report(console, args, rates, loads, bank, default_rows, paper, stress) -> N
         f"sha256 pass over the task's files + one copy of its bytes; the first load of each, then the median of "
         f"{args.load_repeats} more (unloaded between)"
     )
-    for column in ("task", "MiB of experts", "bound ms", "first ms", "x bound", "again ms", "x bound ", "MiB/s"):
+    for column in (
+        "task",
+        "MiB of experts",
+        "bound ms",
+        "first ms",
+        "first x bound",
+        "again ms",
+        "again x bound",
+        "MiB/s",
+    ):
         loads_table.add_column(column, justify="left" if column == "task" else "right")
     again = {load["task"]: statistics.median(load["again"]) for load in loads}
     for load in loads:

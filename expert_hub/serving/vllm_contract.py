@@ -188,15 +188,16 @@ def cpu_layout() -> tuple[int, list[int]]:
     return len(internal("visible NUMA nodes")()), sorted(cpu.id for cpu in internal("allowed CPUs")())
 
 
-def server_cores() -> set[int]:
-    """The cores the whole server may run on, as seen from vLLM's worker process.
+def server_cores() -> set[int] | None:
+    """The cores the whole server may run on, as seen from vLLM's worker process (None where the platform has no
+    CPU affinity, macOS: nothing is bound there).
 
     vLLM's CPU worker binds its threads to the cores it computes on (OpenMP affinity settings it exports before
     starting the worker), so every thread the worker starts inherits that binding; the cores it leaves out are kept
     for the engine's scheduler and the API server. The engine-core process that started the worker keeps the
     server's whole set. Elsewhere (a GPU worker) nothing is bound and this is every core the process had.
     """
-    return os.sched_getaffinity(os.getppid())
+    return os.sched_getaffinity(os.getppid()) if hasattr(os, "sched_getaffinity") else None
 
 
 def memory_utilization_is_default(engine_arguments) -> bool:
