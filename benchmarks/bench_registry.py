@@ -10,7 +10,8 @@ the page cache warm (the files just read) and cold (their pages evicted first; t
 Goals: import <= 1.3x max(durable copy, sha256 pass), load <= 1.2x the sha256 pass.
 A plain copy (`cp`: the bytes may still sit in the page cache, never reaching the disk) is shown for reference only;
 ratios to it swing with the machine. The operations alternate, so all share the machine's state; medians of
-`--repeats`. Run: `.venv/bin/python benchmarks/bench_registry.py [--gib 1.0 --repeats 3]`.
+`--repeats` (the range shows how much runs differ: a virtual disk can write fresh blocks far slower than reused
+ones). Run: `.venv/bin/python benchmarks/bench_registry.py [--gib 1.0 --repeats 5]`.
 """
 
 from __future__ import annotations
@@ -104,10 +105,10 @@ def _copy(files: list[Path], target: Path, durable: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, default=1.0, help="adapter size")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--entries", type=int, default=1000)
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=120)
     expert_bytes = 3 * HIDDEN * INTERMEDIATE * 2
     num_experts = max(6, round(args.gib * 2**30 / expert_bytes) // 6 * 6)
 
@@ -138,7 +139,7 @@ def main() -> None:
         median = {key: statistics.median(values) for key, values in times.items()}
 
         table = Table(title=f"Registry on an adapter of {num_experts} experts, {size / 2**30:.2f} GiB")
-        for column in ("operation", "cache", "median s", "GiB/s", "x bound", "goal"):
+        for column in ("operation", "cache", "median s", "range s", "GiB/s", "x bound", "goal"):
             table.add_column(column, justify="left" if column in ("operation", "cache") else "right")
         ratios = []
         for cache in ("warm", "cold"):
@@ -147,7 +148,8 @@ def main() -> None:
                 seconds = median[name, cache]
                 ratio = f"{seconds / bounds[name]:.2f}" if name in bounds else ""
                 goal = f"<= {GOALS[name][1]}" if name in GOALS else ""
-                table.add_row(name, cache, f"{seconds:.3f}", f"{size / 2**30 / seconds:.2f}", ratio, goal)
+                spread = f"{min(times[name, cache]):.2f}-{max(times[name, cache]):.2f}"
+                table.add_row(name, cache, f"{seconds:.3f}", spread, f"{size / 2**30 / seconds:.2f}", ratio, goal)
                 if name in GOALS:
                     ratios.append(f"{name} / {GOALS[name][0]}, {cache} cache: {ratio} (goal <= {GOALS[name][1]})")
         console.print(table)
