@@ -107,12 +107,12 @@ def route(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Show which task a prompt would be routed to by `"model": "auto"`, with every candidate's score."""
-    from expert_hub.auto_routing import RoutingProfile, TaskRouter
+    from expert_hub.auto_routing import RoutingProfile, TaskRouter, check_prompt_text
+    from expert_hub.families import moe_layers
     from expert_hub.models import load_base, load_tokenizer
     from expert_hub.registry import Registry
 
-    if not prompt.strip():
-        raise InvalidInputError("the prompt is empty: there is nothing to route")
+    check_prompt_text(prompt)
     base = base_or_demo(base)
     registry = Registry()
     profiles = {}
@@ -122,11 +122,19 @@ def route(
             raise InvalidInputError(f"{name} has no routing profile: add one with `expert-hub profile {name}`")
         profiles[entry.task if entry else directory.name] = found
     with status_console.status(f"Loading {base}"):
-        router = TaskRouter(load_base(base), depth, threshold, window or None)
+        model = load_base(base)
+        router = TaskRouter(model, depth, threshold, window or None)
         token_ids = load_tokenizer(base).encode(prompt)
+    layers = moe_layers(model)
+    for name, found in profiles.items():
+        try:
+            found.check_fits([layer.index for layer in layers], layers[0].num_experts)
+        except InvalidInputError as error:
+            raise InvalidInputError(f"{name}: {error}") from error
     choice = router.route(token_ids, profiles)
     if as_json:
-        console.print_json(json.dumps({"task": choice.task, "confidence": choice.confidence, "scores": choice.scores}))
+        answer = {"task": choice.task, "confidence": choice.confidence, "scores": choice.scores}
+        console.print_json(json.dumps(answer, allow_nan=False))
         return
     routed = f"its first {window} tokens" if window else "the whole prompt"
     table = Table(title=f"Routing {routed} on the first {depth} MoE layers of {base}")

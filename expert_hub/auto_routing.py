@@ -45,11 +45,18 @@ DEFAULT_THRESHOLD = 0.06  # nats per selection over chance; the demo base's held
 DEFAULT_WINDOW = 32  # prompt tokens routed on
 PROFILE_PROMPTS = 256  # task prompts a routing profile is measured on: the demo's tasks separate with 200
 _FLOOR = 1e-4  # share given to an expert a task never used, so one stray selection is not -infinity
+SHARE_TOLERANCE = 1e-3  # how far a profile layer's shares may sum from 1 (measured ones: float rounding)
 
 
 @dataclass
 class RoutingProfile:
-    """Per MoE layer, each routed expert's share of a task's prompt tokens' selections (each layer sums to 1)."""
+    """Per MoE layer, each routed expert's share of a task's prompt tokens' selections (each layer sums to 1).
+
+    A profile arrives from files other people wrote (import, pull, a served adapter directory), and the router
+    multiplies its shares into every auto request's scores: one that is not a distribution over the base's experts
+    would win or break every auto request. So a file is checked whole when it is read (`load`), and against the
+    served base wherever one is at hand (`check_fits`).
+    """
 
     shares: dict[int, list[float]]
     tokens: int  # prompt tokens it was measured on
@@ -61,18 +68,86 @@ class RoutingProfile:
 
     @classmethod
     def load(cls, directory: str | Path) -> RoutingProfile | None:
-        """The profile stored in an adapter directory, None when it has none."""
+        """The profile stored in an adapter directory, None when it has none; a file that is not a valid profile is
+        refused, naming what is wrong."""
         path = Path(directory) / PROFILE_FILE
-        if not path.is_file():
+        if not path.exists() and not path.is_symlink():
             return None
-        data = read_json(path)
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise InvalidInputError(f"{path} is not an expert-hub routing profile ({FORMAT})")
         try:
-            shares = {int(layer): [float(share) for share in values] for layer, values in data["shares"].items()}
-            return cls(shares, int(data["tokens"]))
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
-            raise InvalidInputError(f"{path} is malformed: {error}") from error
+            return cls._from_json(read_json(path))
+        except InvalidInputError as error:
+            raise InvalidInputError(f"{path} is not a valid routing profile: {error}") from error
+
+    @classmethod
+    def _from_json(cls, data: object) -> RoutingProfile:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise InvalidInputError(f"it is not in the {FORMAT} format")
+        if extra := sorted(set(data) - {"format", "tokens", "shares"}):
+            raise InvalidInputError(f"unexpected fields {', '.join(map(str, extra))}")
+        tokens, shares = data.get("tokens"), data.get("shares")
+        if type(tokens) is not int or tokens < 1:
+            raise InvalidInputError("`tokens` must be a positive whole number")
+        if not isinstance(shares, dict) or not shares:
+            raise InvalidInputError("`shares` must map each MoE layer to its experts' shares")
+        layers = {_layer_index(key): _distribution(key, values) for key, values in shares.items()}
+        if len({len(row) for row in layers.values()}) > 1:
+            raise InvalidInputError("its layers give shares for different numbers of experts")
+        return cls(layers, tokens)
+
+    def check_fits(self, moe_layers: list[int], num_experts: int) -> None:
+        """Refuse a profile measured on another model: its layers must be the model's MoE layers, each with a share
+        for every routed expert."""
+        if sorted(self.shares) != sorted(moe_layers):
+            raise InvalidInputError(
+                f"the routing profile's layers ({_span(self.shares)}) are not the model's MoE layers "
+                f"({_span(moe_layers)})"
+            )
+        if (experts := len(next(iter(self.shares.values())))) != num_experts:
+            raise InvalidInputError(
+                f"the routing profile gives shares for {experts} experts per layer; the model has {num_experts}"
+            )
+
+
+def _layer_index(key: str) -> int:
+    if not (isinstance(key, str) and key.isascii() and key.isdecimal()):
+        raise InvalidInputError(f"{key!r} is not a layer index")
+    return int(key)
+
+
+def _distribution(layer: str, values: object) -> list[float]:
+    """One layer's shares: finite, non-negative numbers that sum to 1 (within `SHARE_TOLERANCE`)."""
+    if not isinstance(values, list) or not values or not all(type(v) in (int, float) for v in values):
+        raise InvalidInputError(f"layer {layer}: the shares must be a list of numbers")
+    try:
+        row = [float(value) for value in values]
+    except OverflowError:  # an integer too large for a float
+        row = [math.inf]
+    if not all(math.isfinite(value) and value >= 0 for value in row):
+        raise InvalidInputError(f"layer {layer}: every share must be a finite number >= 0")
+    if abs(math.fsum(row) - 1) > SHARE_TOLERANCE:
+        raise InvalidInputError(f"layer {layer}: the shares sum to {math.fsum(row):.6g}, not 1")
+    return row
+
+
+def _span(layers) -> str:
+    """Layer indices for a message: `1-26` when they run on, else the first few."""
+    ordered = sorted(layers)
+    if ordered == list(range(ordered[0], ordered[-1] + 1)):
+        return f"{ordered[0]}-{ordered[-1]}" if len(ordered) > 1 else str(ordered[0])
+    return ", ".join(map(str, ordered[:6])) + (", ..." if len(ordered) > 6 else "")
+
+
+def check_prompt_text(text: str) -> None:
+    """Refuse text with nothing to route on: blank, or not Unicode text at all (a lone surrogate, which JSON and a
+    shell argument can both carry, encodes to no byte the tokenizer reads)."""
+    if not text.strip():
+        raise InvalidInputError("the prompt is empty: there is nothing to route")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidInputError(
+            f"the prompt is not valid Unicode text (character {error.start} is a lone surrogate)"
+        ) from error
 
 
 def profile_prompts(model: nn.Module, prompts: Iterable[list[int]], batch_size: int = 8) -> RoutingProfile:
@@ -119,12 +194,18 @@ def profile_task_data(base: str, data: str | Path, prompts: int = PROFILE_PROMPT
 
 @dataclass(frozen=True)
 class RouteChoice:
-    """Where a prompt goes: `task` (None: the base model), every candidate's score, best first, and the best
-    task's posterior among the candidates (equal priors)."""
+    """Where a prompt goes: every candidate's score, best first; the best task's posterior among the candidates
+    (equal priors); and the candidates whose score reaches the threshold, best first, so a server whose best task
+    was removed meanwhile runs the next one."""
 
-    task: str | None
     scores: dict[str, float]
     confidence: float
+    eligible: tuple[str, ...]
+
+    @property
+    def task(self) -> str | None:
+        """The task to run, None for the base model."""
+        return self.eligible[0] if self.eligible else None
 
 
 class _Routed(Exception):
@@ -147,6 +228,8 @@ class TaskRouter:
             raise InvalidInputError(f"the routing depth must be 1 to {len(layers)} (the model's MoE layers)")
         if window is not None and window < 1:
             raise InvalidInputError("the routing window must be at least one token")
+        if not math.isfinite(threshold):
+            raise InvalidInputError(f"the routing threshold must be a finite number, not {threshold}")
         self.model, self.threshold, self.window = model.eval(), threshold, window
         self.layers = layers[:depth]
 
@@ -171,17 +254,19 @@ class TaskRouter:
         choices = []
         for prompt_scores, posterior in zip(scores.tolist(), posteriors):
             ranked = dict(sorted(zip(names, prompt_scores), key=lambda item: item[1], reverse=True))
-            best = next(iter(ranked))
-            task = best if ranked[best] >= self.threshold else None
-            choices.append(RouteChoice(task, ranked, posterior[names.index(best)].item()))
+            eligible = tuple(name for name, score in ranked.items() if score >= self.threshold)
+            choices.append(RouteChoice(ranked, posterior[names.index(next(iter(ranked)))].item(), eligible))
         return choices
 
     def _log_shares(self, name: str, profile: RoutingProfile) -> torch.Tensor:
-        """[depth, experts]: the log of the profile's shares in the layers routed on."""
+        """[depth, experts]: the log of the profile's shares in the layers routed on, floored and normalised again,
+        so every task's scores come from a distribution and none can outweigh the others by construction."""
         for layer in self.layers:
             if len(profile.shares.get(layer.index, ())) != layer.num_experts:
                 raise InvalidInputError(f"task {name}'s routing profile does not fit the model (layer {layer.index})")
-        return torch.stack([torch.tensor(profile.shares[layer.index]).clamp_min(_FLOOR).log() for layer in self.layers])
+        shares = torch.tensor([profile.shares[layer.index] for layer in self.layers], dtype=torch.float64)
+        shares = shares.clamp_min(_FLOOR)
+        return (shares / shares.sum(dim=1, keepdim=True)).log().float()
 
     def _selections(self, prompts: list[list[int]]) -> torch.Tensor:
         """[prompts, depth, experts]: how often each expert of the first `depth` MoE layers is in each prompt's

@@ -58,13 +58,13 @@ class Server:
         }
 
     def counters(self) -> dict[str, float]:
-        """expert-hub's per-task counters from /metrics."""
+        """expert-hub's per-task counters (requests, tokens, auto routing) from /metrics."""
         status, text = self.request("GET", "/metrics")
         assert status == 200
         return {
             line.split(" ")[0]: float(line.split(" ")[1])
             for line in text.decode().splitlines()
-            if line.startswith("expert_hub_task_") and "_total{" in line
+            if line.startswith("expert_hub_") and "_total{" in line
         }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def test_a_profile_is_each_moe_layers_share_of_the_selections_and_round_trips(qw
     assert RoutingProfile.load(tmp_path) == profile
     assert RoutingProfile.load(tmp_path / "nowhere") is None
     (tmp_path / PROFILE_FILE).write_text('{"format": "expert-hub.routing-profile/1", "shares": [1]}')
-    with pytest.raises(InvalidInputError, match="is malformed"):
+    with pytest.raises(InvalidInputError, match="is not a valid routing profile: `tokens` must be a positive"):
         RoutingProfile.load(tmp_path)
 
 
@@ -111,6 +112,70 @@ def test_bad_routing_input_is_refused_clearly(qwen, profiles):
     misfit = RoutingProfile({index: [1.0] for index in profiles["low"].shares}, 1)
     with pytest.raises(InvalidInputError, match="task odd's routing profile does not fit the model"):
         router.route([5, 6], {"odd": misfit})
+    with pytest.raises(InvalidInputError, match="the routing threshold must be a finite number, not nan"):
+        TaskRouter(qwen, threshold=float("nan"))
+
+
+def _hostile_profiles(profile: RoutingProfile) -> dict[str, tuple[str, str]]:
+    """name: (file contents, what the refusal says): each once registered, or served, or broke every auto request."""
+    layers = {str(layer): shares for layer, shares in profile.shares.items()}
+    first, experts = next(iter(layers)), len(next(iter(layers.values())))
+
+    def written(**changes) -> str:
+        return json.dumps({"format": "expert-hub.routing-profile/1", "tokens": 9, "shares": layers} | changes)
+
+    def one_layer(shares) -> str:
+        return written(shares=layers | {first: shares}).replace('"NaN"', "NaN")
+
+    return {
+        "huge": (one_layer([1e30] * experts), f"layer {first}: the shares sum to"),
+        "nan": (one_layer(["NaN"] + [1 / (experts - 1)] * (experts - 1)), "every share must be a finite number >= 0"),
+        "negative": (one_layer([-0.5, 1.5] + [0.0] * (experts - 2)), "every share must be a finite number >= 0"),
+        "huge-integer": (one_layer([10**400] + [0] * (experts - 1)), "every share must be a finite number >= 0"),
+        "true": (one_layer([True] + [0] * (experts - 1)), "the shares must be a list of numbers"),
+        "format": (written(format="expert-hub.routing-profile/9"), "it is not in the expert-hub.routing-profile/1"),
+        "null": ("null", "it is not in the expert-hub.routing-profile/1 format"),
+        "empty": ("", "is not valid JSON"),
+        "no-layers": (written(shares={}), "`shares` must map each MoE layer"),
+        "bad-layer": (written(shares=layers | {"../1": layers[first]}), "'../1' is not a layer index"),
+        "ragged": (written(shares=layers | {first: [0.5, 0.5]}), "different numbers of experts"),
+        "tokens": (written(tokens=0), "`tokens` must be a positive whole number"),
+        "extra": (written(weights=[1]), "unexpected fields weights"),
+    }
+
+
+def test_a_hostile_routing_profile_is_refused_whole(profiles, tmp_path):
+    for name, (contents, message) in _hostile_profiles(profiles["low"]).items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / PROFILE_FILE).write_text(contents)
+        with pytest.raises(InvalidInputError, match=re.escape(message)):
+            RoutingProfile.load(tmp_path / name)
+    (tmp_path / "folder" / PROFILE_FILE).mkdir(parents=True)  # not a file: refused, not taken for "no profile"
+    with pytest.raises(InvalidInputError, match="file not found"):
+        RoutingProfile.load(tmp_path / "folder")
+
+
+def test_a_profile_of_another_model_does_not_fit(qwen, profiles):
+    layers = [layer.index for layer in moe_layers(qwen)]
+    experts = moe_layers(qwen)[0].num_experts
+    profiles["low"].check_fits(layers, experts)
+    ten = RoutingProfile({layer: [0.1] * 10 for layer in layers}, 5)
+    with pytest.raises(InvalidInputError, match=f"shares for 10 experts per layer; the model has {experts}"):
+        ten.check_fits(layers, experts)
+    extra = RoutingProfile(profiles["low"].shares | {99: [1 / experts] * experts}, 5)
+    with pytest.raises(InvalidInputError, match=r"layers \(0, 1, 2, 3, 99\) are not the model's MoE layers \(0-3\)"):
+        extra.check_fits(layers, experts)
+
+
+def test_the_router_scores_every_profile_as_a_distribution(qwen, profiles):
+    """Shares floored for unseen experts are normalised again: each task's log-shares are a distribution per layer,
+    so a profile concentrated on a few experts gains nothing from the floor."""
+    router = TaskRouter(qwen)
+    experts = moe_layers(qwen)[0].num_experts
+    peaked = RoutingProfile({layer: [1.0] + [0.0] * (experts - 1) for layer in profiles["low"].shares}, 1)
+    for profile in (profiles["low"], peaked):
+        log_shares = router._log_shares("task", profile)
+        assert log_shares.exp().sum(dim=1).tolist() == pytest.approx([1.0] * len(router.layers), abs=1e-6)
 
 
 def _conversations(path: Path, words: str, count: int = 30) -> Path:
@@ -126,7 +191,7 @@ def _conversations(path: Path, words: str, count: int = 30) -> Path:
     return path
 
 
-def _cli(*args: str, home: Path) -> subprocess.CompletedProcess:
+def _cli(*args: str | bytes, home: Path) -> subprocess.CompletedProcess:
     command = [str(Path(sys.executable).with_name("expert-hub")), *args]
     return subprocess.run(
         command, capture_output=True, text=True, env={"EXPERT_HUB_HOME": str(home), "PATH": ""}, timeout=300
@@ -157,12 +222,26 @@ def test_profile_and_route_from_the_command_line(tiny_models, tmp_path, registry
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["task"] == "letters"
     ExpertAdapter.from_model(model, ExpertSelection({0: [1]}), task="bare").save(tmp_path / "bare")
+    shutil.copytree(tmp_path / "bare", tmp_path / "nan")
+    profile = json.loads((tmp_path / "letters" / PROFILE_FILE).read_text())
+    profile["shares"]["0"][0] = float("nan")  # a NaN score once sent every auto request to the base
+    (tmp_path / "nan" / PROFILE_FILE).write_text(json.dumps(profile))
+    shutil.copytree(tmp_path / "bare", tmp_path / "ten")
+    layers = [int(layer) for layer in profile["shares"]]
+    RoutingProfile({layer: [0.1] * 10 for layer in layers}, 10).save(tmp_path / "ten")
     for args, message in (
         (["route", " ", "--tasks", candidates], "error: the prompt is empty: there is nothing to route"),
+        (["route", b"abc\xff", "--tasks", candidates], "error: the prompt is not valid Unicode text"),
         (["route", "x", "--tasks", str(tmp_path / "bare")], "has no routing profile: add one with `expert-hub profile"),
+        (["route", "x", "--tasks", f"{candidates},{tmp_path / 'nan'}", "--json"], "every share must be a finite"),
+        (
+            ["route", "x", "--tasks", f"{tmp_path / 'ten'}"],
+            "error: ten: the routing profile gives shares for 10 experts",
+        ),
+        (["route", "x", "--tasks", candidates, "--threshold", "nan"], "the routing threshold must be a finite number"),
     ):
         result = _cli(*args, "--base", base, home=registry_home)
-        assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+        assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 def test_import_with_profile_data_registers_the_adapter_with_its_profile(tiny_models, tmp_path, registry_home):
@@ -203,10 +282,34 @@ def test_import_with_profile_data_registers_the_adapter_with_its_profile(tiny_mo
 
 
 def _served_tasks(profiles: dict[str, RoutingProfile], directory: Path) -> dict[str, Task]:
-    """Server tasks whose adapter directories hold just their routing profiles."""
-    for name, profile in profiles.items():
-        profile.save(directory / name)
-    return {name: Task(name, directory / name, 0, {}) for name in profiles}
+    """Server tasks with their routing profiles."""
+    return {name: Task(name, directory / name, 0, {}, profile=profile) for name, profile in profiles.items()}
+
+
+def test_the_server_refuses_a_prompt_with_nothing_to_route(qwen, tiny_models, profiles, tmp_path):
+    """Blank text, a lone surrogate (JSON carries one), booleans for token ids: a 400, before any routing pass."""
+    tasks = _served_tasks(profiles, tmp_path)
+    routing = AutoRouting(str(tiny_models["qwen3_moe"]), [layer.index for layer in moe_layers(qwen)])
+    refused = {
+        "/v1/completions": [
+            ({"prompt": " \n\t "}, "the prompt is empty: there is nothing to route"),
+            ({"prompt": json.loads('"abc\\ud800"')}, "the prompt is not valid Unicode text (character 3 is a lone"),
+            ({"prompt": [True, False]}, "auto routing takes one prompt per request: a string or a list of token ids"),
+        ],
+        "/v1/chat/completions": [
+            ({"messages": [{"role": "user", "content": "  "}]}, "the prompt is empty"),
+            ({"messages": [{"role": "user", "content": "\udfff"}]}, "is a lone surrogate"),
+        ],
+    }
+
+    async def requests() -> None:
+        for path, cases in refused.items():
+            for request, message in cases:
+                with pytest.raises(TaskError, match=re.escape(message)) as error:
+                    await routing.choose(path, request, tasks)
+                assert error.value.status == 400
+
+    asyncio.run(requests())
 
 
 def test_the_server_loads_its_router_once_though_a_client_leaves_mid_load(qwen, tiny_models, profiles, tmp_path):
@@ -289,3 +392,25 @@ def test_the_server_routes_a_burst_in_one_pass_on_a_thread_of_its_own(
     names = {name for _, name, _ in threads_used}
     assert len(names) == 1 and names.pop().startswith("auto-router")
     assert {count for _, _, count in threads_used} == {1}
+
+
+def test_an_auto_request_whose_task_was_removed_meanwhile_runs_the_next_eligible_one(tmp_path):
+    """A DELETE between routing and running: the next task whose score reached the threshold runs, else the base;
+    a task that exists but cannot run now is said so, not swapped for another task."""
+    from types import SimpleNamespace
+
+    from expert_hub.serving.middleware import _acquire_first
+
+    class Manager:
+        async def acquire(self, name: str) -> Task:
+            if name == "removed":
+                raise TaskError(f"The model `{name}` does not exist.", 404)
+            if name == "busy":
+                raise TaskError(f"cannot load task {name} now", 503)
+            return Task(name, tmp_path, 0, {})
+
+    state = SimpleNamespace(manager=Manager())
+    assert asyncio.run(_acquire_first(state, ("removed", "intent"))).name == "intent"
+    assert asyncio.run(_acquire_first(state, ("removed",))) is None
+    with pytest.raises(TaskError, match="cannot load task busy now"):
+        asyncio.run(_acquire_first(state, ("busy", "intent")))

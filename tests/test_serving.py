@@ -12,9 +12,11 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +26,7 @@ import pytest
 import torch
 
 from expert_hub import ExpertAdapter, ExpertSelection, load_model
-from expert_hub.auto_routing import profile_prompts
+from expert_hub.auto_routing import RoutingProfile, profile_prompts
 from expert_hub.models import load_base
 from expert_hub.registry import Registry
 from expert_hub.testing import SERVING_SHAPES, build_tiny_model, byte_tokenizer
@@ -265,30 +267,33 @@ def test_the_kv_cache_on_cpu_holds_the_batch_within_half_the_free_memory():
     assert kv_cache_bytes(config, 2**40) == 128 * sequence // 4
 
 
+def _refused_serve(*args: str) -> str:
+    """`expert-hub serve` with options it must refuse before vLLM starts: its one-line error."""
+    command = [str(Path(sys.executable).with_name("expert-hub")), "serve", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    return result.stderr
+
+
 def test_a_bank_too_small_for_one_expert_is_refused(tmp_path):
     base = build_tiny_model("qwen3_moe", tmp_path / "base", **SERVING_SHAPES["qwen3_moe"])
-    result = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("expert-hub")),
-            "serve",
-            "--base",
-            str(base),
-            "--expert-bank-gb",
-            "0.00001",
-            "--dtype",
-            "float32",
-            "--max-model-len",
-            "256",
-            "--enforce-eager",
-            "--port",
-            "8643",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    error = _refused_serve(
+        *("--base", str(base), "--expert-bank-gb", "0.00001", "--dtype", "float32"),
+        *("--max-model-len", "256", "--enforce-eager", "--port", "8643"),
     )
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "error: the expert bank holds no expert: one expert row in every MoE layer takes 0.4 MiB" in result.stderr
+    assert "error: the expert bank holds no expert: one expert row in every MoE layer takes 0.4 MiB" in error
+
+
+def test_a_task_whose_routing_profile_is_not_a_distribution_stops_serve_before_the_engine(tmp_path):
+    """One NaN share once made every auto request run on the base model; 1e30 made its task win every one."""
+    base = build_tiny_model("qwen3_moe", tmp_path / "base", **SERVING_SHAPES["qwen3_moe"])
+    adapter = ExpertAdapter.from_model(load_base(str(base)), ExpertSelection({0: [1]}), task="odd").save(
+        tmp_path / "odd"
+    )
+    for share, message in ((float("nan"), "every share must be a finite number >= 0"), (1e30, "the shares sum to")):
+        RoutingProfile({layer: [share] + [0.0] * 15 for layer in range(4)}, 8).save(adapter)
+        error = _refused_serve("--base", str(base), "--tasks", f"odd={adapter}")
+        assert f"routing_profile.json is not a valid routing profile: layer 0: {message}" in error
 
 
 @pytest.fixture(scope="module")
@@ -382,8 +387,9 @@ def test_task_selection_by_body_field_and_header(qwen):
 
 
 def test_auto_runs_the_task_whose_routing_profile_the_prompt_matches(qwen):
-    """`"model": "auto"` (or `X-Expert-Task: auto`) gives exactly the named task's tokens, and says which ran."""
-    server, oracle, _ = qwen
+    """`"model": "auto"` (or `X-Expert-Task: auto`) gives exactly the named task's tokens, and says which ran; a
+    prompt with nothing to route is a 400, logged without a traceback."""
+    server, oracle, root = qwen
     counted = server.counters()
     for task, prompt in AUTO_PROMPTS.items():
         by_model = server.complete("auto", prompt, 12)
@@ -402,13 +408,75 @@ def test_auto_runs_the_task_whose_routing_profile_the_prompt_matches(qwen):
         server.counters()['expert_hub_task_requests_total{task="law"}']
         == counted.get('expert_hub_task_requests_total{task="law"}', 0) + 2
     )
-    for path, body, message in (
-        ("/v1/completions", {"model": "auto", "prompt": "", "max_tokens": 2}, "the prompt is empty"),
-        ("/v1/completions", {"model": "auto", "prompt": ["a", "b"], "max_tokens": 2}, "one prompt per request"),
-        ("/tokenize", {"model": "auto", "prompt": "abc"}, "auto routing serves POST /v1/chat/completions and"),
+    for path, body, headers, message in (
+        ("/v1/completions", {"model": "auto", "prompt": "", "max_tokens": 2}, {}, "the prompt is empty"),
+        ("/v1/completions", {"model": "auto", "prompt": " \n ", "max_tokens": 2}, {}, "the prompt is empty"),
+        ("/v1/completions", b'{"model": "auto", "prompt": "ab\\ud800", "max_tokens": 2}', {}, "a lone surrogate"),
+        ("/v1/completions", {"model": "auto", "prompt": [True, False], "max_tokens": 2}, {}, "a list of token ids"),
+        ("/v1/completions", {"model": "auto", "prompt": ["a", "b"], "max_tokens": 2}, {}, "one prompt per request"),
+        ("/v1/completions", [1, 2], {"x-expert-task": "auto"}, "the request body must be a JSON object"),
+        ("/tokenize", {"model": "auto", "prompt": "abc"}, {}, "auto routing serves POST /v1/chat/completions and"),
     ):
-        status, answer = server.request("POST", path, body)
+        status, answer = server.request("POST", path, body, headers=headers)
         assert status == 400 and message in answer["error"]["message"], answer
+    assert "Traceback" not in (root / "server.log").read_text()
+
+
+def _auto_completion(server: Server, prompt: str) -> tuple[int, str | None, dict]:
+    """A `"model": "auto"` completion: its status, the task the server says it chose, and the body."""
+    request = urllib.request.Request(
+        server.url + "/v1/completions",
+        data=json.dumps(
+            {"model": "auto", "prompt": prompt, "max_tokens": 12, "temperature": 0, "return_token_ids": True}
+        ).encode(),
+        headers={"content-type": "application/json", "authorization": f"Bearer {API_KEY}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status, response.headers["x-expert-task-chosen"], json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers["x-expert-task-chosen"], json.loads(error.read())
+
+
+def test_auto_requests_racing_a_delete_run_on_what_is_there(qwen):
+    """While law is removed and added again, auto requests for law's prompts run on law or on the base model, never
+    answer 404 for a model the client never named, and the counters count what ran."""
+    server, oracle, _ = qwen
+    prompt, before = AUTO_PROMPTS["law"], server.counters()
+    with ThreadPoolExecutor(8) as pool:
+        asked = [pool.submit(_auto_completion, server, prompt) for _ in range(32)]
+        for _ in range(8):
+            server.request("DELETE", "/v1/tasks/law")  # 409 while law has requests in flight
+            server.request("POST", "/v1/tasks/law")
+        answers = [future.result() for future in asked]
+    assert server.request("POST", "/v1/tasks/law")[0] == 200  # servable again for the tests after this one
+    ran = {"law": 0, "base": 0}
+    for status, chosen, body in answers:
+        assert status == 200, body
+        name = "law" if chosen == "law" else "base"
+        assert chosen == body["model"] == ("law" if name == "law" else server.base)
+        assert body["choices"][0]["token_ids"] == _expected(oracle, name, prompt)
+        ran[name] += 1
+    after = server.counters()
+    for name, count in ran.items():
+        key = f'expert_hub_auto_routed_requests_total{{task="{name}"}}'
+        assert after.get(key, 0) - before.get(key, 0) == count, name
+
+
+def test_a_task_whose_routing_profile_does_not_fit_is_refused_and_auto_goes_on(qwen):
+    server, oracle, root = qwen
+    registry = Registry(root / "registry")
+    shutil.copytree(root / "adapter-law", root / "misprofiled")
+    RoutingProfile({0: [0.5, 0.5]}, 1).save(root / "misprofiled")  # a distribution, but not over this model's experts
+    registry.register(root / "misprofiled", task="misprofiled")
+    status, body = server.request("POST", "/v1/tasks/misprofiled")
+    assert (
+        status == 422 and "the routing profile's layers (0) are not the model's MoE layers" in body["error"]["message"]
+    )
+    assert str(registry.root) not in body["error"]["message"]
+    assert server.complete("auto", AUTO_PROMPTS["law"], 12)["token_ids"] == _expected(
+        oracle, "law", AUTO_PROMPTS["law"]
+    )
 
 
 def test_prefix_caching_never_mixes_tasks(qwen):

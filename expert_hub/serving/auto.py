@@ -21,13 +21,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from expert_hub.auto_routing import DEFAULT_DEPTH, DEFAULT_THRESHOLD, RouteChoice, RoutingProfile, TaskRouter
+from expert_hub.auto_routing import (
+    DEFAULT_DEPTH,
+    DEFAULT_THRESHOLD,
+    RouteChoice,
+    RoutingProfile,
+    TaskRouter,
+    check_prompt_text,
+)
 from expert_hub.data import prompt_ids
+from expert_hub.errors import InvalidInputError
 from expert_hub.io import first_line
 
 from .tasks import Task, TaskError
@@ -66,7 +73,6 @@ class AutoRouting:
         self.layers_needed = moe_layers[self.depth - 1] + 1
         self.router: TaskRouter | None = None  # loaded by the first auto request
         self.tokenizer = None
-        self._profiles: dict[Path, RoutingProfile | None] = {}  # by adapter directory: a task's files never change
         self._loading: asyncio.Future | None = None  # the router's load, shared by the requests waiting for it
         self._waiting: list[_Waiting] = []  # prompts for the next routing pass
         self._candidates: dict[str, RoutingProfile] = {}  # the newest request's: tasks come and go at run time
@@ -79,21 +85,17 @@ class AutoRouting:
         model = load_base(self.base, layers=self.layers_needed, dtype=self.dtype)
         self.router = TaskRouter(model, self.depth, self.threshold)
 
-    def profiles(self, tasks: dict[str, Task]) -> dict[str, RoutingProfile]:
-        """The routing profile of each task that has one."""
-        for task in tasks.values():
-            if task.directory not in self._profiles:
-                self._profiles[task.directory] = RoutingProfile.load(task.directory)
-        return {name: profile for name, task in tasks.items() if (profile := self._profiles[task.directory])}
-
     async def choose(self, path: str, request: dict, tasks: dict[str, Task]) -> RouteChoice:
         """Where this completions or chat request should run; bad input is a `TaskError` (400)."""
-        profiles = self.profiles(tasks)
+        profiles = {name: task.profile for name, task in tasks.items() if task.profile is not None}
         if not profiles:
             raise TaskError("auto routing needs a served task with a routing profile; none has one", 400)
         if self.router is None:
             await self._loaded()
-        token_ids = self._prompt_ids(path, request)
+        try:
+            token_ids = self._prompt_ids(path, request)
+        except InvalidInputError as error:
+            raise TaskError(str(error), 400) from error
         loop = asyncio.get_running_loop()
         chosen = loop.create_future()
         self._waiting.append(_Waiting(token_ids, chosen, loop.time()))
@@ -156,8 +158,9 @@ class AutoRouting:
             if prompt == "" or prompt == []:
                 raise TaskError("the prompt is empty: there is nothing to route", 400)
             if isinstance(prompt, str):
+                check_prompt_text(prompt)
                 return self.tokenizer.encode(prompt)
-            if isinstance(prompt, list) and all(isinstance(token, int) for token in prompt):
+            if isinstance(prompt, list) and all(type(token) is int for token in prompt):  # a bool is no token id
                 if not all(0 <= token < len(self.tokenizer) for token in prompt):
                     raise TaskError("the prompt holds token ids outside the vocabulary", 400)
                 return prompt
@@ -167,6 +170,7 @@ class AutoRouting:
             isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages
         ):
             raise TaskError("auto routing needs `messages` with text contents", 400)
+        check_prompt_text("".join(m["content"] for m in messages))
         chat_template = bool(getattr(self.tokenizer, "chat_template", None))
         return prompt_ids(
             [{"role": m.get("role"), "content": m["content"]} for m in messages], self.tokenizer, chat_template

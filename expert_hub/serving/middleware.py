@@ -90,39 +90,52 @@ class TaskRouting:
             )
         await self.app(scope, receive, send)
 
-    async def _run_as_task(
-        self, state: ServingState, scope, receive, send, request: dict, task: str, headers: tuple = ()
-    ) -> None:
+    async def _run_as_task(self, state: ServingState, scope, receive, send, request: dict, task: str) -> None:
         """Run a generating request on its task's experts, the task pinned until the response ends."""
         try:
             _check_task_request(request)
             served = await state.manager.acquire(task)
         except TaskError as error:
             return await _respond(send, error.status, error_body(error.status, str(error)))
+        await self._run_pinned(state, scope, receive, send, request, served)
+
+    async def _run_pinned(
+        self, state: ServingState, scope, receive, send, request: dict, task: Task, headers: tuple = ()
+    ) -> None:
+        """Run a request on a task that `acquire` pinned for it, and release the task when the response ends."""
         try:
-            TASK_REQUESTS.labels(task=task).inc()
-            body = json.dumps(_as_task_request(state, request, served)).encode()
-            renaming = _rename_model(state, task, send, headers)
+            TASK_REQUESTS.labels(task=task.name).inc()
+            body = json.dumps(_as_task_request(state, request, task)).encode()
+            renaming = _rename_model(state, task.name, send, headers)
             await self.app(_with_length(scope, body), _replay(body, receive), renaming)
         finally:
-            state.manager.release(task)
+            state.manager.release(task.name)
 
     async def _run_auto(self, state: ServingState, scope, receive, send, request: dict | None) -> None:
-        """Route a request by its prompt's routing, then run it as the chosen task or as the base model."""
+        """Route a request by its prompt's routing, then run it as the chosen task or as the base model.
+
+        A task removed between routing and running (a DELETE racing the request) gives way to the next eligible
+        task, or to the base model: the client never named it, so it never hears of it, and the response and the
+        counters name what actually ran."""
         path = _path(scope)
-        if path not in AUTO_ROUTES or scope["method"] != "POST" or request is None:
+        if path not in AUTO_ROUTES or scope["method"] != "POST":
             message = f"auto routing serves POST {' and '.join(sorted(AUTO_ROUTES))}, not {scope['method']} {path}"
             return await _respond(send, 400, error_body(400, message))
+        if request is None:
+            return await _respond(send, 400, error_body(400, "the request body must be a JSON object"))
+        request = {key: value for key, value in request.items() if key != "task"}
         try:
             choice = await state.auto.choose(path, request, dict(state.manager.known))
+            if choice.task is not None:
+                _check_task_request(request)
+            served = await _acquire_first(state, choice.eligible)
         except TaskError as error:
             return await _respond(send, error.status, error_body(error.status, str(error)))
-        chosen = choice.task or "base"
-        AUTO_ROUTED_REQUESTS.labels(task=chosen).inc()
-        headers = ((b"x-expert-task-chosen", (choice.task or state.base_name).encode()),)
-        request = {key: value for key, value in request.items() if key != "task"}
-        if choice.task is not None:
-            return await self._run_as_task(state, scope, receive, send, request, choice.task, headers)
+        ran = served.name if served else state.base_name
+        AUTO_ROUTED_REQUESTS.labels(task=served.name if served else "base").inc()
+        headers = ((b"x-expert-task-chosen", ran.encode()),)
+        if served is not None:
+            return await self._run_pinned(state, scope, receive, send, request, served, headers)
         TASK_REQUESTS.labels(task="base").inc()
         body = json.dumps(request | {"model": state.base_name}).encode()
         renaming = _rename_model(state, state.base_name, send, headers)
@@ -222,6 +235,17 @@ def _check_model_exists(state: ServingState, scope, request: dict | None) -> Non
     model = request.get("model") if request is not None else None
     if isinstance(model, str) and model not in state.base_names and model not in vllm.lora_adapter_names(scope["app"]):
         raise state.manager.unknown(model)
+
+
+async def _acquire_first(state: ServingState, names: tuple[str, ...]) -> Task | None:
+    """The first of `names` that is still servable, pinned for one request; None when none is (the base model)."""
+    for name in names:
+        try:
+            return await state.manager.acquire(name)
+        except TaskError as error:
+            if error.status != 404:  # it exists but cannot run now: say so rather than run another task
+                raise
+    return None
 
 
 def _check_task_request(request: dict) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from expert_hub.adapter import AdapterHeader
+from expert_hub.auto_routing import RoutingProfile
 from expert_hub.errors import ExpertHubError, InvalidInputError, UnsupportedModelError
 from expert_hub.models import ModelSummary
 from expert_hub.registry import RegistryDamagedError, RegistryError
@@ -52,6 +53,7 @@ class Task:
     experts_per_layer: dict[int, int]  # layer index -> how many of its experts the task replaces
     version: int | None = None  # the registry version, None for an adapter directory
     sha256: dict[str, str] | None = None  # a registry task's recorded file hashes, checked at every load
+    profile: RoutingProfile | None = None  # how the base routes its prompts: a candidate for auto routing
     key: str = field(default_factory=lambda: secrets.token_hex(16), repr=False)
 
     def cache_salt(self, client_salt: str | None = None) -> str:
@@ -65,10 +67,10 @@ def adapter_task(
 ) -> Task:
     """A servable task from an adapter directory, checked against the served model before anything is loaded.
 
-    Refused: tasks that trained more than routed experts, and experts or shapes the model does not have. The
-    weights of an adapter directory are read now, to refuse any that are not finite floats; a registry task's
-    (`sha256` given) are hashed and checked by the worker at every load, from the bytes it loads, so adding one at
-    run time reads each byte once.
+    Refused: tasks that trained more than routed experts, experts or shapes the model does not have, and a routing
+    profile that is not one of the model's. The weights of an adapter directory are read now, to refuse any that are
+    not finite floats; a registry task's (`sha256` given) are hashed and checked by the worker at every load, from
+    the bytes it loads, so adding one at run time reads each byte once.
     """
     header = AdapterHeader.read(directory)
     if header.selection.shared_experts or header.selection.non_expert_modules:
@@ -79,9 +81,11 @@ def adapter_task(
     header.check_fits(model)
     if sha256 is None:
         header.check_values()
+    if (profile := RoutingProfile.load(directory)) is not None:
+        profile.check_fits(model.moe_layers, model.num_experts)
     nbytes = sum(path.stat().st_size for path in set(header.shards.values()))
     counts = {layer: len(experts) for layer, experts in header.selection.experts.items()}
-    return Task(name, Path(directory), nbytes, counts, version, sha256)
+    return Task(name, Path(directory), nbytes, counts, version, sha256, profile)
 
 
 def _without_path(message: str, directory: Path) -> str:
