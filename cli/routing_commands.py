@@ -107,12 +107,12 @@ def route(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Show which task a prompt would be routed to by `"model": "auto"`, with every candidate's score."""
-    from expert_hub.auto_routing import RoutingProfile, TaskRouter, check_prompt_text
+    from expert_hub.auto_routing import RoutingProfile, TaskRouter, check_prompt_text, completion_routing_ids
     from expert_hub.families import moe_layers
     from expert_hub.models import load_base, load_tokenizer
     from expert_hub.registry import Registry
 
-    check_prompt_text(prompt)
+    check_prompt_text(prompt)  # before the base is loaded
     base = base_or_demo(base)
     registry = Registry()
     profiles = {}
@@ -124,7 +124,7 @@ def route(
     with status_console.status(f"Loading {base}"):
         model = load_base(base)
         router = TaskRouter(model, depth, threshold, window or None)
-        token_ids = load_tokenizer(base).encode(prompt)
+        token_ids = completion_routing_ids(prompt, load_tokenizer(base))
     layers = moe_layers(model)
     for name, found in profiles.items():
         try:

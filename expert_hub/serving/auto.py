@@ -32,6 +32,7 @@ from expert_hub.auto_routing import (
     RoutingProfile,
     TaskRouter,
     check_prompt_text,
+    completion_routing_ids,
 )
 from expert_hub.data import prompt_ids
 from expert_hub.errors import InvalidInputError
@@ -158,8 +159,7 @@ class AutoRouting:
             if prompt == "" or prompt == []:
                 raise TaskError("the prompt is empty: there is nothing to route", 400)
             if isinstance(prompt, str):
-                check_prompt_text(prompt)
-                return self.tokenizer.encode(prompt)
+                return completion_routing_ids(prompt, self.tokenizer)
             if isinstance(prompt, list) and all(type(token) is int for token in prompt):  # a bool is no token id
                 if not all(0 <= token < len(self.tokenizer) for token in prompt):
                     raise TaskError("the prompt holds token ids outside the vocabulary", 400)
