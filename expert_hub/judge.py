@@ -7,16 +7,22 @@ Ported from deepseek-ai/ESFT `benchmarks.py` (`GPT4Evaluator` and its `SummaryEv
 - the prediction is the completion stripped, or "None" when empty; for translation only the text before its first
   blank line ("\n\n"). The reference's `pred.strip(".。")` discards its result, so full stops stay here too;
 - the score is the first match of the task's pattern in the judgement (`总分是：x分`, `score: x points`) divided by
-  10, unclamped.
+  10.
 
 Deliberate differences:
 - a judgement with no score is counted (`unparseable`) and left out of `value`, the mean of the scores found; the
-  reference scores it 0 and prints a line, so its number is `value_unparseable_as_zero`;
+  reference scores it 0 and prints a line, so its number is `value_unparseable_as_zero`. A total above the 10 points
+  every template asks for is no score either (the reference would count `总分是：999分` as 99.9 on its 0-1 scale);
+- a reply that holds no judgement (not JSON, not a chat completion, no text in its message) or is over
+  MAX_REPLY_BYTES is refused: counted as unparseable, with why, and not cached, so that a rerun asks again (the
+  reference scores the first 0 after its 5 tries and takes the second);
 - a request still failing after the retries stops the run with an error (the judgements obtained stay cached);
   the reference scores it 0 after 5 tries;
 - any OpenAI-compatible endpoint and model, not Azure's `gpt-4-1106-preview`; temperature 0 (the reference leaves
   the API's default) so that a judgement is repeatable and worth caching; the openai client's exponential backoff
-  (4 retries: the reference's 5 tries) in place of a fixed 10 s sleep.
+  (4 retries: the reference's 5 tries) in place of a fixed 10 s sleep;
+- `timeout` bounds each request whole, its reply read to the end: httpx's timeouts bound each network read, so a
+  judge trickling its reply a byte at a time could hold a request for as long as it liked.
 
 Judgements are cached in SQLite under a hash of the whole request (URL, model, messages, sampling settings; the
 prompt holds both the prediction and the answer), so a rerun sends only what it has not asked before.
@@ -24,6 +30,7 @@ prompt holds both the prediction and the answer), so a rerun sends only what it 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -33,9 +40,10 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx2
 
 from .errors import InvalidInputError
 from .io import first_line
@@ -43,6 +51,8 @@ from .io import first_line
 SYSTEM_MESSAGE = "You are a helpful assistant. Follow the user's instructions carefully. Respond using markdown."
 MAX_TOKENS = 80
 TEMPERATURE = 0.0
+FULL_MARKS = 10  # what every template scores out of
+MAX_REPLY_BYTES = 2**20  # a reply of MAX_TOKENS is a few kB
 RETRIED_STATUSES = frozenset({408, 409, 429}) | frozenset(range(500, 600))  # what the openai client retries
 
 # The reference's templates, verbatim (trailing spaces included).
@@ -128,7 +138,7 @@ class JudgeConfig:
     key_env: str | None = None
     concurrency: int = 8
     max_retries: int = 4
-    timeout: float = 120.0  # seconds per request
+    timeout: float = 120.0  # seconds per request, its whole reply included
     cache: Path | None = None  # default: judge-cache.sqlite in the expert-hub home
 
     def __post_init__(self) -> None:
@@ -161,9 +171,10 @@ def judge_prompt(task: str, prediction: str, answer: str) -> str:
 
 
 def parse_score(task: str, judgement: str) -> float | None:
-    """The judgement's total score scaled to 0-1 (the first match of the task's pattern, / 10); None when absent."""
+    """The judgement's total score scaled to 0-1 (the first match of the task's pattern, / 10); None when absent or
+    above the template's full marks, which would put a score above 1."""
     found = re.findall(JUDGE_TASKS[task].pattern, judgement)
-    return float(found[0]) / 10 if found else None
+    return float(found[0]) / FULL_MARKS if found and float(found[0]) <= FULL_MARKS else None
 
 
 def judge_scores(
@@ -173,7 +184,8 @@ def judge_scores(
     on_judged: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Judge each prediction against its first answer; `value` is the mean score (0-1) of the judgements that have
-    one, and `unparseable` counts the others, so that a judge off its format shows instead of lowering the score.
+    one, and `unparseable` counts the others (refused replies included), so that a judge off its format shows
+    instead of lowering the score.
 
     `on_judged(count, total)` is called as judgements come in, the cached ones first.
     """
@@ -181,16 +193,21 @@ def judge_scores(
     keys = [_request_key(config, prompt) for prompt in prompts]
     uses = Counter(keys)  # the same prediction for the same answer is asked once
     report = (lambda count: on_judged(count, len(keys))) if on_judged else (lambda count: None)
+    refused: dict[str, str] = {}  # why each refused reply was refused
     with JudgementCache(config.cache_path()) as cache:
         judgements = {key: text for key in uses if (text := cache.get(key)) is not None}
         cached = sum(uses[key] for key in judgements)
         report(cached)
         missing = {key: prompt for key, prompt in zip(keys, prompts) if key not in judgements}
         if missing:
-            _ask_judge(config, missing, cache, judgements, lambda key: report(uses[key]))
-    scores = [parse_score(config.task, judgements[key]) for key in keys]
+            _ask_judge(config, missing, cache, judgements, refused, lambda key: report(uses[key]))
+    scores = [parse_score(config.task, judgements[key]) if key in judgements else None for key in keys]
     found = [score for score in scores if score is not None]
-    unparseable = [(index, judgements[key]) for index, (key, score) in enumerate(zip(keys, scores)) if score is None]
+    unparseable = [index for index, score in enumerate(scores) if score is None]
+
+    def shown(key: str) -> dict[str, str]:
+        return {"judgement": judgements[key]} if key in judgements else {"refused": refused[key]}
+
     return {
         "value": sum(found) / len(found) if found else None,
         "judged": len(found),
@@ -201,8 +218,8 @@ def judge_scores(
         "judge_model": config.model,
         "judge_url": config.url,
         "judge_cache": str(config.cache_path()),
-        "judgements": [{"score": score, "judgement": judgements[key]} for key, score in list(zip(keys, scores))[:3]],
-        "unparseable_judgements": [{"index": index, "judgement": text} for index, text in unparseable[:3]],
+        "judgements": [{"score": score} | shown(key) for key, score in list(zip(keys, scores))[:3]],
+        "unparseable_judgements": [{"index": index} | shown(keys[index]) for index in unparseable[:3]],
     }
 
 
@@ -222,37 +239,26 @@ def _request_key(config: JudgeConfig, prompt: str) -> str:
     return hashlib.sha256(json.dumps(request, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
 
 
+class _RefusedReply(Exception):
+    """A reply from the judge that holds no judgement to score or cache; the message says why."""
+
+
 def _ask_judge(
     config: JudgeConfig,
     prompts: dict[str, str],
     cache: JudgementCache,
     judgements: dict[str, str],
+    refused: dict[str, str],
     on_answer: Callable[[str], None],
 ) -> None:
-    """Ask for every prompt, `config.concurrency` at a time, into `judgements`. Each judgement is cached as it
-    arrives, so a failed or interrupted run loses none; the openai client retries rate limits, server errors and
-    lost connections with exponential backoff, and what still fails stops the run."""
-    from openai import APIError, APIStatusError, OpenAI
+    """Ask for every prompt, `config.concurrency` at a time, into `judgements`, or into `refused` with why. Each
+    judgement is cached as it arrives, so a failed or interrupted run loses none it received; the openai client
+    retries rate limits, server errors, lost connections and timeouts with exponential backoff, and what still fails
+    stops the run (the requests under way are dropped)."""
+    from openai import APIError, APIStatusError
 
-    client = OpenAI(
-        base_url=config.url, api_key=config.api_key(), max_retries=config.max_retries, timeout=config.timeout
-    )
-
-    def ask(key: str, prompt: str) -> str:
-        completion = client.chat.completions.create(
-            model=config.model, messages=_messages(prompt), max_tokens=MAX_TOKENS, temperature=TEMPERATURE
-        )
-        judgement = (completion.choices[0].message.content if completion.choices else None) or ""
-        if judgement:  # an empty reply (a refusal, a content filter) is asked again on the next run
-            cache.put(key, prompt, judgement, config)
-        return judgement
-
-    pool = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="judge")
     try:
-        futures = {pool.submit(ask, key, prompt): key for key, prompt in prompts.items()}
-        for future in as_completed(futures):
-            judgements[futures[future]] = future.result()
-            on_answer(futures[future])
+        asyncio.run(_ask_all(config, prompts, cache, judgements, refused, on_answer))
     except APIError as error:
         retried = not isinstance(error, APIStatusError) or error.status_code in RETRIED_STATUSES
         failure = f"failed after {config.max_retries} retries" if retried else "refused the request"
@@ -262,8 +268,103 @@ def _ask_judge(
         ) from error
     except sqlite3.Error as error:
         raise InvalidInputError(f"cannot write the judge cache {cache.path}: {first_line(error)}") from error
-    finally:
-        pool.shutdown(cancel_futures=True)  # nothing new is sent; the requests under way finish and are cached
+
+
+async def _ask_all(
+    config: JudgeConfig,
+    prompts: dict[str, str],
+    cache: JudgementCache,
+    judgements: dict[str, str],
+    refused: dict[str, str],
+    on_answer: Callable[[str], None],
+) -> None:
+    """`_ask_judge` in asyncio, which can end a request at its deadline wherever it is (threads cannot)."""
+    from openai import AsyncOpenAI, DefaultAsyncHttpx2Client
+
+    api_key = config.api_key()
+    limit = asyncio.Semaphore(config.concurrency)
+    http_client = DefaultAsyncHttpx2Client(transport=_WholeReplyTransport(config.timeout))
+    async with AsyncOpenAI(
+        base_url=config.url,
+        api_key=api_key,
+        max_retries=config.max_retries,
+        timeout=config.timeout,
+        http_client=http_client,
+    ) as client:
+
+        async def ask(key: str, prompt: str) -> None:
+            async with limit:
+                try:
+                    reply = await client.chat.completions.with_raw_response.create(
+                        model=config.model, messages=_messages(prompt), max_tokens=MAX_TOKENS, temperature=TEMPERATURE
+                    )
+                    judgements[key] = _judgement(reply.http_response)
+                except _RefusedReply as why:
+                    refused[key] = str(why)
+            if judgements.get(key):  # an empty reply (a refusal, a content filter) is asked again on the next run
+                cache.put(key, prompt, judgements[key], config)
+            on_answer(key)
+
+        tasks = [asyncio.create_task(ask(key, prompt)) for key, prompt in prompts.items()]
+        try:
+            await asyncio.gather(*tasks)
+        finally:  # after a failure, nothing new is sent and the requests under way are dropped
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _judgement(reply: httpx2.Response) -> str:
+    """The text of a chat-completion reply, `choices[0].message.content`, read from its JSON: the openai client
+    parses a reply of any other shape into a string, a list or a half-empty object without a word. The other fields
+    are not checked, as OpenAI-compatible servers differ in them."""
+    try:
+        content = reply.json()["choices"][0]["message"]["content"]
+    except (ValueError, LookupError, TypeError):
+        raise _RefusedReply(f"the reply is no chat completion: {reply.text[:80]!r}") from None
+    if not isinstance(content, str):
+        raise _RefusedReply(f"the reply's message holds no text: {json.dumps(content)[:80]}")
+    return content
+
+
+class _WholeReplyTransport(httpx2.AsyncBaseTransport):
+    """Ends each HTTP request `seconds` after it starts, its whole reply read, and refuses a reply over
+    MAX_REPLY_BYTES (decompressed) as it comes in: httpx's timeouts bound each network read, not the request, so a
+    judge trickling its reply a byte every few seconds would hold a request for minutes, and a runaway reply would be
+    read whole, however large.
+
+    Requests go through a plain client of their own, so proxies and certificates come from the environment as
+    without this transport."""
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._client = httpx2.AsyncClient()
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        try:
+            async with asyncio.timeout(self._seconds):
+                response = await self._client.send(request, stream=True)
+                try:
+                    body = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        body += chunk
+                        if len(body) > MAX_REPLY_BYTES:  # the openai client passes it on as it is, unretried
+                            raise _RefusedReply(f"the reply is over {MAX_REPLY_BYTES // 2**20} MiB")
+                finally:
+                    await response.aclose()
+        except TimeoutError:
+            raise httpx2.ReadTimeout(f"no whole reply in {self._seconds:g} s", request=request) from None
+        headers = [  # the body is decompressed now, its length set anew
+            (name, value)
+            for name, value in response.headers.multi_items()
+            if name not in ("content-encoding", "content-length")
+        ]
+        return httpx2.Response(
+            response.status_code, headers=headers, content=bytes(body), extensions=response.extensions
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
 
 
 class JudgementCache:

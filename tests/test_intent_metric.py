@@ -1,13 +1,10 @@
-"""`intent_match` scores exactly as the reference's `IntentEvaluator` (deepseek-ai/ESFT `benchmarks.py`).
-
-The oracle below is the reference's code, copied with only its printing taken out; every case is scored by both.
+"""`intent_match` scores exactly as the reference's `IntentEvaluator` (deepseek-ai/ESFT `benchmarks.py`, run from
+../shared/esft/reference/): every case is scored by both.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-from pathlib import Path
 from random import Random
 
 import pytest
@@ -15,66 +12,14 @@ import pytest
 from expert_hub.errors import InvalidInputError
 from expert_hub.evaluation import SCORERS, intent_match
 
-REFERENCE_REPO = Path(__file__).resolve().parents[2] / ".mirror" / "deepseek-ai+ESFT" / "repo"
-
-
-# --- the oracle: deepseek-ai/ESFT benchmarks.py, IntentEvaluator.post_process and ._metrics, I/O stripped ---------
-def post_process(raw_prediction, ground_truths):
-    pred = raw_prediction.strip()
-    if pred == "":
-        pred = "None"
-    pred = pred.strip(".。")
-
-    if "```json" in pred:
-        try:
-            pred = pred[pred.index("```json") + 7 :]
-            pred = pred[: pred.index("```")]
-        except:  # noqa: E722
-            pred = "{}"
-
-    if "\n" in pred:
-        pred = [i for i in pred.split("\n") if i][0]  # noqa: RUF015
-
-    pred = pred.strip(".。")
-
-    ground_truth = ground_truths[0]
-    return pred, [ground_truth]
-
-
-def _metrics(prediction, ground_truth):
-    ground_truth = json.loads(ground_truth)
-    try:
-        prediction = json.loads(prediction)
-    except:  # noqa: E722
-        return 0.0
-
-    intent_em = prediction.get("intent", "") == ground_truth.get("intent", "")
-
-    gt_slots = {
-        (k, str(tuple(sorted([str(i) for i in v]))) if isinstance(v, list) else v)
-        for k, v in ground_truth.get("slots", {}).items()
-    }
-    try:
-        pred_slots = {
-            (k, str(tuple(sorted([str(i).replace(" ", "") for i in v]))) if isinstance(v, list) else v.replace(" ", ""))
-            for k, v in prediction.get("slots", {}).items()
-        }
-    except:  # noqa: E722
-        return 0.0
-
-    correct_slots = pred_slots.intersection(gt_slots)
-    slots_em = (len(correct_slots) == len(pred_slots)) and (len(correct_slots) == len(gt_slots))
-
-    return int(intent_em and slots_em)
-
-
-# --- end of the oracle -----------------------------------------------------------------------------------------------
+from .reference import reference_code, reference_file
 
 
 def oracle(completion: str, answer: str) -> float:
-    """The reference's score of one completion (`BaseEvaluator.eval_metric` for one sample)."""
-    prediction, answers = post_process(completion, [answer])
-    return _metrics(prediction, answers[0])
+    """The reference's score of one completion: its `IntentEvaluator.eval_metric` on one sample (post-processing,
+    then `_metrics`), the evaluator made without its `__init__`, which wants an eval config."""
+    evaluator = reference_code("benchmarks.py", "IntentEvaluator").IntentEvaluator
+    return evaluator.__new__(evaluator).eval_metric([{"raw_prediction": completion, "raw_answers": [answer]}])[0]
 
 
 def ours(completion: str, answer: str) -> float:
@@ -180,20 +125,15 @@ def test_only_the_first_answer_counts_and_scores_average():
 
 
 @pytest.fixture(scope="session")
-def published_completions(tmp_path_factory) -> dict[str, list[dict]]:
-    """The paper's model completions and their scores, `results/completions/{token,gate}/intent.jsonl`."""
-    if not REFERENCE_REPO.is_dir():
-        pytest.skip(f"the reference repository is expected at {REFERENCE_REPO}")
-    completions = {}
-    for method in ("token", "gate"):
-        text = subprocess.run(
-            ["git", "-C", str(REFERENCE_REPO), "show", f"HEAD:results/completions/{method}/intent.jsonl"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        completions[method] = [json.loads(line) for line in text.splitlines()]
-    return completions
+def published_completions() -> dict[str, list[dict]]:
+    """The paper's model completions and their scores, the reference's `results/completions/{token,gate}/intent.jsonl`."""
+    return {
+        method: [
+            json.loads(line)
+            for line in reference_file(f"results/completions/{method}/intent.jsonl").read_text("utf-8").splitlines()
+        ]
+        for method in ("token", "gate")
+    }
 
 
 @pytest.mark.parametrize("method, published", [("token", 0.76), ("gate", 0.80)])

@@ -1,9 +1,12 @@
-"""The `judge` metric against a local OpenAI-compatible judge: the reference's prompts and score parsing, retries,
-unparseable judgements, concurrency, the cache and `expert-hub eval --metric judge`.
+"""The `judge` metric against a local OpenAI-compatible judge: the reference's prompts, requests and score parsing
+(against the reference's own `benchmarks.py`), retries, unparseable judgements, refused replies, the deadline,
+concurrency, the cache and `expert-hub eval --metric judge`.
 
 The fake judge answers POST /v1/chat/completions in the reference's formats: 10 points when the prediction equals
 the reference answer, 7.5 otherwise; no score at all for a prediction with "UNPARSEABLE" in it; a 500 to the first
-request for "FLAKY" and to every request for "BROKEN".
+request for "FLAKY" and to every request for "BROKEN"; for a prediction naming one of BAD_REPLIES, that reply; for
+"HUGE", a judgement over 1 MiB; for "TRICKLE", a good reply a few bytes at a time, never pausing as long as a
+timeout, over 5 s.
 """
 
 from __future__ import annotations
@@ -11,19 +14,17 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
+from openai import OpenAI
 
 from expert_hub.errors import InvalidInputError
 from expert_hub.evaluation import evaluate_records
 from expert_hub.judge import (
     JUDGE_TASKS,
-    MAX_TOKENS,
     SYSTEM_MESSAGE,
     JudgeConfig,
     judge_prompt,
@@ -31,25 +32,32 @@ from expert_hub.judge import (
     parse_score,
 )
 
-REFERENCE_REPO = Path(__file__).resolve().parents[2] / ".mirror" / "deepseek-ai+ESFT" / "repo"
-TEMPLATE_NAMES = {"summary": "SummaryTemplate", "law": "LawTemplate", "translation": "TranslationTemplate"}
+from .reference import reference_code
+
 EVALUATOR_NAMES = {"summary": "SummaryEvaluator", "law": "LawEvaluator", "translation": "TranslationEvaluator"}
 
 
-def reference_benchmarks() -> str | None:
-    """The reference's benchmarks.py from the local mirror, or None where the mirror is absent."""
-    if not REFERENCE_REPO.is_dir():
-        return None
-    shown = subprocess.run(
-        ["git", "-C", str(REFERENCE_REPO), "show", "HEAD:benchmarks.py"], capture_output=True, text=True
-    )
-    return shown.stdout if shown.returncode == 0 else None
+def reference_evaluator(task: str):
+    """The reference's evaluator for `task` (benchmarks.py), without its `__init__`, which connects to Azure."""
+    evaluator = getattr(reference_code("benchmarks.py", EVALUATOR_NAMES[task]), EVALUATOR_NAMES[task])
+    return evaluator.__new__(evaluator)
 
 
-def reference_template(task: str) -> str | None:
-    """The reference's template for `task`, as its benchmarks.py spells it; None where the mirror is absent."""
-    source = reference_benchmarks()
-    return re.search(TEMPLATE_NAMES[task] + r' = """(.*?)"""', source, re.S).group(1) if source else None
+def _completion(content: object) -> dict:
+    return {"id": "j", "object": "chat.completion", "created": 0, "model": "fake-judge",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}  # fmt: skip
+
+
+BAD_REPLIES = {  # marker in the prediction: the judge's reply (content type, body)
+    "PLAIN": ("text/plain", "总分是：10分".encode()),
+    "NOTJSON": ("application/json", b'{"choices": [{"message": {"content": "'),
+    "LIST": ("application/json", json.dumps([_completion("总分是：10分")]).encode()),
+    "NULLMESSAGE": (
+        "application/json",
+        json.dumps(_completion("") | {"choices": [{"index": 0, "message": None}]}).encode(),
+    ),
+    "NUMBER": ("application/json", json.dumps(_completion(10)).encode()),
+}
 
 
 class FakeJudge(ThreadingHTTPServer):
@@ -60,6 +68,7 @@ class FakeJudge(ThreadingHTTPServer):
         self.requests: list[dict] = []  # {"body", "authorization"} of every POST, failed ones included
         self.delay = 0.0
         self.broken = True  # "BROKEN" predictions fail while set
+        self.bad_reply: str | None = None  # a key of BAD_REPLIES: the reply to every request
         self.in_flight = self.most_in_flight = 0
         self.lock = threading.Lock()
 
@@ -85,26 +94,40 @@ class _JudgeHandler(BaseHTTPRequestHandler):
         try:
             time.sleep(server.delay)
             prompt = body["messages"][1]["content"]
+            bad = server.bad_reply or next((marker for marker in BAD_REPLIES if marker in prompt), None)
             if self.path != "/v1/chat/completions":
                 self._reply(404, {"error": {"message": f"no route {self.path}"}})
             elif ("FLAKY" in prompt and asked == 1) or ("BROKEN" in prompt and server.broken):
                 self._reply(500, {"error": {"message": "the judge is overloaded"}})
+            elif bad:
+                self._send(200, *BAD_REPLIES[bad])
+            elif "HUGE" in prompt:
+                self._reply(200, _completion("总分是：10分" + "x" * 2**20))
+            elif "TRICKLE" in prompt:
+                self._send(200, "application/json", b" " * 300 + json.dumps(_completion("总分是：10分")).encode(), True)
             else:
-                message = {"role": "assistant", "content": _judgement(prompt)}
-                self._reply(200, {"id": "j", "object": "chat.completion", "created": 0, "model": body["model"],
-                                  "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})  # fmt: skip
+                self._reply(200, _completion(_judgement(prompt)))
         finally:
             with server.lock:
                 server.in_flight -= 1
 
-    def _reply(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
+    def _reply(self, status: int, payload: object) -> None:
+        self._send(status, "application/json", json.dumps(payload).encode())
+
+    def _send(self, status: int, content_type: str, data: bytes, trickle: bool = False) -> None:
+        """`data` at once, or 8 bytes of it every 0.1 s until the client hangs up."""
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("retry-after-ms", "1")  # the openai client waits this long before a retry
         self.end_headers()
-        self.wfile.write(data)
+        pieces = [data[start : start + 8] for start in range(0, len(data), 8)] if trickle else [data]
+        try:
+            for piece in pieces:
+                self.wfile.write(piece)
+                time.sleep(0.1 if trickle else 0)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up
 
     def log_message(self, *args) -> None:  # keep pytest's output clean
         pass
@@ -145,20 +168,35 @@ def config(server: FakeJudge, task: str = "law", **options) -> JudgeConfig:
 
 @pytest.mark.parametrize("task", sorted(JUDGE_TASKS))
 def test_templates_and_patterns_are_the_references(task):
-    source = reference_benchmarks()
-    if source is None:
-        pytest.skip("the deepseek-ai/ESFT mirror is absent")
-    assert JUDGE_TASKS[task].template == reference_template(task)
-    evaluator = re.search(rf"class {EVALUATOR_NAMES[task]}\(.*?def pattern.*?return r\"(.*?)\"", source, re.S)
-    assert JUDGE_TASKS[task].pattern == evaluator.group(1)
-    assert f'{{"role": "system", "content": "{SYSTEM_MESSAGE}"}}' in source
-    assert f"max_tokens={MAX_TOKENS}" in source
+    evaluator = reference_evaluator(task)
+    assert JUDGE_TASKS[task].template == evaluator.template
+    assert JUDGE_TASKS[task].pattern == evaluator.pattern
 
 
-def reference_parse(pattern: str, response_text: str) -> float:
-    """The reference's `GPT4Evaluator.parse_gpt4`, its printing taken out."""
-    score = re.findall(pattern, response_text)
-    return float(score[0]) / 10 if score else 0.0
+@pytest.mark.parametrize("task", sorted(JUDGE_TASKS))
+def test_the_reference_asks_and_scores_as_expert_hub_does(task, judge_server, tmp_path):
+    """The reference's evaluator, run on the same records against the same judge, sends the same messages and
+    max_tokens, and its mean is `value_unparseable_as_zero` (it scores a judgement without a score 0)."""
+    predictions = ["判决：驳回", " 判决：支持。\n\nUser: 其余 ", "UNPARSEABLE", "", "   ", "{x}"]
+    answers = [["判决：驳回", "another answer"]] * len(predictions)
+    evaluator = reference_evaluator(task)
+    evaluator.client = OpenAI(base_url=judge_server.url, api_key="unused", max_retries=0)
+    samples = [{"raw_prediction": prediction, "raw_answers": refs} for prediction, refs in zip(predictions, answers)]
+    reference_scores = evaluator.eval_metric(samples)
+    theirs = [request["body"] for request in judge_server.requests]
+    judge_server.requests.clear()
+
+    result = judge_scores(predictions, answers, config(judge_server, task, cache=tmp_path / "c.db"))
+    ours = [request["body"] for request in judge_server.requests]
+
+    def sent(bodies: list[dict]) -> list[str]:  # the requests but their deliberate differences, model and temperature
+        kept = [{key: value for key, value in body.items() if key not in ("model", "temperature")} for body in bodies]
+        return sorted({json.dumps(body, ensure_ascii=False, sort_keys=True) for body in kept})
+
+    assert sent(ours) == sent(theirs) and len(ours) == 5  # "" and "   " are both judged as "None", asked once here
+    assert ours[0]["messages"][0] == {"role": "system", "content": SYSTEM_MESSAGE}
+    assert result["value_unparseable_as_zero"] == pytest.approx(sum(reference_scores) / len(reference_scores))
+    assert result["unparseable"] == reference_scores.count(0.0) == 1
 
 
 @pytest.mark.parametrize(
@@ -183,29 +221,17 @@ def reference_parse(pattern: str, response_text: str) -> float:
 )
 def test_scores_parse_as_the_reference_parses_them(task, judgement, expected):
     assert parse_score(task, judgement) == (pytest.approx(expected) if expected is not None else None)
-    reference = reference_parse(JUDGE_TASKS[task].pattern, judgement)
+    reference = reference_evaluator(task).parse_gpt4(judgement)
     assert reference == (expected if expected is not None else 0.0)  # the reference scores "no score" as 0
 
 
-# The reference's `BaseEvaluator.post_process` (summary, law) and `TranslationEvaluator.post_process`, verbatim.
-def post_process(raw_prediction, ground_truths):
-    pred = raw_prediction.strip()
-    if pred == "":
-        pred = "None"
-    pred.strip(".。")
-
-    ground_truth = ground_truths[0]
-    return pred, [ground_truth]
-
-
-def translation_post_process(raw_prediction, ground_truths):
-    pred = raw_prediction.strip().split("\n\n")[0]
-    if pred == "":
-        pred = "None"
-    pred.strip(".。")
-
-    ground_truth = ground_truths[0]
-    return pred, [ground_truth]
+@pytest.mark.parametrize(
+    ("task", "judgement"),
+    [("law", "总分是：999分"), ("summary", "总分是：10.5分"), ("translation", "total score: 11 points")],
+)
+def test_a_total_above_full_marks_is_no_score(task, judgement):
+    assert reference_evaluator(task).parse_gpt4(judgement) > 1  # the reference's, on its 0-1 scale
+    assert parse_score(task, judgement) is None
 
 
 @pytest.mark.parametrize("task", sorted(JUDGE_TASKS))
@@ -214,8 +240,7 @@ def translation_post_process(raw_prediction, ground_truths):
 )
 def test_predictions_are_post_processed_as_the_reference_does(task, completion):
     answers = [" 参考 {答案}。", "second answer"]
-    oracle = translation_post_process if task == "translation" else post_process
-    prediction, [answer] = oracle(completion, answers)
+    prediction, [answer] = reference_evaluator(task).post_process(completion, answers)
     assert judge_prompt(task, completion, answers[0]) == JUDGE_TASKS[task].template.format(
         prediction=prediction, ground_truth=answer
     )
@@ -241,12 +266,10 @@ def test_judge_scores_retries_counts_unparseable_and_caches(judge_server, regist
     assert result["unparseable_judgements"] == [{"index": 2, "judgement": "I would rather not give a score."}]
     assert [j["score"] for j in result["judgements"]] == [1.0, 0.75, None]
     assert len(judge_server.requests) == 5  # four judgements, one of them asked again after a 500
-    sent = sorted(set(judge_server.prompts()))
-    for template in (JUDGE_TASKS["law"].template, reference_template("law")):  # the reference's: where mirrored
-        if template is not None:
-            assert sent == sorted(
-                template.format(prediction=p, ground_truth=a[0]) for p, a in zip(predictions, answers)
-            )
+    template = JUDGE_TASKS["law"].template
+    assert sorted(set(judge_server.prompts())) == sorted(
+        template.format(prediction=p, ground_truth=a[0]) for p, a in zip(predictions, answers)
+    )
     assert sum("FLAKY" in prompt for prompt in judge_server.prompts()) == 2  # retried after its 500
     body = judge_server.requests[0]["body"]
     assert body["messages"][0] == {"role": "system", "content": SYSTEM_MESSAGE}
@@ -315,6 +338,42 @@ def test_an_unusable_cache_is_one_clear_error(judge_server, tmp_path):
         judge_scores(["a"], [["a"]], config(judge_server, cache=tmp_path / "not-a-db"))
 
 
+@pytest.mark.parametrize("kind", BAD_REPLIES)
+def test_a_reply_with_no_judgement_is_unparseable_and_not_cached(judge_server, tmp_path, kind):
+    """Plain text, broken JSON, a list, a null message, a number for text: counted, with why, and asked again."""
+    judge = config(judge_server, cache=tmp_path / "cache.sqlite")
+    predictions, answers = ["判决：驳回", f"{kind} 判决"], [["判决：驳回"]] * 2
+    result = judge_scores(predictions, answers, judge)
+    assert result["judged"] == 1 and result["value"] == 1.0 and result["unparseable"] == 1
+    [refused] = result["unparseable_judgements"]
+    assert refused["index"] == 1 and refused["refused"].startswith("the reply"), refused
+    assert len(judge_server.requests) == 2  # not retried: the judge answered
+    with sqlite3.connect(tmp_path / "cache.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM judgements").fetchone() == (1,)
+    assert judge_scores(predictions, answers, judge)["cached"] == 1 and len(judge_server.requests) == 3
+
+
+def test_a_reply_over_the_cap_is_refused_unread_and_not_cached(judge_server, tmp_path):
+    judge = config(judge_server, cache=tmp_path / "cache.sqlite")
+    result = judge_scores(["HUGE"], [["判决：驳回"]], judge)
+    assert result["unparseable"] == 1 and result["value"] is None
+    assert result["unparseable_judgements"] == [{"index": 0, "refused": "the reply is over 1 MiB"}]
+    assert (tmp_path / "cache.sqlite").stat().st_size < 100_000
+    assert judge_scores(["HUGE"], [["判决：驳回"]], judge)["cached"] == 0
+    assert len(judge_server.requests) == 2  # asked again by the rerun, never retried
+
+
+def test_the_timeout_bounds_each_request_whole(judge_server, tmp_path):
+    """A reply trickling in a few bytes every 0.1 s, over 5 s, never pauses as long as the 0.5 s timeout; each try
+    still ends at 0.5 s, a timeout is retried, and the run stops after the retries."""
+    judge = config(judge_server, max_retries=1, timeout=0.5, cache=tmp_path / "cache.sqlite")
+    started = time.monotonic()
+    with pytest.raises(InvalidInputError, match="failed after 1 retries: Request timed out"):
+        judge_scores(["TRICKLE"], [["判决：驳回"]], judge)
+    assert time.monotonic() - started < 4  # two tries of 0.5 s and a backoff
+    assert len(judge_server.requests) == 2
+
+
 # --- the command line ------------------------------------------------------------------------------------------------
 
 
@@ -352,3 +411,14 @@ def test_eval_judge_errors_are_one_line(run_cli, judge_server, tmp_path, args, m
     code, _, err = run_cli("eval", *(arg.format(url=judge_server.url, data=data) for arg in args))
     assert code != 0 and message in err and len(err.strip().splitlines()) == 1, err
     assert judge_server.requests == []
+
+
+def test_eval_with_a_judge_that_replies_no_judgement_says_so_without_a_traceback(run_cli, judge_server):
+    judge_server.bad_reply = "PLAIN"
+    command = ["eval", "--task", "law", "--metric", "judge", "--judge-url", judge_server.url, "--judge-model", "fake"]
+    code, out, err = run_cli(*command, "--limit", 2, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["unparseable"] == 2 and result["value"] is None and "Traceback" not in err
+    assert result["unparseable_judgements"][0]["refused"] == "the reply is no chat completion: '总分是：10分'"
+    assert "2 of 2 judgements hold no score" in err
