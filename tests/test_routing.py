@@ -53,7 +53,10 @@ def test_padding_is_not_counted(tiny_models, family, esft_data):
     for layer in single.counts:
         assert batched.counts[layer].selections == single.counts[layer].selections
         assert batched.counts[layer].tokens == single.counts[layer].tokens
-        torch.testing.assert_close(batched.counts[layer].gate_sums, single.counts[layer].gate_sums)
+        # The gates are float32: a padded batch may round differently in the last bit.
+        torch.testing.assert_close(
+            batched.counts[layer].gate_sums, single.counts[layer].gate_sums, rtol=1.3e-6, atol=1e-5
+        )
 
 
 def test_hooks_change_no_output(tiny_models, family):

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from expert_hub import ExpertAdapter, ExpertSelection, load_model
-from expert_hub.auto_routing import RoutingProfile, profile_prompts
+from expert_hub.auto_routing import RoutingProfile, completion_routing_ids, profile_prompts
 from expert_hub.models import load_base
 from expert_hub.registry import Registry
 from expert_hub.testing import SERVING_SHAPES, build_tiny_model, byte_tokenizer
@@ -302,7 +302,7 @@ def qwen(tmp_path_factory):
     base, adapters, merged = make_tasks("qwen3_moe", root, TASKS)
     model, tokenizer = load_base(str(base)), byte_tokenizer()
     for name, text in AUTO_PROMPTS.items():  # law's requests are letters, intent's digits: they route apart
-        samples = [tokenizer.encode(text[i:] + text[:i]) for i in range(len(text))]
+        samples = [completion_routing_ids(text[i:] + text[:i], tokenizer) for i in range(len(text))]
         profile_prompts(model, samples).save(adapters[name])
     registry = Registry(root / "registry")
     for name in ("law", "intent", "extra"):
