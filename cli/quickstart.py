@@ -3,17 +3,23 @@
 Train two held-out built-in tasks with ESFT-Token, register them, serve both on vLLM beside the base model, ask
 each one question through the OpenAI client, and show what changed: the experts each task chose, its eval score
 before and after, and the answers next to the references.
+
+It reruns with any of its options: each task's run lives in a directory of its own settings, so a rerun with the
+same ones reuses the finished run (and the registry the version it holds), and one with others trains apart.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -23,12 +29,15 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from expert_hub.demo import demo_base
 from expert_hub.errors import InvalidInputError
+from expert_hub.training import TrainingConfig, base_training_defaults
 
-from .app import app, builtin_data, console, status_console
+from .app import app, console, status_console
 from .training import run_with_progress
 
 SERVER_START_SECONDS = 300
+DEMO_STEPS: int = base_training_defaults(demo_base()).get("steps", TrainingConfig.steps)  # else the general default
 
 
 @app.command()
@@ -37,18 +46,16 @@ def quickstart(
         str, typer.Option(help="Comma-separated built-in tasks to teach the demo base (held-out ones are new to it).")
     ] = "law,translation",
     out: Annotated[
-        Path, typer.Option(help="Where the runs and the server log go; rerunning resumes finished work.")
+        Path, typer.Option(help="Where the runs and the server log go; a rerun reuses the runs it finished.")
     ] = Path("runs/quickstart"),
     eval_records: Annotated[
         int, typer.Option(min=1, help="Eval records per task, scored before and after training.")
     ] = 60,
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port for the demo server (127.0.0.1).")] = 8123,
-    steps: Annotated[
-        int | None, typer.Option(min=1, help="Training steps per task [default: the demo base's, 150].")
-    ] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Training steps per task (the demo base's default).")] = DEMO_STEPS,
 ) -> None:
     """Train two tasks' experts on the demo base, serve them, query them, and show the before / after."""
-    from expert_hub.demo import base_metadata, demo_base
+    from expert_hub.demo import base_metadata
     from expert_hub.registry import Registry
     from expert_hub.tasks import BUILTIN_TASKS
 
@@ -80,7 +87,7 @@ def quickstart(
         Panel(
             f"registry:  {registry.root}  (`expert-hub list`)\n"
             + "".join(f"adapter:   {results[name]['artifact']}\n" for name in names)
-            + f"runs/logs: {out}  (training log: {out}/NAME/log.jsonl; server: {out}/server.log)\n"
+            + f"runs/logs: {out}  (training log: log.jsonl beside each adapter; server: {out}/server.log)\n"
             f"next:      expert-hub serve --tasks {','.join(names)}   |   expert-hub train --task {_another_task(names)}\n"
             f"took {(time.monotonic() - started) / 60:.1f} min",
             title="where things are",
@@ -97,13 +104,14 @@ def _another_task(taught: list[str]) -> str:
     return (untaught or ["math"])[0]
 
 
-def _teach(name: str, base: str, out: Path, eval_records: int, registry, steps: int | None) -> dict:
-    """Score the base on the task, train the task's experts, register them, score again."""
+def _teach(name: str, base: str, out: Path, eval_records: int, registry, steps: int) -> dict:
+    """Score the base on the task, train the task's experts (unless a run with these settings finished), register
+    them, score again."""
     from expert_hub.adapter import ExpertAdapter
     from expert_hub.evaluation import evaluate_records
     from expert_hub.models import load_base, load_tokenizer
-    from expert_hub.tasks import builtin_task
-    from expert_hub.training import TrainingConfig, base_training_defaults
+    from expert_hub.tasks import builtin_task, export
+    from expert_hub.training import get_method
 
     task, tokenizer = builtin_task(name), load_tokenizer(base)
     records = task.eval_records(eval_records)
@@ -116,11 +124,18 @@ def _teach(name: str, base: str, out: Path, eval_records: int, registry, steps: 
 
     base_model = load_base(base)
     before = score(base_model)
-    defaults = base_training_defaults(base) | ({"steps": steps} if steps else {})
-    config = TrainingConfig(task=name, base=base, data=builtin_data(name, "train"), out=str(out / name), **defaults)
-    result = run_with_progress(config)
-    entry = registry.register(result.artifact, task=name, base=base)
-    adapter = ExpertAdapter.load(result.artifact)
+    # the data under `out`, not under the registry: a rerun with another registry asks for the same run
+    data = str(export(name, out / "data" / name)["train"])
+    config = _in_own_directory(
+        TrainingConfig(task=name, base=base, data=data, out="", **base_training_defaults(base) | {"steps": steps}), out
+    )
+    artifact = Path(config.out) / get_method(config.method).artifact_name
+    if artifact.is_dir():  # written whole once the run's last step is done: these settings' finished run
+        console.print(f"Reusing {artifact}, trained earlier with these settings")
+    else:
+        artifact = run_with_progress(config).artifact
+    entry = registry.register(artifact, task=name, base=base)
+    adapter = ExpertAdapter.load(artifact)
     total = sum(p.numel() for p in base_model.parameters())
     after = score(adapter.apply(base_model))  # the base already in memory, with the task's experts copied in
     return {
@@ -128,11 +143,20 @@ def _teach(name: str, base: str, out: Path, eval_records: int, registry, steps: 
         "before": before,
         "after": after,
         "ref": entry.ref,
-        "artifact": result.artifact,
+        "artifact": artifact,
         "experts": adapter.selection.experts,
-        "seconds": result.seconds,
+        "seconds": adapter.metadata.training.get("seconds", 0.0),
         "share": sum(t.numel() for t in adapter.tensors.values()) / total,
     }
+
+
+def _in_own_directory(config: TrainingConfig, out: Path) -> TrainingConfig:
+    """`config` with its run in `out`, in a directory named by a hash of every other setting: a rerun with other
+    options (`--steps`, the package installed elsewhere) trains apart instead of being refused by another run's
+    directory, and one with the same options finds its own run."""
+    settings = {key: value for key, value in config.to_json().items() if key != "out"}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    return replace(config, out=str(out / f"{config.task}-{digest[:8]}"))
 
 
 def _print_results(results: dict, base: str) -> None:

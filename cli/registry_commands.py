@@ -77,7 +77,7 @@ def export(
     """Write a registered adapter out as a plain directory."""
     registry = _registry()
     entry = registry.resolve(ref, base)
-    registry.export(entry.ref, directory, base=entry.base_model)
+    registry.export(entry.ref, directory, base=base)
     console.print(f"Exported {entry.ref} -> {directory}")
 
 
@@ -122,7 +122,7 @@ def show(
     """One entry in full, after verifying its files."""
     registry = _registry()
     entry = registry.resolve(ref, base)
-    adapter = registry.load(entry.ref, entry.base_model)
+    adapter = registry.load(entry.ref, base)
     details = asdict(entry) | {
         "path": str(registry.object_path(entry)),
         "metadata": asdict(adapter.metadata),
@@ -132,7 +132,7 @@ def show(
         console.print_json(data=details)
         return
     table = Table(show_header=False, title=entry.ref)
-    for key in ("task", "version", "digest", "base_model", "method", "created", "path"):
+    for key in ("task", "version", "digest", "base_model", "base_fingerprint", "method", "created", "path"):
         table.add_row(key, str(details[key]))
     table.add_row("experts", _experts(entry))
     table.add_row("size", _size(entry.bytes))

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -410,7 +411,54 @@ def checkpoint_fingerprint(base: str, selection: ExpertSelection) -> str | None:
     )
 
 
-def _fingerprint(views: dict[str, torch.Tensor]) -> str:
+def base_fingerprint(base: str | Path) -> str | None:
+    """What a local base checkpoint is, wherever it lies: its config and every weight, hashed as an adapter's base
+    fingerprint hashes the experts it replaces (`_fingerprint`).
+
+    The registry knows a local base by it, so a base moved, cloned or installed elsewhere keeps its tasks. It leaves
+    out what only records how the checkpoint was saved (the transformers version, the dtype: the weights are rounded
+    to bfloat16 anyway). Every weight is read, a tensor at a time, memory-mapped: callers cache the result. None
+    when `base` is not a directory with a readable `config.json` and safetensors weights (the registry then knows
+    it by its path, as it knows a Hub id by its name).
+    """
+    directory = Path(base)
+    files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
+    if not files or not (directory / "config.json").is_file():
+        return None
+    try:
+        config = read_json(directory / "config.json")
+        if not isinstance(config, dict):
+            return None
+        with contextlib.ExitStack() as stack:
+            handles = [stack.enter_context(safe_open(file, "pt")) for file in files]
+            weights = _fingerprint(_CheckpointTensors(handles))
+    except (InvalidInputError, SafetensorError, OSError):
+        return None
+    identity = json.dumps({k: v for k, v in config.items() if k not in _SAVED_AS}, sort_keys=True)
+    return hashlib.sha256(f"{identity}\n{weights}".encode()).hexdigest()
+
+
+_SAVED_AS = frozenset({"_name_or_path", "transformers_version", "dtype", "torch_dtype"})
+
+
+class _CheckpointTensors(Mapping):
+    """A checkpoint's tensors by key, each read from its safetensors file only when asked for: a base is
+    fingerprinted one tensor at a time, never held in memory whole."""
+
+    def __init__(self, handles: list):
+        self._holder = {key: handle for handle in handles for key in handle.keys()}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._holder[key].get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._holder)
+
+    def __len__(self) -> int:
+        return len(self._holder)
+
+
+def _fingerprint(views: Mapping[str, torch.Tensor]) -> str:
     """sha256 of tensors by checkpoint key: names, shapes and values rounded to bfloat16.
 
     Rounding to bfloat16 makes the fingerprint independent of the dtype the base was loaded in.

@@ -92,6 +92,8 @@ def pull(
     The task name defaults to the adapter's own, else the repo's name. `prepare` may add files to the downloaded
     directory before it is registered (the CLI's `--profile-data` adds a routing profile), so one version holds all.
     """
+    if task is not None:
+        validate_task_name(task)  # before anything is downloaded
     with tempfile.TemporaryDirectory() as download:
         with _hub_errors(repo_id, revision):  # plain files of our own: the Hub cache's snapshot is symlinks
             directory = Path(snapshot_download(repo_id, revision=revision, token=token, local_dir=download))

@@ -3,7 +3,9 @@
 Layout under the root (`$EXPERT_HUB_HOME`, default `$XDG_CACHE_HOME/expert-hub` or `~/.cache/expert-hub`):
 - `objects/<sha256>/` — an adapter's files plus `manifest.json` (each file's sha256 and size). The directory name is
   the manifest's own sha256, so identical content is stored once and a name never points at other bytes.
-- `index.json` — entries `(task, version, base model) -> object`, rewritten atomically under `index.lock`.
+- `index.json` — entries `(task, version, base model) -> object`, rewritten atomically under `index.lock`. A local
+  base is known by its fingerprint (`bases.py`), with its path kept as a hint; a Hub id by its name.
+- `bases.json` — the cache of local bases' fingerprints.
 - `staging/` — imports in progress; a killed import leaves only a staging directory, removed by the next import.
 Names never become paths: tasks are validated and objects are addressed by hash.
 """
@@ -25,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from expert_hub.adapter import AdapterHeader, ExpertAdapter
+from expert_hub.auto_routing import RoutingProfile
 from expert_hub.errors import ExpertHubError, InvalidInputError
 from expert_hub.io import (
     atomic_directory,
@@ -36,12 +39,15 @@ from expert_hub.io import (
     write_json_atomic,
 )
 
+from .bases import cached_fingerprint
+
 MANIFEST_FILE = "manifest.json"
 _TASK = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 _CHUNK = 8 * 2**20
 _SLICE = 64 * 2**20  # what the kernel copies at a time; each slice is hashed while the next is copied
 _DIGEST = re.compile(r"[0-9a-f]{64}")  # an object's name: the sha256 of its manifest
 _SELECTOR = re.compile(r"[0-9]+|[0-9a-f]{4,64}")  # after `task@`: a version or a hash prefix
+AUTO = "auto"  # the model name that asks the server to choose the task (`"model": "auto"`), so no task may have it
 
 
 class RegistryError(ExpertHubError):
@@ -56,10 +62,18 @@ class RegistryDamagedError(RegistryError):
 
 
 def validate_task_name(name: str) -> str:
-    """Letters, digits and `-_.`, with an optional `namespace/`; never a path that climbs out."""
+    """Letters, digits and `-_.`, with an optional `namespace/`; never a path that climbs out, never `auto`.
+
+    Every command that names a task (import, pull, train, profile, serve) passes here, so this is where `auto` is
+    refused: a task of that name could never be asked for, and `serve --all-tasks` would refuse to start.
+    """
     if not isinstance(name, str) or not _TASK.fullmatch(name) or ".." in name:
         raise InvalidInputError(
             f"invalid task name {name!r}: use letters, digits and '-_.', optionally 'namespace/name'"
+        )
+    if name == AUTO:
+        raise InvalidInputError(
+            f'the task name "{AUTO}" is reserved: "model": "{AUTO}" asks the server to choose a task'
         )
     return name
 
@@ -71,7 +85,7 @@ def default_root() -> Path:
 
 
 def normalize_base(base: str | None) -> str | None:
-    """Local bases are keyed by absolute path, so `./base` and `/abs/base` are one base; Hub ids stay as given."""
+    """A local base as an absolute path, so `./base` and `/abs/base` read the same from anywhere; Hub ids as given."""
     if base is None:
         return None
     return str(Path(base).resolve()) if Path(base).exists() else base
@@ -83,17 +97,26 @@ class Entry:
 
     task: str
     version: int
-    base_model: str | None
+    base_model: str | None  # a Hub id, or a local base's absolute path when it was registered (a hint)
     digest: str
     created: str
     method: str | None = None
     experts: dict[str, int] = field(default_factory=dict)  # layer -> number of experts
     bytes: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    base_fingerprint: str | None = None  # a local base's `base_fingerprint`: what the registry knows it by
 
     @property
     def ref(self) -> str:
         return f"{self.task}@{self.version}"
+
+    @property
+    def base_key(self) -> tuple[str, str | None]:
+        return _base_key(self.base_model, self.base_fingerprint)
+
+    @property
+    def base_description(self) -> str:
+        return _describe_base(self.base_model, self.base_fingerprint)
 
     @classmethod
     def from_json(cls, data) -> Entry:
@@ -105,9 +128,14 @@ class Entry:
         for name, kinds in _ENTRY_FIELD_TYPES.items():
             if name in data and (isinstance(data[name], bool) or not isinstance(data[name], kinds)):
                 raise RegistryDamagedError(f"has {name} = {data[name]!r:.80}")
-        validate_task_name(data["task"])
         if not _DIGEST.fullmatch(data["digest"]):
             raise RegistryDamagedError(f"has digest {data['digest']!r}, which is not a sha256 in hex")
+        if data["task"] == AUTO:  # registered before the name was reserved
+            raise RegistryDamagedError(
+                f'is task "{AUTO}", a name reserved for auto routing; to keep its experts, give them another name: '
+                f"expert-hub import objects/{data['digest']} --task NAME (objects/ beside index.json)"
+            )
+        validate_task_name(data["task"])
         if data["version"] < 1 or data.get("bytes", 0) < 0:
             raise RegistryDamagedError("has a version below 1 or a negative size")
         if not all(isinstance(k, str) and type(v) is int for k, v in data.get("experts", {}).items()):
@@ -128,7 +156,17 @@ _ENTRY_FIELD_TYPES = {
     "experts": dict,
     "bytes": int,
     "metrics": dict,
+    "base_fingerprint": (str, type(None)),
 }
+
+
+def _base_key(name: str | None, fingerprint: str | None) -> tuple[str, str | None]:
+    """What a base is to the registry: a local base's fingerprint, else its name (a Hub id)."""
+    return ("fingerprint", fingerprint) if fingerprint else ("name", name)
+
+
+def _describe_base(name: str | None, fingerprint: str | None) -> str:
+    return f"{name} (fingerprint {fingerprint[:12]})" if fingerprint else str(name)
 
 
 class Registry:
@@ -149,8 +187,11 @@ class Registry:
     # --- reading -----------------------------------------------------------------------------------------------
     def entries(self, base: str | None = None) -> list[Entry]:
         """All entries (of one base model, if given), oldest first."""
-        base = normalize_base(base)
-        return [entry for entry in self._read_index()[0] if base is None or entry.base_model == base]
+        entries = self._read_index()[0]
+        if base is None or not entries:
+            return entries
+        key = _base_key(*self._base(base, entries))
+        return [entry for entry in entries if entry.base_key == key]
 
     def unreadable(self) -> list[str]:
         """Why each index record that cannot be used is skipped; they stay in the index untouched."""
@@ -171,18 +212,31 @@ class Registry:
             # an all-digit selector is a version when one matches, else (4+ digits) a hash prefix
             candidates = by_version or [e for e in candidates if len(selector) >= 4 and e.digest.startswith(selector)]
         if not candidates:
-            where = f" for base {base}" if base else ""
-            others = sorted({str(e.base_model) for e in self.entries() if e.task == task}) if base else []
+            where = f" for base {_describe_base(*self._base(base, self.entries()))}" if base else ""
+            others = sorted({e.base_description for e in self.entries() if e.task == task}) if base else []
             if others:  # pulled for a Hub id, used with a local copy (or the other way round): say how to re-point
                 raise RegistryError(
                     f"no registered task {ref!r}{where}; it is registered for {', '.join(others)}. To use it with "
                     f"this base: expert-hub export {ref} DIR && expert-hub import DIR --base {base}"
                 )
             raise RegistryError(f"no registered task {ref!r}{where} (see `expert-hub list`)")
-        bases = sorted({str(entry.base_model) for entry in candidates})
-        if len(bases) > 1:
+        if len({entry.base_key for entry in candidates}) > 1:
+            bases = sorted({entry.base_description for entry in candidates})
             raise RegistryError(f"{ref!r} exists for several base models ({', '.join(bases)}); name the base")
         return max(candidates, key=lambda entry: entry.version)
+
+    def _base(self, base: str | None, entries: list[Entry]) -> tuple[str | None, str | None]:
+        """`base` as entries record it: (name, fingerprint).
+
+        A local directory is named by its absolute path and known by its fingerprint. Any other name is a Hub id,
+        or the path of a local base registered before it moved: that one is known by the fingerprint recorded with
+        it, so `--base` with a path `expert-hub list` shows still works.
+        """
+        name = normalize_base(base)
+        if name is not None and Path(name).is_dir():
+            return name, cached_fingerprint(Path(name), self.root)
+        recorded = [entry.base_fingerprint for entry in entries if entry.base_model == name and entry.base_fingerprint]
+        return name, recorded[-1] if recorded else None
 
     def verify(self, entry: Entry) -> Path:
         """Check every stored file against the manifest; a damaged entry is named and never used."""
@@ -227,7 +281,8 @@ class Registry:
             )
 
     def register(self, directory: str | Path, task: str | None = None, base: str | None = None) -> Entry:
-        """Copy an adapter directory in as the next version of its task; returns the new entry.
+        """Copy an adapter directory in as the next version of its task; returns the new entry, or the task's newest
+        version when that holds these very bytes (a rerun adds no version).
 
         Each source byte is read once: hashed while it is written (the files at once), then the copy, not the
         source, is checked, so a file changed during the import cannot slip in unchecked. The copy becomes visible
@@ -251,7 +306,7 @@ class Registry:
             files = {source.name: record for source, record in zip(sources, records)}
             adapter = _check_adapter(staging, named_as=directory)
             task = task or validate_task_name(adapter.metadata.task or "")
-            base = normalize_base(base or adapter.metadata.base_model)
+            base_model, fingerprint = self._base(base or adapter.metadata.base_model, self._read_index()[0])
             manifest = json.dumps({"files": files}, sort_keys=True, indent=1).encode()
             _write_durably(staging / MANIFEST_FILE, manifest)
             publish_permissions(staging)
@@ -259,11 +314,16 @@ class Registry:
             digest = _sha256_bytes(manifest)
             with self._locked_index() as entries:  # placing the object under the lock keeps `remove` out of the way
                 self._place_object(staging, digest)
-                version = 1 + max((e.version for e in entries if e.task == task and e.base_model == base), default=0)
+                key = _base_key(base_model, fingerprint)
+                versions = [e for e in entries if e.task == task and e.base_key == key]
+                newest = max(versions, key=lambda e: e.version, default=None)
+                if newest is not None and newest.digest == digest:
+                    return newest
                 entry = Entry(
                     task=task,
-                    version=version,
-                    base_model=base,
+                    version=1 + (newest.version if newest else 0),
+                    base_model=base_model,
+                    base_fingerprint=fingerprint,
                     digest=digest,
                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     method=adapter.metadata.method,
@@ -284,7 +344,7 @@ class Registry:
         removed = []
         with self._locked_index() as entries:
             for entry in list(entries):
-                same_task = entry.task == target.task and entry.base_model == target.base_model
+                same_task = entry.task == target.task and entry.base_key == target.base_key
                 if same_task and ("@" not in ref or entry.version == target.version):
                     entries.remove(entry)
                     removed.append(entry)
@@ -342,12 +402,20 @@ class Registry:
                 f"{self.index_path} is not a registry index (an object with a list of entries); "
                 "move it aside and re-import the adapters"
             )
-        entries, unreadable = [], []
+        entries, unreadable, fingerprints = [], [], {}
         for position, record in enumerate(data["entries"], 1):
             try:
-                entries.append(Entry.from_json(record))
+                entry = Entry.from_json(record)
             except (RegistryDamagedError, InvalidInputError) as error:  # a task name that is not one: damaged too
                 unreadable.append((record, f"{self.index_path} entry {position} {error}"))
+                continue
+            if entry.base_fingerprint is None and _is_local_base(entry.base_model):
+                # registered when local bases were known by their path: known from now on by what is there (the
+                # next write of the index keeps it), so the base may move
+                if entry.base_model not in fingerprints:
+                    fingerprints[entry.base_model] = cached_fingerprint(Path(entry.base_model), self.root)
+                entry.base_fingerprint = fingerprints[entry.base_model]
+            entries.append(entry)
         return entries, unreadable
 
     def _remove_abandoned_staging(self) -> None:
@@ -356,6 +424,11 @@ class Registry:
             pid = path.name.split("-", 1)[0]
             if pid.isdigit() and not _process_alive(int(pid)):
                 shutil.rmtree(path, ignore_errors=True)
+
+
+def _is_local_base(base_model: str | None) -> bool:
+    """An absolute path to a directory: what a local base was registered as (a Hub id is never absolute)."""
+    return base_model is not None and Path(base_model).is_absolute() and Path(base_model).is_dir()
 
 
 def refuse_links_and_special_files(directory: Path) -> None:
@@ -369,14 +442,17 @@ def refuse_links_and_special_files(directory: Path) -> None:
 
 
 def _check_adapter(staging: Path, named_as: Path) -> AdapterHeader:
-    """Refuse a staged copy that is not a complete adapter of finite floating-point weights.
+    """Refuse a staged copy that is not a complete adapter of finite floating-point weights, with a routing profile
+    (when it has one) that is a distribution over experts.
 
     The copy is what gets stored, so it is what is checked (from the page cache it was just written to); errors name
-    the source directory, which is what the user gave.
+    the source directory, which is what the user gave. Whether the profile fits a base is checked where a base is
+    loaded (`serve`, `route`).
     """
     try:
         adapter = AdapterHeader.read(staging)
         adapter.check_values()
+        RoutingProfile.load(staging)
     except InvalidInputError as error:
         raise InvalidInputError(str(error).replace(str(staging), str(named_as))) from error
     return adapter

@@ -90,6 +90,16 @@ def test_pull_registers_what_prepare_adds_in_one_version(hub, registered, tmp_pa
     assert [entry.ref for entry in second.entries()] == ["law@1"]
 
 
+def test_pull_refuses_the_reserved_task_name_auto(hub, registered, run_cli):
+    _, first, _ = registered
+    push(first, "law", "acme/law-experts")
+    code, _, err = run_cli("pull", "acme/law-experts", "--task", "auto")
+    assert code == 1 and err.strip() == (
+        'error: the task name "auto" is reserved: "model": "auto" asks the server to choose a task'
+    )
+    assert Registry().entries() == []
+
+
 def test_the_model_card(hub, registered, tmp_path):
     _, first, _ = registered
     push(first, "law", "acme/law-experts", license="apache-2.0")

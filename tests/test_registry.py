@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,14 +36,16 @@ def test_versions_and_references(adapters, registry_home):
     base, made = adapters
     registry = Registry()
     first = registry.register(made["law"])
-    second = registry.register(made["law"])
+    assert registry.register(made["law"]) == first  # the bytes the newest version holds: no new version
+    second = registry.register(made["intent"], task="law")
     other = registry.register(made["intent"])
-    assert (first.ref, second.ref, other.ref) == ("law@1", "law@2", "intent@1")
-    assert first.digest == second.digest and first.base_model == str(base)
-    assert registry.resolve("law").version == 2
+    third = registry.register(made["law"])  # an older version's bytes: a new version, so `law` means them
+    assert (first.ref, second.ref, other.ref, third.ref) == ("law@1", "law@2", "intent@1", "law@3")
+    assert first.digest == third.digest and first.base_model == str(base)
+    assert registry.resolve("law").version == 3
     assert registry.resolve("law@1").version == 1
-    assert registry.resolve(f"law@{first.digest[:6]}").version == 2  # same content: the newest version
-    assert [e.ref for e in registry.entries(base=str(base))] == ["law@1", "law@2", "intent@1"]
+    assert registry.resolve(f"law@{first.digest[:6]}").version == 3  # same content: the newest version
+    assert [e.ref for e in registry.entries(base=str(base))] == ["law@1", "law@2", "intent@1", "law@3"]
     assert registry.entries(base="someone/else") == []
     with pytest.raises(RegistryError, match="no registered task 'law@7'"):
         registry.resolve("law@7")
@@ -123,8 +126,8 @@ def test_namespaced_names_and_the_cli(adapters, run_cli, tmp_path):
 _IMPORT_LOOP = """
 import sys
 from expert_hub.registry import Registry
-for _ in range(int(sys.argv[3])):
-    Registry().register(sys.argv[1], task=sys.argv[2])
+for round in range(int(sys.argv[3])):
+    Registry().register(sys.argv[1], task=f"{sys.argv[2]}-{round}")
 """
 
 
@@ -136,9 +139,9 @@ def test_concurrent_imports_from_two_processes_all_land(adapters, registry_home)
         for task in ("law", "intent")
     ]
     assert [process.wait(timeout=300) for process in processes] == [0, 0]
-    entries = Registry().entries()
-    for task in ("law", "intent"):
-        assert sorted(e.version for e in entries if e.task == task) == list(range(1, rounds + 1))
+    assert sorted(e.task for e in Registry().entries()) == sorted(
+        f"{task}-{round}" for task in ("law", "intent") for round in range(rounds)
+    )
     assert len(list((registry_home / "objects").iterdir())) == 2
 
 
@@ -179,6 +182,17 @@ def test_import_refuses_weights_that_are_not_finite(adapters, run_cli, registry_
         code == 1
         and err.strip() == f"error: experts.safetensors: {key} holds NaN or infinite values (did training diverge?)"
     )
+    assert Registry(registry_home).entries() == []
+
+
+def test_import_refuses_a_routing_profile_that_is_not_a_distribution(adapters, run_cli, registry_home):
+    """A hostile profile (one share of 1e30) would win every auto request wherever the version is served."""
+    _, made = adapters
+    profile = {"format": "expert-hub.routing-profile/1", "tokens": 10, "shares": {"0": [1e30] + [0.0] * 7}}
+    (made["law"] / "routing_profile.json").write_text(json.dumps(profile))
+    code, _, err = run_cli("import", made["law"])
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {made['law'] / 'routing_profile.json'} is not a valid routing profile: layer 0:")
     assert Registry(registry_home).entries() == []
 
 
@@ -455,3 +469,86 @@ def test_a_task_the_server_loads_is_hashed_from_the_bytes_it_loads(adapters, reg
     (path / "manifest.json").write_text((path / "manifest.json").read_text() + " ")
     with pytest.raises(RegistryDamagedError, match="law@1: .*manifest.json was modified"):
         Registry().file_hashes(entry)
+
+
+def test_the_task_name_auto_is_reserved_for_auto_routing(adapters, run_cli, registry_home):
+    """`"model": "auto"` asks the server to choose a task: a task of that name could never be asked for."""
+    _, made = adapters
+    message = 'error: the task name "auto" is reserved: "model": "auto" asks the server to choose a task'
+    for args in (
+        ("import", made["law"], "--task", "auto"),
+        ("train", "--task", "auto"),
+        ("profile", "auto"),
+        ("show", "auto"),
+    ):
+        code, _, err = run_cli(*args)
+        assert code == 1 and err.strip() == message, (args, err)
+    metadata = made["law"] / "expert_hub.json"
+    metadata.write_text(json.dumps(json.loads(metadata.read_text()) | {"task": "auto"}))
+    code, _, err = run_cli("import", made["law"])  # the adapter's own name
+    assert code == 1 and err.strip() == message
+    assert Registry().entries() == []
+    # registered before the name was reserved: skipped (so `serve --all-tasks` starts), named, and how to keep it
+    kept = Registry().register(made["intent"])
+    record = json.loads((registry_home / "index.json").read_text())["entries"][0]
+    _write_index(registry_home, record, dict(record, task="auto"))
+    code, out, err = run_cli("list", "--json")
+    assert code == 0 and [entry["task"] for entry in json.loads(out)] == ["intent"]
+    assert 'entry 2 is task "auto"' in err and f"expert-hub import objects/{kept.digest} --task NAME" in err
+    assert [entry.ref for entry in Registry().entries()] == ["intent@1"]
+
+
+def test_a_base_moved_after_its_tasks_were_registered_keeps_them(
+    adapters, run_cli, registry_home, tmp_path, monkeypatch
+):
+    """A local base is known by its fingerprint, computed once per version of its files; its path is only a hint."""
+    from safetensors.torch import load_file, save_file
+
+    from expert_hub.registry import bases
+
+    base, made = adapters
+    fingerprinted, fingerprint = [], bases.base_fingerprint
+    monkeypatch.setattr(bases, "base_fingerprint", lambda path: fingerprinted.append(path) or fingerprint(path))
+    here = shutil.copytree(base, tmp_path / "here")
+    registry = Registry()
+    assert registry.register(made["law"], base=str(here)).ref == "law@1"
+    moved = here.rename(tmp_path / "moved")
+    assert registry.resolve("law", base=str(moved)).ref == "law@1"
+    load_model(str(moved), "law")
+    assert registry.register(made["intent"], task="law", base=str(moved)).ref == "law@2"  # the same base
+    assert len(fingerprinted) == 2  # once per place, however often it is asked for
+    code, out, err = run_cli("show", "law@1", "--base", str(here))  # the path `list` shows still names it
+    assert code == 0 and "law@1" in out, err
+    (registry_home / "bases.json").write_text("{")  # the cache is only a cache
+    assert registry.resolve("law", base=str(moved)).ref == "law@2" and len(fingerprinted) == 3
+    weights = moved / "model.safetensors"
+    tensors = load_file(weights)
+    tensors[sorted(tensors)[0]] += 1
+    save_file(tensors, weights, metadata={"format": "pt"})  # other weights: another base, though at the same path
+    code, _, err = run_cli("show", "law", "--base", str(moved))
+    assert code == 1 and err.count("\n") == 1 and f"it is registered for {here} (fingerprint" in err
+    assert len(fingerprinted) == 4
+
+
+def test_entries_keyed_by_path_find_their_base_once_it_moved(adapters, registry_home, tmp_path):
+    """An index written when a local base was known by its path: each such entry is known by what its path holds,
+    kept from the next write of the index on, so the base may then move."""
+    base, made = adapters
+    here = shutil.copytree(base, tmp_path / "here")
+    Registry().register(made["law"], base=str(here))
+    record = json.loads((registry_home / "index.json").read_text())["entries"][0]
+    _write_index(registry_home, {key: value for key, value in record.items() if key != "base_fingerprint"})
+    assert Registry().resolve("law", base=str(here)).ref == "law@1"
+    Registry().register(made["intent"], base=str(base))  # any write
+    moved = here.rename(tmp_path / "moved")
+    assert Registry().resolve("law", base=str(moved)).ref == "law@1"
+
+
+def test_demo_tasks_are_found_from_another_install_of_the_package(tmp_path):
+    """The package installed in another environment (or the repository cloned elsewhere) has its own demo base."""
+    from expert_hub.demo import demo_base
+
+    adapter = ExpertAdapter.from_model(load_base(demo_base()), ExpertSelection({1: [0]}), task="law")
+    Registry().register(adapter.save(tmp_path / "law"), base=demo_base())
+    elsewhere = shutil.copytree(demo_base(), tmp_path / "other-env/site-packages/expert_hub/demo/base")
+    assert Registry().resolve("law", base=str(elsewhere)).ref == "law@1"
