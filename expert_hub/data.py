@@ -169,6 +169,18 @@ def reference_segments(messages: list[Message]) -> list[tuple[str, bool]]:
     return segments
 
 
+# `reference_segments` as a chat template, for a server whose base has none: chat requests then see what training
+# saw (`serving` passes it to vLLM). `tests/test_serving.py` renders conversations with it against `prompt_ids`.
+REFERENCE_CHAT_TEMPLATE = (
+    "{{ bos_token or '' }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] | trim }}\n\n"
+    "{% elif message['role'] == 'user' %}User: {{ message['content'] | trim }}\n\nAssistant:"
+    "{% else %} {{ message['content'] | trim }}{{ eos_token or '' }}{% endif %}"
+    "{% endfor %}"
+)
+
+
 def tokenize_conversation(
     messages: list[Message], tokenizer, chat_template: bool = False
 ) -> tuple[list[int], list[int]]:

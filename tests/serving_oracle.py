@@ -54,7 +54,7 @@ def plain_vllm_tokens(
 
 
 def main() -> None:
-    from expert_hub.serving.engine import cpu_thread_binding
+    from expert_hub.serving.engine import cpu_thread_binding, uses_mla
 
     tensor_parallel_size = int(sys.argv[3])
     if binding := cpu_thread_binding(
@@ -68,7 +68,8 @@ def main() -> None:
         requests = json.load(file)
     results = {}
     for checkpoint, prompts in requests.items():
-        # As `expert-hub serve` runs on CPU: vLLM's C++ rotary kernel mixes up DeepSeek's batched queries.
+        # As `expert-hub serve` runs on CPU: vLLM's C++ rotary kernel mixes up DeepSeek's batched queries, and its
+        # AMX MLA backend refuses float32 weights.
         llm = LLM(
             model=checkpoint,
             dtype="float32",
@@ -76,6 +77,7 @@ def main() -> None:
             enforce_eager=True,
             seed=0,
             compilation_config={"custom_ops": ["-rotary_embedding"]},
+            attention_backend="CPU_MLA" if uses_mla(checkpoint) else None,
             kv_cache_memory_bytes=2**30,
             tensor_parallel_size=tensor_parallel_size,
             distributed_executor_backend="uni" if tensor_parallel_size == 1 else "mp",

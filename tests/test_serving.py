@@ -439,17 +439,18 @@ def _auto_completion(server: Server, prompt: str) -> tuple[int, str | None, dict
 
 
 def test_auto_requests_racing_a_delete_run_on_what_is_there(qwen):
-    """While law is removed and added again, auto requests for law's prompts run on law or on the base model, never
-    answer 404 for a model the client never named, and the counters count what ran."""
+    """While law is removed and added again, auto requests for law's prompts run on law or on the base model, say
+    which in the header, and the counters count what ran. (On this tiny model a DELETE seldom lands in the moment
+    between routing and running; that moment is `test_an_auto_request_whose_task_was_removed_meanwhile_...`.)"""
     server, oracle, _ = qwen
-    prompt, before = AUTO_PROMPTS["law"], server.counters()
-    with ThreadPoolExecutor(8) as pool:
-        asked = [pool.submit(_auto_completion, server, prompt) for _ in range(32)]
-        for _ in range(8):
-            server.request("DELETE", "/v1/tasks/law")  # 409 while law has requests in flight
-            server.request("POST", "/v1/tasks/law")
-        answers = [future.result() for future in asked]
-    assert server.request("POST", "/v1/tasks/law")[0] == 200  # servable again for the tests after this one
+    prompt, before, answers = AUTO_PROMPTS["law"], server.counters(), []
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(6):
+            asked = [pool.submit(_auto_completion, server, prompt) for _ in range(4)]
+            time.sleep(0.005)
+            server.request("DELETE", "/v1/tasks/law")  # 409 once a request runs on law
+            answers += [future.result() for future in asked]
+            assert server.request("POST", "/v1/tasks/law")[0] == 200
     ran = {"law": 0, "base": 0}
     for status, chosen, body in answers:
         assert status == 200, body
@@ -618,6 +619,7 @@ def deepseek(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-deepseek")
     tasks = {"law": {1: [3, 7], 2: [0], 3: [15]}, "intent": {1: [3], 3: [2, 4]}}
     base, adapters, merged = make_tasks("deepseek_v2", root, tasks)
+    (base / "chat_template.jinja").unlink()  # a base without a chat template, as the demo base
     oracle = plain_vllm_tokens(root, {"base": base, **merged}, [(p, 12) for p in PROMPTS])
     # 0.0014 GiB over 3 MoE layers = 5 rows of 96 KiB experts per layer
     server = start_server(
@@ -645,6 +647,44 @@ def test_deepseek_v2_tasks_match_their_merged_checkpoints(deepseek):
 def test_deepseek_v2_tasks_match_transformers_generation_with_the_adapter(deepseek):
     server, oracle, root = deepseek
     _matches_transformers(server, oracle, root, ("law", "intent"))
+
+
+def test_training_format_as_chat_template_renders_as_training_formats():
+    """What `serve` gives vLLM for a base without a chat template: every conversation renders to `prompt_ids`."""
+    from expert_hub.data import REFERENCE_CHAT_TEMPLATE, prompt_ids
+    from expert_hub.demo import demo_base
+    from expert_hub.models import load_tokenizer
+
+    conversations = [
+        [{"role": "user", "content": " What is 3 + 4? "}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+        [
+            {"role": "user", "content": "Translate: the red farmer"},
+            {"role": "assistant", "content": "gorun zeki\n\n"},
+            {"role": "user", "content": "and the farmers?"},
+        ],
+    ]
+    for tokenizer in (load_tokenizer(demo_base()), byte_tokenizer()):
+        for messages in conversations:
+            text = tokenizer.apply_chat_template(
+                messages, chat_template=REFERENCE_CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
+            )
+            assert tokenizer.encode(text, add_special_tokens=False) == prompt_ids(messages, tokenizer), messages
+
+
+def test_chat_on_a_base_without_a_chat_template_runs_in_the_training_format(deepseek):
+    """vLLM refuses chat on a base without a template; `serve` gives it the training format instead."""
+    from expert_hub.data import prompt_ids
+
+    server, _, _ = deepseek
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPTS[0]}]
+    expected = prompt_ids(messages, byte_tokenizer())
+    request = {"model": "law", "max_tokens": 8, "temperature": 0, "return_token_ids": True}
+    status, chat = server.request("POST", "/v1/chat/completions", request | {"messages": messages})
+    assert status == 200, chat
+    status, completion = server.request("POST", "/v1/completions", request | {"prompt": expected})
+    assert status == 200 and chat["prompt_token_ids"] == expected
+    assert chat["choices"][0]["token_ids"] == completion["choices"][0]["token_ids"]
 
 
 def test_the_bank_is_sized_in_gigabytes(deepseek):

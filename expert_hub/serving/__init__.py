@@ -24,7 +24,7 @@ from expert_hub.models import ModelSummary
 from expert_hub.registry import validate_task_name
 
 from .bank import BankSettings
-from .tasks import AUTO, Task, adapter_task
+from .tasks import Task, adapter_task
 
 
 def resolve_tasks(base: str, model: ModelSummary, specs: list[str], all_tasks: bool, registry) -> dict[str, Task]:
@@ -47,10 +47,6 @@ def resolve_tasks(base: str, model: ModelSummary, specs: list[str], all_tasks: b
             task = adapter_task(entry.task, registry.verify(entry), model, entry.version, hashes)
         if task.name in tasks:
             raise InvalidInputError(f"task {task.name} is given twice")
-        if task.name == AUTO:
-            raise InvalidInputError(
-                f'a task named "{AUTO}" cannot be served: the name asks the server to choose a task'
-            )
         _check_fingerprint(base, task)
         tasks[task.name] = task
     return tasks
@@ -100,7 +96,7 @@ def run_server(
     vllm.check_vllm_version()
     import uvloop
 
-    from .engine import cpu_rotary_workaround
+    from .engine import cpu_float32_mla_backend, cpu_rotary_workaround
     from .server import serve
     from .worker import ExpertBankWorker
 
@@ -112,8 +108,21 @@ def run_server(
     os.environ.update(_bank_settings(model, tasks, max_resident, extra_rows, bank_gb).to_env())
     worker_extension = f"{ExpertBankWorker.__module__}.{ExpertBankWorker.__name__}"
     argv = ["--model", base, "--worker-extension-cls", worker_extension, *vllm_argv, *cpu_rotary_workaround(vllm_argv)]
+    argv += [*cpu_float32_mla_backend(base, vllm_argv), *_training_chat_template(base, vllm_argv)]
     args = vllm.parse_server_args(argv, prog="expert-hub serve")
     uvloop.run(serve(args, tasks, max_resident, registry, base, model, [api_key] if api_key else [], public_metrics))
+
+
+def _training_chat_template(base: str, vllm_argv: list[str]) -> list[str]:
+    """`--chat-template` in the training format for a base whose tokenizer has no template (the demo base) and a
+    server given none: chat requests then run on the prompts training formats (vLLM refuses chat otherwise)."""
+    from expert_hub.data import REFERENCE_CHAT_TEMPLATE
+    from expert_hub.models import load_tokenizer
+
+    given = any(arg == "--chat-template" or arg.startswith("--chat-template=") for arg in vllm_argv)
+    if given or getattr(load_tokenizer(base), "chat_template", None):
+        return []
+    return ["--chat-template", REFERENCE_CHAT_TEMPLATE]
 
 
 def _bank_settings(

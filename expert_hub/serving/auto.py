@@ -63,9 +63,11 @@ class AutoRouting:
         threshold: float = DEFAULT_THRESHOLD,
         threads: int | None = None,
         dtype: torch.dtype | None = None,
+        chat_template: str | None = None,
     ):
         self.base, self.depth, self.threshold = base, min(depth, len(moe_layers)), threshold
         self.dtype = dtype  # None: the checkpoint's
+        self.chat_template = chat_template  # the server's `--chat-template`, None: the tokenizer's own
         # one thread loads the router and runs every pass: a thread that has run torch keeps its own thread count,
         # and each such thread keeps its own pool of torch helper threads
         self._executor = ThreadPoolExecutor(
@@ -83,6 +85,8 @@ class AutoRouting:
         from expert_hub.models import load_base, load_tokenizer
 
         self.tokenizer = load_tokenizer(self.base)
+        if self.chat_template:  # chats are routed as vLLM renders them
+            self.tokenizer.chat_template = self.chat_template
         model = load_base(self.base, layers=self.layers_needed, dtype=self.dtype)
         self.router = TaskRouter(model, self.depth, self.threshold)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 from contextlib import asynccontextmanager
+from itertools import pairwise
 from pathlib import Path
 
 from expert_hub.errors import InvalidInputError
@@ -29,6 +30,26 @@ def cpu_rotary_workaround(vllm_argv: list[str]) -> list[str]:
     if not vllm.is_cpu() or any(a.startswith(("--compilation-config", "-cc")) for a in vllm_argv):
         return []
     return ["--compilation-config", json.dumps({"custom_ops": ["-rotary_embedding"]})]
+
+
+def cpu_float32_mla_backend(base: str, vllm_argv: list[str]) -> list[str]:
+    """On CPU, DeepSeek's MLA attention in float32 runs on vLLM's reference MLA backend (`CPU_MLA`).
+
+    vLLM 0.32 picks its AMX MLA backend wherever the CPU has AMX tiles, and that backend refuses float32 weights
+    when the engine starts ("expect weight to be bfloat16, float16, ..."), so `serve --dtype float32` of a DeepSeek
+    base failed on such machines. An `--attention-backend` given by the user wins.
+    """
+    if not vllm.is_cpu() or any(a.startswith("--attention-backend") for a in vllm_argv):
+        return []
+    dtypes = [value for flag, value in pairwise(vllm_argv) if flag == "--dtype"]  # `serve` always gives one
+    return ["--attention-backend", "CPU_MLA"] if dtypes[-1:] in (["float32"], ["float"]) and uses_mla(base) else []
+
+
+def uses_mla(base: str) -> bool:
+    """Whether vLLM runs the model's attention as MLA (DeepSeek-V2/V3's latent KV)."""
+    from expert_hub.models import load_config
+
+    return getattr(load_config(base), "kv_lora_rank", None) is not None
 
 
 def kv_cache_bytes(config, free_bytes: int, given: int | None = None) -> int:

@@ -46,7 +46,7 @@ async def serve(
         manager = TaskManager(engine, dict(tasks), max_resident, model, registry, base, base_names[0])
         engine.generate = count_tokens(engine.generate, manager.task_of_key)
         await _prepare_bank(manager, list(tasks)[:max_resident])
-        state = ServingState(manager, base_names, keys, _auto_routing(base, model, engine))
+        state = ServingState(manager, base_names, keys, _auto_routing(base, model, engine, vllm.chat_template(args)))
 
         def extend_app(app) -> None:
             state.install(app)
@@ -56,11 +56,11 @@ async def serve(
     await shutdown
 
 
-def _auto_routing(base: str, model, engine) -> AutoRouting:
-    """The router for `"model": "auto"`; with a CPU engine it runs as the engine does (see `auto`)."""
-    if vllm.is_cpu():
-        return AutoRouting(base, model.moe_layers, threads=1, dtype=vllm.served_dtype(engine))
-    return AutoRouting(base, model.moe_layers)
+def _auto_routing(base: str, model, engine, chat_template: str | None) -> AutoRouting:
+    """The router for `"model": "auto"`, rendering chats as vLLM does; with a CPU engine it runs as the engine does
+    (see `auto`)."""
+    as_the_engine = {"threads": 1, "dtype": vllm.served_dtype(engine)} if vllm.is_cpu() else {}
+    return AutoRouting(base, model.moe_layers, chat_template=chat_template, **as_the_engine)
 
 
 async def _prepare_bank(manager: TaskManager, initial: list[str]) -> None:

@@ -25,7 +25,7 @@ from expert_hub.adapter import AdapterHeader
 from expert_hub.auto_routing import RoutingProfile
 from expert_hub.errors import ExpertHubError, InvalidInputError, UnsupportedModelError
 from expert_hub.models import ModelSummary
-from expert_hub.registry import RegistryDamagedError, RegistryError
+from expert_hub.registry import AUTO, RegistryDamagedError, RegistryError
 
 from . import vllm_contract as vllm
 from .bank_client import BankClient
@@ -40,9 +40,6 @@ class TaskError(ExpertHubError):
     def __init__(self, message: str, status: int):
         super().__init__(message)
         self.status = status
-
-
-AUTO = "auto"  # the model name that asks the server to choose the task (`auto.py`); no task can have it
 
 
 @dataclass

@@ -55,6 +55,7 @@ INTERNALS = {  # what expert-hub uses -> "module:attribute.path" in the supporte
     "CPU thread binding variable": "vllm.envs:VLLM_CPU_OMP_THREADS_BIND",
     "visible NUMA nodes": "vllm.utils.cpu_resource_utils:get_visible_memory_node",
     "allowed CPUs": "vllm.utils.cpu_resource_utils:get_allowed_cpu_list",
+    "chat template loader": "vllm.renderers.chat_utils:load_chat_template",
 }
 
 
@@ -150,6 +151,11 @@ async def build_and_serve(engine, listen_address: str, sock, args: Namespace, ex
         return await start(engine, listen_address, sock, args)
     finally:
         entry.build_app = build_app
+
+
+def chat_template(args: Namespace) -> str | None:
+    """The chat template text `--chat-template` gives (a file or the template itself), None when not given."""
+    return internal("chat template loader")(args.chat_template)
 
 
 def lora_adapter_names(app) -> Container[str]:
