@@ -241,13 +241,15 @@ def prompt_ids(prompt: str | list[Message], tokenizer, chat_template: bool = Fal
     """Token ids a model sees before it answers, built as training builds them.
 
     `prompt` is conversation turns up to the answer, or reference-format text (`User: …\n\nAssistant:`).
-    The reference format gets the BOS by hand, as in training; a chat template brings its own.
+    Turns are tokenized as `tokenize_conversation` tokenizes them (each turn on its own, an EOS after each earlier
+    answer), so an eval or routing prompt is token for token what the model was trained on before an answer.
+    Reference-format text gets the BOS by hand, as in training; a chat template brings its own.
     """
     if chat_template and not isinstance(prompt, str):
         text = tokenizer.apply_chat_template(_template_turns(prompt), tokenize=False, add_generation_prompt=True)
         return tokenizer.encode(text, add_special_tokens=False)
     if not isinstance(prompt, str):
-        prompt = "".join(text for text, _ in reference_segments(prompt))
+        return tokenize_conversation(prompt, tokenizer)[0]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     return bos + tokenizer.encode(prompt, add_special_tokens=False)
 
@@ -258,28 +260,33 @@ def pack(
     pad_token_id: int,
     random_concat_ratio: float,
     seed: int,
+    bos_token_id: int | None = None,
 ) -> list[tuple[list[int], list[int]]]:
     """Concatenate examples into blocks of exactly `seq_len`, as the reference's `get_examples_from_buffer_pad`.
 
-    An example that does not fit the space left in a block keeps only its last tokens; an example joined to a
-    non-empty block loses its first token (the BOS) with probability `random_concat_ratio`; the last block is
-    padded with labels ignored.
+    An example that does not fit the space left in a block keeps only its last tokens. An example that starts with
+    the BOS (`bos_token_id`; None: examples carry none) and joins a non-empty block loses its first token with
+    probability `random_concat_ratio`, so the model also learns examples run together; an example with no BOS
+    (a tokenizer without one, such as Qwen-MoE's) keeps every token. As in the reference, the chance is drawn
+    for every joining example and after the cut, so a cut example loses the first token of its tail: with a BOS,
+    the blocks are the reference's. The last block is padded with labels ignored; as there, it is padding alone
+    when the examples filled the block before it exactly, since the reference's held-out split counts it.
     """
     rng = random.Random(seed)
     blocks, ids, labels = [], [], []
     for example_ids, example_labels in examples:
+        has_bos = example_ids[:1] == [bos_token_id]
         space = seq_len - len(ids)
         if len(example_ids) > space:
             example_ids, example_labels = example_ids[-space:], example_labels[-space:]
-        if ids and rng.random() < random_concat_ratio:
+        if ids and rng.random() < random_concat_ratio and has_bos:
             example_ids, example_labels = example_ids[1:], example_labels[1:]
         ids, labels = ids + example_ids, labels + example_labels
         if len(ids) == seq_len:
             blocks.append((ids, labels))
             ids, labels = [], []
-    if ids:
-        padding = seq_len - len(ids)
-        blocks.append((ids + [pad_token_id] * padding, labels + [IGNORE_INDEX] * padding))
+    padding = seq_len - len(ids)
+    blocks.append((ids + [pad_token_id] * padding, labels + [IGNORE_INDEX] * padding))
     return blocks
 
 

@@ -115,7 +115,6 @@ def _loss_example(record: dict, tokenizer, chat_template: bool) -> tuple[list[in
     return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
 
 
-@torch.no_grad()
 def loss_over_examples(
     model,
     examples: list[tuple[list[int], list[int]]],
@@ -123,37 +122,13 @@ def loss_over_examples(
     seq_len: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
-    """Mean loss per target token (and perplexity) over `(input_ids, labels)` examples, right-padded in batches.
-
-    Training's held-out loss and `expert-hub eval --metric loss` both use it.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, tokens = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = [
-            (ids[-seq_len:], labels[-seq_len:]) if seq_len else (ids, labels)
-            for ids, labels in examples[start : start + batch_size]
-        ]
-        input_ids, attention_mask = pad([ids for ids, _ in batch], 0)
-        labels, _ = pad([target for _, target in batch], IGNORE_INDEX)
-        items = int((labels[:, 1:] != IGNORE_INDEX).sum())
-        if items:
-            output = model(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                labels=labels.to(device),
-                num_items_in_batch=items,
-            )
-            total += output.loss.item() * items
-            tokens += items
-        if progress:
-            progress(len(batch))
-    model.train(was_training)
+    """Mean loss per target token (and perplexity) over `(input_ids, labels)` examples: `expert-hub eval --metric
+    loss`. (Training's held-out loss weighs each block the same instead, as the reference does.)"""
+    losses = example_losses(model, examples, batch_size, seq_len, progress)
+    tokens = sum(count for _, count in losses)
     if not tokens:
         raise InvalidInputError("the evaluation data has no answer tokens to score")
-    loss = total / tokens
+    loss = sum(total for total, _ in losses) / tokens
     return {
         "metric": "loss",
         "value": loss,
@@ -161,6 +136,40 @@ def loss_over_examples(
         "tokens": tokens,
         "count": len(examples),
     }
+
+
+@torch.no_grad()
+def example_losses(
+    model,
+    examples: list[tuple[list[int], list[int]]],
+    batch_size: int,
+    seq_len: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[tuple[float, int]]:
+    """Each example's summed loss over its target tokens, and how many there are (the last `seq_len` tokens of
+    each; right-padded in batches). Per example, so that each caller weighs examples as it needs to."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    losses = []
+    for start in range(0, len(examples), batch_size):
+        batch = [
+            (ids[-seq_len:], labels[-seq_len:]) if seq_len else (ids, labels)
+            for ids, labels in examples[start : start + batch_size]
+        ]
+        input_ids, attention_mask = pad([ids for ids, _ in batch], 0)
+        labels, _ = pad([target for _, target in batch], IGNORE_INDEX)
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        logits = logits[:, :-1].float()  # each position predicts the next token, as in the models' own loss
+        targets = labels[:, 1:].to(device)
+        token_losses = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view(targets.shape)
+        losses += zip(token_losses.sum(dim=1).tolist(), (targets != IGNORE_INDEX).sum(dim=1).tolist())
+        if progress:
+            progress(len(batch))
+    model.train(was_training)
+    return losses
 
 
 @torch.no_grad()

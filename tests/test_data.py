@@ -10,23 +10,34 @@ from transformers import AutoTokenizer
 from expert_hub.data import IGNORE_INDEX, load_conversations, pack, read_eval_records, tokenize_conversation
 from expert_hub.errors import InvalidInputError
 
+BOS = 1
+
 
 def _example(start: int, length: int) -> tuple[list[int], list[int]]:
-    ids = list(range(start, start + length))
-    return ids, [IGNORE_INDEX, *ids[1:]]
+    """An example as tokenized with a BOS: the BOS, then `length - 1` tokens."""
+    ids = [BOS, *range(start, start + length - 1)]
+    return ids, [BOS, *ids[1:]]
 
 
 def test_packing_follows_the_reference():
     examples = [_example(100, 4), _example(200, 5), _example(300, 3), _example(400, 2)]
-    blocks = pack(examples, seq_len=6, pad_token_id=0, random_concat_ratio=0.0, seed=0)
+    blocks = pack(examples, seq_len=6, pad_token_id=0, random_concat_ratio=0.0, seed=0, bos_token_id=BOS)
     # 4 tokens, then the last 2 of the 5-token example fill the block; 3 + 2 then padding
-    assert [ids for ids, _ in blocks] == [[100, 101, 102, 103, 203, 204], [300, 301, 302, 400, 401, 0]]
-    assert blocks[1][1] == [IGNORE_INDEX, 301, 302, IGNORE_INDEX, 401, IGNORE_INDEX]
-    dropped = pack(examples, seq_len=6, pad_token_id=0, random_concat_ratio=1.0, seed=0)
-    # joined examples lose their first token (the BOS) when the coin says so, after being cut to the space
-    # left, so a block can end short, exactly as in the reference; block starts keep theirs
-    assert [ids for ids, _ in dropped] == [[100, 101, 102, 103, 204, 0]]
-    assert pack(examples, 6, 0, 0.5, seed=1) == pack(examples, 6, 0, 0.5, seed=1)
+    assert [ids for ids, _ in blocks] == [[1, 100, 101, 102, 202, 203], [1, 300, 301, 1, 400, 0]]
+    assert blocks[1][1] == [1, 300, 301, 1, 400, IGNORE_INDEX]
+    dropped = pack(examples, seq_len=6, pad_token_id=0, random_concat_ratio=1.0, seed=0, bos_token_id=BOS)
+    # joined examples lose their first token when the coin says so, after being cut to the space left (a cut
+    # example loses a token of its tail), so a block can end short, exactly as in the reference; block starts keep
+    # their BOS
+    assert [ids for ids, _ in dropped] == [[1, 100, 101, 102, 203, 0]]
+    assert pack(examples, 6, 0, 0.5, seed=1, bos_token_id=BOS) == pack(examples, 6, 0, 0.5, seed=1, bos_token_id=BOS)
+    # examples without a BOS keep every token; as in the reference, examples that fill the last block exactly are
+    # followed by a block of padding alone
+    plain = [(ids[1:], labels[1:]) for ids, labels in examples[:2]]
+    assert pack(plain, 7, 0, 1.0, seed=0, bos_token_id=BOS) == [
+        ([100, 101, 102, 200, 201, 202, 203], [100, 101, 102, 200, 201, 202, 203]),
+        ([0] * 7, [IGNORE_INDEX] * 7),
+    ]
 
 
 def test_chat_template_labels_only_the_assistant_turns(tiny_models):

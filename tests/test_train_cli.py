@@ -128,10 +128,14 @@ def test_eval_tells_adapters_apart(run_cli, tmp_path, tiny_models, esft_data):
         (["--weight-decay", "inf"], "--weight-decay must be 0 or more, got inf"),
         (["--seq-len", "100000"], "--seq-len 100000 is longer than the model's"),
         (["--task", "../x"], "invalid task name '../x'"),
+        # options that size memory are bounded before anything is written, not met by a MemoryError
+        (["--mix-data", "{law}", "--mix-ratio", "1e9"], "Invalid value for '--mix-ratio'"),
+        (["--batch-size", "1000000000"], "--batch-size 1000000000 is more than the"),
+        (["--method", "lora", "--lora-rank", "100000"], "--lora-rank 100000 is above the model's hidden size (64)"),
     ],
 )
 def test_train_bad_input_is_one_line(run_cli, tmp_path, tiny_models, esft_data, args, message):
-    values = {"tmp": tmp_path}
+    values = {"tmp": tmp_path, "law": esft_data / "datasets/train/law.jsonl"}
     defaults = {"--base": str(tiny_models["olmoe"]), "--data": str(esft_data / "datasets/train/law.jsonl")}
     args = [arg.format(**values) for arg in args]
     for flag, value in defaults.items():

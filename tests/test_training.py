@@ -386,7 +386,7 @@ def test_the_step_with_the_lowest_eval_loss_is_shipped(tiny_models, tmp_path, es
 
     def eval_losses(values):
         losses = iter(values)
-        monkeypatch.setattr(loop, "loss_over_examples", lambda *args, **kwargs: {"value": next(losses)})
+        monkeypatch.setattr(loop, "_eval_loss", lambda *args: next(losses))
 
     data = esft_data / "datasets/train/law.jsonl"
     eval_losses([1.0, 0.5, 0.8, 0.9])
@@ -410,7 +410,7 @@ def test_a_resumed_run_remembers_its_best_step(tiny_models, tmp_path, esft_data,
     from expert_hub.training import loop
 
     losses = iter([0.5, 0.8, 0.9, 0.7, 0.6, 0.9])  # steps 2, 4, 6 | resumed: 6, 8, 10
-    monkeypatch.setattr(loop, "loss_over_examples", lambda *args, **kwargs: {"value": next(losses)})
+    monkeypatch.setattr(loop, "_eval_loss", lambda *args: next(losses))
     data = esft_data / "datasets/train/law.jsonl"
     config = dict(steps=10, eval_every=2, save_every=4)
     _train_until_interrupted_at_step_6(_config(tiny_models["qwen3_moe"], data, tmp_path / "split", **config))
@@ -464,8 +464,9 @@ def test_general_data_is_mixed_in_by_seed_and_never_scored(tiny_models, tmp_path
     recorded = ExpertAdapter.load(with_general.artifact).metadata.training["config"]
     assert (recorded["mix_data"], recorded["mix_ratio"]) == (str(general), 1.0)
     assert ExpertAdapter.load(plain.artifact).metadata.training["config"]["mix_data"] is None
-    with pytest.raises(InvalidInputError, match="--mix-ratio must be 0 or more, got nan"):
-        _config(base, task, tmp_path / "x", mix_data=str(general), mix_ratio=float("nan"))
+    for ratio in (float("nan"), -1.0, 1e9):  # 1e9 would hold about 10^12 examples in memory
+        with pytest.raises(InvalidInputError, match=rf"--mix-ratio must be in \[0, 100\], got {ratio}"):
+            _config(base, task, tmp_path / "x", mix_data=str(general), mix_ratio=ratio)
 
 
 def test_a_run_started_before_a_setting_existed_still_resumes(tmp_path):
@@ -475,3 +476,50 @@ def test_a_run_started_before_a_setting_existed_still_resumes(tmp_path):
     config.check_resumable_from(older, str(tmp_path / "run"))
     with pytest.raises(InvalidInputError, match=r"mix_ratio: 1.0 -> 0.5"):
         _config("base", "data.jsonl", tmp_path / "run", mix_ratio=0.5).check_resumable_from(older, "run")
+
+
+def test_a_run_of_an_earlier_run_format_is_not_resumed(tmp_path):
+    """A run started before the held-out split and eval loss became the reference's (its train_config.json has no
+    run_format) would go on with other blocks: refused, not mixed."""
+    config = _config("base", "data.jsonl", tmp_path / "run")
+    config.check_resumable_from(config.to_json(), "run")
+    older = {key: value for key, value in config.to_json().items() if key != "run_format"}
+    with pytest.raises(InvalidInputError, match=r"run format 1, this one 2\); use a new --out"):
+        config.check_resumable_from(older, "run")
+
+
+def test_a_small_data_set_still_holds_out_a_block_and_no_eval_loss_is_said(tiny_models, tmp_path):
+    """Under 50 packed blocks, int(0.02 n) held out none and --keep best shipped the last step silently; the
+    reference's split holds out n - int(0.98 n), at least one. With none held out (--eval-fraction 0), one line
+    says that --keep best cannot choose."""
+    data = _learnable_task(tmp_path / "task.jsonl", count=24)
+    messages = []
+    result = train(
+        _config(tiny_models["qwen3_moe"], data, tmp_path / "run", eval_fraction=0.02), on_status=messages.append
+    )
+    metadata = ExpertAdapter.load(result.artifact).metadata.training
+    assert metadata["train_blocks"] < 50 and metadata["eval_blocks"] == 1
+    assert result.eval_loss is not None and not any("warning" in message for message in messages)
+    messages.clear()
+    unmeasured = train(
+        _config(tiny_models["qwen3_moe"], data, tmp_path / "none", eval_fraction=0), on_status=messages.append
+    )
+    assert unmeasured.eval_loss is None
+    assert [m for m in messages if m.startswith("warning")] == [
+        "warning: no eval loss (--eval-fraction 0 holds out none of the "
+        f"{ExpertAdapter.load(unmeasured.artifact).metadata.training['train_blocks']} blocks): "
+        "--keep best ships the last step"
+    ]
+
+
+def test_micro_batches_are_made_one_at_a_time(tmp_path):
+    """--grad-accumulation sizes no memory: a step's micro-batches are made as they are trained on, not all first."""
+    from itertools import islice
+
+    from accelerate import Accelerator
+
+    from expert_hub.training.loop import _DataOrder, _micro_batches
+
+    config = _config("base", "data.jsonl", tmp_path / "run", grad_accumulation=10**12, batch_size=3)
+    first = list(islice(_micro_batches(0, config, Accelerator(cpu=True), _DataOrder(10, seed=0)), 2))
+    assert [len(indices) for indices in first] == [3, 3]

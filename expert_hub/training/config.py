@@ -21,6 +21,13 @@ from .methods import get_method, method_names
 # Fields a resumed run may change without changing what is being trained.
 RESUMABLE_CHANGES = frozenset({"out", "steps", "save_every", "eval_every", "keep_checkpoints", "keep"})
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The paper mixes 1 general conversation per task one. Mixed-in examples are held in memory, so an absurd ratio
+# (1e9) would ask for terabytes; 100 is far beyond any use and still the size of the data, not of the machine.
+MAX_MIX_RATIO = 100.0
+# How a run packs and splits its data and measures eval loss. 2: the reference's held-out split (the permutation's
+# tail), its eval loss (a mean over blocks) and packing (a BOS dropped only from examples that have one). A run
+# started under another format (1: before the format was recorded) is refused on resume rather than mixed.
+RUN_FORMAT = 2
 
 
 def setting(
@@ -93,7 +100,10 @@ class TrainingConfig:
         "results mix alignment data in; never scored for the expert selection.",
     )
     mix_ratio: float = setting(
-        1.0, min=0, help="Mixed-in conversations per task conversation (the paper: 1.0), drawn with --seed."
+        1.0,
+        min=0,
+        max=MAX_MIX_RATIO,
+        help="Mixed-in conversations per task conversation (the paper: 1.0), drawn with --seed.",
     )
     chat_template: bool = setting(
         False,
@@ -191,6 +201,7 @@ class TrainingConfig:
     )
     # data-parallel processes; set by the loop, recorded because the data order depends on it
     processes: int = setting(1, help="Data-parallel processes (set by the loop).", cli=False)
+    run_format: int = setting(RUN_FORMAT, help="How the data is packed and split (`RUN_FORMAT`).", cli=False)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -219,8 +230,8 @@ class TrainingConfig:
             raise InvalidInputError(f"--beta1 and --beta2 must be in [0, 1), got {', '.join(map(str, self.betas))}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise InvalidInputError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
-        if not (math.isfinite(self.mix_ratio) and self.mix_ratio >= 0):
-            raise InvalidInputError(f"--mix-ratio must be 0 or more, got {self.mix_ratio}")
+        if not 0 <= self.mix_ratio <= MAX_MIX_RATIO:
+            raise InvalidInputError(f"--mix-ratio must be in [0, {MAX_MIX_RATIO:g}], got {self.mix_ratio}")
         if not 0 <= self.random_concat_ratio <= 1:
             raise InvalidInputError(f"--random-concat-ratio must be in [0, 1], got {self.random_concat_ratio}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -251,6 +262,11 @@ class TrainingConfig:
 
     def check_resumable_from(self, saved: dict, out: str) -> None:
         """Refuse to resume a run in `out` that was started with different settings."""
+        if (started := saved.get("run_format", 1)) != self.run_format:
+            raise InvalidInputError(
+                f"{out} holds a run started by another version of expert-hub, which packs and holds out other "
+                f"blocks (run format {started}, this one {self.run_format}); use a new --out to start over"
+            )
         current = self.to_json()
         # a setting added since the run started was, in effect, at its default then
         saved = {f.name: field_default(f) for f in fields(self) if f.name not in saved} | saved

@@ -1,9 +1,10 @@
 """`train(config)`: one training run, top to bottom, resumable from its last checkpoint.
 
-1. Load the base.
-2. The method (`methods/`, looked up by name) makes what it trains trainable; ESFT scores the task data and
-   selects experts here (or reads --experts) and fingerprints the base rows it will replace.
-3. Tokenize and pack the data; hold out a split for eval loss.
+1. Tokenize and pack the data, and hold out the reference's split for eval loss: before the weights load or
+   anything is written, so that bad data or settings fail at once and leave nothing behind.
+2. Load the base. The method (`methods/`, looked up by name) makes what it trains trainable; ESFT scores the task
+   data and selects experts here (or reads --experts) and fingerprints the base rows it will replace.
+3. Resume from the newest intact checkpoint, if any.
 4. AdamW steps with gradient accumulation, on float32 master weights (`precision.py`; `--pure-bf16`: bfloat16
    as the reference) and with the router auxiliary loss if asked (`aux_loss.py`); every `save_every` steps an
    atomic checkpoint, every `eval_every` the held-out loss, and the weights of the best step so far in `best/`.
@@ -22,8 +23,9 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -34,7 +36,7 @@ from accelerate.utils import broadcast_object_list
 from ..auto_routing import PROFILE_FILE
 from ..data import IGNORE_INDEX, load_conversations, pack, pad_token_id, tokenize_conversation
 from ..errors import ExpertHubError, InvalidInputError
-from ..evaluation import loss_over_examples
+from ..evaluation import example_losses
 from ..io import read_json, write_json_atomic
 from ..models import load_base, load_config, load_tokenizer
 from .aux_loss import RouterAuxLoss
@@ -107,13 +109,17 @@ def train(
     positions = getattr(base_config, "max_position_embeddings", None)
     if positions and config.seq_len > positions:
         raise InvalidInputError(f"--seq-len {config.seq_len} is longer than the model's {positions} positions")
+    get_method(config.method).check_base(config, base_config)
     main_process = accelerator.is_main_process  # the one that reports and writes files
     status = on_status if on_status and main_process else (lambda message: None)
     torch.manual_seed(config.seed)
 
-    # 1. the base model, and what the method trains of it
-    status(f"Loading {config.base}")
+    # 1. the data (no status before it: a bad setting it finds is one line, without a progress bar)
     tokenizer = load_tokenizer(config.base, trust_remote_code=config.trust_remote_code)
+    train_blocks, eval_blocks = _packed_data(config, tokenizer, status)
+
+    # 2. the base model, and what the method trains of it
+    status(f"Loading {config.base}")
     model = load_base(config.base, dtype=_dtype(config.dtype), trust_remote_code=config.trust_remote_code)
     if not sharded:  # sharding moves each rank's shards to its device: the whole model need not fit one
         model.to(accelerator.device)
@@ -130,10 +136,6 @@ def train(
     trainable = trainable_parameters(model)
     if not trainable:
         raise InvalidInputError("nothing to train: the expert config selects no experts")
-
-    # 2. the data
-    status("Tokenizing and packing the data")
-    train_blocks, eval_blocks = _packed_data(config, tokenizer)
     if sharded:
         trainable = trainable_parameters(shard_model(model))  # the sharded Parameters that took their places
     optimizer = torch.optim.AdamW(_param_groups(trainable, config.weight_decay), lr=config.lr, betas=config.betas)
@@ -158,11 +160,10 @@ def train(
     eval_loss = None
     for step in range(start_step, config.steps):
         started = time.perf_counter()
-        batches = [
-            _batch(train_blocks, order.take(position, config.batch_size), accelerator.device)
-            for position in _positions(step, config, accelerator)
-        ]
-        train_loss, aux_loss = _step(model, optimizer, batches, trainable, config, accelerator, router_aux)
+        micro_batches = partial(_micro_batches, step, config, accelerator, order)
+        train_loss, aux_loss = _step(
+            model, optimizer, train_blocks, micro_batches, trainable, config, accelerator, router_aux
+        )
         if not math.isfinite(train_loss):
             precision = "drop --pure-bf16" if config.pure_bf16 else "use --dtype float32"
             raise ExpertHubError(f"the loss became {train_loss} at step {step + 1}; lower --lr or {precision}")
@@ -177,7 +178,7 @@ def train(
                     weights = gathered(trainable)  # collective under FSDP: before the main process's test
                     if main_process:
                         save_best(out / "best", weights, best)
-        tokens_per_second = sum(ids.numel() for ids, _ in batches) / seconds
+        tokens_per_second = config.grad_accumulation * config.batch_size * config.seq_len / seconds
         report = StepReport(done, config.steps, train_loss, tokens_per_second, eval_loss, aux_loss)
         if main_process:
             _append_log(out / LOG_FILE, report)
@@ -238,28 +239,35 @@ def train(
     )
 
 
-def _positions(step: int, config: TrainingConfig, accelerator) -> list[int]:
-    """Where this rank's micro-batches of `step` start in the run's sample sequence."""
-    micro_batches = config.grad_accumulation
-    return [
-        ((step * micro_batches + micro) * accelerator.num_processes + accelerator.process_index) * config.batch_size
-        for micro in range(micro_batches)
-    ]
+def _micro_batches(step: int, config: TrainingConfig, accelerator, order: _DataOrder) -> Iterator[list[int]]:
+    """The block indices of this rank's micro-batches of `step`, one at a time, so that --grad-accumulation sizes
+    no memory: micro-batch m of the step is sample block `(step * micro-batches + m) * processes + rank`."""
+    for micro in range(config.grad_accumulation):
+        position = (step * config.grad_accumulation + micro) * accelerator.num_processes + accelerator.process_index
+        yield order.take(position * config.batch_size, config.batch_size)
 
 
 def _step(
-    model, optimizer, batches, trainable, config: TrainingConfig, accelerator, router_aux: RouterAuxLoss | None
+    model,
+    optimizer,
+    blocks,
+    micro_batches: Callable[[], Iterator[list[int]]],
+    trainable,
+    config: TrainingConfig,
+    accelerator,
+    router_aux: RouterAuxLoss | None,
 ) -> tuple[float, float | None]:
-    """One optimizer step over the micro-batches; returns the mean loss per target token and the summed
-    auxiliary loss of the micro-batches (None without --router-aux-loss)."""
+    """One optimizer step over the micro-batches (`micro_batches()` yields each one's block indices); returns the
+    mean loss per target token and the summed auxiliary loss of the micro-batches (None without --router-aux-loss)."""
     model.train()
     # Summed over tokens and divided by the step's token count on all ranks: micro-batches and ranks add up to the
     # step's mean, as one process computes it. The gradient reduction averages over ranks, hence `* processes`.
-    local_tokens = torch.tensor(sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in batches))
+    local_tokens = torch.tensor(sum(_targets(blocks[i]) for indices in micro_batches() for i in indices))
     target_tokens = max(int(accelerator.reduce(local_tokens.to(accelerator.device), reduction="sum")), 1)
     total, aux_total = 0.0, 0.0
-    for micro, (input_ids, labels) in enumerate(batches):
-        with gradient_sync(model, micro == len(batches) - 1, accelerator):  # once per step, after the last
+    for micro, indices in enumerate(micro_batches()):
+        input_ids, labels = _batch(blocks, indices, accelerator.device)
+        with gradient_sync(model, micro == config.grad_accumulation - 1, accelerator):  # once per step, after the last
             inputs = dict(input_ids=input_ids, labels=labels, num_items_in_batch=target_tokens)
             with _autocast(config, accelerator):
                 if router_aux:
@@ -279,10 +287,13 @@ def _step(
 
 
 def _eval_loss(model, blocks, config: TrainingConfig, accelerator) -> float:
-    """The held-out loss. Under FSDP every rank computes it (the forward is collective) and all take rank 0's, so
-    their decisions about the best step cannot drift apart."""
+    """The held-out loss as the reference's Trainer measures it with its evaluation batches of 1: the mean of each
+    block's loss per target token, so every block weighs the same however many answer tokens it holds (a mean
+    over all the tokens would rank steps differently). Under FSDP every rank computes it (the forward is
+    collective) and all take rank 0's, so their decisions about the best step cannot drift apart."""
     with _autocast(config, accelerator):
-        value = loss_over_examples(accelerator.unwrap_model(model), blocks, config.batch_size)["value"]
+        losses = example_losses(accelerator.unwrap_model(model), blocks, config.batch_size)
+    value = sum(total / tokens for total, tokens in losses) / len(losses)
     return broadcast_object_list([value])[0] if config.sharding == "fsdp" else value
 
 
@@ -317,7 +328,14 @@ def _check_output(out: Path, config: TrainingConfig) -> None:
         raise InvalidInputError(f"{out} is not empty and holds no expert-hub run; choose another --out")
 
 
-def _packed_data(config: TrainingConfig, tokenizer):
+def _packed_data(config: TrainingConfig, tokenizer, status: Callable[[str], None]) -> tuple[list, list]:
+    """The training blocks and the held-out blocks that eval loss is measured on.
+
+    The split is the reference's `random_split(blocks, [int(n * 0.98), n - int(n * 0.98)])` after
+    `torch.manual_seed(seed)`, with 0.98 = 1 - --eval-fraction: one seeded permutation of the n blocks, whose
+    head trains and whose tail is held out, so a run holds out the very blocks the reference holds out. Held-out
+    blocks without a target token (padding alone) are left out of eval loss: the reference's loss of one is NaN.
+    """
     examples = _examples(config.data, config, tokenizer)
     if not examples:
         raise InvalidInputError(f"{config.data} holds no conversations")
@@ -326,13 +344,41 @@ def _packed_data(config: TrainingConfig, tokenizer):
         raise InvalidInputError(f"{config.data} has no assistant answers to learn from")
     if config.mix_data:
         examples = _mixed(examples, config, tokenizer)
-    blocks = pack(examples, config.seq_len, pad_token_id(tokenizer), config.random_concat_ratio, config.seed)
-    held_out = int(len(blocks) * config.eval_fraction)
+    blocks = pack(
+        examples,
+        config.seq_len,
+        pad_token_id(tokenizer),
+        config.random_concat_ratio,
+        config.seed,
+        tokenizer.bos_token_id,
+    )
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(config.seed)).tolist()
-    train_blocks = [blocks[i] for i in order[held_out:]]
+    kept = int(len(blocks) * (1 - config.eval_fraction))
+    held_out = len(blocks) - kept
+    train_blocks = [blocks[i] for i in order[:kept]]
+    eval_blocks = [blocks[i] for i in order[kept:] if _targets(blocks[i])]
     if not train_blocks:
-        raise InvalidInputError(f"{config.data} packs into {len(blocks)} blocks; none are left to train on")
-    return train_blocks, [blocks[i] for i in order[:held_out]]
+        raise InvalidInputError(
+            f"{config.data} packs into {len(blocks)} block(s) of --seq-len {config.seq_len}, all held out for eval "
+            "loss; add data, lower --seq-len, or use --eval-fraction 0"
+        )
+    if config.batch_size > len(train_blocks):
+        raise InvalidInputError(
+            f"--batch-size {config.batch_size} is more than the {len(train_blocks)} blocks the training data packs "
+            "into: a micro-batch would hold a block twice"
+        )
+    status(
+        f"Packed {len(blocks)} blocks of {config.seq_len} tokens: {len(train_blocks)} to train on, "
+        f"{held_out} held out for eval loss"
+    )
+    if not eval_blocks and config.keep == "best":
+        reason = (
+            f"the {held_out} held-out block(s) hold no answer tokens"
+            if held_out
+            else f"--eval-fraction {config.eval_fraction:g} holds out none of the {len(blocks)} blocks"
+        )
+        status(f"warning: no eval loss ({reason}): --keep best ships the last step")
+    return train_blocks, eval_blocks
 
 
 def _examples(data: str, config: TrainingConfig, tokenizer, seed: int | None = None, limit: int | None = None) -> list:
@@ -364,6 +410,12 @@ class _DataOrder:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             self._epochs = {epoch: torch.randperm(self.size, generator=generator).tolist()}
         return self._epochs[epoch]
+
+
+def _targets(block: tuple[list[int], list[int]]) -> int:
+    """The tokens of a block that carry loss (a label predicts the next token, so the first label never counts)."""
+    labels = block[1]
+    return len(labels) - 1 - labels[1:].count(IGNORE_INDEX)
 
 
 def _batch(blocks, indices, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,6 +53,11 @@ class TrainingMethod(ABC):
         if config.experts:
             raise InvalidInputError("--experts only applies to --method esft")
 
+    @classmethod  # noqa: B027 (a hook that most methods leave empty)
+    def check_base(cls, config: TrainingConfig, base_config) -> None:
+        """Refuse settings this base model cannot take (called with its config, before its weights load or
+        anything is written)."""
+
     @abstractmethod
     def prepare(self, model: nn.Module, run: RunContext) -> nn.Module:
         """Make what the method trains trainable and the rest frozen; returns the model to train."""

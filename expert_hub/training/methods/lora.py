@@ -7,6 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ...errors import InvalidInputError
 from ...families import moe_layers
 from ...models import load_base
 from .base import RunContext, TrainingMethod, disable_router_aux_loss, register_method, write_model_directory
@@ -75,6 +76,17 @@ class LoRA(TrainingMethod):
     name = "lora"
     default_learning_rate = 1e-4
     artifact_file = "adapter_config.json"
+
+    @classmethod
+    def check_base(cls, config, base_config) -> None:
+        """A rank above the model's hidden size adds nothing a layer can use, only memory (rank x the layer's
+        sizes, per adapted layer): refuse it before that memory is asked for."""
+        hidden_size = getattr(base_config, "hidden_size", None)
+        if hidden_size and config.lora_rank > hidden_size:
+            raise InvalidInputError(
+                f"--lora-rank {config.lora_rank} is above the model's hidden size ({hidden_size}); a LoRA update "
+                "gains nothing past a layer's own size"
+            )
 
     def prepare(self, model: nn.Module, run: RunContext) -> nn.Module:
         config = self.config
