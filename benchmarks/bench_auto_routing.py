@@ -5,14 +5,19 @@ In one run, on the demo base with its built-in tasks:
    ships each task's routing profile (its training prompts' routing) in the adapter;
 2. routes held-out eval prompts of those tasks, and of `general` (no adapter: they should run on the base), with
    `TaskRouter`: accuracy per task and the confusion matrix at the default depth, accuracy against the routing depth
-   and against the prompt's length (its first N tokens), and the routing time per prompt;
+   and against the prompt's length (its first N tokens), and the routing time per prompt; and the accuracy of each
+   form a client sends a prompt in (bare question text, text in the training format, chat messages), routed as the
+   server routes each;
 3. the same held-out prompts with a simple text classifier for reference, TF-IDF + logistic regression trained on the
    same training prompts (it has no "none of these" answer, so it is scored on the six tasks only);
 4. the end-task score of each task's eval records generated with the task named, with auto routing, and with the
    base model;
 5. serving: `expert-hub serve` with the six tasks, the same mixed completions sent with each task named and as
-   `"model": "auto"`, interleaved rounds -> output tokens/s and the ratio (goal: auto costs <= 5%).
-Goals (issue 16): >= 95% routing accuracy on prompts of >= 32 tokens, end-task scores within 2% of naming the task.
+   `"model": "auto"`, interleaved rounds -> output tokens/s and the ratio (goal: auto costs <= 5%); then every
+   held-out prompt sent as `"model": "auto"` in each client form (bare and training-format text to
+   `/v1/completions`, messages to `/v1/chat/completions`): how often the server chose its task.
+Goals (issues 16, 29): >= 95% routing accuracy on prompts of >= 32 tokens and on each client form, end-task scores
+within 2% of naming the task.
 Run: `.venv/bin/python benchmarks/bench_auto_routing.py [--steps N] [--eval-prompts 60] [--skip-serving]`.
 """
 
@@ -26,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -57,11 +63,43 @@ def _train(base: str, root: Path, steps: int | None, console: Console) -> dict[s
     return artifacts
 
 
-def _routing(base: str, profiles: dict, prompts: dict[str, list[list[int]]], console: Console) -> dict:
-    """Accuracy per task, confusion, accuracy vs depth and vs length, ms per routing."""
+def client_forms(messages: list[dict]) -> dict[str, tuple[str, object]]:
+    """A held-out conversation's prompt as clients send it: form -> (endpoint, prompt or messages)."""
+    from expert_hub.data import reference_segments
+
+    turns = messages[:-1]
+    return {
+        "bare": ("/v1/completions", turns[-1]["content"]),
+        "training format": ("/v1/completions", "".join(text for text, _ in reference_segments(turns))),
+        "chat": ("/v1/chat/completions", turns),
+    }
+
+
+def _form_accuracy(router, profiles: dict, tokenizer, conversations: dict[str, list], expected: dict) -> dict:
+    """Per client form, the share of held-out prompts routed right, each form brought into routing as the server
+    brings it (`expert_hub.serving.auto`)."""
+    from expert_hub.auto_routing import completion_routing_ids
+    from expert_hub.data import prompt_ids
+
+    def routing_ids(endpoint: str, prompt) -> list[int]:
+        if endpoint == "/v1/completions":
+            return completion_routing_ids(prompt, tokenizer)
+        return prompt_ids(prompt, tokenizer, bool(tokenizer.chat_template))
+
+    right: dict[str, list[bool]] = {}
+    for task, task_conversations in conversations.items():
+        for messages in task_conversations:
+            for form, (endpoint, prompt) in client_forms(messages).items():
+                chosen = router.route(routing_ids(endpoint, prompt), profiles).task
+                right.setdefault(form, []).append(chosen == expected[task])
+    return {form: sum(hits) / len(hits) for form, hits in right.items()}
+
+
+def _routing(base: str, profiles: dict, prompts: dict[str, list[list[int]]], conversations: dict) -> dict:
+    """Accuracy per task, confusion, accuracy vs depth, vs length and per client form, ms per routing."""
     from expert_hub.auto_routing import DEFAULT_DEPTH, DEFAULT_WINDOW, TaskRouter
     from expert_hub.families import moe_layers
-    from expert_hub.models import load_base
+    from expert_hub.models import load_base, load_tokenizer
 
     model = load_base(base)
     expected = {task: (None if task == OUTSIDE else task) for task in prompts}
@@ -100,6 +138,7 @@ def _routing(base: str, profiles: dict, prompts: dict[str, list[list[int]]], con
         "accuracy_prompts_32_plus": long_accuracy,
         "prompts_32_plus": len(long_enough),
         "ms_per_prompt": 1e3 * statistics.median(seconds),
+        "accuracy_by_form": _form_accuracy(router, profiles, load_tokenizer(base), conversations, expected),
     }
 
 
@@ -200,7 +239,36 @@ def _score(models: dict, tokenizer, spec, prompts: list[list[int]], answers: lis
     return SCORERS[spec.metric](predictions, answers)
 
 
-def _serving(base: str, root: Path, artifacts: dict, eval_prompts: dict[str, list[str]], args) -> dict:
+def _served_forms(url: str, conversations: dict[str, list]) -> dict[str, float]:
+    """Every held-out prompt sent as `"model": "auto"` in each client form: the share the server sent to its task
+    (general's to the base model), read from the `X-Expert-Task-Chosen` header."""
+    jobs = [
+        (form, task, endpoint, prompt)
+        for task, task_conversations in conversations.items()
+        for messages in task_conversations
+        for form, (endpoint, prompt) in client_forms(messages).items()
+    ]
+
+    def right(job: tuple) -> bool:
+        _, task, endpoint, prompt = job
+        field = {"prompt": prompt} if endpoint == "/v1/completions" else {"messages": prompt}
+        body = {"model": "auto", "max_tokens": 1, "temperature": 0} | field
+        request = urllib.request.Request(
+            url + endpoint, data=json.dumps(body).encode(), headers={"content-type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=600) as response:
+            chosen = response.headers["x-expert-task-chosen"]
+        return chosen == task or (task == OUTSIDE and chosen not in TASKS)
+
+    with ThreadPoolExecutor(8) as pool:
+        hits = list(pool.map(right, jobs))
+    by_form: dict[str, list[bool]] = {}
+    for (form, *_), hit in zip(jobs, hits):
+        by_form.setdefault(form, []).append(hit)
+    return {form: sum(form_hits) / len(form_hits) for form, form_hits in by_form.items()}
+
+
+def _serving(base: str, root: Path, artifacts: dict, eval_prompts: dict[str, list[str]], conversations, args) -> dict:
     """Mixed completions over the six tasks, named vs auto, in interleaved rounds on one server."""
     from expert_hub.registry import Registry
 
@@ -256,6 +324,7 @@ def _serving(base: str, root: Path, artifacts: dict, eval_prompts: dict[str, lis
                 tokens, seconds = burst(kind == "auto", args.max_tokens)
                 rates[kind].append(tokens / seconds)
                 prefill[kind].append(burst(kind == "auto", 1)[1])  # one token each: little but the prefill
+        served_forms = _served_forms(url, conversations)
     finally:
         server.terminate()
         server.wait(timeout=120)
@@ -270,6 +339,7 @@ def _serving(base: str, root: Path, artifacts: dict, eval_prompts: dict[str, lis
         "prefill_ms_named": 1e3 * statistics.median(prefill["named"]),
         "prefill_ms_auto": 1e3 * statistics.median(prefill["auto"]),
         "server_choices_right": sum(chosen_right) / len(chosen_right),
+        "served_accuracy_by_form": served_forms,
     }
 
 
@@ -303,16 +373,14 @@ def main() -> None:
         artifacts = _train(base, root, args.steps, console)
         profiles = {task: RoutingProfile.load(path) for task, path in artifacts.items()}
         eval_texts = {task: texts(task, "eval", args.eval_prompts) for task in (*TASKS, OUTSIDE)}
-        eval_prompts = {
-            task: [prompt_ids(m[:-1], tokenizer) for m in builtin_task(task).examples("eval", args.eval_prompts)]
-            for task in (*TASKS, OUTSIDE)
-        }
-        results = {"routing": _routing(base, profiles, eval_prompts, console)}
+        conversations = {task: builtin_task(task).examples("eval", args.eval_prompts) for task in (*TASKS, OUTSIDE)}
+        eval_prompts = {task: [prompt_ids(m[:-1], tokenizer) for m in conversations[task]] for task in conversations}
+        results = {"routing": _routing(base, profiles, eval_prompts, conversations)}
         train_texts = {task: texts(task, "train", 256) for task in TASKS}
         results["classifier"] = _classifier(train_texts, eval_texts, tokenizer)
         results["end_task"] = _end_task(base, artifacts, profiles, args.eval_records, console)
         if not args.skip_serving:
-            results["serving"] = _serving(base, root, artifacts, eval_texts, args)
+            results["serving"] = _serving(base, root, artifacts, eval_texts, conversations, args)
     results["elapsed_seconds"] = time.perf_counter() - started
     results["settings"] = vars(args)
     _report(console, results)
@@ -362,6 +430,13 @@ def _report(console: Console, results: dict) -> None:
         f"{routing['burst_pass_ms_float32']:.1f} ms)",
         soft_wrap=True,
     )
+    forms = Table(title="Accuracy per form a client sends its prompt in (six tasks + general), depth 2")
+    served = results.get("serving", {}).get("served_accuracy_by_form", {})
+    for column in ("form", "routed as the server routes", "the server's own choices"):
+        forms.add_column(column, justify="left" if column == "form" else "right")
+    for form, accuracy in routing["accuracy_by_form"].items():
+        forms.add_row(form, f"{accuracy:.3f}", f"{served[form]:.3f}" if form in served else "-")
+    console.print(forms)
     scores = Table(title="End-task score on held-out records: the task named, auto-routed, the base model")
     for column in ("task", "metric", "named", "auto", "base", "auto / named"):
         scores.add_column(column, justify="left" if column in ("task", "metric") else "right")
