@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
-import httpx
+import httpx2
 import typer
 from rich.panel import Panel
 from rich.table import Table
@@ -213,7 +213,7 @@ def _ask_server(names: list[str], base: str, out: Path, port: int, registry) -> 
     try:
         _wait_for(server, port, log_path)
         client = OpenAI(
-            base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", http_client=httpx.Client(trust_env=False)
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", http_client=httpx2.Client(trust_env=False)
         )  # a proxy setting must not reroute 127.0.0.1
         answers = []
         for model, name in [(name, name) for name in names] + [(base, names[0])]:
