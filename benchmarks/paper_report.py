@@ -1,8 +1,13 @@
 """The report of `paper_table.py`: markdown tables (the paper's Tables 1-3 in miniature), a JSON of every run, and
-a figure of task score against general ability kept. Every sentence of findings is computed from the runs."""
+a figure of task score against general ability kept. Every sentence of findings is computed from the runs.
+
+`python benchmarks/paper_report.py OUT/paper_table.json` writes a report again from its JSON (after this file
+changes) without training anything.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 from collections import defaultdict
@@ -13,7 +18,8 @@ _TRAINED_TOO = {"shared_experts": "shared experts", "non_expert_modules": "non-e
 GENERAL_LOSS = "general"  # the built-in task scored by loss: reported apart (lower is better)
 
 
-def write_report(results: list[dict], chosen: dict, scale: dict, out: Path, minutes: float) -> Path:
+def write_report(results: list[dict], chosen: dict, scale: dict, out: Path) -> Path:
+    scale = scale | _task_kinds()
     runs = list({run["name"]: run for run in results}.values())
     failed = [run for run in runs if "error" in run]
     runs = [run for run in runs if "error" not in run]
@@ -32,7 +38,7 @@ def write_report(results: list[dict], chosen: dict, scale: dict, out: Path, minu
     _figure(main, out / f"{name}.png")
     sections = [
         f"# ESFT vs full fine-tuning vs LoRA on the demo base{' (quick smoke run)' if scale['name'] == 'quick' else ''}\n",
-        _setup(scale, chosen, minutes, name),
+        _setup(scale, chosen, name),
         "## Findings\n\n" + "\n".join(f"- {line}" for line in findings),
         "## Summary over the held-out tasks (mean ± standard deviation over tasks and seeds)\n\n" + _summary(main),
         "## Per task\n\n" + _per_task(main, base, scale),
@@ -46,20 +52,38 @@ def write_report(results: list[dict], chosen: dict, scale: dict, out: Path, minu
     return report
 
 
+def _task_kinds() -> dict[str, list[str]]:
+    """The built-in tasks general ability is measured on (the demo base's pretraining tasks, scored by a metric), and
+    the held-out ones: the base scores about 0 on those, so averaged in they would only dilute every change."""
+    from expert_hub.tasks import BUILTIN_TASKS
+
+    tasks = BUILTIN_TASKS.values()
+    return {
+        "general_tasks": [task.name for task in tasks if task.in_demo_base and task.metric != "loss"],
+        "held_out_tasks": [task.name for task in tasks if not task.in_demo_base],
+    }
+
+
 def _abilities(run: dict, base: dict, scale: dict) -> dict:
-    """The run's task score, the mean score on every other task (general ability) and its change from the base."""
+    """The run's task score; general ability (the mean score on the tasks the base was pretrained on) and, apart,
+    the mean on the other held-out tasks; each with its change from the base."""
     scores = run["scores"]
     task_key = f"{run['task']}@{scale['task_records']}"
-    others = [key for key in scores if key != task_key and not key.startswith(f"{GENERAL_LOSS}@")]
-    general = statistics.mean(scores[key] for key in others)
+    general = [f"{name}@{scale['other_records']}" for name in scale["general_tasks"]]
+    held_out = [f"{name}@{scale['other_records']}" for name in scale["held_out_tasks"] if name != run["task"]]
     general_loss_key = f"{GENERAL_LOSS}@{scale['other_records']}"
     return {
         "task_score": scores[task_key],
         "task_gain": scores[task_key] - base["scores"][task_key],
-        "general": general,
-        "general_change": general - statistics.mean(base["scores"][key] for key in others),
+        "general": _mean(scores, general),
+        "general_change": _mean(scores, general) - _mean(base["scores"], general),
+        "held_out_change": _mean(scores, held_out) - _mean(base["scores"], held_out),
         "general_loss_change": scores[general_loss_key] - base["scores"][general_loss_key],
     }
+
+
+def _mean(scores: dict[str, float], keys: list[str]) -> float:
+    return statistics.mean(scores[key] for key in keys)
 
 
 def _mean_spread(values: list[float], digits: int = 3) -> str:
@@ -83,7 +107,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def _setup(scale: dict, chosen: dict, minutes: float, name: str) -> str:
+def _setup(scale: dict, chosen: dict, name: str) -> str:
     from expert_hub.demo import demo_base
     from expert_hub.models import load_config
     from expert_hub.training import base_training_defaults
@@ -99,16 +123,17 @@ def _setup(scale: dict, chosen: dict, minutes: float, name: str) -> str:
         f"p: {top_p}; seeds "
         f"{', '.join(map(str, scale['seeds']))} (mean ± standard deviation over them). Task score: the task's metric on "
         f"the first {scale['task_records']} eval records (translation: BLEU / 100). General ability: the mean score on "
-        f"the first {scale['other_records']} eval records of every other built-in task (loss-scored `general` apart: "
-        f"its loss change). Mixing: the built-in `general` conversations, 1:1. Learning rates (the sweep's best): "
+        f"the first {scale['other_records']} eval records of each task the base was pretrained on "
+        f"({', '.join(scale['general_tasks'])}); apart, the other held-out tasks' mean (Δ held-out; the base scores "
+        f"about 0 there) and the loss on the built-in `general` text (Δ general loss). Mixing: the built-in `general` conversations, 1:1. Learning rates (the sweep's best): "
         f"{rates}. Training time is the whole `train` call (loading and ESFT's scoring included), one CPU "
-        f"thread; peak memory is the run's process when training ended (before scoring). {minutes:.0f} minutes in all. Produced by `benchmarks/paper_table.py`; every run in "
+        f"thread; peak memory is the run's process when training ended (before scoring). {scale['minutes']} minutes in all. Produced by `benchmarks/paper_table.py`; every run in "
         f"`{name}.json`.\n\n![Task score against general ability kept]({name}.png)"
     )
 
 
-_FIGURES = ["task score", "general", "Δ general", "Δ general loss", "trainable params", "train s", "peak MiB"]
-_FIGURES += ["artifact MiB"]
+_FIGURES = ["task score", "general", "Δ general", "Δ held-out", "Δ general loss", "trainable params", "train s"]
+_FIGURES += ["peak MiB", "artifact MiB"]
 
 
 def _figures(runs: list[dict]) -> list[str]:
@@ -117,6 +142,7 @@ def _figures(runs: list[dict]) -> list[str]:
         _mean_spread([r["task_score"] for r in runs]),
         _mean_spread([r["general"] for r in runs]),
         f"{statistics.mean(r['general_change'] for r in runs):+.3f}",
+        f"{statistics.mean(r['held_out_change'] for r in runs):+.3f}",
         f"{statistics.mean(r['general_loss_change'] for r in runs):+.3f}",
         f"{statistics.mean(r['trainable_parameters'] for r in runs):,.0f}",
         f"{statistics.mean(r['train_seconds'] for r in runs):.0f}",
@@ -204,7 +230,14 @@ def _findings(main: list[dict]) -> list[str]:
     mean = {
         m: {
             k: statistics.mean(r[k] for r in runs)
-            for k in ("task_score", "general_change", "train_seconds", "artifact_bytes", "trainable_parameters")
+            for k in (
+                "task_score",
+                "general_change",
+                "held_out_change",
+                "train_seconds",
+                "artifact_bytes",
+                "trainable_parameters",
+            )
         }
         for m, runs in by_method.items()
     }
@@ -226,6 +259,11 @@ def _findings(main: list[dict]) -> list[str]:
             > max(mean["full"]["general_change"], mean["lora"]["general_change"])
             else "; ESFT does not keep more than both baselines here, unlike the paper."
         )
+    )
+    lines.append(
+        "The other held-out tasks (change from the base, no mixing): "
+        + ", ".join(f"{m} {mean[m]['held_out_change']:+.3f}" for m in kept)
+        + "."
     )
     mixed = {m: statistics.mean(r["general_change"] for r in main if r["mix"] and r["method"] == m) for m in by_method}
     lines.append("With general data mixed in: " + ", ".join(f"{m} {v:+.3f}" for m, v in mixed.items()) + ".")
@@ -268,8 +306,20 @@ def _figure(main: list[dict], path: Path) -> None:
             label=f"{method}{' + mixing' if mix else ''}",
         )
     axes.axvline(0, color="grey", linewidth=0.8)
-    axes.set_xlabel("change in general ability (mean score on the other tasks, vs the base)")
+    axes.set_xlabel("change in general ability (mean score on the pretrained tasks, vs the base)")
     axes.set_ylabel("task score")
     axes.set_title("Task score vs general ability kept (demo base)")
     axes.legend(fontsize=8)
     figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Write a paper_table report again from its JSON.")
+    parser.add_argument("every_run", type=Path, help="OUT/paper_table.json (or _long, _quick)")
+    path = parser.parse_args().every_run
+    every_run = json.loads(path.read_text())
+    print(f"wrote {write_report(every_run['runs'], every_run['chosen_lr'], every_run['scale'], path.parent)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_table.py"
 
 
@@ -31,6 +33,14 @@ def test_the_quick_paper_table_measures_every_method_and_resumes(tmp_path):
         assert 0 < figures[method]["artifact_bytes"] < figures["full"]["artifact_bytes"]
     scores = {key for run in main for key in run["scores"]}
     assert {"law@4", "math@4", "code@4", "summary@4", "intent@4", "translation@4", "general@4"} == scores
+    # general ability: the tasks the base was pretrained on, not the held-out ones it scores about 0 on
+    base = next(run for run in every_run["runs"] if run["kind"] == "base")["scores"]
+    for run in main:
+        pretrained = [run["scores"][f"{name}@4"] for name in ("math", "code", "summary")]
+        assert run["general"] == pytest.approx(sum(pretrained) / 3)
+        others = [name for name in ("intent", "translation") if name != run["task"]]
+        change = sum(run["scores"][f"{n}@4"] - base[f"{n}@4"] for n in others) / len(others)
+        assert run["held_out_change"] == pytest.approx(change)
     modules = {run["variant"]: run for run in every_run["runs"] if run["kind"] == "modules"}
     assert (
         figures["esft-token"]["trainable_parameters"]
