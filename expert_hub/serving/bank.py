@@ -48,12 +48,18 @@ TASK_ROWS: dict[str, int] = {}
 class BankSettings:
     """The bank's size, from `expert-hub serve` to vLLM's processes (which vLLM spawns: the environment carries it).
 
-    `extra_rows` physical rows per MoE layer, or as many as `bytes_per_layer` (in the served dtype) hold; and
-    `max_tasks` remap rows besides the base row."""
+    Physical rows per MoE layer: `extra_rows`, or as many as `bytes_per_layer` (in the served dtype) hold, or the
+    fewer of the two when both are given (the default size: room for every task being served, within a share of the
+    device's free memory that `serve` measured once, so that every tensor-parallel rank gets the same rows).
+    `max_tasks` remap rows besides the base row cap how many tasks are resident at once; None leaves residency to
+    the rows (one remap row per physical row of every layer: a task uses at least one). `host_cache_bytes` of host
+    memory per rank keep tasks' rows (`host_cache.py`)."""
 
     extra_rows: int | None
     bytes_per_layer: int | None
-    max_tasks: int
+    max_tasks: int | None
+    moe_layers: int
+    host_cache_bytes: int = 0
 
     ENV = "EXPERT_HUB_BANK"
 
@@ -67,11 +73,18 @@ class BankSettings:
         return cls(**json.loads(value)) if value else None
 
     def rows_per_layer(self, sizes: vllm.ExpertSizes, dtype: torch.dtype) -> int:
-        """Rows per layer: given, or as many experts (gate, up and down; this rank's shard of each under tensor
-        parallelism) as the byte budget holds, which is then per device."""
-        if self.extra_rows is not None:
-            return self.extra_rows
-        return self.bytes_per_layer // (3 * sizes.hidden * sizes.intermediate * dtype.itemsize)
+        """Rows per layer: experts (gate, up and down; this rank's shard of each under tensor parallelism), as
+        many as given and as the byte budget (then per device) holds."""
+        held = (
+            []
+            if self.bytes_per_layer is None
+            else [self.bytes_per_layer // (3 * sizes.hidden * sizes.intermediate * dtype.itemsize)]
+        )
+        return min([*held, *([] if self.extra_rows is None else [self.extra_rows])])
+
+    def remap_rows(self, extra_rows: int) -> int:
+        """Remap rows besides the base's."""
+        return self.max_tasks or max(1, extra_rows * self.moe_layers)
 
 
 def register() -> None:
@@ -81,7 +94,7 @@ def register() -> None:
         return
     _end_with_parent()
     vllm.enable_kv_cache_zeroing()
-    vllm.replace_routed_experts(settings.rows_per_layer, _bank_initialiser(settings.max_tasks), _remap_topk_ids)
+    vllm.replace_routed_experts(settings.rows_per_layer, _bank_initialiser(settings), _remap_topk_ids)
     vllm.after_input_preparation(_tag_tokens_with_tasks)
 
 
@@ -97,7 +110,7 @@ def _end_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _bank_initialiser(max_tasks: int):
+def _bank_initialiser(settings: BankSettings):
     """Set up a new experts layer's bank: spare rows zeroed and free, every remap row on the base experts."""
 
     def init_bank(layer, sizes: vllm.ExpertSizes, extra_rows: int) -> None:
@@ -107,9 +120,9 @@ def _bank_initialiser(max_tasks: int):
             for weight in vllm.expert_weights(layer):
                 weight[sizes.experts :].zero_()
         identity = torch.arange(sizes.experts, dtype=torch.int32)
-        layer.register_buffer("task_remap", identity.repeat(max_tasks + 1, 1), persistent=False)
+        layer.register_buffer("task_remap", identity.repeat(settings.remap_rows(extra_rows) + 1, 1), persistent=False)
         layer.free_rows = list(range(sizes.experts, sizes.experts + extra_rows))
-        layer.task_rows = {}  # remap row -> physical rows it holds
+        layer.task_rows = {}  # remap row -> (expert, physical row) pairs it holds
 
     return init_bank
 

@@ -13,7 +13,7 @@ import contextlib
 from typing import Any
 
 from . import vllm_contract as vllm
-from .worker import BankInfo, ExpertBankWorker, LayoutResult, LoadResult
+from .worker import BankInfo, ExpertBankWorker, LayoutResult, LoadResult, StageResult
 
 
 class WorkersDisagreeError(RuntimeError):
@@ -31,25 +31,50 @@ class BankClient:
         raising, so no rank keeps rows the others lack."""
         method = ExpertBankWorker.expert_hub_load_task.__name__
         try:
-            return LoadResult(**_agreed(await vllm.call_workers(self.engine, method, key, directory, sha256), method))
+            replies = await vllm.call_workers(self.engine, method, key, directory, sha256)
+            own = {  # what each rank may answer on its own: its time, and its tier (each keeps its own LRU)
+                "seconds": max(reply["seconds"] for reply in replies),
+                "source": next((r["source"] for r in replies if r["source"] == "disk"), replies[0]["source"]),
+            }
+            return LoadResult(**_agreed([reply | own for reply in replies], method))
         except Exception:
             with contextlib.suppress(Exception):  # a worker that died: the error being raised says so
                 await self.unload_task(key)
             raise
 
-    async def unload_task(self, key: str) -> bool:
-        """True when any rank held the task (after which none does)."""
-        return any(await vllm.call_workers(self.engine, ExpertBankWorker.expert_hub_unload_task.__name__, key))
+    async def stage_task(self, key: str, directory: str, sha256: dict[str, str] | None = None) -> StageResult:
+        """Start staging a task into every rank's host-memory tier, or ask how far it got: the least advanced rank
+        answers (a refusal first)."""
+        replies = await vllm.call_workers(
+            self.engine, ExpertBankWorker.expert_hub_stage_task.__name__, key, directory, sha256
+        )
+        order = ("refused", "staging", "off", "staged")
+        return StageResult(**min(replies, key=lambda reply: order.index(reply["status"])))
+
+    async def unload_task(self, key: str, keep: bool = False) -> bool:
+        """True when any rank held the task (after which none does); `keep`: an eviction, whose rows each rank keeps
+        in its host-memory tier."""
+        return any(await vllm.call_workers(self.engine, ExpertBankWorker.expert_hub_unload_task.__name__, key, keep))
 
     async def bank_info(self) -> BankInfo:
         """One rank's bank (every rank holds the same rows, each its shard of every expert)."""
         replies = await vllm.call_workers(self.engine, ExpertBankWorker.expert_hub_bank_info.__name__)
-        return _agreed(replies, "bank_info")
+        tiers = [{key: reply[key] for key in _HOST_CACHE_FIELDS} for reply in replies]
+        rows = [{key: value for key, value in reply.items() if key not in _HOST_CACHE_FIELDS} for reply in replies]
+        info = _agreed(rows, "bank_info")  # the bank's rows: the same on every rank
+        return info | {  # each rank's host-memory tier fills on its own: the server's in all
+            "host_cache_tasks": min(tier["host_cache_tasks"] for tier in tiers),
+            "host_cache_bytes": sum(tier["host_cache_bytes"] for tier in tiers),
+            "host_cache_max_bytes": sum(tier["host_cache_max_bytes"] for tier in tiers),
+        }
 
     async def check_layout(self) -> LayoutResult:
         """The first rank's verdict that is not "ok", else "ok": each rank checks its own shard."""
         replies = await vllm.call_workers(self.engine, ExpertBankWorker.expert_hub_check_layout.__name__)
         return LayoutResult(**next((reply for reply in replies if reply["status"] != "ok"), replies[0]))
+
+
+_HOST_CACHE_FIELDS = ("host_cache_tasks", "host_cache_bytes", "host_cache_max_bytes")
 
 
 def _agreed(replies: list[Any], call: str) -> Any:

@@ -87,6 +87,23 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / _GiB:.2f} GiB" if nbytes >= _GiB else f"{nbytes / 2**20:.1f} MiB"
 
 
+def free_device_memory() -> int:
+    """Free memory of the device the model will run on, read without starting CUDA in this process (the engine's
+    own processes own the GPUs): NVML's least free memory over the GPUs, or the available RAM on CPU."""
+    import psutil
+
+    if vllm.is_cpu():
+        return psutil.virtual_memory().available
+    import pynvml  # nvidia-ml-py, a dependency of vLLM's CUDA builds
+
+    pynvml.nvmlInit()
+    try:
+        devices = range(pynvml.nvmlDeviceGetCount())
+        return min(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).free for i in devices)
+    finally:
+        pynvml.nvmlShutdown()
+
+
 def _free_memory_besides_weights(model_path: str) -> int:
     """Available memory now, less the checkpoint's size (a local directory's; Hub models count as nothing)."""
     import psutil

@@ -173,6 +173,11 @@ def engine_config(engine_arguments):
     return engine_arguments.create_engine_config(internal("OpenAI server usage context"))
 
 
+def tensor_parallel_size(server_args) -> int:
+    """`--tensor-parallel-size` as parsed by `parse_server_args`."""
+    return server_args.tensor_parallel_size or 1
+
+
 def parallel_options(config) -> dict[str, int | bool]:
     """The parallelism of vLLM's configuration, by the `vllm serve` option that sets it."""
     parallel = config.parallel_config
@@ -371,10 +376,10 @@ def expert_kernel_name(layer) -> str:
     return type(layer.quant_method.moe_kernel.fused_experts).__name__
 
 
-def write_kernel_row(layer, row: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
-    """Write one expert, in checkpoint layout, into bank row `row` of `layer` in its expert kernel's layout: padded
-    to the sizes vLLM rounded up to and, for the CPU kernel, prepacked straight into the row (a one-expert slice
-    packs identically), so a task's bytes are converted once and land once."""
+def kernel_layout(layer, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert, in checkpoint layout, as `layer`'s expert kernel holds a row: padded to the sizes vLLM rounded
+    up to and, for the CPU kernel, prepacked (a one-expert slice packs identically). Host tensors, pinned when the
+    layer is on a GPU, so that writing them into a row is one plain copy (`write_kernel_row`)."""
     w13_weight, w2_weight = expert_weights(layer)
     intermediate, hidden = gate.shape
     dtype, padded_hidden, padded = w13_weight.dtype, w2_weight.shape[1], w2_weight.shape[2]
@@ -385,8 +390,14 @@ def write_kernel_row(layer, row: int, gate: torch.Tensor, up: torch.Tensor, down
     kernel = layer.quant_method.moe_kernel.fused_experts
     if hasattr(kernel, "isa"):  # the CPU kernel
         prepack = internal("CPU expert prepacking")
-        prepack(w13, w13_weight[row : row + 1], kernel.isa)
-        prepack(w2, w2_weight[row : row + 1], kernel.isa)
-    else:
-        w13_weight[row].copy_(w13[0])
-        w2_weight[row].copy_(w2[0])
+        packed13, packed2 = torch.empty_like(w13_weight[:1]), torch.empty_like(w2_weight[:1])
+        prepack(w13, packed13, kernel.isa)
+        prepack(w2, packed2, kernel.isa)
+        return packed13[0], packed2[0]
+    return (w13[0].pin_memory(), w2[0].pin_memory()) if w13_weight.is_cuda else (w13[0], w2[0])
+
+
+def write_kernel_row(layer, row: int, rows: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Copy one expert in the kernel's layout (`kernel_layout`) into bank row `row` of `layer`."""
+    for weight, expert in zip(expert_weights(layer), rows):
+        weight[row].copy_(expert, non_blocking=expert.is_pinned())

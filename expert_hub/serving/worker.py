@@ -12,8 +12,10 @@ in the same order leave every rank with the same rows, and the front end checks 
 
 from __future__ import annotations
 
+import functools
 import os
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, TypedDict
@@ -27,6 +29,7 @@ from expert_hub.models import checkpoint_tensors
 
 from . import bank
 from . import vllm_contract as vllm
+from .host_cache import CachedTask, HostCache
 
 _EXPERT_TENSORS = tuple(f"{projection}.weight" for projection in PROJECTIONS)
 
@@ -40,6 +43,9 @@ class LoadResult:
     status: Literal["loaded", "bank_full", "refused"]
     row: int | None = None  # the task's remap row, when loaded
     message: str = ""
+    source: Literal["bank", "memory", "disk", None] = None  # where a loaded task's rows came from
+    nbytes: int = 0  # written into the bank
+    seconds: float = 0.0  # the load's time in this worker (each rank's own)
 
 
 @dataclass(frozen=True)
@@ -54,8 +60,12 @@ class BankInfo(TypedDict):
     layers: int
     rows_per_layer: int
     free_rows_per_layer: int
+    task_slots: int  # remap rows besides the base's: at most this many tasks are resident
     bytes: int
     bytes_per_row: int  # one row in every layer
+    host_cache_tasks: int  # evicted tasks whose rows the host-memory tier keeps
+    host_cache_bytes: int
+    host_cache_max_bytes: int
 
 
 class ExpertBankWorker:
@@ -64,12 +74,17 @@ class ExpertBankWorker:
 
     def expert_hub_bank_info(self) -> BankInfo:
         layers = _banked_layers(vllm.served_model(self)).values()
+        cache = _host_cache()
         return BankInfo(
             layers=len(layers),
             rows_per_layer=min(map(_extra_rows, layers)),
             free_rows_per_layer=min(len(layer.free_rows) for layer in layers),
+            task_slots=_remap_rows(_banked_layers(vllm.served_model(self))),
             bytes=sum(_row_bytes(layer) * _extra_rows(layer) for layer in layers),
             bytes_per_row=sum(map(_row_bytes, layers)),
+            host_cache_tasks=len(cache),
+            host_cache_bytes=cache.currsize,
+            host_cache_max_bytes=cache.maxsize,
         )
 
     @torch.no_grad()
@@ -87,63 +102,147 @@ class ExpertBankWorker:
         return asdict(check_row_layout(layer, layer.free_rows[0], 0, {name: found[key] for name, key in keys.items()}))
 
     @torch.no_grad()
-    def expert_hub_load_task(self, key: str, directory: str, sha256: dict[str, str] | None = None) -> dict:
-        """Write the adapter's experts into free rows and publish its remap row under `key`. A `LoadResult`.
+    def expert_hub_stage_task(self, key: str, directory: str, sha256: dict[str, str] | None = None) -> dict:
+        """Read, check and convert a task into the host-memory tier in the background, while the model keeps
+        stepping; called again, say how far it got. A `StageResult`: "staging", "staged" (its next load is a copy),
+        "refused" (as a load would be), or "off" (the tier has no room for it: load it from disk)."""
+        _collect_staged()
+        if key in _host_cache() or key in bank.TASK_ROWS:
+            return asdict(StageResult("staged"))
+        if not _host_cache().maxsize or key in _LARGER_THAN_THE_TIER:
+            return asdict(StageResult("off"))
+        if (staging := _STAGING.get(key)) is None:
+            layers = _banked_layers(vllm.served_model(self))
+            _STAGING[key] = _stager().submit(_kernel_rows_from_disk, layers, directory, sha256)
+            return asdict(StageResult("staging"))
+        if not staging.done():
+            return asdict(StageResult("staging"))
+        del _STAGING[key]  # done, and not collected: refused
+        try:
+            staging.result()
+        except (ExpertHubError, ValueError, OSError) as error:
+            return asdict(StageResult("refused", str(error)))
+        raise RuntimeError(f"task {key[:8]}... was staged but not kept")  # unreachable: `_collect_staged` kept it
 
+    @torch.no_grad()
+    def expert_hub_load_task(self, key: str, directory: str, sha256: dict[str, str] | None = None) -> dict:
+        """Write the task's experts into free rows and publish its remap row under `key`. A `LoadResult`.
+
+        From the host-memory tier when it keeps the task (a copy, nothing read or hashed), else from `directory`.
         All or nothing: the adapter is read (once: a registry task's files are hashed from the same bytes, against
-        `sha256`) and checked (finite weights, experts the served model has, shapes) before the bank is touched;
-        each expert is then converted to the kernel layout straight into its row, and a failure while writing gives
-        every row back (and raises).
+        `sha256`), checked (finite weights, experts the served model has, shapes) and converted to the kernel's
+        layout before the bank is touched; a failure while writing gives every row back (and raises).
         """
         if key in bank.TASK_ROWS:
-            return asdict(LoadResult("loaded", bank.TASK_ROWS[key]))
+            return asdict(LoadResult("loaded", bank.TASK_ROWS[key], source="bank"))
+        started = time.perf_counter()
+        _collect_staged()
         layers = _banked_layers(vllm.served_model(self))
+        if (cached := _host_cache().get(key)) is not None:
+            source = "memory"
+        else:
+            try:
+                cached = _read_on_server_cores(_kernel_rows_from_disk, layers, directory, sha256)
+            except (ExpertHubError, ValueError, OSError) as error:
+                return asdict(LoadResult("refused", message=str(error)))
+            source = "disk"
+        if full := _room_for(cached.experts, layers):
+            return asdict(LoadResult("bank_full", message=full))
+        row = min(set(range(1, _remap_rows(layers) + 1)) - set(bank.TASK_ROWS.values()))
         try:
-            adapter = _read_adapter(directory, sha256)  # refuses changed files and non-finite weights
-            rows = {
-                index: [(expert, _shard(layers[index], _expert_tensors(adapter, index, expert))) for expert in experts]
-                for index, experts in _checked_experts(adapter, layers).items()
-            }
-        except (ExpertHubError, ValueError, OSError) as error:
-            return asdict(LoadResult("refused", message=str(error)))
-        for index, experts in rows.items():
-            if len(experts) > len(layers[index].free_rows):
-                return asdict(
-                    LoadResult(
-                        "bank_full",
-                        message=f"the task needs {len(experts)} expert rows in layer "
-                        f"{index}; {len(layers[index].free_rows)} are free",
-                    )
-                )
-        used = set(bank.TASK_ROWS.values())
-        max_row = next(iter(layers.values())).task_remap.shape[0] - 1
-        row = next((r for r in range(1, max_row + 1) if r not in used), None)
-        if row is None:
-            return asdict(LoadResult("bank_full", message=f"all {max_row} task slots are in use"))
-        try:
-            for index, experts in rows.items():
+            for index, experts in cached.experts.items():
                 layer = layers[index]
-                layer.task_rows[row] = [layer.free_rows.pop(0) for _ in experts]
-                for (expert, weights), target in zip(experts, layer.task_rows[row]):
-                    vllm.write_kernel_row(layer, target, *weights)
+                layer.task_rows[row] = [(expert, layer.free_rows.pop(0)) for expert, _ in experts]
+                for (expert, rows), (_, target) in zip(experts, layer.task_rows[row]):
+                    vllm.write_kernel_row(layer, target, rows)
                     layer.task_remap[row, expert] = target
         except BaseException:
             _release_row(layers.values(), row)
             raise
         bank.TASK_ROWS[key] = row  # published last: tokens are tagged with the row only from now on
-        return asdict(LoadResult("loaded", row))
+        if source == "disk":
+            _host_cache().keep(key, cached)
+        return asdict(LoadResult("loaded", row, "", source, cached.nbytes, time.perf_counter() - started))
 
     @torch.no_grad()
-    def expert_hub_unload_task(self, key: str) -> bool:
+    def expert_hub_unload_task(self, key: str, keep: bool = False) -> bool:
+        """Free the task's rows; `keep` (an eviction) leaves its rows in the host-memory tier (where its load put
+        them, while the tier had room for them). A task unloaded for good (DELETE) leaves nothing in either."""
         row = bank.TASK_ROWS.pop(key, None)  # untagged first, so no new token uses the rows being freed
+        if not keep:
+            _host_cache().pop(key, None)
+            if (staging := _STAGING.pop(key, None)) is not None:
+                staging.cancel()  # if it has not started; else its rows are dropped when it ends
         if row is None:
             return False
         _release_row(_banked_layers(vllm.served_model(self)).values(), row)
         return True
 
 
-def _read_adapter(directory: str, sha256: dict[str, str] | None) -> ExpertAdapter:
-    """`ExpertAdapter.load` on every core the server has, not only the worker's compute cores.
+@dataclass(frozen=True)
+class StageResult:
+    status: Literal["staging", "staged", "refused", "off"]
+    message: str = ""
+
+
+_STAGING: dict[str, Future] = {}  # task key -> its rows being read in the background
+_LARGER_THAN_THE_TIER: set[str] = set()  # task keys staged once, too large to keep: loaded from disk
+
+
+def _collect_staged() -> None:
+    """Move every task staged by now into the host-memory tier (bounded there), whoever asks: a staging whose
+    requests all gave up holds no memory outside the tier. Refusals stay until their task is asked about."""
+    for key, staging in list(_STAGING.items()):
+        if staging.done() and not staging.cancelled() and staging.exception() is None:
+            del _STAGING[key]
+            if (cached := staging.result()).nbytes <= _host_cache().maxsize:
+                _host_cache()[key] = cached
+            else:
+                _LARGER_THAN_THE_TIER.add(key)
+
+
+def _kernel_rows_from_disk(
+    layers: dict[int, torch.nn.Module], directory: str, sha256: dict[str, str] | None
+) -> CachedTask:
+    """The adapter's experts read (a registry task's files hashed from the same bytes), checked (finite weights,
+    experts the served model has, shapes) and converted to each layer's kernel layout, in host memory."""
+    adapter = ExpertAdapter.load(directory, sha256)
+    experts = {
+        index: [
+            (expert, vllm.kernel_layout(layers[index], *_shard(layers[index], _expert_tensors(adapter, index, expert))))
+            for expert in experts
+        ]
+        for index, experts in _checked_experts(adapter, layers).items()
+    }
+    return CachedTask(experts, sum(row.nbytes for rows in experts.values() for _, pair in rows for row in pair))
+
+
+def _room_for(rows: dict[int, list], layers: dict[int, torch.nn.Module]) -> str | None:
+    """Why the bank cannot take a task with `rows` now (too few free rows in a layer, no free remap row); None when
+    it can."""
+    for index, experts in rows.items():
+        if len(experts) > len(layers[index].free_rows):
+            return (
+                f"the task needs {len(experts)} expert rows in layer {index}; {len(layers[index].free_rows)} are free"
+            )
+    if len(bank.TASK_ROWS) >= _remap_rows(layers):
+        return f"all {_remap_rows(layers)} task slots are in use"
+    return None
+
+
+def _remap_rows(layers: dict[int, torch.nn.Module]) -> int:
+    return next(iter(layers.values())).task_remap.shape[0] - 1
+
+
+@functools.cache
+def _host_cache() -> HostCache:
+    """This worker's host-memory tier, sized by `expert-hub serve` (`BankSettings.host_cache_bytes`)."""
+    settings = bank.BankSettings.from_env()
+    return HostCache(settings.host_cache_bytes if settings else 0)
+
+
+def _read_on_server_cores(function, *args):
+    """`function(*args)` on every core the server has, not only the worker's compute cores.
 
     vLLM binds the CPU worker's threads, and so the threads they start, to the cores it computes on: one of the two
     on a 2-core machine, where reading a task's files and hashing them would then take turns on one core. Model
@@ -152,9 +251,21 @@ def _read_adapter(directory: str, sha256: dict[str, str] | None) -> ExpertAdapte
     about 93 ms instead of 160.
     """
     if (cores := vllm.server_cores()) is None:
-        return ExpertAdapter.load(directory, sha256)
+        return function(*args)
     with ThreadPoolExecutor(1, initializer=os.sched_setaffinity, initargs=(0, cores)) as loader:
-        return loader.submit(ExpertAdapter.load, directory, sha256).result()
+        return loader.submit(function, *args).result()
+
+
+@functools.cache
+def _stager() -> ThreadPoolExecutor:
+    """The background thread that stages tasks while the model steps: on the cores the server has besides the
+    worker's compute cores (those vLLM keeps for its scheduler and API server), or on all of them where none are
+    left, so that it slows the model's steps as little as the machine allows."""
+    cores = vllm.server_cores()
+    if cores is None:
+        return ThreadPoolExecutor(1)
+    spare = cores - os.sched_getaffinity(0) or cores
+    return ThreadPoolExecutor(1, initializer=os.sched_setaffinity, initargs=(0, spare))
 
 
 def _checked_experts(adapter: ExpertAdapter, layers: dict[int, torch.nn.Module]) -> dict[int, list[int]]:
@@ -175,7 +286,7 @@ def _release_row(layers, row: int) -> None:
     """Give a remap row's physical rows back, zeroed, and point the row at the base experts again."""
     for layer in layers:
         layer.task_remap[row] = torch.arange(layer.base_experts, dtype=layer.task_remap.dtype)
-        for physical in layer.task_rows.pop(row, []):
+        for _, physical in layer.task_rows.pop(row, []):
             for weight in vllm.expert_weights(layer):
                 weight[physical].zero_()
             layer.free_rows.append(physical)
@@ -185,7 +296,7 @@ def check_row_layout(layer, row: int, expert: int, tensors: dict[str, torch.Tens
     """Write `expert`'s checkpoint tensors into the free `row` and compare it with the loaded `expert` row."""
     weights = vllm.expert_weights(layer)
     try:
-        vllm.write_kernel_row(layer, row, *_shard(layer, tensors))
+        vllm.write_kernel_row(layer, row, vllm.kernel_layout(layer, *_shard(layer, tensors)))
         same = all(torch.equal(weight[row], weight[expert]) for weight in weights)
     finally:
         for weight in weights:
