@@ -28,17 +28,39 @@ def serve(
     dtype: Annotated[DType, typer.Option(help="Weights dtype.")] = DType.auto,
     max_model_len: Annotated[int | None, typer.Option(help="Longest prompt + completion.")] = None,
     max_resident_tasks: Annotated[
-        int, typer.Option(min=1, help="Tasks whose experts stay in the bank at once (LRU eviction).")
-    ] = 4,
+        int | None,
+        typer.Option(
+            min=1, help="At most this many tasks resident at once [default: as many as the bank's rows hold]."
+        ),
+    ] = None,
     expert_bank_rows: Annotated[
         int | None,
         typer.Option(
-            min=1, help="Extra expert rows per MoE layer (default: room for --max-resident-tasks of the given tasks)."
+            min=1,
+            help="Extra expert rows per MoE layer [default: room for every served task at once, within an eighth of "
+            "the device's free memory].",
         ),
     ] = None,
     expert_bank_gb: Annotated[
         float | None, typer.Option(help="Size the expert bank in GiB per GPU instead (all MoE layers together).")
     ] = None,
+    task_cache_gb: Annotated[
+        float | None,
+        typer.Option(help="Host memory (GiB) keeping evicted tasks' rows for fast reloads [default: 1/8 of free RAM]."),
+    ] = None,
+    task_wait_timeout: Annotated[
+        float, typer.Option(help="Seconds a request waits for its task to be loaded before a 503.")
+    ] = 60.0,
+    allow_pull: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="'ORG/*'",
+            help="Let a request name a Hub repo matching this pattern (repeatable): pulled, verified and served.",
+        ),
+    ] = None,
+    max_waiting_requests: Annotated[
+        int, typer.Option(min=1, help="Requests that may wait for their tasks at once; more get a 503.")
+    ] = 1024,
     kv_cache_gb: Annotated[
         float | None,
         typer.Option(
@@ -56,30 +78,49 @@ def serve(
     from expert_hub.errors import InvalidInputError
     from expert_hub.models import describe_model
     from expert_hub.registry import Registry
-    from expert_hub.serving import resolve_tasks, run_server
+    from expert_hub.serving import HubOptions, resolve_tasks, run_server
 
-    for flag, value in (("--expert-bank-gb", expert_bank_gb), ("--kv-cache-gb", kv_cache_gb)):
+    for flag, value in (
+        ("--expert-bank-gb", expert_bank_gb),
+        ("--kv-cache-gb", kv_cache_gb),
+        ("--task-wait-timeout", task_wait_timeout),
+    ):
         if value is not None and not value > 0:
             raise InvalidInputError(f"{flag} must be positive, got {value}")
+    if task_cache_gb is not None and not task_cache_gb >= 0:
+        raise InvalidInputError(f"--task-cache-gb must be 0 or more, got {task_cache_gb}")
+    patterns = tuple(_pull_patterns(allow_pull or []))
     if expert_bank_rows and expert_bank_gb:
         raise InvalidInputError("give --expert-bank-rows or --expert-bank-gb, not both")
     base = base_or_demo(base)
     registry = Registry()
     model = describe_model(base)
-    served = resolve_tasks(base, model, [t.strip() for t in tasks.split(",") if t.strip()], all_tasks, registry)
+    named = [t.strip() for t in tasks.split(",") if t.strip()]
+    served = resolve_tasks(base, model, named, all_tasks, registry)
     argv = ["--host", host, "--port", str(port), "--dtype", dtype.value, *ctx.args]
     argv += ["--max-model-len", str(max_model_len)] if max_model_len else []
     argv += ["--kv-cache-memory-bytes", str(int(kv_cache_gb * 2**30))] if kv_cache_gb else []
-    console.print(f"Serving {base} with {len(served)} task(s): {', '.join(served) or '-'}")
-    run_server(
-        base,
-        model,
-        served,
-        max_resident_tasks,
-        registry,
-        argv,
-        expert_bank_rows,
-        expert_bank_gb,
-        api_key,
-        public_metrics,
+    shown = ", ".join(list(served)[:20]) + (f" and {len(served) - 20} more" if len(served) > 20 else "")
+    console.print(f"Serving {base} with {len(served)} task(s): {shown or '-'}")
+    residency = HubOptions(
+        max_resident=max_resident_tasks,
+        extra_rows=expert_bank_rows,
+        bank_gb=expert_bank_gb,
+        wait_timeout=task_wait_timeout,
+        max_waiting=max_waiting_requests,
+        task_cache_gb=task_cache_gb,
+        allow_pull=patterns,
     )
+    preload = list(served)[: len(named)]  # the tasks named, in order; --all-tasks' others load on first use
+    run_server(base, model, served, preload, registry, argv, residency, api_key, public_metrics)
+
+
+def _pull_patterns(patterns: list[str]) -> list[str]:
+    """`--allow-pull` patterns, each `ORG/NAME` or `ORG/*`: an organisation must be named (no `*` or `*/*`)."""
+    from expert_hub.errors import InvalidInputError
+
+    for pattern in patterns:
+        organisation, slash, _ = pattern.partition("/")
+        if not slash or not organisation or any(character in organisation for character in "*?["):
+            raise InvalidInputError(f"--allow-pull {pattern!r}: name an organisation, e.g. 'acme/*' or 'acme/law'")
+    return patterns

@@ -38,6 +38,10 @@ class HubError(ExpertHubError):
     """The Hub refused or could not be reached; nothing local was changed."""
 
 
+class HubNotFoundError(HubError):
+    """The repository or revision does not exist (or the token cannot see it)."""
+
+
 def push(
     registry: Registry,
     ref: str,
@@ -114,9 +118,9 @@ def _hub_errors(repo_id: str, revision: str | None):
     except LocalTokenNotFoundError as error:
         raise HubError("no Hugging Face token: set HF_TOKEN or run `hf auth login`") from error
     except RevisionNotFoundError as error:
-        raise HubError(f"revision {revision!r} not found in {repo_id}") from error
+        raise HubNotFoundError(f"revision {revision!r} not found in {repo_id}") from error
     except RepositoryNotFoundError as error:
-        raise HubError(f"repository {repo_id} not found, or your token cannot access it") from error
+        raise HubNotFoundError(f"repository {repo_id} not found, or your token cannot access it") from error
     except HfHubHTTPError as error:
         status = error.response.status_code if error.response is not None else None
         hint = "; check HF_TOKEN or `hf auth login`" if status in (401, 403) else ""

@@ -12,6 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub; fail 
 
 from expert_hub.testing import TINY_FAMILIES, build_tiny_model
 
+from .hub_server import HubServer
+
 ESFT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "esft"
 
 
@@ -59,3 +61,25 @@ def run_cli(monkeypatch, capsys):
         return code, out, err
 
     return run
+
+
+TOKEN = "hf_test_token"  # the fake Hub's write token
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A running server, with huggingface_hub pointed at it (its settings are read at import, so patch them)."""
+    from huggingface_hub import constants
+
+    server = HubServer(tokens={TOKEN}).start()
+    monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-file"))
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    yield server
+    server.stop()

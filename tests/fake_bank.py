@@ -20,11 +20,12 @@ class FakeBankedLayer(torch.nn.Module):
         intermediate: int = 8,
         hidden: int = 16,
         shard: tuple[int, int] = (0, 1),
+        slots: int = 2,
     ):
         super().__init__()
         self.base_experts, self.expert_sizes, self.expert_shard = experts, (intermediate, hidden), shard
         self.w13_weight = torch.zeros(experts + spare, 2 * intermediate, hidden)
         self.w2_weight = torch.zeros(experts + spare, hidden, intermediate)
-        self.task_remap = torch.arange(experts, dtype=torch.int32).repeat(3, 1)
+        self.task_remap = torch.arange(experts, dtype=torch.int32).repeat(slots + 1, 1)
         self.free_rows, self.task_rows = list(range(experts, experts + spare)), {}
         self.quant_method = SimpleNamespace(moe_kernel=SimpleNamespace(fused_experts=SimpleNamespace()))

@@ -19,28 +19,7 @@ from expert_hub.models import load_base
 from expert_hub.registry import Registry
 from expert_hub.registry.hub import HubError, pull, push
 
-from .hub_server import HubServer
-
-TOKEN = "hf_test_token"
-
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    """A running server, with huggingface_hub pointed at it (its settings are read at import, so patch them)."""
-    from huggingface_hub import constants
-
-    server = HubServer(tokens={TOKEN}).start()
-    monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
-    monkeypatch.setattr(
-        constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
-    )
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-file"))
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    yield server
-    server.stop()
+from .conftest import TOKEN
 
 
 @pytest.fixture

@@ -123,11 +123,11 @@ def test_a_task_load_is_all_or_nothing_and_unloading_leaves_nothing_behind(tmp_p
         )
 
     refused = worker.expert_hub_load_task("k1", str(_fake_adapter(tmp_path / "far", {0: [1, 2], 1: [5]})))
-    assert refused == {
-        "status": "refused",
-        "row": None,
-        "message": "layer 1 has 4 experts; the task names expert 5",
-    }  # the adapter is refused
+    assert (refused["status"], refused["row"], refused["message"]) == (
+        "refused",
+        None,
+        "layer 1 has 4 experts; the task names expert 5",
+    )  # the adapter is refused
     assert untouched() and "k1" not in bank.TASK_ROWS
     adapter = ExpertAdapter.load(_fake_adapter(tmp_path / "misshapen", {0: [1], 1: [2]}))
     adapter.tensors["model.layers.1.mlp.experts.2.up_proj.weight"] = torch.ones(7, 16)
@@ -225,13 +225,38 @@ def test_an_unsupported_vllm_or_a_moved_internal_is_named_in_one_line(monkeypatc
 def test_bank_settings_travel_in_one_variable_and_plain_vllm_is_left_alone(monkeypatch):
     from expert_hub.serving.bank import BankSettings, register
 
-    settings = BankSettings(extra_rows=None, bytes_per_layer=3 << 20, max_tasks=4)
+    settings = BankSettings(extra_rows=None, bytes_per_layer=3 << 20, max_tasks=4, moe_layers=2, host_cache_bytes=5)
     for name, value in settings.to_env().items():
         monkeypatch.setenv(name, value)
     assert BankSettings.from_env() == settings
     monkeypatch.delenv(BankSettings.ENV)
     assert BankSettings.from_env() is None
     register()  # no settings: returns before touching vLLM
+
+
+def test_the_default_bank_holds_every_task_within_an_eighth_of_the_free_memory(monkeypatch, tmp_path):
+    """Measured once by `serve` (every tensor-parallel rank gets the same rows), and the host-memory tier split
+    between the ranks."""
+    from expert_hub.models import describe_model
+    from expert_hub.serving import HubOptions, _bank_settings, engine
+    from expert_hub.serving.bank import BankSettings
+    from expert_hub.serving.tasks import Task
+    from expert_hub.serving.vllm_contract import ExpertSizes
+
+    path = str(build_tiny_model("qwen3_moe", tmp_path / "base", **SERVING_SHAPES["qwen3_moe"]))
+    model, row = describe_model(path), 3 * 64 * 128 * 4  # one float32 expert of 4 layers: 96 KiB
+    sizes, float32 = ExpertSizes(16, 64, 128, 0, 1), torch.float32
+    monkeypatch.setattr(engine, "free_device_memory", lambda: 8 * 4 * 10 * row)  # an eighth: 10 rows in 4 layers
+    tasks = {name: Task(name, tmp_path, 0, {0: 6, 1: 2}) for name in ("a", "b")}
+    default = _bank_settings(model, tasks, HubOptions(task_cache_gb=1.0), ranks=2)
+    assert default.rows_per_layer(sizes, float32) == 10  # 12 wanted, 10 within an eighth of free memory
+    assert default.host_cache_bytes == 2**29 and default.remap_rows(10) == 40
+    one = _bank_settings(model, dict(list(tasks.items())[:1]), HubOptions(), ranks=1)
+    assert one.rows_per_layer(sizes, float32) == 6  # all it needs
+    rows = _bank_settings(model, tasks, HubOptions(extra_rows=60, max_resident=3), ranks=1)
+    assert rows.rows_per_layer(sizes, float32) == 60 and rows.remap_rows(60) == 3  # --expert-bank-rows, a cap
+    gigabytes = BankSettings(None, 5 * row, None, 4)
+    assert gigabytes.rows_per_layer(sizes, float32) == 5  # --expert-bank-gb
 
 
 def test_the_kv_cache_on_cpu_holds_the_batch_within_half_the_free_memory():
@@ -724,14 +749,15 @@ def test_a_full_bank_evicts_an_idle_task_and_a_task_larger_than_the_bank_is_refu
 def test_a_damaged_registry_is_a_server_error_that_names_no_path(tmp_path, registry_home, caplog):
     """A task added at run time from a registry whose index is damaged: a 500, not 'no such task' or 'bad name'."""
     from expert_hub.models import describe_model
-    from expert_hub.serving.tasks import TaskError, TaskManager
+    from expert_hub.serving.manager import TaskManager
+    from expert_hub.serving.tasks import TaskError
 
     base = str(build_tiny_model("qwen3_moe", tmp_path / "base", **SERVING_SHAPES["qwen3_moe"]))
     registry_home.mkdir()
     (registry_home / "index.json").write_text('{"entries": [')  # cut short by a full disk
-    manager = TaskManager(None, {}, 1, describe_model(base), Registry(), base)
+    manager = TaskManager(None, {}, describe_model(base), Registry(), base)
     with pytest.raises(TaskError) as refused:
-        manager._from_registry("law")
+        manager.source.registered("law")
     assert (
         refused.value.status == 500
         and str(refused.value) == "cannot look up task 'law': the server's registry is damaged"

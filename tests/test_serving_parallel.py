@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -87,11 +88,14 @@ class _Engine:
 
 
 def test_ranks_that_load_a_task_differently_leave_it_on_none():
-    loaded = {"status": "loaded", "row": 1, "message": ""}
-    agreeing = _Engine([loaded, loaded])
-    assert asyncio.run(BankClient(agreeing).load_task("key", "/adapter")).row == 1
+    from expert_hub.serving.worker import LoadResult
+
+    loaded = asdict(LoadResult("loaded", 1, seconds=0.2))
+    agreeing = _Engine([loaded, loaded | {"seconds": 0.3}])  # each rank times its own load: still agreeing
+    result = asyncio.run(BankClient(agreeing).load_task("key", "/adapter"))
+    assert (result.row, result.seconds) == (1, 0.3)
     assert agreeing.calls == ["expert_hub_load_task"]
-    split = _Engine([loaded, {"status": "bank_full", "row": None, "message": "layer 0 is full"}])
+    split = _Engine([loaded, asdict(LoadResult("bank_full", message="layer 0 is full"))])
     with pytest.raises(WorkersDisagreeError, match="answered expert_hub_load_task differently"):
         asyncio.run(BankClient(split).load_task("key", "/adapter"))
     assert split.calls == ["expert_hub_load_task", "expert_hub_unload_task"]

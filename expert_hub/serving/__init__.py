@@ -1,12 +1,15 @@
 """Serving task experts on vLLM: one shared base model, each request with its task's experts.
 
-`run_server` checks the installed vLLM, resolves the tasks, sizes the expert bank, starts vLLM's OpenAI server with
-the bank plugin and worker extension, and serves until stopped. The modules:
+`run_server` checks the installed vLLM, resolves the tasks (headers only), sizes the expert bank and the host-memory
+tier, starts vLLM's OpenAI server with the bank plugin and worker extension, and serves until stopped. The modules:
 - `vllm_contract.py`: every vLLM internal expert-hub uses, resolved in one place, and the supported vLLM range;
 - `bank.py`: the bank inside vLLM's processes (plugin entry point, `BankSettings`, per-token task rows);
-- `worker.py`: task loading in the worker process, returning `LoadResult` / `LayoutResult`;
+- `worker.py`: task staging and loading in the worker process, returning `LoadResult` / `LayoutResult`;
+- `host_cache.py`: the worker's host-memory tier of tasks' rows;
 - `bank_client.py`: the front end's typed client for those worker methods;
-- `tasks.py`: which tasks are servable and resident, and who is using them (`TaskManager`);
+- `tasks.py`: a servable task (its files, experts and private key);
+- `manager.py`: which tasks are servable and resident, who uses them and who waits (`TaskManager`), with the
+  residency policy in `residency.py`;
 - `server.py`: starting the engine and serving vLLM's app extended with `serving_state.py` (state on the app),
   `routes.py` (the task admin routes) and `middleware.py` (API key, task selection, body rewriting);
 - `metrics.py`: per-task counters; `engine.py`: starting vLLM's engine, its KV cache memory on CPU.
@@ -16,55 +19,52 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from expert_hub.adapter import AdapterHeader, checkpoint_fingerprint
 from expert_hub.errors import InvalidInputError
 from expert_hub.models import ModelSummary
 from expert_hub.registry import validate_task_name
 
 from .bank import BankSettings
-from .tasks import Task, adapter_task
+from .tasks import Task, adapter_task, check_base_fingerprint
 
 
 def resolve_tasks(base: str, model: ModelSummary, specs: list[str], all_tasks: bool, registry) -> dict[str, Task]:
-    """Tasks by name from `law`, `law@3` (registry, verified) or `law=DIR` (an adapter directory).
+    """Tasks by name from `law`, `law@3` (registry) or `law=DIR` (an adapter directory), then, with `all_tasks`,
+    every other task registered for `base` (its newest version).
 
-    Each is checked against the served model (experts, shapes, finite weights) and against its weights (the
-    adapter's recorded fingerprint), when it has one.
+    Each is checked against the served model from its headers (experts, shapes, routing profile); an adapter
+    directory's weights are read now (finite values) and named tasks' base fingerprints compared. A registry task's
+    bytes are hashed by the worker at its first load, from the bytes it loads, so start-up reads no task's weights
+    and does not grow with the registry; a task that fails then is refused with a 422 and dropped.
     """
-    if all_tasks:
-        named = {spec.partition("=")[0].partition("@")[0] for spec in specs}
-        specs = [*specs, *sorted({entry.task for entry in registry.entries(base)} - named)]
     tasks: dict[str, Task] = {}
     for spec in specs:
         name, _, directory = spec.partition("=")
         if directory:
             task = adapter_task(validate_task_name(name), Path(directory), model)
         else:
-            entry = registry.resolve(name, base)
-            hashes = registry.file_hashes(entry)  # verified now to refuse a damaged task at start, and at each load
-            task = adapter_task(entry.task, registry.verify(entry), model, entry.version, hashes)
+            task = _registry_task(registry, registry.resolve(name, base), model)
         if task.name in tasks:
             raise InvalidInputError(f"task {task.name} is given twice")
-        _check_fingerprint(base, task)
+        check_base_fingerprint(base, task)
         tasks[task.name] = task
+    if all_tasks:
+        newest = {entry.task: entry for entry in registry.entries(base)}  # oldest first: the newest wins
+        for name in sorted(newest.keys() - tasks.keys()):
+            tasks[name] = _registry_task(registry, newest[name], model)
     return tasks
 
 
-def _check_fingerprint(base: str, task: Task) -> None:
-    header = AdapterHeader.read(task.directory)
-    expected = header.metadata.base_fingerprint
-    if expected and (actual := checkpoint_fingerprint(base, header.selection)) not in (None, expected):
-        raise InvalidInputError(
-            f"task {task.name} was trained from other base weights than {base} "
-            f"(fingerprint {actual[:12]} != {expected[:12]})"
-        )
+def _registry_task(registry, entry, model: ModelSummary) -> Task:
+    """A registry task from its manifest (checked against the entry) and headers; its weights are not read."""
+    return adapter_task(entry.task, registry.object_path(entry), model, entry.version, registry.file_hashes(entry))
 
 
-def bank_rows(tasks: dict[str, Task], num_experts: int, max_resident: int) -> int:
-    """Default extra expert rows per layer: any `max_resident` of `tasks` fit at once, and at least E/4 (room for a
-    task added at run time)."""
+def bank_rows(tasks: dict[str, Task], num_experts: int, max_resident: int | None = None) -> int:
+    """Default extra expert rows per layer: all of `tasks` (any `max_resident` of them, when given) fit at once,
+    and at least E/4 (room for a task added at run time)."""
     counts: dict[int, list[int]] = {}
     for task in tasks.values():
         for layer, count in task.experts_per_layer.items():
@@ -73,23 +73,39 @@ def bank_rows(tasks: dict[str, Task], num_experts: int, max_resident: int) -> in
     return max(needed, math.ceil(num_experts / 4))
 
 
+BANK_MEMORY_SHARE = 1 / 8  # of the device's free memory, at most, for the default bank
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    """How a server of many tasks behaves (`serve`'s options): how many are resident, how requests wait for
+    theirs, the host-memory tier, and which Hub repos requests may have pulled."""
+
+    max_resident: int | None = None  # a cap on resident tasks; None: as many as the bank's rows hold
+    extra_rows: int | None = None
+    bank_gb: float | None = None
+    wait_timeout: float = 60.0
+    max_waiting: int = 1024
+    task_cache_gb: float | None = None  # None: an eighth of the memory available at start
+    allow_pull: tuple[str, ...] = ()  # `ORG/*` patterns
+
+
 def run_server(
     base: str,
     model: ModelSummary,
     tasks: dict[str, Task],
-    max_resident: int,
+    preload: list[str],
     registry,
     vllm_argv: list[str],
-    extra_rows: int | None = None,
-    bank_gb: float | None = None,
+    residency: HubOptions,
     api_key: str | None = None,
     public_metrics: bool = False,
 ) -> None:
-    """Start vLLM with the expert bank and serve until interrupted.
+    """Start vLLM with the expert bank, load the `preload` tasks that fit, and serve until interrupted.
 
     The bank is `extra_rows` rows per MoE layer, or as many as `bank_gb` GiB (per GPU, over all MoE layers) holds,
-    or by default room for `max_resident` of the given tasks (`bank_rows`). `api_key` guards every route but
-    `/health` (and `/metrics` unless `public_metrics`).
+    or by default room for every task (`bank_rows`) within an eighth of the device's free memory. `api_key` guards
+    every route but `/health` (and `/metrics` unless `public_metrics`).
     """
     from . import vllm_contract as vllm
 
@@ -105,12 +121,14 @@ def run_server(
             f"{model.family} experts have biases, which the expert bank does not hold yet: "
             "serve each task's merged checkpoint with vLLM instead"
         )
-    os.environ.update(_bank_settings(model, tasks, max_resident, extra_rows, bank_gb).to_env())
     worker_extension = f"{ExpertBankWorker.__module__}.{ExpertBankWorker.__name__}"
     argv = ["--model", base, "--worker-extension-cls", worker_extension, *vllm_argv, *cpu_rotary_workaround(vllm_argv)]
     argv += [*cpu_float32_mla_backend(base, vllm_argv), *_training_chat_template(base, vllm_argv)]
     args = vllm.parse_server_args(argv, prog="expert-hub serve")
-    uvloop.run(serve(args, tasks, max_resident, registry, base, model, [api_key] if api_key else [], public_metrics))
+    os.environ.update(_bank_settings(model, tasks, residency, vllm.tensor_parallel_size(args)).to_env())
+    uvloop.run(
+        serve(args, tasks, preload, residency, registry, base, model, [api_key] if api_key else [], public_metrics)
+    )
 
 
 def _training_chat_template(base: str, vllm_argv: list[str]) -> list[str]:
@@ -125,10 +143,23 @@ def _training_chat_template(base: str, vllm_argv: list[str]) -> list[str]:
     return ["--chat-template", REFERENCE_CHAT_TEMPLATE]
 
 
-def _bank_settings(
-    model: ModelSummary, tasks: dict[str, Task], max_resident: int, extra_rows: int | None, bank_gb: float | None
-) -> BankSettings:
-    """`bank_gb` split evenly over the MoE layers, else `extra_rows`, else room for `max_resident` of `tasks`."""
-    if bank_gb:
-        return BankSettings(None, int(bank_gb * 2**30 / len(model.moe_layers)), max_resident)
-    return BankSettings(extra_rows or bank_rows(tasks, model.num_experts, max_resident), None, max_resident)
+def _bank_settings(model: ModelSummary, tasks: dict[str, Task], options: HubOptions, ranks: int) -> BankSettings:
+    """`bank_gb` split evenly over the MoE layers, else `extra_rows`, else room for the tasks within
+    `BANK_MEMORY_SHARE` of the device's free memory; the host-memory tier as given, else an eighth of the memory
+    available now, split between the `ranks` (each keeps its slice of every task)."""
+    import psutil
+
+    from .engine import free_device_memory
+
+    layers = len(model.moe_layers)
+    cache_gb = options.task_cache_gb
+    cache = int(cache_gb * 2**30) if cache_gb is not None else psutil.virtual_memory().available // 8
+    if options.bank_gb:
+        bank = BankSettings(None, int(options.bank_gb * 2**30 / layers), options.max_resident, layers)
+    elif options.extra_rows:
+        bank = BankSettings(options.extra_rows, None, options.max_resident, layers)
+    else:
+        wanted = bank_rows(tasks, model.num_experts, options.max_resident)
+        share = int(free_device_memory() * BANK_MEMORY_SHARE / layers)
+        bank = BankSettings(wanted, share, options.max_resident, layers)
+    return replace(bank, host_cache_bytes=cache // ranks)

@@ -3,7 +3,8 @@
 Tokens are counted where they are made: a wrapper around the engine client's `generate`, which every generating
 endpoint calls, sees each request's prompt and every completion token handed to the HTTP layer, and records them
 when the request ends, whether it finished, failed or its client went away mid-stream. The request counters are
-incremented by the middleware (`middleware.py`), which knows a request's task before vLLM sees it.
+incremented by the middleware (`middleware.py`), which knows a request's task before vLLM sees it; the load and
+wait counters by the task manager (`manager.py`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ AUTO_ROUTED_REQUESTS = Counter(
 )
 TASK_PROMPT_TOKENS = Counter("expert_hub_task_prompt_tokens", "Prompt tokens per task", ["task"])
 TASK_COMPLETION_TOKENS = Counter("expert_hub_task_completion_tokens", "Generated tokens per task", ["task"])
+TASK_LOADS = Counter(
+    "expert_hub_task_loads", "Tasks loaded into the bank, by where their rows came from (memory, disk)", ["source"]
+)
+TASK_WAIT_TIMEOUTS = Counter("expert_hub_task_wait_timeouts", "Requests refused after waiting --task-wait-timeout")
 
 
 def count_tokens(generate: Callable[..., AsyncIterator], task_of_key: Callable[[object], str | None]):

@@ -17,17 +17,25 @@ sees it. Outermost in the stack, it
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from starlette.routing import Match
+
+from expert_hub.registry import AUTO
 
 from . import vllm_contract as vllm
 from .bank import TASK_ARG
 from .metrics import AUTO_ROUTED_REQUESTS, TASK_REQUESTS
 from .routes import admin_router
 from .serving_state import ServingState, error_body, serving_state
-from .tasks import AUTO, Task, TaskError
+from .tasks import Task, TaskError
+
+T = TypeVar("T")
 
 # Endpoints whose requests carry `model`, `vllm_xargs` and `cache_salt` at the top level and generate: a task runs here.
 TASK_ROUTES = frozenset(
@@ -72,7 +80,7 @@ class TaskRouting:
             if task is None and (path in TASK_ROUTES or path in TOKENIZER_ROUTES):
                 _check_model_exists(state, scope, request)
         except TaskError as error:
-            return await _respond(send, error.status, error_body(error.status, str(error)))
+            return await _refuse(send, error)
         if task == AUTO:
             return await self._run_auto(state, scope, receive, send, request)
         if path in TASK_ROUTES and scope["method"] == "POST" and request is not None:
@@ -94,9 +102,11 @@ class TaskRouting:
         """Run a generating request on its task's experts, the task pinned until the response ends."""
         try:
             _check_task_request(request)
-            served = await state.manager.acquire(task)
+            served = await _unless_disconnected(state.manager.acquire(task), receive)
         except TaskError as error:
-            return await _respond(send, error.status, error_body(error.status, str(error)))
+            return await _refuse(send, error)
+        except ClientGone:
+            return
         await self._run_pinned(state, scope, receive, send, request, served)
 
     async def _run_pinned(
@@ -128,9 +138,11 @@ class TaskRouting:
             choice = await state.auto.choose(path, request, dict(state.manager.known))
             if choice.task is not None:
                 _check_task_request(request)
-            served = await _acquire_first(state, choice.eligible)
+            served = await _unless_disconnected(_acquire_first(state, choice.eligible), receive)
         except TaskError as error:
-            return await _respond(send, error.status, error_body(error.status, str(error)))
+            return await _refuse(send, error)
+        except ClientGone:
+            return
         ran = served.name if served else state.base_name
         AUTO_ROUTED_REQUESTS.labels(task=served.name if served else "base").inc()
         headers = ((b"x-expert-task-chosen", ran.encode()),)
@@ -144,8 +156,7 @@ class TaskRouting:
     async def _tokenize_for_task(self, state: ServingState, scope, receive, send, request: dict, task: str) -> None:
         """Every task shares the base model's tokenizer: the task only has to exist."""
         if task not in state.manager.known:
-            error = state.manager.unknown(task)
-            return await _respond(send, error.status, error_body(error.status, str(error)))
+            return await _refuse(send, state.manager.unknown(task))
         request = {key: value for key, value in request.items() if key != "task"} | {"model": state.base_name}
         body = json.dumps(request).encode()
         await self.app(_with_length(scope, body), _replay(body, receive), send)
@@ -220,8 +231,9 @@ def _requested_task(state: ServingState, scope, request: dict | None) -> str | N
             if not isinstance(request["task"], str):
                 raise TaskError("`task` must be a task name", 400)
             named.add(request["task"])
-        if request.get("model") == AUTO or (
-            isinstance(request.get("model"), str) and request["model"] in state.manager.known
+        model = request.get("model")
+        if model == AUTO or (
+            isinstance(model, str) and (model in state.manager.known or state.manager.source.pullable(model))
         ):
             named.add(request["model"])
     named -= set(state.base_names)
@@ -246,6 +258,38 @@ async def _acquire_first(state: ServingState, names: tuple[str, ...]) -> Task | 
             if error.status != 404:  # it exists but cannot run now: say so rather than run another task
                 raise
     return None
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request waited for its task."""
+
+
+async def _unless_disconnected(acquiring: Awaitable[T], receive) -> T:
+    """`acquiring` (which may wait for a task to be loaded), given up at once if the client disconnects meanwhile
+    (the manager then drops its place in the queue, or its pin): `ClientGone` then.
+
+    The request's body was read already; `receive` now only reports the disconnect (the app gets the body again
+    from a replay of its own)."""
+    acquire = asyncio.ensure_future(acquiring)
+    disconnect = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait({acquire, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this request itself was cancelled (the server is stopping)
+        acquire.cancel()
+        raise
+    finally:
+        disconnect.cancel()
+    if acquire.done():
+        return acquire.result()
+    acquire.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await acquire
+    raise ClientGone
+
+
+async def _disconnected(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _check_task_request(request: dict) -> None:
@@ -306,6 +350,12 @@ def _replay(body: bytes, receive):
 def _with_length(scope, body: bytes) -> dict:
     headers = [(key, value) for key, value in scope["headers"] if key != b"content-length"]
     return dict(scope, headers=[*headers, (b"content-length", str(len(body)).encode())])
+
+
+async def _refuse(send, error: TaskError) -> None:
+    """An OpenAI-style error, with `Retry-After` when the error says when to retry."""
+    headers = [(b"retry-after", str(error.retry_after).encode())] if error.retry_after else []
+    await _respond(send, error.status, error_body(error.status, str(error)), headers)
 
 
 async def _respond(send, status: int, body: bytes, headers: list | None = None) -> None:

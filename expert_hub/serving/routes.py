@@ -9,6 +9,7 @@ status.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -25,12 +26,45 @@ def _json(payload: dict) -> Response:
 
 
 def _refusal(error: TaskError) -> Response:
-    return Response(error_body(error.status, str(error)), status_code=error.status, media_type="application/json")
+    headers = {"retry-after": str(error.retry_after)} if error.retry_after else None
+    return Response(error_body(error.status, str(error)), error.status, headers=headers, media_type="application/json")
 
 
 @admin_router.get("/v1/tasks", include_in_schema=False)
-async def list_tasks(request: Request) -> Response:
-    return _json(await serving_state(request.app).manager.describe())
+async def list_tasks(request: Request, limit: int = 100, after: str | None = None) -> Response:
+    """A page of the servable tasks by name (`limit` of them, 1-1000, after the task named `after`: the previous
+    page's `last_id`): each with its residency, requests in flight and waiting, and last load; the bank; and how
+    requests have waited for their tasks."""
+    if not 1 <= limit <= 1000:
+        return _refusal(TaskError(f"limit must be between 1 and 1000, got {limit}", 400))
+    manager = serving_state(request.app).manager
+    names, more = await manager.page(limit, after)
+    residency, now = manager.residency, asyncio.get_running_loop().time()
+    page = [
+        {
+            "id": name,
+            "version": manager.known[name].version,
+            "resident": name in residency.resident,
+            "in_flight": residency.in_flight[name],
+            "waiting": len(residency.waiting.get(name, ())),
+            "bytes": manager.known[name].nbytes,
+            "load_seconds": manager.load_seconds.get(name),
+            "last_load": manager.last_load.get(name),
+        }
+        for name in names
+    ]
+    bank = await manager.bank() | {"layout_checked": manager.layout_checked, "task_slots_usable": residency.slots}
+    scheduler = {
+        "resident": len(residency.resident),
+        "waiting": residency.waiting_count(),
+        "oldest_wait_seconds": round(residency.oldest_wait(now), 4),
+        "longest_wait_seconds": round(manager.longest_wait, 4),
+        "timeouts": manager.timeouts,
+        "hits": {tier: manager.hits[tier] for tier in ("bank", "memory", "disk")},
+    }
+    listing = {"object": "list", "data": page, "first_id": names[0] if names else None}
+    listing |= {"last_id": names[-1] if names else None, "has_more": more, "total": len(manager.known)}
+    return _json(listing | {"bank": bank, "scheduler": scheduler})
 
 
 @admin_router.post("/v1/tasks/{ref:path}", include_in_schema=False)

@@ -12,17 +12,22 @@ from __future__ import annotations
 
 import logging
 from argparse import Namespace
+from typing import TYPE_CHECKING
 
 from expert_hub.errors import InvalidInputError
 
 from . import vllm_contract as vllm
 from .auto import AutoRouting
 from .engine import start_engine
+from .manager import TaskManager
 from .metrics import count_tokens
 from .middleware import TaskRouting
 from .routes import admin_router
 from .serving_state import ApiKeys, ServingState
-from .tasks import Task, TaskManager
+from .tasks import Task
+
+if TYPE_CHECKING:
+    from . import HubOptions
 
 logger = logging.getLogger(__name__)
 
@@ -30,22 +35,34 @@ logger = logging.getLogger(__name__)
 async def serve(
     args: Namespace,
     tasks: dict[str, Task],
-    max_resident: int,
+    preload: list[str],
+    residency: HubOptions,
     registry,
     base: str,
     model,
     api_keys: list[str],
     public_metrics: bool,
 ) -> None:
-    """Start the engine with the bank worker, load the initial tasks, then serve HTTP until stopped."""
+    """Start the engine with the bank worker, load the `preload` tasks that fit, then serve HTTP until stopped."""
     base_names = tuple(args.served_model_name or [args.model])
     keys = ApiKeys(vllm.api_keys(api_keys), frozenset({"/health", "/metrics"} if public_metrics else {"/health"}))
     args.middleware = [*args.middleware, f"{TaskRouting.__module__}.{TaskRouting.__name__}"]  # outermost: key first
     listen_address, sock = vllm.setup_server(args)
     async with start_engine(args) as engine:
-        manager = TaskManager(engine, dict(tasks), max_resident, model, registry, base, base_names[0])
+        manager = TaskManager(
+            engine,
+            dict(tasks),
+            model,
+            registry,
+            base,
+            base_names[0],
+            max_resident=residency.max_resident,
+            wait_timeout=residency.wait_timeout,
+            max_waiting=residency.max_waiting,
+            allow_pull=residency.allow_pull,
+        )
         engine.generate = count_tokens(engine.generate, manager.task_of_key)
-        await _prepare_bank(manager, list(tasks)[:max_resident])
+        await _prepare_bank(manager, preload)
         state = ServingState(manager, base_names, keys, _auto_routing(base, model, engine, vllm.chat_template(args)))
 
         def extend_app(app) -> None:
@@ -63,8 +80,9 @@ def _auto_routing(base: str, model, engine, chat_template: str | None) -> AutoRo
     return AutoRouting(base, model.moe_layers, chat_template=chat_template, **as_the_engine)
 
 
-async def _prepare_bank(manager: TaskManager, initial: list[str]) -> None:
-    """Refuse a bank that holds no expert or a kernel layout it cannot write, then load the initial tasks."""
+async def _prepare_bank(manager: TaskManager, preload: list[str]) -> None:
+    """Refuse a bank that holds no expert or a kernel layout it cannot write, then load the tasks named at start
+    while they fit (the others load when their first request comes)."""
     bank = await manager.bank()
     if not bank["rows_per_layer"]:
         raise InvalidInputError(
@@ -73,5 +91,4 @@ async def _prepare_bank(manager: TaskManager, initial: list[str]) -> None:
         )
     if not await manager.check_layout():
         logger.warning("the base checkpoint has no per-expert tensors to check the bank's weight layout with")
-    for name in initial:
-        await manager.ensure_resident(name)
+    await manager.preload(preload)

@@ -13,7 +13,7 @@ import secrets
 from dataclasses import dataclass
 
 from .auto import AutoRouting
-from .tasks import TaskManager
+from .manager import TaskManager
 
 _ERROR_TYPES = {
     400: "BadRequestError",
@@ -22,6 +22,7 @@ _ERROR_TYPES = {
     409: "ConflictError",
     422: "UnprocessableEntityError",
     500: "InternalServerError",
+    502: "BadGatewayError",
     503: "ServiceUnavailableError",
     507: "InsufficientStorageError",
 }
