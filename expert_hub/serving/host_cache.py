@@ -18,11 +18,21 @@ import torch
 
 
 @dataclass(frozen=True)
-class CachedTask:
-    """A task's rows per MoE layer: (expert it replaces, its weights' rows as the kernel holds them)."""
+class LayerRows:
+    """A task's experts in one MoE layer: which base experts they replace, and for each of the kernel's weights
+    (w13, w2) their rows stacked in that order, as the kernel holds them: one copy writes them all."""
 
-    experts: dict[int, list[tuple[int, tuple[torch.Tensor, ...]]]]
-    nbytes: int
+    experts: list[int]
+    weights: tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class CachedTask:
+    layers: dict[int, LayerRows]  # MoE layer index -> its rows
+
+    @property
+    def nbytes(self) -> int:
+        return sum(weight.nbytes for rows in self.layers.values() for weight in rows.weights)
 
 
 class HostCache(cachetools.LRUCache):

@@ -377,9 +377,9 @@ def expert_kernel_name(layer) -> str:
 
 
 def kernel_layout(layer, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One expert, in checkpoint layout, as `layer`'s expert kernel holds a row: padded to the sizes vLLM rounded
-    up to and, for the CPU kernel, prepacked (a one-expert slice packs identically). Host tensors, pinned when the
-    layer is on a GPU, so that writing them into a row is one plain copy (`write_kernel_row`)."""
+    """One expert, in checkpoint layout, as `layer`'s expert kernel holds a row (w13, w2): padded to the sizes vLLM
+    rounded up to and, for the CPU kernel, prepacked (a one-expert slice packs identically). Host tensors, so that
+    writing them into rows is a plain copy (`write_kernel_rows`)."""
     w13_weight, w2_weight = expert_weights(layer)
     intermediate, hidden = gate.shape
     dtype, padded_hidden, padded = w13_weight.dtype, w2_weight.shape[1], w2_weight.shape[2]
@@ -394,10 +394,15 @@ def kernel_layout(layer, gate: torch.Tensor, up: torch.Tensor, down: torch.Tenso
         prepack(w13, packed13, kernel.isa)
         prepack(w2, packed2, kernel.isa)
         return packed13[0], packed2[0]
-    return (w13[0].pin_memory(), w2[0].pin_memory()) if w13_weight.is_cuda else (w13[0], w2[0])
+    return w13[0], w2[0]
 
 
-def write_kernel_row(layer, row: int, rows: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """Copy one expert in the kernel's layout (`kernel_layout`) into bank row `row` of `layer`."""
-    for weight, expert in zip(expert_weights(layer), rows):
-        weight[row].copy_(expert, non_blocking=expert.is_pinned())
+def write_kernel_rows(layer, rows: list[int], weights: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Copy experts in the kernel's layout (`kernel_layout`, stacked: w13 rows, w2 rows) into bank rows `rows` of
+    `layer`, in one call (a per-row `copy_` costs more in dispatch than in copying; `index_copy_` runs a slower
+    kernel: 2.2x a plain copy of the same bytes on CPU, against 1.2x for this)."""
+    targets, sources = [], []
+    for weight, stacked in zip(expert_weights(layer), weights):
+        targets += [weight[row] for row in rows]
+        sources += stacked.unbind(0)
+    torch._foreach_copy_(targets, sources, non_blocking=weights[0].is_pinned())

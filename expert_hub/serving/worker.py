@@ -12,8 +12,10 @@ in the same order leave every rank with the same rows, and the front end checks 
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -29,7 +31,7 @@ from expert_hub.models import checkpoint_tensors
 
 from . import bank
 from . import vllm_contract as vllm
-from .host_cache import CachedTask, HostCache
+from .host_cache import CachedTask, HostCache, LayerRows
 
 _EXPERT_TENSORS = tuple(f"{projection}.weight" for projection in PROJECTIONS)
 
@@ -90,7 +92,7 @@ class ExpertBankWorker:
     @torch.no_grad()
     def expert_hub_check_layout(self) -> dict:
         """Write one base expert from the checkpoint into a spare row as tasks are written, and compare it with the
-        row vLLM loaded. A backend whose kernel layout `vllm_contract.write_kernel_row` does not reproduce (FlashInfer's
+        row vLLM loaded. A backend whose kernel layout `vllm_contract.kernel_layout` does not reproduce (FlashInfer's
         swapped halves, quantized weights) then fails at start-up instead of serving wrong
         tokens. Each tensor-parallel rank checks its own shard. A `LayoutResult`."""
         index, layer = min(_banked_layers(vllm.served_model(self)).items())
@@ -113,7 +115,7 @@ class ExpertBankWorker:
             return asdict(StageResult("off"))
         if (staging := _STAGING.get(key)) is None:
             layers = _banked_layers(vllm.served_model(self))
-            _STAGING[key] = _stager().submit(_kernel_rows_from_disk, layers, directory, sha256)
+            _STAGING[key] = _stager().submit(_staged, layers, directory, sha256)
             return asdict(StageResult("staging"))
         if not staging.done():
             return asdict(StageResult("staging"))
@@ -136,7 +138,6 @@ class ExpertBankWorker:
         if key in bank.TASK_ROWS:
             return asdict(LoadResult("loaded", bank.TASK_ROWS[key], source="bank"))
         started = time.perf_counter()
-        _collect_staged()
         layers = _banked_layers(vllm.served_model(self))
         if (cached := _host_cache().get(key)) is not None:
             source = "memory"
@@ -146,16 +147,16 @@ class ExpertBankWorker:
             except (ExpertHubError, ValueError, OSError) as error:
                 return asdict(LoadResult("refused", message=str(error)))
             source = "disk"
-        if full := _room_for(cached.experts, layers):
+        if full := _room_for(cached, layers):
             return asdict(LoadResult("bank_full", message=full))
         row = min(set(range(1, _remap_rows(layers) + 1)) - set(bank.TASK_ROWS.values()))
         try:
-            for index, experts in cached.experts.items():
+            for index, rows in cached.layers.items():
                 layer = layers[index]
-                layer.task_rows[row] = [(expert, layer.free_rows.pop(0)) for expert, _ in experts]
-                for (expert, rows), (_, target) in zip(experts, layer.task_rows[row]):
-                    vllm.write_kernel_row(layer, target, rows)
-                    layer.task_remap[row, expert] = target
+                targets = [layer.free_rows.pop(0) for _ in rows.experts]
+                layer.task_rows[row] = list(zip(rows.experts, targets))
+                vllm.write_kernel_rows(layer, targets, rows.weights)
+                layer.task_remap[row, torch.tensor(rows.experts)] = torch.tensor(targets, dtype=layer.task_remap.dtype)
         except BaseException:
             _release_row(layers.values(), row)
             raise
@@ -201,30 +202,53 @@ def _collect_staged() -> None:
                 _LARGER_THAN_THE_TIER.add(key)
 
 
+def _staged(layers: dict[int, torch.nn.Module], directory: str, sha256: dict[str, str] | None) -> CachedTask:
+    """`_kernel_rows_from_disk` on the stager thread, then the C heap trimmed.
+
+    Reading a task allocates and frees tens of MiB of temporaries in the stager's heap while rows kept in the tier
+    live on, and rows the tier drops are freed by the worker's main thread: glibc keeps the freed pages, so without a
+    trim the worker grew by about 18 MiB per round of a soak with evictions (`bench_many_tasks.py`)."""
+    try:
+        return _kernel_rows_from_disk(layers, directory, sha256)
+    finally:
+        _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's `malloc_trim`; nothing elsewhere)."""
+    if (trim := getattr(_libc(), "malloc_trim", None)) is not None:
+        trim(0)
+
+
+@functools.cache
+def _libc():
+    return ctypes.CDLL(None) if sys.platform == "linux" else None
+
+
 def _kernel_rows_from_disk(
     layers: dict[int, torch.nn.Module], directory: str, sha256: dict[str, str] | None
 ) -> CachedTask:
     """The adapter's experts read (a registry task's files hashed from the same bytes), checked (finite weights,
-    experts the served model has, shapes) and converted to each layer's kernel layout, in host memory."""
+    experts the served model has, shapes) and converted to each layer's kernel layout, in host memory (pinned when
+    the bank is on a GPU), each layer's rows stacked."""
     adapter = ExpertAdapter.load(directory, sha256)
-    experts = {
-        index: [
-            (expert, vllm.kernel_layout(layers[index], *_shard(layers[index], _expert_tensors(adapter, index, expert))))
-            for expert in experts
-        ]
-        for index, experts in _checked_experts(adapter, layers).items()
-    }
-    return CachedTask(experts, sum(row.nbytes for rows in experts.values() for _, pair in rows for row in pair))
+    stacked = {}
+    for index, experts in _checked_experts(adapter, layers).items():
+        layer = layers[index]
+        rows = [vllm.kernel_layout(layer, *_shard(layer, _expert_tensors(adapter, index, e))) for e in experts]
+        weights = tuple(torch.stack(weight) for weight in zip(*rows))
+        if vllm.expert_weights(layer)[0].is_cuda:
+            weights = tuple(weight.pin_memory() for weight in weights)
+        stacked[index] = LayerRows(list(experts), weights)
+    return CachedTask(stacked)
 
 
-def _room_for(rows: dict[int, list], layers: dict[int, torch.nn.Module]) -> str | None:
-    """Why the bank cannot take a task with `rows` now (too few free rows in a layer, no free remap row); None when
-    it can."""
-    for index, experts in rows.items():
-        if len(experts) > len(layers[index].free_rows):
-            return (
-                f"the task needs {len(experts)} expert rows in layer {index}; {len(layers[index].free_rows)} are free"
-            )
+def _room_for(task: CachedTask, layers: dict[int, torch.nn.Module]) -> str | None:
+    """Why the bank cannot take `task` now (too few free rows in a layer, no free remap row); None when it can."""
+    for index, rows in task.layers.items():
+        if len(rows.experts) > len(layers[index].free_rows):
+            free = len(layers[index].free_rows)
+            return f"the task needs {len(rows.experts)} expert rows in layer {index}; {free} are free"
     if len(bank.TASK_ROWS) >= _remap_rows(layers):
         return f"all {_remap_rows(layers)} task slots are in use"
     return None
@@ -296,7 +320,8 @@ def check_row_layout(layer, row: int, expert: int, tensors: dict[str, torch.Tens
     """Write `expert`'s checkpoint tensors into the free `row` and compare it with the loaded `expert` row."""
     weights = vllm.expert_weights(layer)
     try:
-        vllm.write_kernel_row(layer, row, vllm.kernel_layout(layer, *_shard(layer, tensors)))
+        expert_rows = vllm.kernel_layout(layer, *_shard(layer, tensors))
+        vllm.write_kernel_rows(layer, [row], tuple(weight.unsqueeze(0) for weight in expert_rows))
         same = all(torch.equal(weight[row], weight[expert]) for weight in weights)
     finally:
         for weight in weights:
@@ -324,6 +349,7 @@ def _local_checkpoint(model: str, revision: str | None) -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=8)
 def _banked_layers(model) -> dict[int, torch.nn.Module]:
     """Layer index -> the banked experts module of that MoE layer."""
     layers = {}
