@@ -102,7 +102,7 @@ def serve(
     argv += ["--kv-cache-memory-bytes", str(int(kv_cache_gb * 2**30))] if kv_cache_gb else []
     shown = ", ".join(list(served)[:20]) + (f" and {len(served) - 20} more" if len(served) > 20 else "")
     console.print(f"Serving {base} with {len(served)} task(s): {shown or '-'}")
-    residency = HubOptions(
+    options = HubOptions(
         max_resident=max_resident_tasks,
         extra_rows=expert_bank_rows,
         bank_gb=expert_bank_gb,
@@ -112,7 +112,7 @@ def serve(
         allow_pull=patterns,
     )
     preload = list(served)[: len(named)]  # the tasks named, in order; --all-tasks' others load on first use
-    run_server(base, model, served, preload, registry, argv, residency, api_key, public_metrics)
+    run_server(base, model, served, preload, registry, argv, options, api_key, public_metrics)
 
 
 def _pull_patterns(patterns: list[str]) -> list[str]:

@@ -97,7 +97,7 @@ def run_server(
     preload: list[str],
     registry,
     vllm_argv: list[str],
-    residency: HubOptions,
+    options: HubOptions,
     api_key: str | None = None,
     public_metrics: bool = False,
 ) -> None:
@@ -125,9 +125,9 @@ def run_server(
     argv = ["--model", base, "--worker-extension-cls", worker_extension, *vllm_argv, *cpu_rotary_workaround(vllm_argv)]
     argv += [*cpu_float32_mla_backend(base, vllm_argv), *_training_chat_template(base, vllm_argv)]
     args = vllm.parse_server_args(argv, prog="expert-hub serve")
-    os.environ.update(_bank_settings(model, tasks, residency, vllm.tensor_parallel_size(args)).to_env())
+    os.environ.update(_bank_settings(model, tasks, options, vllm.tensor_parallel_size(args)).to_env())
     uvloop.run(
-        serve(args, tasks, preload, residency, registry, base, model, [api_key] if api_key else [], public_metrics)
+        serve(args, tasks, preload, options, registry, base, model, [api_key] if api_key else [], public_metrics)
     )
 
 

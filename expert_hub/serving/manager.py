@@ -230,9 +230,8 @@ class TaskManager:
                     await self.bank_client.unload_task(evicted.key, keep=True)
                     del residency.resident[victim]
         except Exception as error:  # a device error, a dead worker
-            message = vllm.worker_error_message(error)
-            logger.error("evicting %s failed: %s", ", ".join(victims), message)
-            self._fail_waiters(newcomer.name, TaskError(f"cannot load task {newcomer.name} now: {message}", 503))
+            logger.error("evicting %s failed: %s", ", ".join(victims), vllm.worker_error_message(error))
+            self._fail_waiters(newcomer.name, _worker_failed(newcomer, error))
             return False
         return True
 
@@ -261,8 +260,7 @@ class TaskManager:
             self._drop(task, error)
             return None
         except Exception as error:  # a device error, a dead worker
-            message = without_path(vllm.worker_error_message(error), task.directory)
-            self._fail_waiters(task.name, TaskError(f"cannot load task {task.name} now: {message}", 503))
+            self._fail_waiters(task.name, _worker_failed(task, error))
             return None
         if result.status == "refused":
             self._refuse(task, result.message)
@@ -302,9 +300,8 @@ class TaskManager:
         started = asyncio.get_running_loop().time()
         try:
             result = await self.bank_client.load_task(task.key, str(task.directory), task.sha256)
-        except Exception as error:  # a device error, a dead worker: vLLM's exception carries the worker's message
-            message = without_path(vllm.worker_error_message(error), task.directory)
-            return self._fail_waiters(task.name, TaskError(f"cannot load task {task.name} now: {message}", 503))
+        except Exception as error:  # a device error, a dead worker
+            return self._fail_waiters(task.name, _worker_failed(task, error))
         tier = "disk" if task.key in self._read_from_disk else result.source
         self._read_from_disk.discard(task.key)
         if result.status == "loaded":
@@ -419,3 +416,10 @@ class TaskManager:
             raise UnsupportedModelError(result.message)
         self.layout_checked = result.status == "ok"
         return self.layout_checked
+
+
+def _worker_failed(task: Task, error: Exception) -> TaskError:
+    """A 503 for `task`'s requests when a bank call failed unexpectedly (a device error, a dead worker): vLLM's
+    exception carries the worker's own message, shown without the server's paths."""
+    message = without_path(vllm.worker_error_message(error), task.directory)
+    return TaskError(f"cannot load task {task.name} now: {message}", 503)

@@ -36,7 +36,7 @@ async def serve(
     args: Namespace,
     tasks: dict[str, Task],
     preload: list[str],
-    residency: HubOptions,
+    options: HubOptions,
     registry,
     base: str,
     model,
@@ -56,10 +56,10 @@ async def serve(
             registry,
             base,
             base_names[0],
-            max_resident=residency.max_resident,
-            wait_timeout=residency.wait_timeout,
-            max_waiting=residency.max_waiting,
-            allow_pull=residency.allow_pull,
+            max_resident=options.max_resident,
+            wait_timeout=options.wait_timeout,
+            max_waiting=options.max_waiting,
+            allow_pull=options.allow_pull,
         )
         engine.generate = count_tokens(engine.generate, manager.task_of_key)
         await _prepare_bank(manager, preload)

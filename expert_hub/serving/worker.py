@@ -75,13 +75,13 @@ class ExpertBankWorker:
     as msgpack."""
 
     def expert_hub_bank_info(self) -> BankInfo:
-        layers = _banked_layers(vllm.served_model(self)).values()
-        cache = _host_cache()
+        banked = _banked_layers(vllm.served_model(self))
+        layers, cache = banked.values(), _host_cache()
         return BankInfo(
             layers=len(layers),
             rows_per_layer=min(map(_extra_rows, layers)),
             free_rows_per_layer=min(len(layer.free_rows) for layer in layers),
-            task_slots=_remap_rows(_banked_layers(vllm.served_model(self))),
+            task_slots=_remap_rows(banked),
             bytes=sum(_row_bytes(layer) * _extra_rows(layer) for layer in layers),
             bytes_per_row=sum(map(_row_bytes, layers)),
             host_cache_tasks=len(cache),
