@@ -26,12 +26,14 @@ class BankClient:
     def __init__(self, engine):
         self.engine = engine
 
-    async def load_task(self, key: str, directory: str, sha256: dict[str, str] | None = None) -> LoadResult:
-        """Load on every rank. Where the ranks disagree or one fails, the task is unloaded from all of them before
-        raising, so no rank keeps rows the others lack."""
+    async def load_task(
+        self, key: str, directory: str, sha256: dict[str, str] | None = None, evict: list[str] = ()
+    ) -> LoadResult:
+        """Evict `evict` and load on every rank. Where the ranks disagree or one fails, the task is unloaded from all
+        of them before raising, so no rank keeps rows the others lack (and `evict` is evicted everywhere)."""
         method = ExpertBankWorker.expert_hub_load_task.__name__
         try:
-            replies = await vllm.call_workers(self.engine, method, key, directory, sha256)
+            replies = await vllm.call_workers(self.engine, method, key, directory, sha256, list(evict))
             own = {  # what each rank may answer on its own: its time, and its tier (each keeps its own LRU)
                 "seconds": max(reply["seconds"] for reply in replies),
                 "source": next((r["source"] for r in replies if r["source"] == "disk"), replies[0]["source"]),
@@ -39,17 +41,18 @@ class BankClient:
             return LoadResult(**_agreed([reply | own for reply in replies], method))
         except Exception:
             with contextlib.suppress(Exception):  # a worker that died: the error being raised says so
-                await self.unload_task(key)
+                for unloaded in (*evict, key):
+                    await self.unload_task(unloaded, keep=unloaded != key)
             raise
 
-    async def stage_task(self, key: str, directory: str, sha256: dict[str, str] | None = None) -> StageResult:
-        """Start staging a task into every rank's host-memory tier, or ask how far it got: the least advanced rank
-        answers (a refusal first)."""
-        replies = await vllm.call_workers(
-            self.engine, ExpertBankWorker.expert_hub_stage_task.__name__, key, directory, sha256
-        )
+    async def stage_tasks(self, tasks: list[tuple[str, str, dict[str, str] | None]]) -> list[StageResult]:
+        """Start staging tasks (key, directory, sha256) into every rank's host-memory tier, in order, or ask how far
+        each got: for each, the least advanced rank answers (a refusal first)."""
+        replies = await vllm.call_workers(self.engine, ExpertBankWorker.expert_hub_stage_tasks.__name__, tasks)
         order = ("refused", "staging", "off", "staged")
-        return StageResult(**min(replies, key=lambda reply: order.index(reply["status"])))
+        return [
+            StageResult(**min(answers, key=lambda reply: order.index(reply["status"]))) for answers in zip(*replies)
+        ]
 
     async def unload_task(self, key: str, keep: bool = False) -> bool:
         """True when any rank held the task (after which none does); `keep`: an eviction, whose rows each rank keeps

@@ -6,7 +6,7 @@ conversion. Every byte kept was hashed when it was read: the tier holds nothing 
 bounded in bytes, the least recently used dropped first (`cachetools.LRUCache`); a task keeps its entry while
 resident, so evicting it copies nothing. On a GPU the rows sit in pinned memory, so they go back at the bus's full
 speed. It lives in the worker process, beside the bank (`worker.py`), which also stages tasks into it in the
-background (`expert_hub_stage_task`).
+background (`expert_hub_stage_tasks`).
 """
 
 from __future__ import annotations

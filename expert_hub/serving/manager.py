@@ -5,8 +5,9 @@ unloaded. A request whose task is not resident waits for it, up to `wait_timeout
 what the bank holds (`residency.py`: by the waiting requests' age, draining the tasks that make room) and is the
 only one that stages, loads and evicts tasks, through `BankClient`. A task is staged first: the worker reads,
 hashes and converts it into its host-memory tier in the background while the model keeps stepping (`worker.py`,
-`host_cache.py`), so a load stops the model only for the copy into the bank; the task next in line is staged while
-the current one loads, and evicted tasks stay in the tier while it has room.
+`host_cache.py`), so a load stops the model only for the copy into the bank. The tasks behind it in line are staged
+after it (up to `STAGE_AHEAD` at once), so the stager is not idle while tasks wait; the victims' eviction and the
+load are one call (each call waits for the model's step to end); evicted tasks stay in the tier while it has room.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 class TaskManager:
     STAGE_POLL_SECONDS = 0.01  # how often the scheduler asks the worker whether a task it stages is ready
+    STAGE_AHEAD = 4  # tasks staged at once, in the order they will be brought in
 
     def __init__(
         self,
@@ -188,19 +190,21 @@ class TaskManager:
 
     async def _schedule_waiting(self) -> None:
         """Admit whoever can be admitted; then bring in the task next in line: staged first (the tasks that will
-        make room keep serving meanwhile), then, once those have drained, evicted and replaced by it."""
+        make room keep serving meanwhile, and the tasks behind it are staged after it), then, once those have
+        drained, loaded in their place."""
         residency = self.residency
         while True:
             self._grant_admissible()
-            if (name := residency.next_task()) is None:
+            if not (queue := residency.queue()):
                 residency.draining.clear()
                 return self._grant_admissible()
-            task = self.known[name]  # waiters leave with their task (`_drop`)
+            task = self.known[queue[0]]  # waiters leave with their task (`_drop`)
             if residency.victims(task) is None:  # larger than the bank can ever make room for
-                self._fail_waiters(name, TaskError(residency.too_large(task) or f"task {name} does not fit", 507))
+                too_large = residency.too_large(task) or f"task {task.name} does not fit"
+                self._fail_waiters(task.name, TaskError(too_large, 507))
                 continue
-            staged = await self._stage(task)
-            if staged is None or residency.next_task() != name or self.known.get(name) is not task:
+            staged = await self._stage([task, *(self.known[name] for name in queue[1 : self.STAGE_AHEAD])])
+            if staged is None or residency.next_task() != task.name or self.known.get(task.name) is not task:
                 continue  # refused (its waiters were told why), or the queue changed meanwhile: plan again
             if staged == "staging":
                 residency.draining.clear()  # the tasks that will make room serve on while it is read
@@ -213,27 +217,9 @@ class TaskManager:
             if any(residency.in_flight[victim] for victim in victims):
                 return  # `release` wakes the scheduler when they have drained
             async with self._bank_lock:
-                if self.known.get(name) is not task or not await self._evict(victims, task):
-                    continue
+                if self.known.get(task.name) is task:
+                    await self._load_and_grant(task, victims)
                 residency.draining.difference_update(victims)
-                await self._load_and_grant(task)
-            if (upcoming := residency.next_task()) is not None:
-                await self._stage(self.known[upcoming])  # prefetch: read while the bank serves
-
-    async def _evict(self, victims: list[str], newcomer: Task) -> bool:
-        """Evict drained `victims` (their rows stay in the host-memory tier); on a worker failure, `newcomer`'s
-        waiters are told, and False."""
-        residency = self.residency
-        try:
-            for victim in victims:
-                if (evicted := residency.resident.get(victim)) is not None:
-                    await self.bank_client.unload_task(evicted.key, keep=True)
-                    del residency.resident[victim]
-        except Exception as error:  # a device error, a dead worker
-            logger.error("evicting %s failed: %s", ", ".join(victims), vllm.worker_error_message(error))
-            self._fail_waiters(newcomer.name, _worker_failed(newcomer, error))
-            return False
-        return True
 
     def _poll_staging(self) -> None:
         """Ask again shortly whether the task being staged is ready (one timer at a time)."""
@@ -245,30 +231,38 @@ class TaskManager:
 
             self._poll = asyncio.get_running_loop().call_later(self.STAGE_POLL_SECONDS, poll)
 
-    async def _stage(self, task: Task) -> str | None:
-        """Have the worker read, check and convert `task` into its host-memory tier in the background (model steps
-        go on meanwhile; only the copy into the bank stops them), or ask how far it got: "staging", "staged", "off"
-        (the tier has no room for it: it is loaded from disk), or None when it was refused."""
-        if self._staged.get(task.key) == "off":
-            return "off"
+    async def _stage(self, tasks: list[Task]) -> str | None:
+        """Have the worker read, check and convert `tasks` into its host-memory tier in the background, one after
+        another (model steps go on meanwhile; only the copy into the bank stops them), or ask how far they got.
+        The first task's status: "staging", "staged", "off" (the tier has no room for it: it is loaded from disk),
+        or None when it was refused (its waiters are told why, as are those of any other task refused)."""
+        asked = []
+        for task in tasks:
+            try:
+                if not task.directory.is_dir():  # `expert-hub rm`, or the adapter directory was deleted
+                    raise TaskError(f"task {task.name} is no longer servable: its adapter files were removed", 404)
+                await self._check_base(task)
+            except TaskError as error:
+                self._drop(task, error)
+                continue
+            if self._staged.get(task.key) != "off":
+                asked.append(task)
         try:
-            if not task.directory.is_dir():  # `expert-hub rm`, or the adapter directory was deleted
-                raise TaskError(f"task {task.name} is no longer servable: its adapter files were removed", 404)
-            await self._check_base(task)
-            result = await self.bank_client.stage_task(task.key, str(task.directory), task.sha256)
-        except TaskError as error:
-            self._drop(task, error)
-            return None
+            results = await self.bank_client.stage_tasks(
+                [(task.key, str(task.directory), task.sha256) for task in asked]
+            )
         except Exception as error:  # a device error, a dead worker
-            self._fail_waiters(task.name, _worker_failed(task, error))
+            for task in asked:
+                self._fail_waiters(task.name, _worker_failed(task, error))
             return None
-        if result.status == "refused":
-            self._refuse(task, result.message)
-            return None
-        if result.status == "staging" and task.key not in self._staged:
-            self._read_from_disk.add(task.key)  # for the figures: staged, but read from disk all the same
-        self._staged[task.key] = result.status
-        return result.status
+        for task, result in zip(asked, results):
+            if result.status == "refused":
+                self._refuse(task, result.message)
+                continue
+            if result.status == "staging" and task.key not in self._staged:
+                self._read_from_disk.add(task.key)  # for the figures: staged, but read from disk all the same
+            self._staged[task.key] = result.status
+        return self._staged.get(tasks[0].key) if self.known.get(tasks[0].name) is tasks[0] else None
 
     async def _check_base(self, task: Task) -> None:
         """A task's base fingerprint, compared at its first load (`check_base_fingerprint`): a 422 if it differs."""
@@ -294,12 +288,14 @@ class TaskManager:
             if not waiter.granted.done():
                 waiter.granted.set_exception(error)
 
-    async def _load_and_grant(self, task: Task) -> None:
-        """Load `task` (with the bank lock held) and admit its waiters, or tell them why it cannot load."""
+    async def _load_and_grant(self, task: Task, victims: list[str]) -> None:
+        """Evict drained `victims` (their rows stay in the host-memory tier) and load `task` in their place (with the
+        bank lock held), then admit its waiters, or tell them why it cannot load."""
         self._staged.pop(task.key, None)
         started = asyncio.get_running_loop().time()
+        evicted = [self.resident.pop(victim).key for victim in victims if victim in self.resident]
         try:
-            result = await self.bank_client.load_task(task.key, str(task.directory), task.sha256)
+            result = await self.bank_client.load_task(task.key, str(task.directory), task.sha256, evicted)
         except Exception as error:  # a device error, a dead worker
             return self._fail_waiters(task.name, _worker_failed(task, error))
         tier = "disk" if task.key in self._read_from_disk else result.source

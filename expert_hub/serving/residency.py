@@ -82,10 +82,14 @@ class Residency:
         """Tasks with waiting requests that can be admitted now."""
         return [name for name in self.waiting if self.admits(name)]
 
-    def next_task(self) -> str | None:
-        """The task that is not resident whose oldest waiting request is the oldest."""
+    def queue(self) -> list[str]:
+        """The tasks that are not resident and have waiting requests, the one whose oldest request is oldest first:
+        the order they are brought in."""
         candidates = [name for name in self.waiting if name not in self.resident]
-        return min(candidates, key=lambda name: self.waiting[name][0].arrived, default=None)
+        return sorted(candidates, key=lambda name: self.waiting[name][0].arrived)
+
+    def next_task(self) -> str | None:
+        return next(iter(self.queue()), None)
 
     def too_large(self, task: Task) -> str | None:
         """Why `task` can never be resident (more experts in a layer than the bank holds), if so."""

@@ -104,37 +104,30 @@ class ExpertBankWorker:
         return asdict(check_row_layout(layer, layer.free_rows[0], 0, {name: found[key] for name, key in keys.items()}))
 
     @torch.no_grad()
-    def expert_hub_stage_task(self, key: str, directory: str, sha256: dict[str, str] | None = None) -> dict:
-        """Read, check and convert a task into the host-memory tier in the background, while the model keeps
-        stepping; called again, say how far it got. A `StageResult`: "staging", "staged" (its next load is a copy),
-        "refused" (as a load would be), or "off" (the tier has no room for it: load it from disk)."""
+    def expert_hub_stage_tasks(self, tasks: list[tuple[str, str, dict[str, str] | None]]) -> list[dict]:
+        """Read, check and convert tasks (key, directory, sha256) into the host-memory tier in the background, one
+        after another in the order given, while the model keeps stepping; asked again, say how far each got. A
+        `StageResult` each: "staging", "staged" (its next load is a copy), "refused" (as a load would be), or "off"
+        (the tier has no room for it: load it from disk)."""
         _collect_staged()
-        if key in _host_cache() or key in bank.TASK_ROWS:
-            return asdict(StageResult("staged"))
-        if not _host_cache().maxsize or key in _LARGER_THAN_THE_TIER:
-            return asdict(StageResult("off"))
-        if (staging := _STAGING.get(key)) is None:
-            layers = _banked_layers(vllm.served_model(self))
-            _STAGING[key] = _stager().submit(_staged, layers, directory, sha256)
-            return asdict(StageResult("staging"))
-        if not staging.done():
-            return asdict(StageResult("staging"))
-        del _STAGING[key]  # done, and not collected: refused
-        try:
-            staging.result()
-        except (ExpertHubError, ValueError, OSError) as error:
-            return asdict(StageResult("refused", str(error)))
-        raise RuntimeError(f"task {key[:8]}... was staged but not kept")  # unreachable: `_collect_staged` kept it
+        layers = _banked_layers(vllm.served_model(self))
+        return [asdict(_stage(layers, key, directory, sha256)) for key, directory, sha256 in tasks]
 
     @torch.no_grad()
-    def expert_hub_load_task(self, key: str, directory: str, sha256: dict[str, str] | None = None) -> dict:
-        """Write the task's experts into free rows and publish its remap row under `key`. A `LoadResult`.
+    def expert_hub_load_task(
+        self, key: str, directory: str, sha256: dict[str, str] | None = None, evict: list[str] = ()
+    ) -> dict:
+        """Evict the tasks `evict` (drained: their rows stay in the host-memory tier), then write the task's experts
+        into free rows and publish its remap row under `key`. A `LoadResult`. One call, not one per task: each call
+        waits for the model's step to end.
 
         From the host-memory tier when it keeps the task (a copy, nothing read or hashed), else from `directory`.
         All or nothing: the adapter is read (once: a registry task's files are hashed from the same bytes, against
         `sha256`), checked (finite weights, experts the served model has, shapes) and converted to the kernel's
         layout before the bank is touched; a failure while writing gives every row back (and raises).
         """
+        for evicted in evict:
+            self.expert_hub_unload_task(evicted, keep=True)
         if key in bank.TASK_ROWS:
             return asdict(LoadResult("loaded", bank.TASK_ROWS[key], source="bank"))
         started = time.perf_counter()
@@ -200,6 +193,25 @@ def _collect_staged() -> None:
                 _host_cache()[key] = cached
             else:
                 _LARGER_THAN_THE_TIER.add(key)
+
+
+def _stage(layers: dict[int, torch.nn.Module], key: str, directory: str, sha256: dict[str, str] | None) -> StageResult:
+    """Start staging one task on the stager thread (queued behind those staging), or say how far it got."""
+    if key in _host_cache() or key in bank.TASK_ROWS:
+        return StageResult("staged")
+    if not _host_cache().maxsize or key in _LARGER_THAN_THE_TIER:
+        return StageResult("off")
+    if (staging := _STAGING.get(key)) is None:
+        _STAGING[key] = _stager().submit(_staged, layers, directory, sha256)
+        return StageResult("staging")
+    if not staging.done():
+        return StageResult("staging")
+    del _STAGING[key]  # done, and not collected: refused
+    try:
+        staging.result()
+    except (ExpertHubError, ValueError, OSError) as error:
+        return StageResult("refused", str(error))
+    raise RuntimeError(f"task {key[:8]}... was staged but not kept")  # unreachable: `_collect_staged` kept it
 
 
 def _staged(layers: dict[int, torch.nn.Module], directory: str, sha256: dict[str, str] | None) -> CachedTask:
