@@ -233,6 +233,18 @@ def _trim_heap() -> None:
         trim(0)
 
 
+def _map_large_buffers() -> None:
+    """Serve every allocation of 1 MiB or more from its own mapping, given back to the system when freed (glibc's
+    `M_MMAP_THRESHOLD`). By default glibc raises that threshold to the largest block freed so far (up to 32 MiB), so
+    after the first task is dropped from the tier, tasks' rows of a few MiB come from the heap, whose freed space
+    other allocations then pin."""
+    if (mallopt := getattr(_libc(), "mallopt", None)) is not None:
+        mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+
+
 @functools.cache
 def _libc():
     return ctypes.CDLL(None) if sys.platform == "linux" else None
@@ -298,6 +310,7 @@ def _stager() -> ThreadPoolExecutor:
     """The background thread that stages tasks while the model steps: on the cores the server has besides the
     worker's compute cores (those vLLM keeps for its scheduler and API server), or on all of them where none are
     left, so that it slows the model's steps as little as the machine allows."""
+    _map_large_buffers()
     cores = vllm.server_cores()
     if cores is None:
         return ThreadPoolExecutor(1)
