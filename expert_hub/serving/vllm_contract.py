@@ -376,25 +376,31 @@ def expert_kernel_name(layer) -> str:
     return type(layer.quant_method.moe_kernel.fused_experts).__name__
 
 
-def kernel_layout(layer, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One expert, in checkpoint layout, as `layer`'s expert kernel holds a row (w13, w2): padded to the sizes vLLM
-    rounded up to and, for the CPU kernel, prepacked (a one-expert slice packs identically). Host tensors, so that
-    writing them into rows is a plain copy (`write_kernel_rows`)."""
+def kernel_layout(
+    layer, experts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Experts (gate, up, down each, in checkpoint layout) as `layer`'s expert kernel holds its rows, stacked (w13
+    rows, w2 rows): padded to the sizes vLLM rounded up to and, for the CPU kernel, prepacked (a slice of experts
+    packs as the whole tensor does). Host tensors, so that writing them into rows is a plain copy
+    (`write_kernel_rows`). All of a layer's experts at once: a conversion per expert, then a stack, copied every
+    byte twice more."""
     w13_weight, w2_weight = expert_weights(layer)
-    intermediate, hidden = gate.shape
+    intermediate, hidden = experts[0][0].shape
     dtype, padded_hidden, padded = w13_weight.dtype, w2_weight.shape[1], w2_weight.shape[2]
-    w13 = torch.zeros(1, 2 * padded, padded_hidden, dtype=dtype)
-    w13[0, :intermediate, :hidden], w13[0, padded : padded + intermediate, :hidden] = gate, up
-    w2 = torch.zeros(1, padded_hidden, padded, dtype=dtype)
-    w2[0, :hidden, :intermediate] = down
+    allocate = torch.empty if (padded_hidden, padded) == (hidden, intermediate) else torch.zeros
+    w13 = allocate(len(experts), 2 * padded, padded_hidden, dtype=dtype)
+    w2 = allocate(len(experts), padded_hidden, padded, dtype=dtype)
+    for row, (gate, up, down) in enumerate(experts):
+        w13[row, :intermediate, :hidden], w13[row, padded : padded + intermediate, :hidden] = gate, up
+        w2[row, :hidden, :intermediate] = down
     kernel = layer.quant_method.moe_kernel.fused_experts
     if hasattr(kernel, "isa"):  # the CPU kernel
         prepack = internal("CPU expert prepacking")
-        packed13, packed2 = torch.empty_like(w13_weight[:1]), torch.empty_like(w2_weight[:1])
+        packed13, packed2 = w13_weight.new_empty(w13.shape), w2_weight.new_empty(w2.shape)
         prepack(w13, packed13, kernel.isa)
         prepack(w2, packed2, kernel.isa)
-        return packed13[0], packed2[0]
-    return w13[0], w2[0]
+        return packed13, packed2
+    return w13, w2
 
 
 def write_kernel_rows(layer, rows: list[int], weights: tuple[torch.Tensor, torch.Tensor]) -> None:

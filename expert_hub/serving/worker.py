@@ -260,8 +260,7 @@ def _kernel_rows_from_disk(
     stacked = {}
     for index, experts in _checked_experts(adapter, layers).items():
         layer = layers[index]
-        rows = [vllm.kernel_layout(layer, *_shard(layer, _expert_tensors(adapter, index, e))) for e in experts]
-        weights = tuple(torch.stack(weight) for weight in zip(*rows))
+        weights = vllm.kernel_layout(layer, [_shard(layer, _expert_tensors(adapter, index, e)) for e in experts])
         if vllm.expert_weights(layer)[0].is_cuda:
             weights = tuple(weight.pin_memory() for weight in weights)
         stacked[index] = LayerRows(list(experts), weights)
@@ -346,8 +345,7 @@ def check_row_layout(layer, row: int, expert: int, tensors: dict[str, torch.Tens
     """Write `expert`'s checkpoint tensors into the free `row` and compare it with the loaded `expert` row."""
     weights = vllm.expert_weights(layer)
     try:
-        expert_rows = vllm.kernel_layout(layer, *_shard(layer, tensors))
-        vllm.write_kernel_rows(layer, [row], tuple(weight.unsqueeze(0) for weight in expert_rows))
+        vllm.write_kernel_rows(layer, [row], vllm.kernel_layout(layer, [_shard(layer, tensors)]))
         same = all(torch.equal(weight[row], weight[expert]) for weight in weights)
     finally:
         for weight in weights:
