@@ -229,6 +229,34 @@ def test_a_request_cancelled_while_waiting_gives_its_place_up(tmp_path):
     assert not manager.residency.waiting and not manager.residency.draining and manager.in_flight["busy"] == 2
 
 
+def test_a_request_cancelled_just_after_its_task_was_granted_releases_it(tmp_path):
+    """The server stopping cancels a request whose task was granted a moment before it resumed: the pin goes."""
+    from expert_hub.serving.middleware import _unless_disconnected
+
+    tasks = _tasks(tmp_path, {"a": {0: [0, 1]}})
+
+    async def scenario():
+        manager = _manager(tasks, spare=2)
+        granted = asyncio.Event()
+
+        async def acquiring():
+            task = await manager.acquire("a")
+            granted.set()
+            return task
+
+        async def connected():
+            await asyncio.Event().wait()
+
+        state = SimpleNamespace(manager=manager)
+        request = asyncio.create_task(_unless_disconnected(state, acquiring(), connected))
+        await granted.wait()  # the acquire has returned; the request has not resumed yet
+        request.cancel()
+        await asyncio.gather(request, return_exceptions=True)
+        return manager
+
+    assert not asyncio.run(scenario()).in_flight
+
+
 def test_residency_is_limited_by_rows_not_by_a_task_count_unless_capped(tmp_path):
     small = {f"s{i}": {0: [i]} for i in range(4)}  # one row each
     tasks = _tasks(tmp_path, {**small, "wide": {0: [0, 1, 2, 3], 1: [0]}})

@@ -22,7 +22,6 @@ import contextlib
 import json
 import time
 from collections.abc import Awaitable
-from typing import TypeVar
 
 from starlette.routing import Match
 
@@ -34,8 +33,6 @@ from .metrics import AUTO_ROUTED_REQUESTS, TASK_REQUESTS
 from .routes import admin_router
 from .serving_state import ServingState, error_body, serving_state
 from .tasks import Task, TaskError
-
-T = TypeVar("T")
 
 # Endpoints whose requests carry `model`, `vllm_xargs` and `cache_salt` at the top level and generate: a task runs here.
 TASK_ROUTES = frozenset(
@@ -102,7 +99,7 @@ class TaskRouting:
         """Run a generating request on its task's experts, the task pinned until the response ends."""
         try:
             _check_task_request(request)
-            served = await _unless_disconnected(state.manager.acquire(task), receive)
+            served = await _unless_disconnected(state, state.manager.acquire(task), receive)
         except TaskError as error:
             return await _refuse(send, error)
         except ClientGone:
@@ -138,7 +135,7 @@ class TaskRouting:
             choice = await state.auto.choose(path, request, dict(state.manager.known))
             if choice.task is not None:
                 _check_task_request(request)
-            served = await _unless_disconnected(_acquire_first(state, choice.eligible), receive)
+            served = await _unless_disconnected(state, _acquire_first(state, choice.eligible), receive)
         except TaskError as error:
             return await _refuse(send, error)
         except ClientGone:
@@ -264,9 +261,10 @@ class ClientGone(Exception):
     """The client disconnected while its request waited for its task."""
 
 
-async def _unless_disconnected(acquiring: Awaitable[T], receive) -> T:
+async def _unless_disconnected(state: ServingState, acquiring: Awaitable[Task | None], receive) -> Task | None:
     """`acquiring` (which may wait for a task to be loaded), given up at once if the client disconnects meanwhile
-    (the manager then drops its place in the queue, or its pin): `ClientGone` then.
+    (the manager then drops its place in the queue, or its pin): `ClientGone` then. A request cancelled itself (the
+    server stopping) gives up its place, or the pin it was granted just before.
 
     The request's body was read already; `receive` now only reports the disconnect (the app gets the body again
     from a replay of its own)."""
@@ -274,8 +272,11 @@ async def _unless_disconnected(acquiring: Awaitable[T], receive) -> T:
     disconnect = asyncio.ensure_future(_disconnected(receive))
     try:
         await asyncio.wait({acquire, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:  # this request itself was cancelled (the server is stopping)
-        acquire.cancel()
+    except BaseException:
+        if not acquire.done():
+            acquire.cancel()
+        elif not acquire.cancelled() and acquire.exception() is None and acquire.result() is not None:
+            state.manager.release(acquire.result().name)
         raise
     finally:
         disconnect.cancel()
