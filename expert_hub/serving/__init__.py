@@ -74,6 +74,7 @@ def bank_rows(tasks: dict[str, Task], num_experts: int, max_resident: int | None
 
 
 BANK_MEMORY_SHARE = 1 / 8  # of the device's free memory, at most, for the default bank
+HOST_TIER_MEMORY_SHARE = 1 / 8  # of the memory available at start, for the default host-memory tier
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class HubOptions:
     bank_gb: float | None = None
     wait_timeout: float = 60.0
     max_waiting: int = 1024
-    task_cache_gb: float | None = None  # None: an eighth of the memory available at start
+    task_cache_gb: float | None = None  # None: `HOST_TIER_MEMORY_SHARE` of the memory available at start
     allow_pull: tuple[str, ...] = ()  # `ORG/*` patterns
 
 
@@ -145,15 +146,16 @@ def _training_chat_template(base: str, vllm_argv: list[str]) -> list[str]:
 
 def _bank_settings(model: ModelSummary, tasks: dict[str, Task], options: HubOptions, ranks: int) -> BankSettings:
     """`bank_gb` split evenly over the MoE layers, else `extra_rows`, else room for the tasks within
-    `BANK_MEMORY_SHARE` of the device's free memory; the host-memory tier as given, else an eighth of the memory
-    available now, split between the `ranks` (each keeps its slice of every task)."""
+    `BANK_MEMORY_SHARE` of the device's free memory; the host-memory tier as given, else `HOST_TIER_MEMORY_SHARE` of
+    the memory available now, split between the `ranks` (each keeps its slice of every task)."""
     import psutil
 
     from .engine import free_device_memory
 
     layers = len(model.moe_layers)
     cache_gb = options.task_cache_gb
-    cache = int(cache_gb * 2**30) if cache_gb is not None else psutil.virtual_memory().available // 8
+    available = psutil.virtual_memory().available
+    cache = int(cache_gb * 2**30) if cache_gb is not None else int(available * HOST_TIER_MEMORY_SHARE)
     if options.bank_gb:
         bank = BankSettings(None, int(options.bank_gb * 2**30 / layers), options.max_resident, layers)
     elif options.extra_rows:
