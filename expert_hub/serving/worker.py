@@ -218,9 +218,9 @@ def _staged(layers: dict[int, torch.nn.Module], directory: str, sha256: dict[str
     """`_kernel_rows_from_disk` on the stager thread, then the C heap trimmed.
 
     Reading a task allocates and frees tens of MiB of temporaries in the stager's heap while rows kept in the tier
-    live on, and rows the tier drops are freed by the worker's main thread: glibc keeps freed pages. Without a trim the
-    worker grew by about 18 MiB per round of a soak with evictions (`bench_many_tasks.py`); with it, by 10-24 MiB in
-    three runs: not settled yet."""
+    live on, and rows the tier drops are freed by the worker's main thread: glibc keeps freed pages. With neither
+    this trim nor `_map_large_buffers` the worker grew by about 18 MiB per round of a soak with evictions
+    (`bench_many_tasks.py`)."""
     try:
         return _kernel_rows_from_disk(layers, directory, sha256)
     finally:
