@@ -382,8 +382,7 @@ def kernel_layout(
     """Experts (gate, up, down each, in checkpoint layout) as `layer`'s expert kernel holds its rows, stacked (w13
     rows, w2 rows): padded to the sizes vLLM rounded up to and, for the CPU kernel, prepacked (a slice of experts
     packs as the whole tensor does). Host tensors, so that writing them into rows is a plain copy
-    (`write_kernel_rows`). All of a layer's experts at once: a conversion per expert, then a stack, copied every
-    byte twice more."""
+    (`write_kernel_rows`). A layer's experts go in one buffer, so no stack has to copy them again."""
     w13_weight, w2_weight = expert_weights(layer)
     intermediate, hidden = experts[0][0].shape
     dtype, padded_hidden, padded = w13_weight.dtype, w2_weight.shape[1], w2_weight.shape[2]
@@ -406,7 +405,7 @@ def kernel_layout(
 def write_kernel_rows(layer, rows: list[int], weights: tuple[torch.Tensor, torch.Tensor]) -> None:
     """Copy experts in the kernel's layout (`kernel_layout`, stacked: w13 rows, w2 rows) into bank rows `rows` of
     `layer`, in one call (a per-row `copy_` costs more in dispatch than in copying; `index_copy_` runs a slower
-    kernel: 2.2x a plain copy of the same bytes on CPU, against 1.2x for this)."""
+    kernel, 2.2x a plain copy of the same bytes on CPU)."""
     targets, sources = [], []
     for weight, stacked in zip(expert_weights(layer), weights):
         targets += [weight[row] for row in rows]
