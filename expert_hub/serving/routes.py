@@ -1,6 +1,7 @@
 """The task admin routes, a FastAPI router included into vLLM's app: `GET /v1/tasks` (every servable task, its
 residency, and the bank), `POST /v1/tasks/{ref}` (make a registry task servable and resident) and
-`DELETE /v1/tasks/{name}` (unload it).
+`DELETE /v1/tasks/{name}` (unload it); `POST /v1/route/completions` and `/v1/route/chat/completions` (where
+`"model": "auto"` would send such a request, without running it).
 
 The API key is checked before these run, by the middleware (`middleware.py`), which leaves their requests alone
 otherwise. Answers are JSON as `json.dumps` writes it; refusals are OpenAI-style errors with the `TaskError`'s
@@ -95,3 +96,25 @@ async def remove_task(name: str, request: Request) -> Response:
     except TaskError as error:
         return _refusal(error)
     return _json({"task": name, "resident": False})
+
+
+@admin_router.post("/v1/route/{endpoint:path}", include_in_schema=False)
+async def choose_task(endpoint: str, request: Request) -> Response:
+    """Where auto routing would run this completions or chat request (`endpoint`: `completions` or
+    `chat/completions`, the body as that endpoint takes it): `{"task": NAME or null (the base model), "eligible":
+    [...], "confidence": ...}`. Nothing runs and nothing is counted: replicas' ingress (`replicas.py`) asks this of
+    one replica, then sends the request to a replica that holds the chosen task."""
+    if endpoint not in ("completions", "chat/completions"):
+        return _refusal(TaskError(f"auto routing serves completions and chat/completions, not {endpoint}", 400))
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        return _refusal(TaskError("the request body must be a JSON object", 400))
+    state = serving_state(request.app)
+    try:
+        choice = await state.auto.choose(f"/v1/{endpoint}", body, dict(state.manager.known))
+    except TaskError as error:
+        return _refusal(error)
+    return _json({"task": choice.task, "eligible": list(choice.eligible), "confidence": choice.confidence})
