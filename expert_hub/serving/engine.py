@@ -134,7 +134,7 @@ def _refuse_parallelism(config) -> None:
         raise InvalidInputError(
             f"--data-parallel-size {options['--data-parallel-size']} is not supported yet: its replicas route "
             "each other's tokens through their MoE layers, and the bank tags only a replica's own tokens with their "
-            "tasks; use --tensor-parallel-size, or one server per device behind a load balancer"
+            "tasks; use --tensor-parallel-size, or --replicas N (one server per device, on Ray Serve)"
         )
     if "--pipeline-parallel-size" in options:
         raise InvalidInputError(
