@@ -36,6 +36,18 @@ def make_tasks(family: str, root: Path, tasks: dict) -> tuple[Path, dict[str, Pa
     return base, adapters, merged
 
 
+def profile_tasks(base: Path, adapters: dict[str, Path], typical_prompts: dict[str, str]) -> None:
+    """Give each named task a routing profile from rotations of its typical prompt (for `"model": "auto"`)."""
+    from expert_hub.auto_routing import completion_routing_ids, profile_prompts
+    from expert_hub.models import load_base
+    from expert_hub.testing import byte_tokenizer
+
+    model, tokenizer = load_base(str(base)), byte_tokenizer()
+    for name, text in typical_prompts.items():
+        samples = [completion_routing_ids(text[i:] + text[:i], tokenizer) for i in range(len(text))]
+        profile_prompts(model, samples).save(adapters[name])
+
+
 def plain_vllm_tokens(
     root: Path, checkpoints: dict[str, Path], prompts: list[tuple[str, int]], tensor_parallel_size: int = 1
 ) -> dict[str, list[dict]]:

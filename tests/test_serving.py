@@ -26,14 +26,14 @@ import pytest
 import torch
 
 from expert_hub import ExpertAdapter, ExpertSelection, load_model
-from expert_hub.auto_routing import RoutingProfile, completion_routing_ids, profile_prompts
+from expert_hub.auto_routing import RoutingProfile
 from expert_hub.models import load_base
 from expert_hub.registry import Registry
 from expert_hub.testing import SERVING_SHAPES, build_tiny_model, byte_tokenizer
 
 from .fake_bank import FakeBankedLayer
 from .serving_client import API_KEY, Server, start_server
-from .serving_oracle import make_tasks, plain_vllm_tokens
+from .serving_oracle import make_tasks, plain_vllm_tokens, profile_tasks
 
 PROMPTS = ["Hello world, this is", "The quick brown fox jumps"]
 LONG = " ".join(f"word{i}" for i in range(50))  # ~340 tokens: many KV blocks
@@ -325,10 +325,7 @@ def test_a_task_whose_routing_profile_is_not_a_distribution_stops_serve_before_t
 def qwen(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-qwen")
     base, adapters, merged = make_tasks("qwen3_moe", root, TASKS)
-    model, tokenizer = load_base(str(base)), byte_tokenizer()
-    for name, text in AUTO_PROMPTS.items():  # law's requests are letters, intent's digits: they route apart
-        samples = [completion_routing_ids(text[i:] + text[:i], tokenizer) for i in range(len(text))]
-        profile_prompts(model, samples).save(adapters[name])
+    profile_tasks(base, adapters, AUTO_PROMPTS)  # law's requests are letters, intent's digits: they route apart
     registry = Registry(root / "registry")
     for name in ("law", "intent", "extra"):
         registry.register(adapters[name])

@@ -423,6 +423,7 @@ def test_serve_refuses_bad_tasks_and_options_in_one_line(server, tmp_path):
         (["--data-parallel-size", "2"], "--data-parallel-size 2 is not supported yet: its replicas route"),
         (["--kv-cache-gb", "0.000001"], "a KV cache of 0.0 MiB holds less than two 512-token sequences"),
         (["--kv-cache-gb", "100000"], "a KV cache of 100000.00 GiB is more than the"),
+        (["--ray-address", "auto"], "--ray-address runs replicas: give --replicas N too"),
     ]
 
     def refusal(case: tuple[int, tuple[list[str], str]]) -> None:
