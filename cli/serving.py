@@ -159,8 +159,9 @@ def _run_replicas(
     from expert_hub.serving.replicas import ReplicaSettings, run_replicas
 
     argv: list[str] = []
+    params = ctx.params | _absolute_paths(ctx.params["base"], ctx.params["tasks"])
     for param in ctx.command.params:
-        value = ctx.params[param.name]
+        value = params[param.name]
         if param.name in _FRONT_OPTIONS or value in (None, (), []) or value == param.default:
             continue
         flag = param.opts[0]
@@ -181,6 +182,20 @@ def _run_replicas(
     )
     gpus, batch = _replica_shape(base, ctx.args)
     run_replicas(settings, replicas, gpus, batch, host, port, api_key, public_metrics, ray_address)
+
+
+def _absolute_paths(base: str | None, tasks: str) -> dict[str, str | None]:
+    """`--base` and the `NAME=DIR` tasks with local paths made absolute: the replicas run in Ray's directories."""
+    from pathlib import Path
+
+    def absolute(path: str) -> str:
+        return str(Path(path).resolve()) if Path(path).exists() else path
+
+    specs = [spec.partition("=") for spec in tasks.split(",") if spec.strip()]
+    return {
+        "base": absolute(base) if base else base,
+        "tasks": ",".join(name + equals + (absolute(directory) if equals else "") for name, equals, directory in specs),
+    }
 
 
 def _replica_shape(base: str, vllm_argv: list[str]) -> tuple[int, int]:

@@ -80,6 +80,30 @@ def _tokens(server, task: str, prompt: str) -> list[int]:
     return server.complete(task, prompt, 8)["token_ids"]
 
 
+def test_every_replica_runs_serve_with_the_commands_other_options(run_cli, tmp_path, monkeypatch):
+    """What `serve --replicas` hands each replica: every option but where to listen, the key and Ray's own, with
+    local paths made absolute (replicas run in Ray's directories); the key and the replicas' shape go to Ray."""
+    from expert_hub.serving import replicas
+
+    base, adapters, _ = make_tasks("qwen3_moe", tmp_path, {"law": TASKS["law"]})
+    started = {}
+    monkeypatch.setattr(replicas, "run_replicas", lambda *args: started.update(args=args))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(
+        *("serve", "--base", "base", "--tasks", "law=adapter-law", "--replicas", "3", "--api-key", "K"),
+        *("--port", "9001", "--dtype", "float32", "--task-wait-timeout", "5", "--allow-pull", "acme/*"),
+        *("--public-metrics", "--max-num-seqs", "16", "--enforce-eager"),
+    )
+    assert code == 0, err
+    settings, count, gpus, batch, host, port, key, public, address = started["args"]
+    assert list(settings.serve_argv) == [
+        *("--base", str(base), "--tasks", f"law={adapters['law']}", "--dtype", "float32"),
+        *("--task-wait-timeout", "5.0", "--allow-pull", "acme/*", "--max-num-seqs", "16", "--enforce-eager"),
+    ]
+    assert (count, gpus, batch, host, port, key, public, address) == (3, 0, 16, "127.0.0.1", 9001, "K", True, None)
+    assert settings.tasks_per_replica == 1 and settings.split_cpus and not settings.listen_on_node_address
+
+
 def test_a_tasks_requests_stay_on_one_replica_and_two_hot_tasks_go_to_two(cluster):
     _tokens(cluster, "hot1", PROMPTS[0])
     time.sleep(5)  # the replica tells Ray Serve's routers which task it now holds
