@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -155,6 +156,7 @@ def _run_replicas(
     ctx, base: str, replicas: int, ray_address, served: dict, host: str, port: int, api_key, public_metrics
 ) -> None:
     """`serve --replicas N`: every replica runs `serve` with this command's other options (`replicas.py`)."""
+    from expert_hub.errors import InvalidInputError
     from expert_hub.serving import tasks_in_bank
     from expert_hub.serving.replicas import ReplicaSettings, run_replicas
 
@@ -174,13 +176,20 @@ def _run_replicas(
                 for item in (flag, str(getattr(each, "value", each)))
             ]
     argv += ctx.args
+    gpus, batch, ranks = _replica_shape(base, ctx.args)
+    split_cpus = ray_address is None and gpus == 0  # one CPU machine: each replica on its own cores
+    if split_cpus and replicas * ranks > len(cores := os.sched_getaffinity(0)):
+        raise InvalidInputError(
+            f"--replicas {replicas} with {ranks} rank(s) each needs {replicas * ranks} CPU cores and {len(cores)} are "
+            "available: give fewer --replicas or a smaller --tensor-parallel-size"
+        )
     settings = ReplicaSettings(
         tuple(argv),
         tasks_per_replica=ctx.params["max_resident_tasks"] or tasks_in_bank(served, ctx.params["expert_bank_rows"]),
         listen_on_node_address=ray_address is not None,
-        split_cpus=ray_address is None,
+        split_cpus=split_cpus,
+        ranks=ranks,
     )
-    gpus, batch = _replica_shape(base, ctx.args)
     run_replicas(settings, replicas, gpus, batch, host, port, api_key, public_metrics, ray_address)
 
 
@@ -198,14 +207,14 @@ def _absolute_paths(base: str | None, tasks: str) -> dict[str, str | None]:
     }
 
 
-def _replica_shape(base: str, vllm_argv: list[str]) -> tuple[int, int]:
-    """Each replica's GPUs (its tensor-parallel size; none on CPU) and the requests it takes before Ray Serve sends
-    a task's next ones to another replica as well (its engine's batch, `--max-num-seqs`), read as vLLM reads them."""
+def _replica_shape(base: str, vllm_argv: list[str]) -> tuple[int, int, int]:
+    """Each replica's GPUs (none on CPU), the requests it takes before Ray Serve sends a task's next ones to another
+    replica as well (its engine's batch, `--max-num-seqs`), and its tensor-parallel ranks, read as vLLM reads them."""
     from expert_hub.serving import vllm_contract as vllm
 
     args = vllm.parse_server_args(["--model", base, *vllm_argv], prog="expert-hub serve")
-    gpus = 0 if vllm.is_cpu() else vllm.tensor_parallel_size(args)
-    return gpus, args.max_num_seqs or DEFAULT_BATCH
+    ranks = vllm.tensor_parallel_size(args)
+    return (0 if vllm.is_cpu() else ranks), args.max_num_seqs or DEFAULT_BATCH, ranks
 
 
 DEFAULT_BATCH = 256  # vLLM's `--max-num-seqs` for its OpenAI server on most devices

@@ -11,6 +11,7 @@ interface only, and SIGTERM leaves no process behind.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -90,7 +91,7 @@ def test_every_replica_runs_serve_with_the_commands_other_options(run_cli, tmp_p
     monkeypatch.setattr(replicas, "run_replicas", lambda *args: started.update(args=args))
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(
-        *("serve", "--base", "base", "--tasks", "law=adapter-law", "--replicas", "3", "--api-key", "K"),
+        *("serve", "--base", "base", "--tasks", "law=adapter-law", "--replicas", "2", "--api-key", "K"),
         *("--port", "9001", "--dtype", "float32", "--task-wait-timeout", "5", "--allow-pull", "acme/*"),
         *("--public-metrics", "--max-num-seqs", "16", "--enforce-eager"),
     )
@@ -100,8 +101,12 @@ def test_every_replica_runs_serve_with_the_commands_other_options(run_cli, tmp_p
         *("--base", str(base), "--tasks", f"law={adapters['law']}", "--dtype", "float32"),
         *("--task-wait-timeout", "5.0", "--allow-pull", "acme/*", "--max-num-seqs", "16", "--enforce-eager"),
     ]
-    assert (count, gpus, batch, host, port, key, public, address) == (3, 0, 16, "127.0.0.1", 9001, "K", True, None)
+    assert (count, gpus, batch, host, port, key, public, address) == (2, 0, 16, "127.0.0.1", 9001, "K", True, None)
     assert settings.tasks_per_replica == 1 and settings.split_cpus and not settings.listen_on_node_address
+    cores = len(os.sched_getaffinity(0))
+    for options in (["--replicas", str(cores + 1)], ["--replicas", str(cores), "--tensor-parallel-size", "2"]):
+        code, _, err = run_cli("serve", "--base", "base", *options)
+        assert code == 1 and f"CPU cores and {cores} are available" in err.strip().splitlines()[-1], err
 
 
 def test_a_tasks_requests_stay_on_one_replica_and_two_hot_tasks_go_to_two(cluster):

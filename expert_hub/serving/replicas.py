@@ -48,6 +48,7 @@ class ReplicaSettings:
     tasks_per_replica: int  # the multiplexing LRU: the tasks Ray considers a replica to hold
     listen_on_node_address: bool = False
     split_cpus: bool = False  # on one CPU machine, each replica's engine on its own share of the cores
+    ranks: int = 1  # each replica's --tensor-parallel-size: its share of the cores is split between its ranks
 
 
 @dataclass(frozen=True)
@@ -172,8 +173,12 @@ def _start_child(settings: ReplicaSettings, replica: str, cpus: list[int] | None
     host = _node_address() if settings.listen_on_node_address else "127.0.0.1"
     port, key = _free_port(host), secrets.token_urlsafe(32)
     env = dict(os.environ)
-    if cpus is not None:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cpus))
+    if cpus is not None:  # vLLM's binding: one group of cores per rank
+        groups = [
+            cpus[rank * len(cpus) // settings.ranks : (rank + 1) * len(cpus) // settings.ranks]
+            for rank in range(settings.ranks)
+        ]
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, group)) for group in groups)
     argv = [sys.executable, "-m", "expert_hub.cli", "serve", *settings.serve_argv]
     env["EXPERT_HUB_API_KEY"] = key  # not on the command line, which every local user can read
     process = subprocess.Popen(
@@ -211,10 +216,9 @@ def _die_with_parent(cpus: list[int] | None) -> None:
 
 
 def _cpu_share(rank: int, replicas: int) -> list[int]:
-    """Replica `rank`'s cores: the allowed cores split evenly (one each where there are fewer cores than replicas)."""
+    """Replica `rank`'s cores: the allowed cores split evenly (`serve` refuses more replicas than cores)."""
     cores = sorted(os.sched_getaffinity(0))
-    share = cores[rank * len(cores) // replicas : (rank + 1) * len(cores) // replicas]
-    return share or [cores[rank % len(cores)]]
+    return cores[rank * len(cores) // replicas : (rank + 1) * len(cores) // replicas]
 
 
 def _replay_task_changes(server: ChildServer) -> None:
