@@ -189,6 +189,7 @@ def _run_replicas(
         listen_on_node_address=ray_address is not None,
         split_cpus=split_cpus,
         ranks=ranks,
+        cwd=os.getcwd() if ray_address is None else None,
     )
     run_replicas(settings, replicas, gpus, batch, host, port, api_key, public_metrics, ray_address)
 

@@ -37,6 +37,7 @@ TASKS = {
     "hot2": {0: [1], 3: [2]},
     "extra": {1: [8, 9], 2: [3]},  # registered, not served at start: added at run time
 }
+AUTO_HEADER = {"x-expert-task": "auto"}
 REPLACED_WITHIN_S = 300  # a killed replica's engine to a replacement serving again, on this 2-core machine
 
 
@@ -164,6 +165,10 @@ def test_streams_and_auto_routing_pass_through(cluster):
         assert answer["choices"][0]["token_ids"] == cluster.oracle[task][index]["token_ids"]
     status, answer = cluster.request("POST", "/v1/completions", {"model": "auto", "prompt": "", "max_tokens": 1})
     assert status == 400 and "the prompt is empty" in answer["error"]["message"]  # the replica's own refusal
+    status, answer = cluster.request("POST", "/v1/completions", {"model": "law", "prompt": "x"}, headers=AUTO_HEADER)
+    assert status == 400 and "names several tasks" in answer["error"]["message"]
+    status, answer = cluster.request("GET", "/v1/tasks?limit=0")
+    assert status == 400 and "limit must be between 1 and 1000" in answer["error"]["message"]
 
 
 def test_a_task_added_at_run_time_reaches_every_replica(cluster):
@@ -185,10 +190,7 @@ def test_a_replica_whose_engine_dies_fails_its_requests_and_is_replaced(cluster)
     def ask(task: str) -> tuple[int, object]:
         return cluster.request("POST", "/v1/completions", {"model": task, **long})
 
-    engines = [
-        p for p in psutil.Process(cluster.process.pid).children(recursive=True) if p.name().startswith("VLLM::EngineCo")
-    ]
-    assert len(engines) == 2
+    engines = _engines(cluster, 2)
     with ThreadPoolExecutor(2) as clients:
         answers = {task: clients.submit(ask, task) for task in ("hot1", "hot2")}
         _wait_until_in_flight(cluster, ["hot1", "hot2"])
@@ -212,6 +214,25 @@ def test_a_replica_whose_engine_dies_fails_its_requests_and_is_replaced(cluster)
     assert not any(task["in_flight"] or task["waiting"] for task in listing["data"])
 
 
+def _engines(server, count: int) -> list[psutil.Process]:
+    """The replicas' vLLM engine processes, once `count` of them run (a process is named only once it has started)."""
+    deadline = time.monotonic() + 60
+    while True:
+        processes = psutil.Process(server.process.pid).children(recursive=True)
+        engines = [process for process in processes if _name(process).startswith("VLLM::EngineCo")]
+        if len(engines) == count or time.monotonic() > deadline:
+            assert len(engines) == count, [(process.pid, _name(process)) for process in processes]
+            return engines
+        time.sleep(1)
+
+
+def _name(process: psutil.Process) -> str:
+    try:
+        return process.name()
+    except psutil.NoSuchProcess:
+        return ""
+
+
 def _wait_until_in_flight(server, tasks: list[str]) -> None:
     while True:
         listing = server.request("GET", "/v1/tasks")[1]
@@ -228,6 +249,8 @@ def test_the_key_guards_the_endpoint_and_rays_ports_need_rays_token(cluster):
     for method in ("POST", "DELETE"):
         assert cluster.request(method, "/v1/tasks/law", key=None)[0] == 401
     assert cluster.request("GET", "/health", key=None)[0] == 200
+    preflight = {"origin": "http://example.com", "access-control-request-method": "POST"}
+    assert cluster.request("OPTIONS", "/v1/completions", key=None, headers=preflight)[0] != 401
     processes = psutil.Process(cluster.process.pid).children(recursive=True)
     listening = {
         (process.name(), connection.laddr.ip, connection.laddr.port)

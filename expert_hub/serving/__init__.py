@@ -13,6 +13,8 @@ tier, starts vLLM's OpenAI server with the bank plugin and worker extension, and
 - `server.py`: starting the engine and serving vLLM's app extended with `serving_state.py` (state on the app),
   `routes.py` (the task admin routes) and `middleware.py` (API key, task selection, body rewriting);
 - `metrics.py`: per-task counters; `engine.py`: starting vLLM's engine, its KV cache memory on CPU.
+- `replicas.py`: `serve --replicas`, N servers behind one endpoint on Ray Serve, with its ingress (`ingress.py`)
+  and the replicas' directory (`replica_directory.py`).
 """
 
 from __future__ import annotations
@@ -74,14 +76,18 @@ def bank_rows(tasks: dict[str, Task], num_experts: int, max_resident: int | None
 
 
 def tasks_in_bank(tasks: dict[str, Task], rows: int | None) -> int:
-    """About how many of `tasks` a bank of `rows` rows per layer holds at once (all of them by default: the default
-    bank makes room for every task when memory allows): the rows over a typical task's rows in its largest layer."""
-    if not rows or not tasks:
-        return max(len(tasks), 1)
+    """About how many of `tasks` a bank of `rows` rows per layer holds at once: the rows over a typical task's rows
+    in its largest layer; all of them without `rows` (the default bank makes room for every task when memory
+    allows); `TASKS_WITHOUT_A_HINT` when none is named."""
+    if not tasks:
+        return TASKS_WITHOUT_A_HINT
+    if not rows:
+        return len(tasks)
     typical = sorted(max(task.experts_per_layer.values(), default=1) for task in tasks.values())[len(tasks) // 2]
     return max(1, min(len(tasks), rows // max(typical, 1)))
 
 
+TASKS_WITHOUT_A_HINT = 8  # `tasks_in_bank` with no task named at start (tasks added or pulled at run time)
 BANK_MEMORY_SHARE = 1 / 8  # of the device's free memory, at most, for the default bank
 HOST_TIER_MEMORY_SHARE = 1 / 8  # of the memory available at start, for the default host-memory tier
 

@@ -24,7 +24,7 @@ from fastapi.responses import Response, StreamingResponse
 from expert_hub.registry import AUTO
 
 from .middleware import TASK_ROUTES
-from .replicas import ChildServer, auth_header, replica_directory
+from .replica_directory import ChildServer, auth_header, replica_directory
 from .serving_state import ApiKeys, error_body
 
 _NOT_FORWARDED = frozenset({b"host", b"authorization", b"content-length", b"connection", b"transfer-encoding"})
@@ -45,17 +45,27 @@ def ingress_deployment(api_key: str | None, public_metrics: bool):
             self.replicas = replicas
             self.base_names: frozenset[str] | None = None  # the names the replicas serve the base model under
 
-        @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
+        @app.api_route("/{path:path}", methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
         async def handle(self, path: str, request: Request) -> Response:
             path = "/" + path
-            if not keys.allow(request.scope, path):
-                return _error(401, "Unauthorized: give the API key as 'Authorization: Bearer KEY'")
+            preflight = request.method == "OPTIONS" and "access-control-request-method" in request.headers
+            if not preflight and not keys.allow(request.scope, path):
+                return Response(
+                    error_body(401, "Unauthorized: give the API key as 'Authorization: Bearer KEY'"),
+                    401,
+                    {"www-authenticate": "Bearer"},
+                    media_type="application/json",
+                )
             if path == "/health":
-                return Response(status_code=200 if await _children() else 503)
+                healthy = await _on_every_replica("GET", "/health", timeout=5)
+                return Response(status_code=200 if any(answer.status_code == 200 for _, answer in healthy) else 503)
             if path == "/metrics":
                 return Response(await _metrics(), media_type="text/plain; version=0.0.4")
             if path == "/v1/tasks" and request.method == "GET":
-                return _json(await _list_tasks(request.url.query))
+                try:
+                    return _json(await _list_tasks(request.url.query))
+                except _Refused as refusal:
+                    return Response(refusal.body, refusal.status, media_type="application/json")
             if path.startswith("/v1/tasks/") and request.method in ("POST", "DELETE"):
                 status, body = await _change_task(request.method, path)
                 return Response(body, status, media_type="application/json")
@@ -74,6 +84,8 @@ def ingress_deployment(api_key: str | None, public_metrics: bool):
                         headers = [(name, value) for name, value in headers if name.lower() != b"x-expert-task"]
                 except _Refused as refusal:
                     return Response(refusal.body, refusal.status, media_type="application/json")
+                except Exception as error:  # a replica lost while asked (Ray's errors, a connection refused)
+                    return _error(503, f"no replica could route this request ({_short(error)}); retry")
             handle = self.replicas.options(stream=True, multiplexed_model_id=task or "")
             answer = handle.forward.remote(request.method, path, request.url.query.encode(), headers, body)
             try:
@@ -116,11 +128,13 @@ class _Refused(Exception):
 
 
 def _named_task(request, payload: dict | None, base_names: frozenset[str]) -> str | None:
-    """The task the request names, for routing only (the replica's server checks the request itself)."""
+    """The task the request names, for routing only: the replica's server checks the request itself, and refuses
+    one that names several tasks (sent to it as it is)."""
     named = [request.headers.get("x-expert-task", "").strip()]
     if payload is not None:
         named += [payload.get("task"), payload.get("model")]
-    return next((name for name in named if isinstance(name, str) and name and name not in base_names), None)
+    tasks = {name for name in named if isinstance(name, str) and name and name not in base_names}
+    return tasks.pop() if len(tasks) == 1 else None
 
 
 async def _rest(answer, media: str):
@@ -129,9 +143,10 @@ async def _rest(answer, media: str):
         async for chunk in answer:
             yield chunk
     except Exception as error:
-        if media.startswith("text/event-stream"):
-            message = f"the replica serving this request failed ({_short(error)}); retry"
-            yield b"data: " + error_body(503, message) + b"\n\n"
+        if not media.startswith("text/event-stream"):
+            raise  # the connection is cut: a body that ends early must not look whole
+        message = f"the replica serving this request failed ({_short(error)}); retry"
+        yield b"data: " + error_body(503, message) + b"\n\n"
 
 
 async def _children() -> list[ChildServer]:
@@ -142,12 +157,14 @@ def _client(child: ChildServer) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=child.url, headers=auth_header(child.key), timeout=None)
 
 
-async def _on_every_replica(method: str, path: str, query: str = "") -> list[tuple[ChildServer, httpx.Response]]:
+async def _on_every_replica(
+    method: str, path: str, query: str = "", timeout: float | None = None
+) -> list[tuple[ChildServer, httpx.Response]]:
     """`method path` on every replica's server at once; replicas that cannot be reached (gone) are left out."""
 
     async def call(child: ChildServer):
         async with _client(child) as client:
-            return child, await client.request(method, path, params=query)
+            return child, await client.request(method, path, params=query, timeout=timeout)
 
     answers = await asyncio.gather(*(call(child) for child in await _children()), return_exceptions=True)
     return [answer for answer in answers if not isinstance(answer, BaseException)]
@@ -156,7 +173,10 @@ async def _on_every_replica(method: str, path: str, query: str = "") -> list[tup
 async def _list_tasks(query: str) -> dict:
     """The replicas' task listings in one: each task's residency, requests in flight and waiting per replica
     (`replicas`) and summed; each replica's bank and scheduler under `replicas`."""
-    answers = [(child, response.json()) for child, response in await _on_every_replica("GET", "/v1/tasks", query)]
+    responses = await _on_every_replica("GET", "/v1/tasks", query)
+    if refused := next((response for _, response in responses if response.status_code != 200), None):
+        raise _Refused(refused.status_code, refused.content)  # a bad page: every replica says the same
+    answers = [(child, response.json()) for child, response in responses]
     if not answers:
         return {"object": "list", "data": [], "replicas": []}
     tasks: dict[str, dict] = {}
@@ -179,24 +199,28 @@ async def _list_tasks(query: str) -> dict:
 
 
 async def _change_task(method: str, path: str) -> tuple[int, bytes]:
-    """POST or DELETE a task on every replica. A POST is all or none: where one replica refuses, the others remove
-    the task again and the refusal is the answer. Kept in the directory for replicas started later."""
+    """POST or DELETE a task on every replica: 200 when every replica did it (a DELETE also where the task was
+    gone), else the first refusal, the replicas that did it keeping it so (the same call again completes it).
+
+    The change is kept for replicas started later before the replicas are asked (a replica starting meanwhile
+    replays it), a POST's then as the replicas resolved it (`law@3`); one no replica took is forgotten."""
+    name = path.removeprefix("/v1/tasks/")
+    task = name.partition("@")[0]
+    before = await replica_directory().record.remote(task, name, "added" if method == "POST" else "removed")
     answers = await _on_every_replica(method, path)
+    done = [(child, response) for child, response in answers if response.status_code < 400]
+    if not done:
+        await replica_directory().restore.remote(task, before)
     if not answers:
         return 503, error_body(503, "no replica is running; retry")
     refused = [response for _, response in answers if response.status_code >= 400]
-    name = path.removeprefix("/v1/tasks/")
-    if method == "POST" and refused:
-        for child, response in answers:
-            if response.status_code < 400:
-                async with _client(child) as client:
-                    await client.delete(f"/v1/tasks/{response.json()['task']}")
-    if not refused or (method == "DELETE" and len(refused) < len(answers)):
-        await replica_directory().record.remote(name, "added" if method == "POST" else "removed")
-        ok = next(response for _, response in answers if response.status_code < 400)
-        body = ok.json() | {"replicas": sorted(child.replica for child, _ in answers)}
-        return 200, json.dumps(body).encode()
-    return refused[0].status_code, refused[0].content
+    gone = method == "DELETE" and all(response.status_code in (200, 404) for _, response in answers)
+    if refused and not (gone and done):
+        return refused[0].status_code, refused[0].content
+    body = done[0][1].json()
+    if method == "POST" and body.get("version") is not None:
+        await replica_directory().record.remote(task, f"{body['task']}@{body['version']}", "added")
+    return 200, json.dumps(body | {"replicas": sorted(child.replica for child, _ in done)}).encode()
 
 
 async def _metrics() -> bytes:
@@ -225,7 +249,7 @@ async def _metrics() -> bytes:
 def _json_object(body: bytes) -> dict | None:
     try:
         payload = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a body nested deeper than Python parses
         return None
     return payload if isinstance(payload, dict) else None
 

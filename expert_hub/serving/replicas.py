@@ -7,15 +7,14 @@ replicas only when those are busy. expert-hub adds three small pieces:
   tier) as a child process with a key of its own; the replica forwards requests to it, and its health check fails
   when the child is gone;
 - `Ingress` (`ingress.py`): the endpoint users call;
-- `ReplicaDirectory`, a named Ray actor where each replica lists its child server, so that the ingress can reach
-  every replica (a Ray Serve handle reaches one replica per call), and where the tasks added or removed at run time
-  are kept, so that a replica started later (a replacement) serves the same tasks.
+- `ReplicaDirectory` (`replica_directory.py`), a named Ray actor where replicas list their servers.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import os
 import secrets
 import signal
@@ -30,11 +29,20 @@ import httpx
 
 from expert_hub.errors import InvalidInputError
 
+from .replica_directory import (
+    DIRECTORY,
+    NAMESPACE,
+    ChildServer,
+    auth_header,
+    directory_actor,
+    ray_get,
+    replica_directory,
+)
 from .serving_state import error_body
 
 APP_NAME = "expert-hub"
-NAMESPACE = "expert-hub"
-DIRECTORY = "expert-hub-replicas"
+# `serve` options that concern the endpoint or Ray, never each replica's server
+FRONT_OPTIONS = frozenset({"--host", "--port", "--api-key", "--public-metrics", "--replicas", "--ray-address"})
 HEALTH_CHECK_PERIOD_S = 2.0  # how soon a replica whose server died is noticed (and replaced)
 START_TIMEOUT_S = 900.0  # a replica's `expert-hub serve` to /health: a large base loads for minutes
 
@@ -48,16 +56,8 @@ class ReplicaSettings:
     tasks_per_replica: int  # the multiplexing LRU: the tasks Ray considers a replica to hold
     listen_on_node_address: bool = False
     split_cpus: bool = False  # on one CPU machine, each replica's engine on its own share of the cores
+    cwd: str | None = None  # where relative paths in `serve_argv` are resolved (one machine: the command's own)
     ranks: int = 1  # each replica's --tensor-parallel-size: its share of the cores is split between its ranks
-
-
-@dataclass(frozen=True)
-class ChildServer:
-    """One replica's `expert-hub serve`, as the ingress reaches it for the routes that go to every replica."""
-
-    replica: str
-    url: str
-    key: str
 
 
 def deployments(settings: ReplicaSettings, replicas: int, gpus_per_replica: int, batch: int):
@@ -79,12 +79,16 @@ def deployments(settings: ReplicaSettings, replicas: int, gpus_per_replica: int,
             share = _cpu_share(context.rank.local_rank, context.world_size) if settings.split_cpus else None
             try:
                 self.child = _start_child(settings, self.replica, share)
-            except RuntimeError as error:
+            except (RuntimeError, OSError) as error:
                 replica_directory().failed.remote(str(error))  # for the one line `serve` prints
                 raise
             self.client = httpx.AsyncClient(base_url=self.child.server.url, headers=auth_header(self.child.server.key))
-            _replay_task_changes(self.child.server)
-            replica_directory().register.remote(self.child.server)
+            try:  # listed first, so that no run-time change made meanwhile passes it by; adds are idempotent
+                ray_get(replica_directory().register.remote(self.child.server))
+                _replay_task_changes(self.child.server)
+            except BaseException:
+                self.__del__()
+                raise
 
         @serve.multiplexed(max_num_models_per_replica=settings.tasks_per_replica)
         async def _task(self, name: str) -> str:
@@ -129,9 +133,9 @@ def deployments(settings: ReplicaSettings, replicas: int, gpus_per_replica: int,
         def __del__(self) -> None:
             child = getattr(self, "child", None)
             if child is not None:
-                child.stop()
                 with contextlib.suppress(Exception):  # Ray itself may be stopping
                     replica_directory().unregister.remote(self.replica)
+                child.stop()
 
     return TaskReplica
 
@@ -153,7 +157,7 @@ class _Child:
 
     def last_line(self) -> str:
         return next(
-            (line for line in reversed(self._tail) if line.startswith("Error")), self._tail[-1] if self._tail else ""
+            (line for line in reversed(self._tail) if line.startswith("error:")), self._tail[-1] if self._tail else ""
         )
 
     def stop(self) -> None:
@@ -181,19 +185,22 @@ def _start_child(settings: ReplicaSettings, replica: str, cpus: list[int] | None
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, group)) for group in groups)
     argv = [sys.executable, "-m", "expert_hub.cli", "serve", *settings.serve_argv]
     env["EXPERT_HUB_API_KEY"] = key  # not on the command line, which every local user can read
+    libc = ctypes.CDLL(None)  # loaded here: the forked child, in a threaded process, only calls it
     process = subprocess.Popen(
         [*argv, "--host", host, "--port", str(port)],
+        cwd=settings.cwd if settings.cwd and os.path.isdir(settings.cwd) else None,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
-        preexec_fn=lambda: _die_with_parent(cpus),
+        preexec_fn=lambda: _die_with_parent(libc, cpus),
         start_new_session=True,  # a process group of its own: `stop` ends vLLM's processes with it
     )
     child = _Child(process, ChildServer(replica, f"http://{host}:{port}", key))
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if (code := process.poll()) is not None:
+            child.stop()  # vLLM's processes, if it had started them
             raise RuntimeError(f"expert-hub serve exited ({code}): {child.last_line()}")
         try:
             if httpx.get(f"{child.server.url}/health", timeout=5).status_code == 200:
@@ -205,33 +212,28 @@ def _start_child(settings: ReplicaSettings, replica: str, cpus: list[int] | None
     raise RuntimeError(f"expert-hub serve did not start in {START_TIMEOUT_S:.0f} s: {child.last_line()}")
 
 
-def _die_with_parent(cpus: list[int] | None) -> None:
+def _die_with_parent(libc, cpus: list[int] | None) -> None:
     """In the child, before it runs: SIGTERM when the replica's process dies (even by SIGKILL), so that no server
     outlives its replica; and the replica's share of the cores."""
-    import ctypes
-
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     if cpus is not None:
         os.sched_setaffinity(0, cpus)
 
 
 def _cpu_share(rank: int, replicas: int) -> list[int]:
-    """Replica `rank`'s cores: the allowed cores split evenly (`serve` refuses more replicas than cores)."""
-    cores = sorted(os.sched_getaffinity(0))
-    return cores[rank * len(cores) // replicas : (rank + 1) * len(cores) // replicas]
+    """Replica `rank`'s cores: the allowed cores split evenly (`serve` refuses more replicas than cores). A
+    replacement started before the replica it replaces has stopped gets the next rank, so ranks wrap around."""
+    cores, slot = sorted(os.sched_getaffinity(0)), rank % replicas
+    return cores[slot * len(cores) // replicas : (slot + 1) * len(cores) // replicas]
 
 
 def _replay_task_changes(server: ChildServer) -> None:
-    """Add (or remove) on this replica's server the tasks added (or removed) at run time before it started."""
-    import ray
-
-    for name, change in ray.get(replica_directory().task_changes.remote()):
+    """Add (or remove) on this replica's server the tasks added (or removed) at run time, each as last changed."""
+    for ref, change in ray_get(replica_directory().task_changes.remote()):
         method = "POST" if change == "added" else "DELETE"
-        httpx.request(method, f"{server.url}/v1/tasks/{name}", headers=auth_header(server.key), timeout=None)
-
-
-def auth_header(key: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {key}"}
+        answer = httpx.request(method, f"{server.url}/v1/tasks/{ref}", headers=auth_header(server.key), timeout=None)
+        if answer.status_code >= 400 and answer.status_code != 404:
+            print(f"expert-hub: replica {server.replica} could not {method} task {ref}: {answer.text}", flush=True)
 
 
 def _free_port(host: str) -> int:
@@ -246,46 +248,8 @@ def _node_address() -> str:
     return ray.util.get_node_ip_address()
 
 
-def replica_directory():
-    import ray
-
-    return ray.get_actor(DIRECTORY, namespace=NAMESPACE)
-
-
-def directory_actor():
-    """The `ReplicaDirectory` actor class (Ray imported only here)."""
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class ReplicaDirectory:
-        def __init__(self) -> None:
-            self.servers: dict[str, ChildServer] = {}
-            self.changes: dict[str, str] = {}  # task name or reference -> "added" / "removed", in order
-            self.failure: str | None = None  # why the last replica that failed to start did
-
-        def failed(self, reason: str) -> None:
-            self.failure = reason
-
-        def last_failure(self) -> str | None:
-            return self.failure
-
-        def register(self, server: ChildServer) -> None:
-            self.servers[server.replica] = server
-
-        def unregister(self, replica: str) -> None:
-            self.servers.pop(replica, None)
-
-        def children(self) -> list[ChildServer]:
-            return list(self.servers.values())
-
-        def record(self, name: str, change: str) -> None:
-            self.changes.pop(name, None)  # the newest change last
-            self.changes[name] = change
-
-        def task_changes(self) -> list[tuple[str, str]]:
-            return list(self.changes.items())
-
-    return ReplicaDirectory
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _private_ray_token() -> None:
@@ -308,7 +272,8 @@ def build_application(
     created here, detached: a Serve config (a RayService) builds the application in a Ray task that then ends."""
     from .ingress import ingress_deployment
 
-    directory_actor().options(name=DIRECTORY, namespace=NAMESPACE, lifetime="detached", get_if_exists=True).remote()
+    directory = directory_actor().options(name=DIRECTORY, namespace=NAMESPACE, lifetime="detached", get_if_exists=True)
+    ray_get(directory.remote().reset.remote())
     replica = deployments(settings, replicas, gpus_per_replica, batch)
     return ingress_deployment(api_key, public_metrics).bind(replica.bind())
 
@@ -318,9 +283,10 @@ def application(args: dict):
     expert_hub.serving.replicas:application`, with `args`: `options` (the `expert-hub serve` options each replica
     runs, a list), `replicas`, and optionally `gpus_per_replica` (1), `tasks_per_replica` (8), `max_num_seqs`
     (256) and `public_metrics`. The API key is `EXPERT_HUB_API_KEY` in the cluster's environment."""
-    settings = ReplicaSettings(
-        tuple(args["options"]), int(args.get("tasks_per_replica", 8)), listen_on_node_address=True
-    )
+    options = [str(option) for option in args["options"]]
+    if front := [option for option in options if option.split("=")[0] in FRONT_OPTIONS]:
+        raise ValueError(f"{front[0]} is the application's, not each replica's: remove it from `options`")
+    settings = ReplicaSettings(tuple(options), int(args.get("tasks_per_replica", 8)), listen_on_node_address=True)
     return build_application(
         settings,
         int(args["replicas"]),
@@ -359,9 +325,7 @@ def run_replicas(
         include_dashboard=False,
         **({"_node_ip_address": "127.0.0.1"} if local else {}),
     )
-    stopping = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stopping.set())
+    signal.signal(signal.SIGTERM, _interrupt)  # as SIGINT: stop, whether starting or serving
     try:
         serve.start(http_options={"host": host, "port": port})
         app = build_application(settings, replicas, gpus_per_replica, batch, api_key, public_metrics)
@@ -371,8 +335,10 @@ def run_replicas(
             reason = ray.get(replica_directory().last_failure.remote()) or str(error).splitlines()[0]
             raise InvalidInputError(f"the replicas did not start: {reason}") from error
         print(f"expert-hub: {replicas} replica(s) serving on http://{host}:{port}", flush=True)
-        while not stopping.wait(1.0):
-            pass
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
     finally:
         if local:
             serve.shutdown()
