@@ -132,7 +132,7 @@ def serve(
         allow_pull=patterns,
     )
     if replicas:
-        return _run_replicas(ctx, base, replicas, ray_address, served, host, port, api_key, public_metrics)
+        return _run_replicas(ctx, base, argv, replicas, ray_address, served, host, port, api_key, public_metrics)
     preload = list(served)[: len(named)]  # the tasks named, in order; --all-tasks' others load on first use
     run_server(base, model, served, preload, registry, argv, options, api_key, public_metrics)
 
@@ -153,7 +153,16 @@ _FRONT_OPTIONS = frozenset({"host", "port", "api_key", "public_metrics", "replic
 
 
 def _run_replicas(
-    ctx, base: str, replicas: int, ray_address, served: dict, host: str, port: int, api_key, public_metrics
+    ctx,
+    base: str,
+    vllm_argv: list[str],
+    replicas: int,
+    ray_address,
+    served: dict,
+    host: str,
+    port: int,
+    api_key,
+    public_metrics,
 ) -> None:
     """`serve --replicas N`: every replica runs `serve` with this command's other options (`replicas.py`)."""
     from expert_hub.errors import InvalidInputError
@@ -176,7 +185,7 @@ def _run_replicas(
                 for item in (flag, str(getattr(each, "value", each)))
             ]
     argv += ctx.args
-    gpus, batch, ranks = _replica_shape(base, ctx.args)
+    gpus, batch, ranks = _replica_shape(base, vllm_argv)
     split_cpus = ray_address is None and gpus == 0  # one CPU machine: each replica on its own cores
     if split_cpus and replicas * ranks > len(cores := os.sched_getaffinity(0)):
         raise InvalidInputError(
@@ -210,10 +219,13 @@ def _absolute_paths(base: str | None, tasks: str) -> dict[str, str | None]:
 
 def _replica_shape(base: str, vllm_argv: list[str]) -> tuple[int, int, int]:
     """Each replica's GPUs (none on CPU), the requests it takes before Ray Serve sends a task's next ones to another
-    replica as well (its engine's batch, `--max-num-seqs`), and its tensor-parallel ranks, read as vLLM reads them."""
+    replica as well (its engine's batch, `--max-num-seqs`), and its tensor-parallel ranks, read as vLLM reads them;
+    options vLLM refuses are refused here, in one line, before any replica starts."""
     from expert_hub.serving import vllm_contract as vllm
+    from expert_hub.serving.engine import checked_engine_config
 
     args = vllm.parse_server_args(["--model", base, *vllm_argv], prog="expert-hub serve")
+    checked_engine_config(args)
     ranks = vllm.tensor_parallel_size(args)
     return (0 if vllm.is_cpu() else ranks), args.max_num_seqs or DEFAULT_BATCH, ranks
 

@@ -424,6 +424,10 @@ def test_serve_refuses_bad_tasks_and_options_in_one_line(server, tmp_path):
         (["--kv-cache-gb", "0.000001"], "a KV cache of 0.0 MiB holds less than two 512-token sequences"),
         (["--kv-cache-gb", "100000"], "a KV cache of 100000.00 GiB is more than the"),
         (["--ray-address", "auto"], "--ray-address runs replicas: give --replicas N too"),
+        (
+            ["--replicas", "1", "--max-model-len", "100000"],
+            "vLLM refused the server options: User-specified max_model_len",
+        ),
     ]
 
     def refusal(case: tuple[int, tuple[list[str], str]]) -> None:

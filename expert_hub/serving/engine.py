@@ -164,10 +164,9 @@ def cpu_thread_binding(workers: int) -> str | None:
     return "|".join(",".join(map(str, cpus[rank * share : (rank + 1) * share])) for rank in range(workers))
 
 
-@asynccontextmanager
-async def start_engine(args):
-    """vLLM's async engine client for the parsed server `args`; configuration and start-up failures become one
-    `InvalidInputError` line (the engine process has logged the details above it)."""
+def checked_engine_config(args):
+    """vLLM's engine arguments and configuration for the parsed server `args`; vLLM's refusals, and parallelism
+    `serve` does not support, as one `InvalidInputError` line."""
     from pydantic import ValidationError
 
     engine_args = vllm.engine_args(args)
@@ -176,6 +175,14 @@ async def start_engine(args):
     except (ValueError, TypeError, ValidationError) as error:
         raise InvalidInputError(f"vLLM refused the server options: {_vllm_message(error)}") from error
     _refuse_parallelism(config)
+    return engine_args, config
+
+
+@asynccontextmanager
+async def start_engine(args):
+    """vLLM's async engine client for the parsed server `args`; configuration and start-up failures become one
+    `InvalidInputError` line (the engine process has logged the details above it)."""
+    engine_args, config = checked_engine_config(args)
     binding = cpu_thread_binding(vllm.parallel_options(config)["--tensor-parallel-size"])
     if binding:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding  # read by the engine process vLLM spawns next
