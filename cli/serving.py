@@ -167,7 +167,10 @@ def _run_replicas(
     """`serve --replicas N`: every replica runs `serve` with this command's other options (`replicas.py`)."""
     from expert_hub.errors import InvalidInputError
     from expert_hub.serving import tasks_in_bank
-    from expert_hub.serving.replicas import ReplicaSettings, run_replicas
+    from expert_hub.serving.replicas import ReplicaSettings, private_ray_token, run_replicas
+
+    if ray_address is None:
+        private_ray_token()  # before vLLM's configuration (next) imports Ray
 
     argv: list[str] = []
     params = ctx.params | _absolute_paths(ctx.params["base"], ctx.params["tasks"])

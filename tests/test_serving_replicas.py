@@ -90,6 +90,7 @@ def test_every_replica_runs_serve_with_the_commands_other_options(run_cli, tmp_p
     base, adapters, _ = make_tasks("qwen3_moe", tmp_path, {"law": TASKS["law"]})
     started = {}
     monkeypatch.setattr(replicas, "run_replicas", lambda *args: started.update(args=args))
+    monkeypatch.setattr(os, "environ", os.environ.copy())  # what vLLM and Ray set in-process stays in this test
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(
         *("serve", "--base", "base", "--tasks", "law=adapter-law", "--replicas", "2", "--api-key", "K"),

@@ -252,10 +252,11 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _private_ray_token() -> None:
+def private_ray_token() -> None:
     """Ray's own token authentication, with a token of this run's (unless the user set Ray's): Ray binds its gRPC
     ports on every interface, and without a token anyone who reaches them can run code in the cluster. Ray would
-    otherwise write a token into ~/.ray for every later Ray to share."""
+    otherwise write a token into ~/.ray for every later Ray to share. Ray reads this once, when it is imported
+    (vLLM's configuration imports it too): call this first."""
     if "RAY_AUTH_MODE" not in os.environ and "RAY_AUTH_TOKEN" not in os.environ:
         os.environ |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
@@ -309,10 +310,9 @@ def run_replicas(
     ray_address: str | None,
 ) -> None:
     """Start (or join, with `ray_address`) Ray, the replicas and the ingress on `host:port`; serve until SIGINT or
-    SIGTERM, then remove the application (and stop the Ray instance this started)."""
+    SIGTERM, then remove the application (and stop the Ray instance this started). Call `private_ray_token` first,
+    before anything imports Ray, for a Ray of its own."""
     local = ray_address is None
-    if local:
-        _private_ray_token()  # before Ray is imported: it reads its settings once
     try:
         import ray
         from ray import serve
