@@ -178,10 +178,7 @@ def _start_child(settings: ReplicaSettings, replica: str, cpus: list[int] | None
     port, key = _free_port(host), secrets.token_urlsafe(32)
     env = dict(os.environ)
     if cpus is not None:  # vLLM's binding: one group of cores per rank
-        groups = [
-            cpus[rank * len(cpus) // settings.ranks : (rank + 1) * len(cpus) // settings.ranks]
-            for rank in range(settings.ranks)
-        ]
+        groups = [_part(cpus, rank, settings.ranks) for rank in range(settings.ranks)]
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, group)) for group in groups)
     argv = [sys.executable, "-m", "expert_hub.cli", "serve", *settings.serve_argv]
     env["EXPERT_HUB_API_KEY"] = key  # not on the command line, which every local user can read
@@ -223,8 +220,12 @@ def _die_with_parent(libc, cpus: list[int] | None) -> None:
 def _cpu_share(rank: int, replicas: int) -> list[int]:
     """Replica `rank`'s cores: the allowed cores split evenly (`serve` refuses more replicas than cores). A
     replacement started before the replica it replaces has stopped gets the next rank, so ranks wrap around."""
-    cores, slot = sorted(os.sched_getaffinity(0)), rank % replicas
-    return cores[slot * len(cores) // replicas : (slot + 1) * len(cores) // replicas]
+    return _part(sorted(os.sched_getaffinity(0)), rank % replicas, replicas)
+
+
+def _part(items: list[int], index: int, parts: int) -> list[int]:
+    """Part `index` of `items` cut into `parts` even runs."""
+    return items[index * len(items) // parts : (index + 1) * len(items) // parts]
 
 
 def _replay_task_changes(server: ChildServer) -> None:
