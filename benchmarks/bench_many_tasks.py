@@ -82,7 +82,9 @@ def _register_tasks(base: Path, root: Path, registry_home: Path, count: int, cou
     return names
 
 
-def _start(base: Path, root: Path, registry_home: Path, port: int, options: list[str]) -> subprocess.Popen:
+def _start(
+    base: Path, root: Path, registry_home: Path, port: int, options: list[str], env: dict | None = None
+) -> subprocess.Popen:
     log = root / f"server-{port}.log"
     server = subprocess.Popen(
         [
@@ -91,7 +93,7 @@ def _start(base: Path, root: Path, registry_home: Path, port: int, options: list
         ],
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
-        env=os.environ | {"EXPERT_HUB_HOME": str(registry_home)},
+        env=os.environ | {"EXPERT_HUB_HOME": str(registry_home)} | (env or {}),
     )
     return lora_peer.wait_for_health(server, port, log)
 

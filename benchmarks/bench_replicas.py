@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import lora_peer
 from bench_many_tasks import RESULTS, _get, _paper_counts, _percentile, _register_tasks, _stop, _stream, _zipf
+from bench_many_tasks import _start as start_server
 from bench_serving import SHAPE
 from rich.console import Console
 from rich.table import Table
@@ -39,18 +36,10 @@ BANK_ROWS = "24"  # about 3 paper-sized tasks per server
 
 
 def _start(base: Path, root: Path, home: Path, port: int, options: list[str], env: dict | None = None):
-    log = root / f"server-{port}.log"
-    server = subprocess.Popen(
-        [
-            *(str(Path(sys.executable).with_name("expert-hub")), "serve", "--base", str(base), "--port", str(port)),
-            *("--dtype", "bfloat16", "--max-model-len", "512", *options),
-        ],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        env=os.environ | {"EXPERT_HUB_HOME": str(home)} | (env or {}),
-    )
-    server = lora_peer.wait_for_health(server, port, log)
-    if "--replicas" in options:  # /health answers once one replica is up
+    """`bench_many_tasks`' server start, and for `--replicas` until every replica serves (/health answers once
+    one does)."""
+    server = start_server(base, root, home, port, options, env)
+    if "--replicas" in options:
         replicas = int(options[options.index("--replicas") + 1])
         while len(_get(f"http://127.0.0.1:{port}/v1/tasks")["replicas"]) < replicas:
             time.sleep(1)

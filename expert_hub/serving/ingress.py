@@ -23,7 +23,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from expert_hub.registry import AUTO
 
-from .middleware import TASK_ROUTES
+from .middleware import TASK_ROUTES, json_object
 from .replica_directory import ChildServer, auth_header, replica_directory
 from .serving_state import ApiKeys, error_body
 
@@ -65,7 +65,7 @@ def ingress_deployment(api_key: str | None, public_metrics: bool):
                 try:
                     return _json(await _list_tasks(request.url.query))
                 except _Refused as refusal:
-                    return Response(refusal.body, refusal.status, media_type="application/json")
+                    return refusal.response()
             if path.startswith("/v1/tasks/") and request.method in ("POST", "DELETE"):
                 status, body = await _change_task(request.method, path)
                 return Response(body, status, media_type="application/json")
@@ -75,7 +75,7 @@ def ingress_deployment(api_key: str | None, public_metrics: bool):
             headers = [(name, value) for name, value in request.headers.raw if name.lower() not in _NOT_FORWARDED]
             task, extra = None, {}
             if path in TASK_ROUTES and request.method == "POST":
-                payload = _json_object(body)
+                payload = json_object(body)
                 try:
                     task = _named_task(request, payload, await self._base_names())
                     if task == AUTO and payload is not None:
@@ -83,7 +83,7 @@ def ingress_deployment(api_key: str | None, public_metrics: bool):
                         body, extra = json.dumps(payload).encode(), {"x-expert-task-chosen": payload["model"]}
                         headers = [(name, value) for name, value in headers if name.lower() != b"x-expert-task"]
                 except _Refused as refusal:
-                    return Response(refusal.body, refusal.status, media_type="application/json")
+                    return refusal.response()
                 except Exception as error:  # a replica lost while asked (Ray's errors, a connection refused)
                     return _error(503, f"no replica could route this request ({_short(error)}); retry")
             handle = self.replicas.options(stream=True, multiplexed_model_id=task or "")
@@ -125,6 +125,9 @@ class _Refused(Exception):
 
     def __init__(self, status: int, body: bytes) -> None:
         self.status, self.body = status, body
+
+    def response(self) -> Response:
+        return Response(self.body, self.status, media_type="application/json")
 
 
 def _named_task(request, payload: dict | None, base_names: frozenset[str]) -> str | None:
@@ -244,14 +247,6 @@ async def _metrics() -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Merged())
     return generate_latest(registry)
-
-
-def _json_object(body: bytes) -> dict | None:
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):  # RecursionError: a body nested deeper than Python parses
-        return None
-    return payload if isinstance(payload, dict) else None
 
 
 def _json(payload: dict) -> Response:

@@ -67,7 +67,7 @@ class TaskRouting:
         if _path(scope) == "/v1/models" and scope["method"] == "GET":
             return await self._list_models(state, scope, receive, send)
         body = await _read_body(receive)
-        await self._dispatch(state, scope, _replay(body, receive), send, _json_object(body))
+        await self._dispatch(state, scope, _replay(body, receive), send, json_object(body))
 
     async def _dispatch(self, state: ServingState, scope, receive, send, request: dict | None) -> None:
         """Send a read request to vLLM as its task, as the base model, or refuse it."""
@@ -318,7 +318,8 @@ def _as_task_request(state: ServingState, request: dict, task: Task) -> dict:
     return request
 
 
-def _json_object(body: bytes) -> dict | None:
+def json_object(body: bytes) -> dict | None:
+    """A request body's JSON object; None for anything else (not JSON, nested deeper than Python parses, a list)."""
     try:
         request = json.loads(body)
     except (ValueError, RecursionError):
