@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -35,14 +35,13 @@ from .errors import AdapterMismatchError, InvalidInputError
 from .families import (
     PROJECTIONS,
     canonical_key,
-    expert_checkpoint_key,
     expert_views,
     moe_layers,
     parse_expert_key,
     split_parameters,
 )
 from .io import atomic_directory, in_parallel, read_json, write_json_atomic
-from .models import ModelSummary, checkpoint_tensors
+from .models import ModelSummary
 from .selection import ExpertSelection
 
 CONFIG_FILE = "expert_cfg.json"
@@ -305,11 +304,11 @@ class ExpertAdapter:
         `base_fingerprint` is `fingerprint_selection(base, selection)` taken before training; without it
         `model` itself is taken to be the base.
         """
-        views = _selected_views(model, selection)
+        views = selected_views(model, selection)
         tensors = {key: view.detach().contiguous().clone() for key, view in views.items()}
         metadata.setdefault("base_model", getattr(model.config, "_name_or_path", None) or None)
         metadata.setdefault("base_revision", getattr(model.config, "_commit_hash", None))
-        fingerprint = base_fingerprint or _fingerprint(views)
+        fingerprint = base_fingerprint or fingerprint_tensors(views)
         return cls(selection, tensors, AdapterMetadata(base_fingerprint=fingerprint, **metadata))
 
     def save(self, directory: str | Path, overwrite: bool = False) -> Path:
@@ -356,7 +355,7 @@ class ExpertAdapter:
         views = _tensor_views(model, self.tensors)
         for key, tensor in self.tensors.items():
             check_dtype(key, tensor, origin="the adapter")  # an integer or bool tensor is never cast into weights
-        if missing := sorted(set(_selected_views(model, self.selection)) - set(self.tensors)):
+        if missing := sorted(set(selected_views(model, self.selection)) - set(self.tensors)):
             raise AdapterMismatchError(f"the adapter lacks {missing[0]}, which its selection replaces in this model")
         for key, tensor in self.tensors.items():
             if views[key].shape != tensor.shape:
@@ -364,7 +363,7 @@ class ExpertAdapter:
                     f"adapter tensor {key} has shape {tuple(tensor.shape)}, the base model {tuple(views[key].shape)}"
                 )
         expected = self.metadata.base_fingerprint
-        if expected and not force and (actual := _fingerprint(views)) != expected:
+        if expected and not force and (actual := fingerprint_tensors(views)) != expected:
             raise AdapterMismatchError(
                 f"the base model's weights differ from those the adapter was trained on (fingerprint {actual[:12]} "
                 f"!= {expected[:12]}); use the adapter's base model ({self.metadata.base_model}) or force it"
@@ -388,32 +387,13 @@ def _rounds(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 def fingerprint_selection(model: nn.Module, selection: ExpertSelection) -> str:
-    """The fingerprint an adapter of `selection` trained from `model` records (see `_fingerprint`)."""
-    return _fingerprint(_selected_views(model, selection))
-
-
-def checkpoint_fingerprint(base: str, selection: ExpertSelection) -> str | None:
-    """The fingerprint of `selection`'s routed experts read straight from a local base checkpoint's files.
-
-    Used where the base is never loaded through transformers (serving on vLLM). None when the base is not a local
-    directory or its checkpoint does not store those experts under per-expert keys.
-    """
-    wanted = {
-        expert_checkpoint_key(layer, expert, f"{projection}.weight")
-        for layer, expert in selection.pairs
-        for projection in PROJECTIONS
-    }
-    found = checkpoint_tensors(base, wanted | {key.removesuffix(".weight") + ".bias" for key in wanted})
-    return (
-        _fingerprint(found)
-        if wanted <= set(found) and not selection.shared_experts and not selection.non_expert_modules
-        else None
-    )
+    """The fingerprint an adapter of `selection` trained from `model` records (see `fingerprint_tensors`)."""
+    return fingerprint_tensors(selected_views(model, selection))
 
 
 def base_fingerprint(base: str | Path) -> str | None:
     """What a local base checkpoint is, wherever it lies: its config and every weight, hashed as an adapter's base
-    fingerprint hashes the experts it replaces (`_fingerprint`).
+    fingerprint hashes the experts it replaces (`fingerprint_tensors`).
 
     The registry knows a local base by it, so a base moved, cloned or installed elsewhere keeps its tasks. It leaves
     out what only records how the checkpoint was saved (the transformers version, the dtype: the weights are rounded
@@ -431,7 +411,8 @@ def base_fingerprint(base: str | Path) -> str | None:
             return None
         with contextlib.ExitStack() as stack:
             handles = [stack.enter_context(safe_open(file, "pt")) for file in files]
-            weights = _fingerprint(_CheckpointTensors(handles))
+            holder = {key: handle for handle in handles for key in handle.keys()}
+            weights = fingerprint_tensors(LazyTensors(holder, lambda key: holder[key].get_tensor(key)))
     except (InvalidInputError, SafetensorError, OSError):
         return None
     identity = json.dumps({k: v for k, v in config.items() if k not in _SAVED_AS}, sort_keys=True)
@@ -441,24 +422,23 @@ def base_fingerprint(base: str | Path) -> str | None:
 _SAVED_AS = frozenset({"_name_or_path", "transformers_version", "dtype", "torch_dtype"})
 
 
-class _CheckpointTensors(Mapping):
-    """A checkpoint's tensors by key, each read from its safetensors file only when asked for: a base is
-    fingerprinted one tensor at a time, never held in memory whole."""
+class LazyTensors(Mapping):
+    """Tensors by key, each read only when asked for: fingerprinting a checkpoint holds one tensor at a time."""
 
-    def __init__(self, handles: list):
-        self._holder = {key: handle for handle in handles for key in handle.keys()}
+    def __init__(self, keys: Iterable[str], read: Callable[[str], torch.Tensor]):
+        self._keys, self._read = list(keys), read
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        return self._holder[key].get_tensor(key)
+        return self._read(key)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._holder)
+        return iter(self._keys)
 
     def __len__(self) -> int:
-        return len(self._holder)
+        return len(self._keys)
 
 
-def _fingerprint(views: Mapping[str, torch.Tensor]) -> str:
+def fingerprint_tensors(views: Mapping[str, torch.Tensor]) -> str:
     """sha256 of tensors by checkpoint key: names, shapes and values rounded to bfloat16.
 
     Rounding to bfloat16 makes the fingerprint independent of the dtype the base was loaded in.
@@ -471,7 +451,8 @@ def _fingerprint(views: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _selected_views(model: nn.Module, selection: ExpertSelection) -> dict[str, torch.Tensor]:
+def selected_views(model: nn.Module, selection: ExpertSelection) -> dict[str, torch.Tensor]:
+    """What an adapter of `selection` replaces in `model`, by checkpoint key (views: writing one writes the model)."""
     layers = {layer.index: layer for layer in moe_layers(model)}
     views = {}
     for layer_index, expert in selection.pairs:

@@ -90,13 +90,19 @@ class ModelSummary:
     expert_shapes: dict[str, tuple[int, ...]]  # one routed expert's checkpoint tensors: name -> shape
 
 
-def describe_model(base: str, trust_remote_code: bool = False) -> ModelSummary:
-    """Summarise a model from its config alone: the layers are built on the meta device, no weights read."""
+def meta_model(base: str, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The model's modules and parameter shapes, built on the meta device: no weights are read or allocated."""
     from transformers import AutoModelForCausalLM
 
     config = load_config(base, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def describe_model(base: str, trust_remote_code: bool = False) -> ModelSummary:
+    """Summarise a model from its config alone: the layers are built on the meta device, no weights read."""
+    model = meta_model(base, trust_remote_code=trust_remote_code)
+    config = model.config
     layers = moe_layers(model)
     first = layers[0]
     shapes = {name: tuple(view.shape) for name, view in expert_views(first.experts, 0).items()}

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from expert_hub import ExpertAdapter, ExpertSelection, load_model
-from expert_hub.adapter import METADATA_FILE
+from expert_hub.adapter import METADATA_FILE, fingerprint_selection
+from expert_hub.checkpoint import checkpoint_fingerprint
 from expert_hub.errors import AdapterMismatchError, InvalidInputError
 from expert_hub.families import moe_layers, read_expert, split_parameters
 from expert_hub.models import load_base
@@ -323,3 +324,15 @@ def test_apply_refuses_integer_tensors_and_says_when_it_rounds(tiny_models, capl
     assert not caplog.records
     adapter.apply(load_base(str(base_dir), dtype=torch.bfloat16))
     assert "lose precision in the base model's torch.bfloat16" in caplog.text
+
+
+def test_the_fingerprint_read_from_a_checkpoint_equals_the_loaded_models(tiny_models, family):
+    """Per-expert keys, Mixtral's w1/w3/w2 and gpt_oss' fused experts alike: `serve` and `merge` check a task's base
+    from the checkpoint's files as `load_model` checks it from the loaded model."""
+    base = load_base(str(tiny_models[family]))
+    layers = moe_layers(base)
+    for selection in (
+        ExpertSelection({layers[0].index: [0, 5], layers[-1].index: [7]}),
+        ExpertSelection({layers[-1].index: [1]}, shared_experts=True, non_expert_modules=True),
+    ):
+        assert checkpoint_fingerprint(str(tiny_models[family]), selection) == fingerprint_selection(base, selection)

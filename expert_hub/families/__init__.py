@@ -13,16 +13,18 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .keys import ExpertKey, canonical_key, expert_checkpoint_key, expert_key, parse_expert_key
-from .layout import PROJECTIONS, expert_views, read_expert, write_expert
+from .layout import FUSED_TENSOR, PROJECTIONS, expert_view_in, expert_views, read_expert, write_expert
 
 __all__ = [
     "FAMILIES",
+    "FUSED_TENSOR",
     "PROJECTIONS",
     "ExpertKey",
     "MoEFamily",
     "MoELayer",
     "canonical_key",
     "expert_checkpoint_key",
+    "expert_view_in",
     "expert_views",
     "family_of",
     "moe_layers",
@@ -44,6 +46,23 @@ class MoEFamily:
     # divides it out, so it is the router's own weight. Routers that renormalise the top-k (norm_topk_prob,
     # mixtral, gpt_oss) give gate scores summing to 1 per layer; DeepSeek-V2-Lite's do not (about 0.35-0.40).
     gate_scale: str | None = None
+    # How the family's checkpoints name the MoE block and an expert's projections where transformers renames them on
+    # load (Mixtral's `block_sparse_moe.experts.E.w1/w3/w2`); the merged checkpoint must keep the base's own names.
+    checkpoint_block: str = "mlp"
+    checkpoint_projections: tuple[str, str, str] = PROJECTIONS
+
+    def checkpoint_key(self, model_key: str) -> str:
+        """`model_key` (a parameter name, or a per-expert key as adapters spell it) as this family's checkpoints
+        spell it; the same key for every family but Mixtral."""
+        if self.checkpoint_block == "mlp" and self.checkpoint_projections == PROJECTIONS:
+            return model_key
+        parsed = parse_expert_key(model_key)
+        if parsed is None:
+            return model_key.replace(".mlp.", f".{self.checkpoint_block}.", 1)
+        projection, kind = parsed.tensor.split(".")
+        block = f"{parsed.prefix.removesuffix('.mlp')}.{self.checkpoint_block}"
+        renamed = dict(zip(PROJECTIONS, self.checkpoint_projections))[projection]
+        return expert_key(block, parsed.expert, f"{renamed}.{kind}")
 
 
 _DEEPSEEK = {"shared_experts": ("shared_experts",), "gate_scale": "routed_scaling_factor"}
@@ -56,7 +75,7 @@ FAMILIES: dict[str, MoEFamily] = {
         MoEFamily("qwen2_moe", shared_experts=("shared_expert", "shared_expert_gate")),
         MoEFamily("qwen3_moe"),
         MoEFamily("olmoe"),
-        MoEFamily("mixtral"),
+        MoEFamily("mixtral", checkpoint_block="block_sparse_moe", checkpoint_projections=("w1", "w3", "w2")),
         MoEFamily("gpt_oss", router="router"),
     )
 }

@@ -9,12 +9,23 @@ The experts module itself declares its layout (`use_experts_implementation` sets
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# The fused Parameter that holds each of an expert's checkpoint tensors.
+FUSED_TENSOR = {
+    "gate_proj.weight": "gate_up_proj",
+    "up_proj.weight": "gate_up_proj",
+    "down_proj.weight": "down_proj",
+    "gate_proj.bias": "gate_up_proj_bias",
+    "up_proj.bias": "gate_up_proj_bias",
+    "down_proj.bias": "down_proj_bias",
+}
 
 
 def expert_views(experts: nn.Module, expert: int) -> dict[str, torch.Tensor]:
@@ -38,6 +49,23 @@ def expert_views(experts: nn.Module, expert: int) -> dict[str, torch.Tensor]:
             "down_proj.bias": experts.down_proj_bias[expert],
         }
     return views
+
+
+def expert_view_in(experts: nn.Module, fused: torch.Tensor, expert: int, tensor: str) -> torch.Tensor:
+    """One expert's checkpoint tensor `tensor` as a view into `fused`: a tensor laid out like `experts`' own fused
+    Parameter `FUSED_TENSOR[tensor]` (a checkpoint that stores experts fused, as gpt_oss' do), or a slice of one.
+
+    `experts` only lends its layout (it may live on the meta device); nothing of it is read or written.
+    """
+    layout = {name: getattr(experts, name) for name in set(FUSED_TENSOR.values()) if hasattr(experts, name)}
+    stand_in = SimpleNamespace(
+        **(layout | {FUSED_TENSOR[tensor]: fused}),
+        has_gate=getattr(experts, "has_gate", True),
+        is_transposed=experts.is_transposed,
+        is_concatenated=experts.is_concatenated,
+        has_bias=experts.has_bias,
+    )
+    return expert_views(stand_in, expert)[tensor]
 
 
 def _split_gate_up(gate_up: torch.Tensor, concatenated: bool) -> tuple[torch.Tensor, torch.Tensor]:

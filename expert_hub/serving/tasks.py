@@ -14,8 +14,9 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from expert_hub.adapter import AdapterHeader, checkpoint_fingerprint
+from expert_hub.adapter import AdapterHeader
 from expert_hub.auto_routing import RoutingProfile
+from expert_hub.checkpoint import checkpoint_fingerprint
 from expert_hub.errors import ExpertHubError, InvalidInputError
 from expert_hub.models import ModelSummary
 
