@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -157,22 +158,60 @@ def atomic_directory(directory: str | Path, overwrite: bool = False) -> Iterator
 
     Readers see the old directory or the complete new one, never a mix; on an error nothing changes.
     """
+    directory = writable_directory(directory, overwrite)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    try:
+        yield staging
+        _publish(staging, directory)
+    except OSError as error:
+        raise_with_filename(error, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def resumable_directory(directory: str | Path, plan: str, overwrite: bool = False) -> Iterator[Path]:
+    """`atomic_directory` for work that takes long: a failed or killed run leaves its staging directory
+    (`.NAME.partial`), and the next run with the same `plan` (a text naming the inputs) is handed what it finished;
+    another plan starts afresh. Writers put each file in place whole (`write_atomic`), so a file there is complete.
+    A lock keeps a second writer out while one runs.
+    """
+    directory = writable_directory(directory, overwrite)
+    staging, marker = directory.parent / f".{directory.name}.partial", directory.parent / f".{directory.name}.plan"
+    lock_path = directory.parent / f".{directory.name}.lock"
+    with lock_path.open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InvalidInputError(f"another process is writing {directory}; wait for it to finish") from None
+        try:
+            if staging.exists() and not (marker.is_file() and marker.read_text(encoding="utf-8") == plan):
+                shutil.rmtree(staging)
+            staging.mkdir(exist_ok=True)
+            write_atomic(marker, lambda handle: handle.write(plan))
+            yield staging
+            _publish(staging, directory)
+            marker.unlink()
+            lock_path.unlink()
+        except OSError as error:
+            raise_with_filename(error, directory)
+
+
+def writable_directory(directory: str | Path, overwrite: bool = False) -> Path:
+    """`directory`, once it is known that a new one may be written there: checked before long work, not after it."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise InvalidInputError(f"{directory} is a file; give a directory path")
     if directory.exists() and any(directory.iterdir()) and not overwrite:
         raise InvalidInputError(f"{directory} already exists and is not empty; remove it or choose another path")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
-    try:
-        yield staging
-        publish_permissions(staging)
-        fsync_tree(staging)
-        replace_directory(staging, directory)
-    except OSError as error:
-        raise_with_filename(error, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def _publish(staging: Path, directory: Path) -> None:
+    publish_permissions(staging)
+    fsync_tree(staging)
+    replace_directory(staging, directory)
 
 
 def in_parallel(function: Callable[[_Item], _Result], items: list[_Item]) -> list[_Result]:
