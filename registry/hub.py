@@ -108,6 +108,16 @@ def pull(
         return registry.register(directory, task=task, base=base)
 
 
+def download_model(repo_id: str, revision: str | None = None) -> Path:
+    """A model repository's safetensors weights, configs and tokenizer, through huggingface_hub's cache (a second
+    call downloads nothing): what `expert-hub merge` rewrites when the base is a Hub id."""
+    with _hub_errors(repo_id, revision):
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_MODEL_FILES))
+
+
+_MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]  # never pickled weights or code
+
+
 @contextmanager
 def _hub_errors(repo_id: str, revision: str | None):
     where = f"{repo_id}" + (f"@{revision}" if revision else "")

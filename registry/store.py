@@ -292,11 +292,7 @@ class Registry:
         directory = Path(directory)
         refuse_links_and_special_files(directory)
         task = validate_task_name(task) if task is not None else None  # before gigabytes are copied
-        sources = sorted(
-            path
-            for path in directory.iterdir()
-            if path.is_file() and not path.name.startswith(".") and path.name != MANIFEST_FILE
-        )
+        sources = _adapter_files(directory)
         staging_root = self.root / "staging"
         staging_root.mkdir(parents=True, exist_ok=True)
         self._remove_abandoned_staging()
@@ -307,7 +303,7 @@ class Registry:
             adapter = _check_adapter(staging, named_as=directory)
             task = task or validate_task_name(adapter.metadata.task or "")
             base_model, fingerprint = self._base(base or adapter.metadata.base_model, self._read_index()[0])
-            manifest = json.dumps({"files": files}, sort_keys=True, indent=1).encode()
+            manifest = _manifest(files)
             _write_durably(staging / MANIFEST_FILE, manifest)
             publish_permissions(staging)
             fsync_path(staging)  # the files were flushed as they were copied; this makes their names durable
@@ -456,6 +452,27 @@ def _check_adapter(staging: Path, named_as: Path) -> AdapterHeader:
     except InvalidInputError as error:
         raise InvalidInputError(str(error).replace(str(staging), str(named_as))) from error
     return adapter
+
+
+def content_digest(directory: str | Path) -> str:
+    """The digest `Registry.register` gives `directory`'s adapter files (the object's name), without copying them:
+    what names an adapter that is not registered."""
+    files = {
+        path.name: {"sha256": _sha256_file(path), "size": path.stat().st_size} for path in _adapter_files(directory)
+    }
+    return _sha256_bytes(_manifest(files))
+
+
+def _adapter_files(directory: str | Path) -> list[Path]:
+    return sorted(
+        path
+        for path in Path(directory).iterdir()
+        if path.is_file() and not path.name.startswith(".") and path.name != MANIFEST_FILE
+    )
+
+
+def _manifest(files: dict[str, dict]) -> bytes:
+    return json.dumps({"files": files}, sort_keys=True, indent=1).encode()
 
 
 def _check_object(path: Path, digest: str) -> None:
