@@ -14,6 +14,7 @@ from . import (  # noqa: F401  (importing registers their commands)
     analyze,
     builtin_tasks,
     evaluation,
+    merge,
     quickstart,
     registry_commands,
     routing_commands,

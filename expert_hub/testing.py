@@ -132,14 +132,17 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny_model(family: str, path: str | Path, seed: int = 0, **overrides) -> Path:
-    """Save a random `family` model and the byte tokenizer to `path`; returns the path."""
+def build_tiny_model(
+    family: str, path: str | Path, seed: int = 0, max_shard_size: str | None = None, **overrides
+) -> Path:
+    """Save a random `family` model and the byte tokenizer to `path` (in shards of `max_shard_size`, e.g. "64MB",
+    when given); returns the path."""
     torch.manual_seed(seed)
     config = tiny_config(family, **overrides)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _randomize_router_biases(model)
     path = Path(path)
-    model.save_pretrained(path)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     byte_tokenizer().save_pretrained(path)
     return path
 

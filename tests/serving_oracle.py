@@ -16,12 +16,14 @@ from pathlib import Path
 
 
 def make_tasks(family: str, root: Path, tasks: dict) -> tuple[Path, dict[str, Path], dict[str, Path]]:
-    """A tiny `family` base, an adapter per task with random experts, and each task's merged checkpoint."""
+    """A tiny `family` base, an adapter per task with random experts, and each task's checkpoint as `expert-hub merge`
+    writes it: what plain vLLM serves as the oracle, so the serving tests check merged checkpoints too."""
     import torch
 
-    from expert_hub import ExpertAdapter, ExpertSelection, load_model
+    from expert_hub import ExpertAdapter, ExpertSelection
+    from expert_hub.merge import merge_tasks
     from expert_hub.models import load_base
-    from expert_hub.testing import SERVING_SHAPES, build_tiny_model, byte_tokenizer
+    from expert_hub.testing import SERVING_SHAPES, build_tiny_model
 
     base = build_tiny_model(family, root / "base", **SERVING_SHAPES[family])
     adapters, merged = {}, {}
@@ -30,9 +32,7 @@ def make_tasks(family: str, root: Path, tasks: dict) -> tuple[Path, dict[str, Pa
         generator = torch.Generator().manual_seed(100 + seed)
         adapter.tensors = {k: torch.randn(v.shape, generator=generator) * 0.3 for k, v in adapter.tensors.items()}
         adapters[name] = adapter.save(root / f"adapter-{name}")
-        merged[name] = root / f"merged-{name}"
-        load_model(str(base), adapters[name]).save_pretrained(merged[name])
-        byte_tokenizer().save_pretrained(merged[name])
+        merged[name] = merge_tasks(str(base), [str(adapters[name])], root / f"merged-{name}").directory
     return base, adapters, merged
 
 
