@@ -182,11 +182,20 @@ class AdapterHeader:
                         )
 
     def check_values(self) -> None:
-        """Every tensor is a finite floating-point weight (read tensor by tensor, memory-mapped)."""
-        for file in sorted(set(self.shards.values())):
+        """Every tensor is a finite floating-point weight.
+
+        Read tensor by tensor, memory-mapped, each through its own handle: a handle keeps every page it has mapped
+        until it closes, so one handle for the file would hold the whole adapter (which may outgrow a base shard).
+        """
+        for key, file in sorted(self.shards.items()):
             with safe_open(file, "pt") as handle:
-                for key in handle.keys():
-                    check_weight(key, handle.get_tensor(key), origin=file.name)
+                stored = stored_key(handle, key)
+                check_weight(stored, handle.get_tensor(stored), origin=file.name)
+
+
+def stored_key(handle, canonical: str) -> str:
+    """The key an adapter file stores `canonical` under: published ESFT adapters sometimes drop the `model.`."""
+    return canonical if canonical in handle.keys() else canonical.removeprefix("model.")
 
 
 def check_weight(key: str, tensor: torch.Tensor, origin: str) -> None:
