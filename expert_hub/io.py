@@ -173,8 +173,8 @@ def atomic_directory(directory: str | Path, overwrite: bool = False) -> Iterator
 def resumable_directory(directory: str | Path, plan: str, overwrite: bool = False) -> Iterator[Path]:
     """`atomic_directory` for work that takes long: a failed or killed run leaves its staging directory
     (`.NAME.partial`), and the next run with the same `plan` (a text naming the inputs) is handed what it finished;
-    another plan starts afresh. Writers put each file in place whole (`write_atomic`), so a file there is complete.
-    A lock keeps a second writer out while one runs.
+    another plan starts afresh. Writers must put each file in place whole (written beside it, then renamed), so a
+    file there is complete. A lock keeps a second writer out while one runs.
     """
     directory = writable_directory(directory, overwrite)
     staging, marker = directory.parent / f".{directory.name}.partial", directory.parent / f".{directory.name}.plan"
@@ -184,6 +184,7 @@ def resumable_directory(directory: str | Path, plan: str, overwrite: bool = Fals
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise InvalidInputError(f"another process is writing {directory}; wait for it to finish") from None
+        writable_directory(directory, overwrite)  # again, under the lock: another writer may have just finished
         try:
             if staging.exists() and not (marker.is_file() and marker.read_text(encoding="utf-8") == plan):
                 shutil.rmtree(staging)

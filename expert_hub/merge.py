@@ -1,8 +1,9 @@
 """`merge_tasks`: a base checkpoint with tasks' experts written into it, as a model directory any runtime loads.
 
 For runtimes that are not expert-hub's server (TGI, SGLang, plain vLLM, llama.cpp after conversion). The base is
-rewritten shard by shard, never loaded whole: a shard that holds none of the tasks' tensors is copied as it is, one
-that does is read, patched and written, so memory stays near the largest shard. The merged checkpoint keeps the
+rewritten shard by shard, never loaded: every shard is copied by the kernel, and in a shard that holds the tasks'
+tensors each of those is then written over its bytes, so memory holds one tensor at a time. Only `dtype` casts read
+a shard whole (its size changes), so memory then stays near the largest shard. The merged checkpoint keeps the
 base's own tensor names and layout (per-expert keys, Mixtral's w1/w3/w2, gpt_oss' fused experts), so whatever
 loads the base loads it. The directory appears complete or not at all; a killed merge, rerun, keeps the shards it
 finished (`io.resumable_directory`).
@@ -23,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .adapter import CONFIG_FILE, AdapterHeader
+from .adapter import CONFIG_FILE, AdapterHeader, stored_key
 from .checkpoint import INDEX_FILE, BaseCheckpoint, Place
 from .errors import AdapterMismatchError, InvalidInputError
 from .families import parse_expert_key
@@ -116,11 +117,15 @@ class MergePlan:
                 target = staging / file.name
                 if target.exists():
                     result.shards_resumed += 1
-                elif file in self.writes or torch_dtype is not None:
+                elif torch_dtype is not None:
                     _rewrite_shard(self.checkpoint, file, self.writes.get(file, []), target, torch_dtype)
                     result.shards_rewritten += 1
+                elif file in self.writes:
+                    _patch_shard(self.checkpoint, file, self.writes[file], target)
+                    result.shards_rewritten += 1
                 else:
-                    _copy_durably(file, target)
+                    # the kernel copies (copy_file_range / sendfile): no byte passes through Python
+                    _put_in_place(target, lambda partial, file=file: shutil.copyfile(file, partial))
                     result.shards_copied += 1
                 if progress is not None:
                     progress(file.name)
@@ -245,7 +250,7 @@ def _writes(checkpoint: BaseCheckpoint, tasks: list[MergedTask], owners) -> dict
 def _check_shape(checkpoint: BaseCheckpoint, place: Place, adapter_file: Path, key: str) -> None:
     """The adapter tensor has the shape of its place in the base, read from both files' headers."""
     with safe_open(adapter_file, "pt") as adapter, safe_open(checkpoint.shard_of[place.key], "pt") as base:
-        shape, stored = adapter.get_slice(_stored_key(adapter, key)).get_shape(), base.get_slice(place.key).get_shape()
+        shape, stored = adapter.get_slice(stored_key(adapter, key)).get_shape(), base.get_slice(place.key).get_shape()
     if place.expert is not None:  # the expert's slab of a fused tensor
         stored = [1, *stored[1:]]
     expected = checkpoint.view(place, torch.empty(stored, device="meta")).shape
@@ -253,42 +258,76 @@ def _check_shape(checkpoint: BaseCheckpoint, place: Place, adapter_file: Path, k
         raise AdapterMismatchError(f"adapter tensor {key} has shape {tuple(shape)}, the base {tuple(expected)}")
 
 
-def _stored_key(handle, canonical: str) -> str:
-    """The key a published adapter stores `canonical` under (some drop the leading `model.`)."""
-    return canonical if canonical in handle.keys() else canonical.removeprefix("model.")
+def _patch_shard(checkpoint: BaseCheckpoint, file: Path, writes: list[_Write], target: Path) -> None:
+    """The base shard copied by the kernel, then each tensor the tasks change written over its bytes in the copy.
+
+    The shard never passes through memory: one changed tensor at a time does (an expert's matrix, or a layer's
+    fused experts), and every other byte, header included, is the base's.
+    """
+    starts = _tensor_starts(file)
+
+    def write(partial: Path) -> None:
+        shutil.copyfile(file, partial)  # the kernel copies (copy_file_range / sendfile): no byte passes through Python
+        with partial.open("r+b") as out:
+            for key, key_writes in _by_tensor(writes).items():
+                with safe_open(file, "pt") as base:  # a handle per tensor: it keeps what it mapped until it closes
+                    tensor = base.get_tensor(key)
+                    _write_into(checkpoint, tensor, key_writes)
+                    out.seek(starts[key])
+                    out.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+    _put_in_place(target, write)
 
 
 def _rewrite_shard(
-    checkpoint: BaseCheckpoint, file: Path, writes: list[_Write], target: Path, dtype: torch.dtype | None
+    checkpoint: BaseCheckpoint, file: Path, writes: list[_Write], target: Path, dtype: torch.dtype
 ) -> None:
-    """Read one base shard, cast it, write the adapters' tensors into it, and save it whole under `target`.
+    """Read one base shard whole, cast it to `dtype`, write the tasks' tensors into it, and save it under `target`.
 
     Cast first, then write: an adapter tensor is rounded once, to the dtype the merged model has, as `load_model`
     with that dtype rounds it. Tensors the model keeps in float32 at that dtype keep the base's dtype.
     """
+    keep = [re.compile(name) for name in checkpoint.model._get_dtype_plan(dtype)]
     with safe_open(file, "pt") as handle:
         metadata = handle.metadata()
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    if dtype is not None:
-        keep = [re.compile(name) for name in checkpoint.model._get_dtype_plan(dtype)]
-        tensors = {
-            key: tensor.to(dtype) if tensor.is_floating_point() and not any(p.search(key) for p in keep) else tensor
-            for key, tensor in tensors.items()
-        }
+    tensors = {
+        key: tensor.to(dtype) if tensor.is_floating_point() and not any(p.search(key) for p in keep) else tensor
+        for key, tensor in tensors.items()
+    }
+    for key, key_writes in _by_tensor(writes).items():
+        _write_into(checkpoint, tensors[key], key_writes)
+    _put_in_place(target, lambda partial: save_file(tensors, partial, metadata=metadata))
+
+
+def _by_tensor(writes: list[_Write]) -> dict[str, list[_Write]]:
+    grouped: dict[str, list[_Write]] = {}
+    for write in writes:
+        grouped.setdefault(write.place.key, []).append(write)
+    return grouped
+
+
+@torch.no_grad()
+def _write_into(checkpoint: BaseCheckpoint, stored: torch.Tensor, writes: list[_Write]) -> None:
+    """Copy each adapter tensor into its place in `stored`, a checkpoint tensor (rounded to its dtype)."""
     for write in writes:
         with safe_open(write.adapter_file, "pt") as adapter:
-            value = adapter.get_tensor(_stored_key(adapter, write.adapter_key))
-        with torch.no_grad():
-            checkpoint.view(write.place, tensors[write.place.key]).copy_(value)
-    partial = target.with_name(f".{target.name}.partial")
-    save_file(tensors, partial, metadata=metadata)
-    fsync_path(partial)
-    os.replace(partial, target)
+            value = adapter.get_tensor(stored_key(adapter, write.adapter_key))
+        checkpoint.view(write.place, stored).copy_(value)
 
 
-def _copy_durably(source: Path, target: Path) -> None:
+def _tensor_starts(file: Path) -> dict[str, int]:
+    """Where each tensor's bytes begin in a safetensors file: after the 8-byte header length and the JSON header."""
+    with file.open("rb") as shard:
+        length = int.from_bytes(shard.read(8), "little")
+        header = json.loads(shard.read(length))
+    return {key: 8 + length + record["data_offsets"][0] for key, record in header.items() if key != "__metadata__"}
+
+
+def _put_in_place(target: Path, write: Callable[[Path], None]) -> None:
+    """Have `write` fill a file beside `target`, flush it to disk, then rename it: a shard there is a whole one."""
     partial = target.with_name(f".{target.name}.partial")
-    shutil.copyfile(source, partial)  # the kernel copies (copy_file_range / sendfile): no bytes pass through Python
+    write(partial)
     fsync_path(partial)
     os.replace(partial, target)
 

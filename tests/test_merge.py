@@ -7,7 +7,9 @@ that plain vLLM on a merged directory gives the tokens `expert-hub serve` gives 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -102,6 +104,25 @@ def test_a_dtype_merge_equals_load_model_in_that_dtype(tiny_models, family, tmp_
     assert sum(dtype == "BF16" for _, dtype in layout.values()) > 0.9 * len(layout)
 
 
+def test_a_sharded_base_cast_to_another_dtype_keeps_its_index_true(tmp_path):
+    base = build_tiny_model("qwen3_moe", tmp_path / "base", max_shard_size="100KB")
+    adapter = _adapter(base, {1: [0], 3: [6]}, tmp_path / "law", seed=15)
+    merge_tasks(str(base), [str(adapter)], tmp_path / "merged", dtype="float16")
+    index = json.loads((tmp_path / "merged" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+    sizes = {
+        key: math.prod(shape) * (2 if dtype == "F16" else 4)
+        for key, (shape, dtype) in _layout(tmp_path / "merged").items()
+    }
+    assert index["metadata"]["total_size"] == sum(sizes.values())
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float16)
+    # force: the fingerprint rounds float16-loaded weights differently from float32 ones, so load_model would refuse
+    with torch.no_grad():
+        assert torch.equal(
+            merged(PROMPT).logits, load_model(str(base), adapter, force=True, dtype=torch.float16)(PROMPT).logits
+        )
+
+
 def test_disjoint_tasks_merge_into_one_model_equal_to_applying_both(tiny_models, tmp_path):
     base = tiny_models["qwen3_moe"]
     law = _adapter(base, {1: [0, 2], 3: [4]}, tmp_path / "law", seed=3)
@@ -166,6 +187,15 @@ def test_a_registered_task_merges_by_name_and_the_card_names_it(tiny_models, tmp
     entry = Registry().resolve("law@1", str(base))
     card = (tmp_path / "merged" / "README.md").read_text()
     assert f"| law@1 | `{entry.digest[:16]}` | 1 | 1 |" in card
+
+
+def test_without_base_the_demo_base_is_merged_into(tmp_path, run_cli):
+    from expert_hub.demo import demo_base
+
+    adapter = _adapter(Path(demo_base()), {1: [0, 3]}, tmp_path / "law", seed=14)
+    code, out, err = run_cli("merge", adapter, "--out", tmp_path / "merged")
+    assert code == 0 and "Merged law into" in out, err
+    _assert_same_model(tmp_path / "merged", load_model(demo_base(), adapter))
 
 
 def test_a_hub_base_is_downloaded_and_named_in_the_card(tiny_models, tmp_path, hub, run_cli):
@@ -241,8 +271,10 @@ def _merge_command(base: Path, adapter: Path, out: Path) -> list[str]:
 
 def test_a_sharded_base_is_streamed_untouched_shards_copied(large_base, tmp_path):
     adapter = _adapter(large_base, {0: [1, 2]}, tmp_path / "law", seed=9)
-    result = merge_tasks(str(large_base), [str(adapter)], tmp_path / "merged")
     shards = sorted(large_base.glob("*.safetensors"))
+    before = {shard.name: hashlib.sha256(shard.read_bytes()).hexdigest() for shard in shards}
+    result = merge_tasks(str(large_base), [str(adapter)], tmp_path / "merged")
+    assert {shard.name: hashlib.sha256(shard.read_bytes()).hexdigest() for shard in shards} == before  # base intact
     assert len(shards) >= 3 and result.shards_rewritten == 1 and result.shards_copied == len(shards) - 1
     index = "model.safetensors.index.json"
     assert json.loads((tmp_path / "merged" / index).read_text()) == json.loads((large_base / index).read_text())
@@ -309,9 +341,10 @@ def _peak_rss(command: list[str]) -> int:
 
 
 def test_peak_memory_stays_near_the_largest_shard(large_base, tiny_models, tmp_path):
-    """Side by side: merging the ~1 GB base costs at most 1.5 of its largest shard more than merging a tiny one.
+    """Side by side: merging the ~800 MB base costs less than half its largest shard more than merging a tiny one.
 
-    Loading the model whole, as `load_model` + `save_pretrained` would, costs the whole model: several shards.
+    A changed shard is copied by the kernel and patched a tensor at a time, so no shard passes through memory;
+    reading one whole would cost a shard, and loading the model, as `load_model` + `save_pretrained` do, all four.
     """
     layers = moe_layers(load_base(str(large_base)))
     adapter = _adapter(large_base, {layer.index: [7] for layer in layers}, tmp_path / "law", seed=11)
@@ -326,4 +359,4 @@ def test_peak_memory_stays_near_the_largest_shard(large_base, tiny_models, tmp_p
         f"{largest / 2**20:.0f} MiB of {total / 2**20:.0f} MiB"
     )
     assert total > 3 * largest
-    assert peak - baseline < 1.5 * largest
+    assert peak - baseline < 0.5 * largest
