@@ -48,13 +48,23 @@ def _print_version(wanted: bool) -> None:
         raise typer.Exit()
 
 
+class RunOptions:
+    """What `expert-hub`'s own options asked of this run; `main` resets them before each."""
+
+    debug = False
+
+
 @app.callback()
 def _options(
     version: bool = typer.Option(
         False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
     ),
+    debug: bool = typer.Option(
+        False, "--debug", envvar="EXPERT_HUB_DEBUG", help="Let errors through with their full traceback."
+    ),
 ) -> None:
     """Options of `expert-hub` itself (the app's help is `Typer(help=...)` above)."""
+    RunOptions.debug = debug
 
 
 ScoreFunction = Enum("ScoreFunction", {name: name for name in SCORE_FUNCTIONS}, type=str)

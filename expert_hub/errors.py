@@ -15,3 +15,7 @@ class InvalidInputError(ExpertHubError):
 
 class AdapterMismatchError(ExpertHubError):
     """An expert adapter does not fit the base model it is applied to."""
+
+
+class InternalError(RuntimeError):
+    """Something expert-hub itself got wrong (a bug, or a failing device), never bad input: reported as a bug."""

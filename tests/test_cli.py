@@ -204,6 +204,47 @@ def test_a_runtime_error_is_one_line(run_cli, monkeypatch, tmp_path, tiny_models
     assert err.strip().splitlines()[-1] == "error: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
 
 
+def test_a_bug_is_one_line_that_says_so_and_its_traceback_is_kept_to_report(run_cli, monkeypatch, registry_home):
+    def broken(*args, **kwargs):
+        raise KeyError("layer")
+
+    monkeypatch.setattr("expert_hub.registry.Registry.entries", broken)
+    code, _, err = run_cli("list")
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: KeyError: 'layer'; this is a bug in expert-hub: please report it with ")
+    (report,) = (registry_home / "bug-reports").iterdir()
+    assert str(report) in err
+    text = report.read_text()
+    assert text.startswith("expert-hub list\n") and "Traceback" in text and 'raise KeyError("layer")' in text
+
+
+@pytest.mark.parametrize("how", ["--debug", "EXPERT_HUB_DEBUG"])
+def test_debug_lets_the_error_through_with_its_traceback(run_cli, monkeypatch, how):
+    from expert_hub.errors import InvalidInputError
+
+    def refused(*args, **kwargs):
+        raise InvalidInputError("a refusal")
+
+    monkeypatch.setattr("expert_hub.registry.Registry.entries", refused)
+    if how == "EXPERT_HUB_DEBUG":
+        monkeypatch.setenv("EXPERT_HUB_DEBUG", "1")
+    with pytest.raises(InvalidInputError, match="a refusal"):
+        run_cli(*(["--debug"] if how == "--debug" else []), "list")
+    monkeypatch.delenv("EXPERT_HUB_DEBUG", raising=False)
+    assert run_cli("list")[2] == "error: a refusal\n"  # the next run is not in debug mode
+
+
+def test_workers_that_disagree_are_reported_as_a_bug(run_cli, monkeypatch):
+    from expert_hub.serving.bank_client import WorkersDisagreeError
+
+    def disagree(*args, **kwargs):
+        raise WorkersDisagreeError("the tensor-parallel ranks answered expert_hub_load_task differently")
+
+    monkeypatch.setattr("expert_hub.registry.Registry.entries", disagree)
+    code, _, err = run_cli("list")
+    assert code == 1 and "this is a bug in expert-hub: please report it with " in err
+
+
 def test_importing_the_library_leaves_transformers_unloaded():
     """vLLM imports the serving plugin, and with it `expert_hub`, in every process it starts: that stays quick."""
     probe = "import sys, expert_hub, expert_hub.serving.bank; print('transformers' in sys.modules)"

@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+from ..errors import InternalError
 from . import vllm_contract as vllm
 from .worker import BankInfo, ExpertBankWorker, LayoutResult, LoadResult, StageResult
 
 
-class WorkersDisagreeError(RuntimeError):
+class WorkersDisagreeError(InternalError):
     """Tensor-parallel ranks answered one bank call differently (a bug or a failing device, never bad input)."""
 
 
