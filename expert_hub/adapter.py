@@ -19,9 +19,7 @@ import hashlib
 import json
 import logging
 import math
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import integrity
 from .errors import AdapterMismatchError, InvalidInputError
 from .families import (
     PROJECTIONS,
@@ -40,7 +39,7 @@ from .families import (
     parse_expert_key,
     split_parameters,
 )
-from .io import atomic_directory, in_parallel, read_json, write_json_atomic
+from .io import atomic_directory, read_json, write_json_atomic
 from .models import ModelSummary
 from .selection import ExpertSelection
 
@@ -50,7 +49,6 @@ METADATA_FILE = "expert_hub.json"
 
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-_READ_CHUNK = 8 * 2**20
 logger = logging.getLogger(__name__)
 
 
@@ -217,31 +215,6 @@ def check_dtype(key: str, tensor: torch.Tensor, origin: str) -> None:
         )
 
 
-def _read_verified(directory: Path, sha256: dict[str, str]) -> dict[str, torch.Tensor]:
-    """Every recorded file's bytes, each checked against its hash (different files read and hashed at once)."""
-    return dict(zip(sha256, in_parallel(lambda name: _read_and_hash(directory / name, sha256[name]), list(sha256))))
-
-
-def _read_and_hash(path: Path, sha256: str) -> torch.Tensor:
-    """A file's bytes, read once into memory while a helper thread hashes what has arrived; refused unless the hash
-    is `sha256`. Chunks are hashed while still in the CPU cache, and reading overlaps hashing."""
-    if not path.is_file():
-        raise InvalidInputError(f"{path.name} is missing")
-    digest = hashlib.sha256()
-    with path.open("rb", buffering=0) as reader, ThreadPoolExecutor(1) as hasher:
-        size = os.fstat(reader.fileno()).st_size
-        buffer = torch.empty(size, dtype=torch.uint8)
-        view, offset, hashed = memoryview(buffer.numpy()), 0, []
-        while offset < size and (read := reader.readinto(view[offset : offset + _READ_CHUNK])):
-            hashed.append(hasher.submit(digest.update, view[offset : offset + read]))
-            offset += read
-        for chunk in hashed:
-            chunk.result()
-    if offset != size or digest.hexdigest() != sha256:
-        raise InvalidInputError(f"{path.name} does not match its recorded sha256 (changed or corrupted on disk)")
-    return buffer
-
-
 def _tensors_in(buffer: torch.Tensor, origin: str) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file held in `buffer`, as views of it: the bytes just hashed, not a copy.
 
@@ -338,7 +311,7 @@ class ExpertAdapter:
         are made from the very bytes whose hash was checked: a file damaged on disk never gets in, and nothing is
         read twice (a separate verification pass would read every byte again).
         """
-        verified = _read_verified(Path(directory), sha256) if sha256 is not None else None
+        verified = integrity.read_verified(Path(directory), sha256) if sha256 is not None else None
         header = AdapterHeader.read(directory)
         tensors = {}
         for shard in sorted(set(header.shards.values())):

@@ -386,21 +386,21 @@ def test_a_source_changed_between_the_check_and_the_copy_cannot_slip_in(adapters
     """Whatever is stored is what was checked: weights turned NaN while an import runs are refused."""
     from safetensors.torch import load_file, save_file
 
-    from expert_hub.registry import store
+    from expert_hub import integrity
 
     _, made = adapters
     weights = made["law"] / "experts.safetensors"
     tensors = load_file(weights)
     key = sorted(tensors)[0]
     tensors[key][0, 0] = float("nan")
-    copy_and_hash = store._copy_and_hash
+    copy_and_hash = integrity.copy_and_hash
 
     def tampered_before_copying(source, target):
         if source == weights:
             save_file(tensors, weights)
         return copy_and_hash(source, target)
 
-    monkeypatch.setattr(store, "_copy_and_hash", tampered_before_copying)
+    monkeypatch.setattr(integrity, "copy_and_hash", tampered_before_copying)
     with pytest.raises(InvalidInputError, match=f"experts.safetensors: {key} holds NaN or infinite values"):
         Registry().register(made["law"])
     assert Registry().entries() == [] and list((registry_home / "staging").iterdir()) == []

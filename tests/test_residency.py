@@ -370,8 +370,9 @@ def test_serving_every_registered_task_reads_no_tasks_weights_at_start(tmp_path,
     """`serve --all-tasks` reads each task's manifest and safetensors headers only: its bytes are hashed, and its
     base fingerprint compared, at its first load."""
     from expert_hub import adapter as adapter_module
+    from expert_hub import integrity
     from expert_hub.models import describe_model, load_base
-    from expert_hub.registry import Registry, store
+    from expert_hub.registry import Registry
     from expert_hub.serving import resolve_tasks
     from expert_hub.serving import tasks as tasks_module
     from expert_hub.testing import SERVING_SHAPES, build_tiny_model
@@ -388,8 +389,8 @@ def test_serving_every_registered_task_reads_no_tasks_weights_at_start(tmp_path,
 
     for module, name in (
         (adapter_module, "load_file"),
-        (adapter_module, "_read_verified"),
-        (store, "_sha256_file"),
+        (integrity, "read_verified"),
+        (integrity, "sha256_file"),
         (tasks_module, "checkpoint_fingerprint"),
     ):
         monkeypatch.setattr(module, name, reads_weights)

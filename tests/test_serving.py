@@ -167,7 +167,7 @@ def test_a_task_load_is_all_or_nothing_and_unloading_leaves_nothing_behind(tmp_p
 def test_a_worker_bound_to_one_core_reads_and_hashes_a_task_on_every_core_of_the_server(tmp_path, monkeypatch):
     """vLLM binds its CPU worker's threads to its compute cores (one of two here); a task load's reading and hashing
     threads must not take turns on that core alone."""
-    from expert_hub import adapter as adapter_module
+    from expert_hub import integrity
     from expert_hub.serving import bank, vllm_contract
     from expert_hub.serving.worker import ExpertBankWorker
 
@@ -176,13 +176,13 @@ def test_a_worker_bound_to_one_core_reads_and_hashes_a_task_on_every_core_of_the
     monkeypatch.setattr(vllm_contract, "server_cores", lambda: server)
     directory = _fake_adapter(tmp_path / "task", {0: [1, 2], 1: [3]})
     sha256 = {file.name: hashlib.sha256(file.read_bytes()).hexdigest() for file in directory.iterdir()}
-    read_on, read_and_hash = [], adapter_module._read_and_hash
+    read_on, read_and_hash = [], integrity.read_and_hash
 
     def spied(path, digest):
         read_on.append(os.sched_getaffinity(0))  # the hashing thread it starts inherits this
         return read_and_hash(path, digest)
 
-    monkeypatch.setattr(adapter_module, "_read_and_hash", spied)
+    monkeypatch.setattr(integrity, "read_and_hash", spied)
     model = torch.nn.Module()
     model.layers = torch.nn.ModuleList([FakeBankedLayer(), FakeBankedLayer()])
     worker = ExpertBankWorker()
