@@ -37,7 +37,7 @@ bench: install
 
 # Re-make the demo base shipped in the package (about 45 minutes on 2 CPU cores; see its expert_hub_base.json).
 demo-base: install
-	$(BIN)/python -m expert_hub.demo.pretrain --out expert_hub/demo/base
+	$(BIN)/python benchmarks/demo_base/pretrain.py --out expert_hub/demo/base
 
 clean:
 	rm -rf $(VENV) build *.egg-info

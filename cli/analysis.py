@@ -170,8 +170,7 @@ def inspect(
 def _inspect_model(target: str, as_json: bool, trust_remote_code: bool) -> None:
     from dataclasses import asdict
 
-    from expert_hub.demo import base_metadata
-    from expert_hub.models import describe_model
+    from expert_hub.models import base_metadata, describe_model
 
     summary = describe_model(target, trust_remote_code=trust_remote_code)
     if as_json:

@@ -23,7 +23,8 @@ def list_tasks(ctx: typer.Context) -> None:
     """List the built-in tasks: metric, split sizes, and the demo base's score on each (held-out tasks are new to it)."""
     if ctx.invoked_subcommand is not None:
         return
-    from expert_hub.demo import base_metadata, demo_base
+    from expert_hub.demo import demo_base
+    from expert_hub.models import base_metadata
     from expert_hub.tasks import BUILTIN_TASKS
 
     scores = base_metadata(demo_base()).get("evaluation", {})

@@ -55,7 +55,7 @@ def quickstart(
     steps: Annotated[int, typer.Option(min=1, help="Training steps per task (the demo base's default).")] = DEMO_STEPS,
 ) -> None:
     """Train two tasks' experts on the demo base, serve them, query them, and show the before / after."""
-    from expert_hub.demo import base_metadata
+    from expert_hub.models import base_metadata
     from expert_hub.registry import Registry
     from expert_hub.tasks import BUILTIN_TASKS
 

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from expert_hub.demo import base_metadata, demo_base
+from expert_hub.demo import demo_base
+from expert_hub.models import base_metadata
 from expert_hub.training import TrainingConfig, base_training_defaults, get_method
 
 from .app import app, base_or_demo, console, data_or_builtin, status_console

@@ -16,11 +16,12 @@ from safetensors import safe_open
 
 from .errors import InvalidInputError
 from .families import expert_views, family_of, moe_layers
-from .io import first_line
+from .io import first_line, read_json
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+BASE_METADATA = "expert_hub_base.json"
 # from_pretrained options that also decide where the config comes from
 _HUB_OPTIONS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code")
 
@@ -61,6 +62,13 @@ def load_tokenizer(base: str, **hub_options):
         return AutoTokenizer.from_pretrained(base, **hub_options)
     except (OSError, ValueError) as error:
         raise InvalidInputError(f"cannot load the tokenizer of {base!r}: {first_line(error)}") from error
+
+
+def base_metadata(base: str) -> dict:
+    """The `expert_hub_base.json` a local base ships (the demo base does: its recipe, scores and the ESFT training
+    defaults that suit it), or {}."""
+    path = Path(base) / BASE_METADATA
+    return read_json(path) if path.is_file() else {}
 
 
 def resolve_device(name: str | None) -> torch.device:

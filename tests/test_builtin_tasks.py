@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from expert_hub.demo import DEMO_BASE, base_metadata
+from expert_hub.demo import DEMO_BASE
 from expert_hub.evaluation import SCORERS, evaluate_records
+from expert_hub.models import base_metadata
 from expert_hub.tasks import BUILTIN_TASKS, export
 
 REPO = Path(__file__).resolve().parents[1]

@@ -296,7 +296,7 @@ def base_training_defaults(base: str) -> dict:
     The demo base ships some so that it learns a task in minutes on a CPU; the general defaults stay the
     reference's.
     """
-    from ..demo import base_metadata
+    from ..models import base_metadata
 
     defaults = base_metadata(base).get("training_defaults", {})
     if not isinstance(defaults, dict) or not set(defaults) <= set(base_settings()):

@@ -1,6 +1,6 @@
 """The demo base's recipe: a byte-level BPE tokenizer and a small DeepSeek-V2-style MoE, pretrained from scratch.
 
-    python -m expert_hub.demo.pretrain --out expert_hub/demo/base
+    python benchmarks/demo_base/pretrain.py --out expert_hub/demo/base   (or: make demo-base)
 
 The model has DeepSeek-V2-Lite's shape in miniature (a dense first layer, then MoE layers of 64 small routed
 experts with top-6 routing and 2 shared experts) and learns the built-in tasks marked `in_demo_base` plus the
@@ -23,15 +23,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from measure import measure_base  # beside this script
 from rich.console import Console
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from ..data import IGNORE_INDEX, pack, tokenize_conversation
-from ..families import moe_layers
-from ..io import atomic_directory, write_json_atomic
-from ..tasks import BUILTIN_TASKS
-from . import METADATA
-from .measure import measure_base
+from expert_hub.data import IGNORE_INDEX, pack, tokenize_conversation
+from expert_hub.families import moe_layers
+from expert_hub.io import atomic_directory, write_json_atomic
+from expert_hub.models import BASE_METADATA
+from expert_hub.tasks import BUILTIN_TASKS
 
 MODEL_SHAPE = dict(
     vocab_size=1024,
@@ -167,7 +167,7 @@ def pretrain(out: Path, recipe: Recipe, console: Console) -> dict:
     metadata = {
         "name": "expert-hub demo base",
         "recipe": {
-            "command": "python -m expert_hub.demo.pretrain --out DIR",
+            "command": "python benchmarks/demo_base/pretrain.py --out DIR",
             **asdict(recipe),
             "data_mix": dict.fromkeys(recipe.tasks, recipe.examples_per_task),
             "held_out": [name for name, task in BUILTIN_TASKS.items() if not task.in_demo_base],
@@ -185,7 +185,7 @@ def pretrain(out: Path, recipe: Recipe, console: Console) -> dict:
     with atomic_directory(out, overwrite=True) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        write_json_atomic(staging / METADATA, metadata)
+        write_json_atomic(staging / BASE_METADATA, metadata)
     console.print(f"Saved the demo base to {out} after {seconds / 60:.1f} min")
     return metadata
 

@@ -11,12 +11,11 @@ from itertools import combinations
 from statistics import mean
 
 from rich.console import Console
-from rich.table import Table
 
-from ..evaluation import evaluate_records
-from ..routing import score_model, token_sequences
-from ..selection import select_experts
-from ..tasks import BUILTIN_TASKS
+from expert_hub.evaluation import evaluate_records
+from expert_hub.routing import score_model, token_sequences
+from expert_hub.selection import select_experts
+from expert_hub.tasks import BUILTIN_TASKS
 
 EVAL_RECORDS = 100
 
@@ -69,18 +68,3 @@ def _jaccard(first: dict[int, list[int]], second: dict[int, list[int]]) -> float
     return mean(
         len(set(first[layer]) & set(second[layer])) / len(set(first[layer]) | set(second[layer])) for layer in first
     )
-
-
-def routing_table(routing: dict) -> Table:
-    table = Table(title=f"Routing of the demo base ({routing['num_experts']} routed experts per layer)")
-    table.add_column("task")
-    table.add_column("experts for 50% of routing", justify="right")
-    table.add_column(f"ESFT-Token p={routing['top_p']} picks", justify="right")
-    for name, figures in routing["per_task"].items():
-        table.add_row(
-            name,
-            f"{figures['experts_for_half_of_routing']} (uniform {routing['uniform_experts_for_half']:.0f})",
-            str(figures["esft_token_selected_per_layer"]),
-        )
-    table.caption = f"mean overlap of two tasks' selections (Jaccard): {routing['mean_cross_task_jaccard']}"
-    return table
