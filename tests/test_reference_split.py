@@ -19,7 +19,8 @@ from expert_hub.models import load_base
 from expert_hub.routing import DEFAULT_SEED
 from expert_hub.testing import byte_tokenizer
 from expert_hub.training import TrainingConfig
-from expert_hub.training.loop import _eval_loss, _packed_data
+from expert_hub.training.batches import packed_data
+from expert_hub.training.loop import _eval_loss
 
 from .reference import reference_code
 
@@ -62,7 +63,7 @@ def test_the_held_out_blocks_are_the_references(esft_data, reference, tokenizer,
     assert (n, len(valid_split)) == (187, 4)  # held out: the permutation's tail, not int(0.02 n) = 3 of its head
 
     config = _config(tmp_path, path, seq_len=4096, random_concat_ratio=0.2, seed=DEFAULT_SEED)
-    train_blocks, eval_blocks = _packed_data(config, tokenizer, print)
+    train_blocks, eval_blocks = packed_data(config, tokenizer, print)
     assert train_blocks == [blocks[i] for i in train_split.indices]
     # a held-out block of padding alone carries no loss (the reference's is NaN): eval loss leaves it out
     assert eval_blocks == [blocks[i] for i in valid_split.indices if set(blocks[i][1]) != {IGNORE_INDEX}]
@@ -106,7 +107,7 @@ def test_a_packed_example_drops_only_a_real_bos(tmp_path):
         examples = [tokenize_conversation(messages, tokenizer)[0] for messages in read_conversations(data)]
         start = [tokenizer.bos_token_id, *user] if tokenizer.bos_token_id is not None else user
         assert examples[1][: len(start)] == start
-        [(ids, _)], _ = _packed_data(config, tokenizer, print)  # one block: all six examples fit
+        [(ids, _)], _ = packed_data(config, tokenizer, print)  # one block: all six examples fit
         kept = ids[: len(ids) - ids.count(tokenizer.pad_token_id)]
         joined = [token for example in examples for token in example]
         assert len(joined) - len(kept) == len(dropped) and sorted(joined) == sorted(kept + dropped)

@@ -427,7 +427,7 @@ def test_general_data_is_mixed_in_by_seed_and_never_scored(tiny_models, tmp_path
     experts are still selected on the task data alone, and the run records what it mixed in."""
     from expert_hub.data import load_conversations, tokenize_conversation
     from expert_hub.models import load_tokenizer
-    from expert_hub.training.loop import _mixed
+    from expert_hub.training.batches import mixed as _mixed
 
     base, task = tiny_models["qwen3_moe"], esft_data / "datasets/train/law.jsonl"
     general = tmp_path / "general.jsonl"
@@ -518,8 +518,8 @@ def test_micro_batches_are_made_one_at_a_time(tmp_path):
 
     from accelerate import Accelerator
 
-    from expert_hub.training.loop import _DataOrder, _micro_batches
+    from expert_hub.training.batches import DataOrder, micro_batches
 
     config = _config("base", "data.jsonl", tmp_path / "run", grad_accumulation=10**12, batch_size=3)
-    first = list(islice(_micro_batches(0, config, Accelerator(cpu=True), _DataOrder(10, seed=0)), 2))
+    first = list(islice(micro_batches(0, config, Accelerator(cpu=True), DataOrder(10, seed=0)), 2))
     assert [len(indices) for indices in first] == [3, 3]

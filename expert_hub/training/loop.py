@@ -1,7 +1,7 @@
 """`train(config)`: one training run, top to bottom, resumable from its last checkpoint.
 
-1. Tokenize and pack the data, and hold out the reference's split for eval loss: before the weights load or
-   anything is written, so that bad data or settings fail at once and leave nothing behind.
+1. Tokenize and pack the data, and hold out the reference's split for eval loss (`batches.py`): before the
+   weights load or anything is written, so that bad data or settings fail at once and leave nothing behind.
 2. Load the base. The method (`methods/`, looked up by name) makes what it trains trainable; ESFT scores the task
    data and selects experts here (or reads --experts) and fingerprints the base rows it will replace.
 3. Resume from the newest intact checkpoint, if any.
@@ -21,25 +21,25 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
-from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import broadcast_object_list
 
 from ..auto_routing import PROFILE_FILE
-from ..data import IGNORE_INDEX, load_conversations, pack, pad_token_id, tokenize_conversation
+from ..data import load_conversations
 from ..errors import ExpertHubError, InvalidInputError
 from ..evaluation import example_losses
 from ..io import read_json, write_json_atomic
 from ..models import load_base, load_config, load_tokenizer
 from .aux_loss import RouterAuxLoss
+from .batches import DataOrder, batch, loss_tokens, micro_batches, packed_data
 from .checkpoint import (
     DamagedCheckpointError,
     list_checkpoints,
@@ -49,9 +49,12 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainingConfig
-from .methods import RunContext, get_method, trainable_parameters
+from .methods import RunContext, TrainingMethod, get_method, trainable_parameters
 from .precision import drop_float32_masters, keep_float32_masters
 from .sharding import gathered, gathered_optimizer_state, gradient_sync, shard_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 CONFIG_FILE = "train_config.json"
 LOG_FILE = "log.jsonl"
@@ -87,6 +90,58 @@ def train(
     on_step: Callable[[StepReport], None] | None = None,
     on_status: Callable[[str], None] | None = None,
 ) -> TrainingResult:
+    """The run, in the order of the module's docstring: set up, resume, fit, ship."""
+    run = _setup(config, on_status)
+    progress = _resume(run)
+    _fit(run, progress, on_step)
+    return _ship(run, progress)
+
+
+@dataclass
+class _Run:
+    """What a run sets up once and every later step uses."""
+
+    config: TrainingConfig
+    out: Path
+    accelerator: Accelerator
+    status: Callable[[str], None]
+    tokenizer: PreTrainedTokenizerBase
+    train_blocks: list
+    eval_blocks: list
+    model: torch.nn.Module
+    method: TrainingMethod
+    optimizer: torch.optim.Optimizer
+    trainable: dict[str, torch.nn.Parameter]
+    router_aux: RouterAuxLoss | None
+
+    @property
+    def sharded(self) -> bool:
+        return self.config.sharding == "fsdp"
+
+    @property
+    def main_process(self) -> bool:
+        """The process that reports and writes files."""
+        return self.accelerator.is_main_process
+
+    @property
+    def evaluating(self) -> bool:
+        """Under FSDP every rank evaluates: the forward gathers each layer from all of them."""
+        return self.main_process or self.sharded
+
+
+@dataclass
+class _Progress:
+    """Where the run stands: saved in every checkpoint, so a resumed run goes on from it."""
+
+    start_step: int = 0
+    elapsed: float = 0.0
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    best: dict | None = None  # the step with the lowest eval loss so far, and that loss
+
+
+def _setup(config: TrainingConfig, on_status: Callable[[str], None] | None) -> _Run:
+    """Checks, the data, the base and what the method trains of it, the optimizer: steps 1 and 2."""
     out = Path(config.out)
     # Selected experts that see no token in a micro-batch get no gradient: DDP must expect unused parameters.
     # cpu=True lets torchrun / accelerate launch train data-parallel over gloo on machines without GPUs.
@@ -110,13 +165,13 @@ def train(
     if positions and config.seq_len > positions:
         raise InvalidInputError(f"--seq-len {config.seq_len} is longer than the model's {positions} positions")
     get_method(config.method).check_base(config, base_config)
-    main_process = accelerator.is_main_process  # the one that reports and writes files
+    main_process = accelerator.is_main_process
     status = on_status if on_status and main_process else (lambda message: None)
     torch.manual_seed(config.seed)
 
     # 1. the data (no status before it: a bad setting it finds is one line, without a progress bar)
     tokenizer = load_tokenizer(config.base, trust_remote_code=config.trust_remote_code)
-    train_blocks, eval_blocks = _packed_data(config, tokenizer, status)
+    train_blocks, eval_blocks = packed_data(config, tokenizer, status)
 
     # 2. the base model, and what the method trains of it
     status(f"Loading {config.base}")
@@ -141,132 +196,148 @@ def train(
     optimizer = torch.optim.AdamW(_param_groups(trainable, config.weight_decay), lr=config.lr, betas=config.betas)
     if not sharded:
         model, optimizer = accelerator.prepare(model, optimizer)
+    return _Run(
+        config,
+        out,
+        accelerator,
+        status,
+        tokenizer,
+        train_blocks,
+        eval_blocks,
+        model,
+        method,
+        optimizer,
+        trainable,
+        router_aux,
+    )
 
-    # 3. resume where the last checkpoint left off
-    start_step, elapsed, train_loss, best = 0, 0.0, None, None
-    if checkpoints := list_checkpoints(out / "checkpoints"):
-        progress = _load_newest_intact(checkpoints, trainable, optimizer, status)
-        start_step, elapsed, train_loss = progress["step"], progress.get("seconds", 0.0), progress.get("loss")
-        best = progress.get("best")  # the step with the lowest eval loss up to the checkpoint
-        if start_step > config.steps:
-            raise InvalidInputError(f"{out} already holds step {start_step}; ask for --steps {start_step} or more")
-        status(f"Resuming from step {start_step}")
-    if main_process:
-        _truncate_log(out / LOG_FILE, start_step)
 
-    # 4. the steps (under FSDP every rank evaluates: the forward gathers each layer from all of them)
-    evaluating = main_process or sharded
-    order = _DataOrder(len(train_blocks), config.seed)
-    eval_loss = None
-    for step in range(start_step, config.steps):
+def _resume(run: _Run) -> _Progress:
+    """Step 3: where the newest intact checkpoint left off, or the start."""
+    progress = _Progress()
+    if checkpoints := list_checkpoints(run.out / "checkpoints"):
+        saved = _load_newest_intact(checkpoints, run.trainable, run.optimizer, run.status)
+        progress = _Progress(saved["step"], saved.get("seconds", 0.0), saved.get("loss"), None, saved.get("best"))
+        if progress.start_step > run.config.steps:
+            raise InvalidInputError(
+                f"{run.out} already holds step {progress.start_step}; ask for --steps {progress.start_step} or more"
+            )
+        run.status(f"Resuming from step {progress.start_step}")
+    if run.main_process:
+        _truncate_log(run.out / LOG_FILE, progress.start_step)
+    return progress
+
+
+def _fit(run: _Run, progress: _Progress, on_step: Callable[[StepReport], None] | None) -> None:
+    """Step 4: the steps, each followed by what its number asks for (eval, best weights, checkpoint, report)."""
+    config, accelerator = run.config, run.accelerator
+    order = DataOrder(len(run.train_blocks), config.seed)
+    for step in range(progress.start_step, config.steps):
         started = time.perf_counter()
-        micro_batches = partial(_micro_batches, step, config, accelerator, order)
-        train_loss, aux_loss = _step(
-            model, optimizer, train_blocks, micro_batches, trainable, config, accelerator, router_aux
-        )
-        if not math.isfinite(train_loss):
+        progress.train_loss, aux_loss = _step(run, partial(micro_batches, step, config, accelerator, order))
+        if not math.isfinite(progress.train_loss):
             precision = "drop --pure-bf16" if config.pure_bf16 else "use --dtype float32"
-            raise ExpertHubError(f"the loss became {train_loss} at step {step + 1}; lower --lr or {precision}")
+            raise ExpertHubError(f"the loss became {progress.train_loss} at step {step + 1}; lower --lr or {precision}")
         seconds = time.perf_counter() - started
-        elapsed += seconds
+        progress.elapsed += seconds
         done = step + 1
-        if evaluating and eval_blocks and (done % config.eval_every == 0 or done == config.steps):
-            eval_loss = _eval_loss(model, eval_blocks, config, accelerator)
-            if best is None or eval_loss < best["eval_loss"]:
-                best = {"step": done, "eval_loss": eval_loss}
-                if config.keep == "best":
-                    weights = gathered(trainable)  # collective under FSDP: before the main process's test
-                    if main_process:
-                        save_best(out / "best", weights, best)
+        if run.evaluating and run.eval_blocks and (done % config.eval_every == 0 or done == config.steps):
+            _evaluate(run, progress, done)
         tokens_per_second = config.grad_accumulation * config.batch_size * config.seq_len / seconds
-        report = StepReport(done, config.steps, train_loss, tokens_per_second, eval_loss, aux_loss)
-        if main_process:
-            _append_log(out / LOG_FILE, report)
+        report = StepReport(done, config.steps, progress.train_loss, tokens_per_second, progress.eval_loss, aux_loss)
+        if run.main_process:
+            _append_log(run.out / LOG_FILE, report)
         if done % config.save_every == 0 or done == config.steps:
-            weights, optimizer_state = gathered(trainable), gathered_optimizer_state(optimizer)
-            if main_process:
-                progress = {"seconds": elapsed, "loss": train_loss, "best": best}
-                save_checkpoint(out / "checkpoints", done, weights, optimizer_state, progress, config.keep_checkpoints)
-        if main_process and on_step:
+            weights, optimizer_state = gathered(run.trainable), gathered_optimizer_state(run.optimizer)
+            if run.main_process:
+                saved = {"seconds": progress.elapsed, "loss": progress.train_loss, "best": progress.best}
+                save_checkpoint(run.out / "checkpoints", done, weights, optimizer_state, saved, config.keep_checkpoints)
+        if run.main_process and on_step:
             on_step(report)
         accelerator.wait_for_everyone()
 
-    # 5. the artifact, from the best evaluated step (or the last)
-    model = accelerator.unwrap_model(model)
-    if evaluating and eval_blocks and eval_loss is None:
-        eval_loss = _eval_loss(model, eval_blocks, config, accelerator)
-    shipped = {"step": config.steps, "eval_loss": eval_loss}
-    if evaluating and config.keep == "best" and best is not None and best["step"] != config.steps:
-        status(f"Shipping step {best['step']}, the lowest eval loss ({best['eval_loss']:.4f})")
-        load_best(out / "best", trainable, best)
+
+def _evaluate(run: _Run, progress: _Progress, done: int) -> None:
+    """The held-out loss after step `done`; a new lowest one keeps its weights in `best/` (`keep="best"`)."""
+    progress.eval_loss = _eval_loss(run.model, run.eval_blocks, run.config, run.accelerator)
+    if progress.best is None or progress.eval_loss < progress.best["eval_loss"]:
+        progress.best = {"step": done, "eval_loss": progress.eval_loss}
+        if run.config.keep == "best":
+            weights = gathered(run.trainable)  # collective under FSDP: before the main process's test
+            if run.main_process:
+                save_best(run.out / "best", weights, progress.best)
+
+
+def _ship(run: _Run, progress: _Progress) -> TrainingResult:
+    """Step 5: the artifact, from the best evaluated step (or the last)."""
+    config, accelerator = run.config, run.accelerator
+    model = accelerator.unwrap_model(run.model)
+    if run.evaluating and run.eval_blocks and progress.eval_loss is None:
+        progress.eval_loss = _eval_loss(model, run.eval_blocks, config, accelerator)
+    shipped = {"step": config.steps, "eval_loss": progress.eval_loss}
+    best = progress.best
+    if run.evaluating and config.keep == "best" and best is not None and best["step"] != config.steps:
+        run.status(f"Shipping step {best['step']}, the lowest eval loss ({best['eval_loss']:.4f})")
+        load_best(run.out / "best", run.trainable, best)
         shipped = best
-    if router_aux:
-        router_aux.remove()
-    if sharded:  # the fused tensors are sharded: the artifact is made from the gathered trainable tensors
+    if run.router_aux:
+        run.router_aux.remove()
+    if run.sharded:  # the fused tensors are sharded: the artifact is made from the gathered trainable tensors
         model.reshard()  # the root's own parameters stay gathered after a forward; the result holds shards only
-        weights = gathered(trainable)
+        weights = gathered(run.trainable)
     else:
         drop_float32_masters(model)
-        model = method.finish(model)
+        model = run.method.finish(model)
     model.config.use_cache = True
-    artifact = out / method.artifact_name
-    if main_process:
-        status(f"Writing {artifact}")
+    artifact = run.out / run.method.artifact_name
+    if run.main_process:
+        run.status(f"Writing {artifact}")
         summary = {
             "steps": config.steps,
             "shipped_step": shipped["step"],
-            "train_loss": train_loss,
+            "train_loss": progress.train_loss,
             "eval_loss": shipped["eval_loss"],
-            "seconds": round(elapsed, 3),
-            "train_blocks": len(train_blocks),
-            "eval_blocks": len(eval_blocks),
+            "seconds": round(progress.elapsed, 3),
+            "train_blocks": len(run.train_blocks),
+            "eval_blocks": len(run.eval_blocks),
         }
-        if sharded:
-            method.write_sharded_artifact(model, weights, artifact, method.artifact_metadata(summary))
+        metadata = run.method.artifact_metadata(summary)
+        if run.sharded:
+            run.method.write_sharded_artifact(model, weights, artifact, metadata)
         else:
-            method.write_artifact(model, artifact, tokenizer, method.artifact_metadata(summary))
+            run.method.write_artifact(model, artifact, run.tokenizer, metadata)
     accelerator.wait_for_everyone()
     return TrainingResult(
         model,
         artifact,
         config.steps,
-        train_loss,
+        progress.train_loss,
         shipped["eval_loss"],
-        elapsed,
-        start_step,
+        progress.elapsed,
+        progress.start_step,
         shipped["step"],
-        main_process,
+        run.main_process,
     )
 
 
-def _micro_batches(step: int, config: TrainingConfig, accelerator, order: _DataOrder) -> Iterator[list[int]]:
-    """The block indices of this rank's micro-batches of `step`, one at a time, so that --grad-accumulation sizes
-    no memory: micro-batch m of the step is sample block `(step * micro-batches + m) * processes + rank`."""
-    for micro in range(config.grad_accumulation):
-        position = (step * config.grad_accumulation + micro) * accelerator.num_processes + accelerator.process_index
-        yield order.take(position * config.batch_size, config.batch_size)
-
-
-def _step(
-    model,
-    optimizer,
-    blocks,
-    micro_batches: Callable[[], Iterator[list[int]]],
-    trainable,
-    config: TrainingConfig,
-    accelerator,
-    router_aux: RouterAuxLoss | None,
-) -> tuple[float, float | None]:
+def _step(run: _Run, micro_batches: Callable[[], Iterator[list[int]]]) -> tuple[float, float | None]:
     """One optimizer step over the micro-batches (`micro_batches()` yields each one's block indices); returns the
     mean loss per target token and the summed auxiliary loss of the micro-batches (None without --router-aux-loss)."""
+    model, blocks, config, accelerator, router_aux = (
+        run.model,
+        run.train_blocks,
+        run.config,
+        run.accelerator,
+        run.router_aux,
+    )
     model.train()
     # Summed over tokens and divided by the step's token count on all ranks: micro-batches and ranks add up to the
     # step's mean, as one process computes it. The gradient reduction averages over ranks, hence `* processes`.
-    local_tokens = torch.tensor(sum(_targets(blocks[i]) for indices in micro_batches() for i in indices))
+    local_tokens = torch.tensor(sum(loss_tokens(blocks[i]) for indices in micro_batches() for i in indices))
     target_tokens = max(int(accelerator.reduce(local_tokens.to(accelerator.device), reduction="sum")), 1)
     total, aux_total = 0.0, 0.0
     for micro, indices in enumerate(micro_batches()):
-        input_ids, labels = _batch(blocks, indices, accelerator.device)
+        input_ids, labels = batch(blocks, indices, accelerator.device)
         with gradient_sync(model, micro == config.grad_accumulation - 1, accelerator):  # once per step, after the last
             inputs = dict(input_ids=input_ids, labels=labels, num_items_in_batch=target_tokens)
             with _autocast(config, accelerator):
@@ -279,9 +350,9 @@ def _step(
                     loss_to_train = loss * accelerator.num_processes
             accelerator.backward(loss_to_train)
         total += loss.detach()
-    accelerator.clip_grad_norm_(list(trainable.values()), config.clip_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    accelerator.clip_grad_norm_(list(run.trainable.values()), config.clip_grad_norm)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
     mean_loss = accelerator.reduce(total, reduction="sum").item()  # the same figure on every rank
     return mean_loss, accelerator.reduce(aux_total, reduction="mean").item() if router_aux else None
 
@@ -326,103 +397,6 @@ def _check_output(out: Path, config: TrainingConfig) -> None:
         path.name not in ("expert_cfg.json", "scores.json", PROFILE_FILE) for path in out.iterdir()
     ):
         raise InvalidInputError(f"{out} is not empty and holds no expert-hub run; choose another --out")
-
-
-def _packed_data(config: TrainingConfig, tokenizer, status: Callable[[str], None]) -> tuple[list, list]:
-    """The training blocks and the held-out blocks that eval loss is measured on.
-
-    The split is the reference's `random_split(blocks, [int(n * 0.98), n - int(n * 0.98)])` after
-    `torch.manual_seed(seed)`, with 0.98 = 1 - --eval-fraction: one seeded permutation of the n blocks, whose
-    head trains and whose tail is held out, so a run holds out the very blocks the reference holds out. Held-out
-    blocks without a target token (padding alone) are left out of eval loss: the reference's loss of one is NaN.
-    """
-    examples = _examples(config.data, config, tokenizer)
-    if not examples:
-        raise InvalidInputError(f"{config.data} holds no conversations")
-    # Each example's first label is its BOS, labelled with itself as the reference does: the answers come after it.
-    if all(label == IGNORE_INDEX for _, labels in examples for label in labels[1:]):
-        raise InvalidInputError(f"{config.data} has no assistant answers to learn from")
-    if config.mix_data:
-        examples = _mixed(examples, config, tokenizer)
-    blocks = pack(
-        examples,
-        config.seq_len,
-        pad_token_id(tokenizer),
-        config.random_concat_ratio,
-        config.seed,
-        tokenizer.bos_token_id,
-    )
-    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(config.seed)).tolist()
-    kept = int(len(blocks) * (1 - config.eval_fraction))
-    held_out = len(blocks) - kept
-    train_blocks = [blocks[i] for i in order[:kept]]
-    eval_blocks = [blocks[i] for i in order[kept:] if _targets(blocks[i])]
-    if not train_blocks:
-        raise InvalidInputError(
-            f"{config.data} packs into {len(blocks)} block(s) of --seq-len {config.seq_len}, all held out for eval "
-            "loss; add data, lower --seq-len, or use --eval-fraction 0"
-        )
-    if config.batch_size > len(train_blocks):
-        raise InvalidInputError(
-            f"--batch-size {config.batch_size} is more than the {len(train_blocks)} blocks the training data packs "
-            "into: a micro-batch would hold a block twice"
-        )
-    status(
-        f"Packed {len(blocks)} blocks of {config.seq_len} tokens: {len(train_blocks)} to train on, "
-        f"{held_out} held out for eval loss"
-    )
-    if not eval_blocks and config.keep == "best":
-        reason = (
-            f"the {held_out} held-out block(s) hold no answer tokens"
-            if held_out
-            else f"--eval-fraction {config.eval_fraction:g} holds out none of the {len(blocks)} blocks"
-        )
-        status(f"warning: no eval loss ({reason}): --keep best ships the last step")
-    return train_blocks, eval_blocks
-
-
-def _examples(data: str, config: TrainingConfig, tokenizer, seed: int | None = None, limit: int | None = None) -> list:
-    conversations = islice(load_conversations(data, config.split, seed), limit)
-    return [tokenize_conversation(messages, tokenizer, config.chat_template) for messages in conversations]
-
-
-def _mixed(task: list, config: TrainingConfig, tokenizer) -> list:
-    """Task examples with `mix_ratio` general ones per task example, drawn in the seed's order (cycled when the
-    general data is the smaller), then shuffled together with the seed so every block mixes both."""
-    wanted = round(config.mix_ratio * len(task))
-    general = _examples(config.mix_data, config, tokenizer, seed=config.seed, limit=wanted) if wanted else []
-    examples = task + [general[i % len(general)] for i in range(wanted)]
-    random.Random(config.seed).shuffle(examples)
-    return examples
-
-
-class _DataOrder:
-    """Sample i of the run is block `permutation(epoch)[i % n]`: a pure function of the seed and i."""
-
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self._epochs = size, seed, {}
-
-    def take(self, start: int, count: int) -> list[int]:
-        return [self._permutation(i // self.size)[i % self.size] for i in range(start, start + count)]
-
-    def _permutation(self, epoch: int) -> list[int]:
-        if epoch not in self._epochs:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            self._epochs = {epoch: torch.randperm(self.size, generator=generator).tolist()}
-        return self._epochs[epoch]
-
-
-def _targets(block: tuple[list[int], list[int]]) -> int:
-    """The tokens of a block that carry loss (a label predicts the next token, so the first label never counts)."""
-    labels = block[1]
-    return len(labels) - 1 - labels[1:].count(IGNORE_INDEX)
-
-
-def _batch(blocks, indices, device) -> tuple[torch.Tensor, torch.Tensor]:
-    chosen = [blocks[i] for i in indices]
-    input_ids = torch.tensor([ids for ids, _ in chosen], dtype=torch.long, device=device)
-    labels = torch.tensor([labels for _, labels in chosen], dtype=torch.long, device=device)
-    return input_ids, labels
 
 
 def _param_groups(trainable: dict[str, torch.nn.Parameter], weight_decay: float) -> list[dict]:
