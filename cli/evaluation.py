@@ -214,6 +214,11 @@ def evaluate(
 
         result["lm_eval"] = lm_eval_scores(model, tokenizer, general_tasks, limit, num_fewshot, batch_size)
     result |= {"base": base, "adapter": str(adapter) if adapter else None, "data": data}
+    _print_result(result, metric, as_json)
+
+
+def _print_result(result: dict, metric: Metric | None, as_json: bool) -> None:
+    """The scores as JSON or as a table, after a warning when some judgements held no score."""
     if result.get("unparseable"):
         status_console.print(
             f"warning: {result['unparseable']} of {result['count']} judgements hold no score; {metric.value} is the "
@@ -223,19 +228,7 @@ def evaluate(
         console.print_json(data=result)
         return
     table = Table(show_header=False)
-    for key in (
-        "value",
-        "perplexity",
-        "tokens",
-        "count",
-        "judged",
-        "unparseable",
-        "cached",
-        "lm_eval",
-        "base",
-        "adapter",
-        "data",
-    ):
+    for key in _RESULT_ROWS:
         if key == "lm_eval" and key in result:
             _add_lm_eval_rows(table, result[key])
         elif result.get(key) is not None:
@@ -244,3 +237,18 @@ def evaluate(
                 metric.value if key == "value" else key, f"{value:.4f}" if isinstance(value, float) else str(value)
             )
     console.print(table)
+
+
+_RESULT_ROWS = (
+    "value",
+    "perplexity",
+    "tokens",
+    "count",
+    "judged",
+    "unparseable",
+    "cached",
+    "lm_eval",
+    "base",
+    "adapter",
+    "data",
+)
