@@ -19,8 +19,8 @@ ESFT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "esft"
 
 @pytest.fixture(scope="session")
 def esft_data() -> Path:
-    if not ESFT_DATA.is_dir():
-        pytest.fail(f"the ESFT reference data is expected at {ESFT_DATA}")
+    if not ESFT_DATA.is_dir():  # CI and the team's checkouts have it; a bare clone elsewhere skips what needs it
+        pytest.skip(f"the ESFT reference data is not at {ESFT_DATA} (see its README.md)")
     return ESFT_DATA
 
 
