@@ -166,6 +166,9 @@ def plan_merge(
     out = writable_directory(out, overwrite)
     checkpoint = BaseCheckpoint(local_base(base))
     merged = [resolve_task(reference, base) for reference in tasks]
+    for source in (checkpoint.directory, *(task.directory for task in merged)):
+        if source.resolve().is_relative_to(out.resolve()):
+            raise InvalidInputError(f"--out {out} holds {source}, which the merge reads: write it somewhere else")
     owners = _owners(merged, on_overlap)
     for task in merged:
         task.header.check_values()  # finite floating-point weights, one tensor at a time, before anything is written

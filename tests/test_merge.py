@@ -221,6 +221,7 @@ def test_a_hub_base_is_downloaded_and_named_in_the_card(tiny_models, tmp_path, h
         (["{law}", "--out", "{existing}"], "already exists and is not empty"),
         (["{law}", "--dtype", "int8"], "Invalid value for '--dtype'"),
         (["{law}", "--base", "{not_a_model}"], "is not a model directory"),
+        (["{law}", "--out", "{law}", "--overwrite"], "which the merge reads: write it somewhere else"),
     ],
 )
 def test_bad_input_is_one_line(tiny_models, tmp_path, run_cli, args, message):
@@ -240,6 +241,7 @@ def test_bad_input_is_one_line(tiny_models, tmp_path, run_cli, args, message):
     code, _, err = run_cli("merge", *args, *(["--base", base] if "--base" not in args else []), *out)
     assert code != 0 and message in err and err.count("\n") == 1, err
     assert (tmp_path / "existing" / "keep.txt").read_text() == "mine" and not (tmp_path / "merged").exists()
+    assert (paths["law"] / "experts.safetensors").is_file()
 
 
 # --- a base in several shards: streaming, resuming, memory -----------------------------------------------------------
