@@ -61,10 +61,14 @@ class BaseCheckpoint:
         """Every tensor key -> its file, from the files' headers (the index, when there is one, only lists them)."""
         index = self.directory / INDEX_FILE
         if index.is_file():
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise InvalidInputError(f"{index} has no weight_map")
-            files = sorted({self.directory / name for name in weight_map.values()})
+            content = read_json(index)
+            weight_map = content.get("weight_map") if isinstance(content, dict) else None
+            names = set(weight_map.values()) if isinstance(weight_map, dict) else {None}
+            if not all(
+                isinstance(name, str) and name == Path(name).name and name.endswith(".safetensors") for name in names
+            ):
+                raise InvalidInputError(f"{index} is not a safetensors index: its weight_map must name files beside it")
+            files = sorted(self.directory / name for name in names)
         else:
             files = sorted(self.directory.glob("*.safetensors"))
         if not files:

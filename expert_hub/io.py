@@ -159,6 +159,7 @@ def atomic_directory(directory: str | Path, overwrite: bool = False) -> Iterator
     Readers see the old directory or the complete new one, never a mix; on an error nothing changes.
     """
     directory = writable_directory(directory, overwrite)
+    directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
     try:
         yield staging
@@ -173,15 +174,19 @@ def atomic_directory(directory: str | Path, overwrite: bool = False) -> Iterator
 def resumable_directory(directory: str | Path, plan: str, overwrite: bool = False) -> Iterator[Path]:
     """`atomic_directory` for work that takes long: a failed or killed run leaves its staging directory
     (`.NAME.partial`), and the next run with the same `plan` (a text naming the inputs) is handed what it finished;
-    another plan starts afresh. Writers must put each file in place whole (written beside it, then renamed), so a
-    file there is complete. A lock keeps a second writer out while one runs.
+    another plan starts afresh. Writers must put each file in place whole, written under a hidden name beside it
+    and then renamed: a visible file there is complete, and hidden ones (a killed writer's) are removed. A lock keeps
+    a second writer out while one runs.
     """
     directory = writable_directory(directory, overwrite)
+    directory.parent.mkdir(parents=True, exist_ok=True)
     staging, marker = directory.parent / f".{directory.name}.partial", directory.parent / f".{directory.name}.plan"
     lock_path = directory.parent / f".{directory.name}.lock"
-    with lock_path.open("w") as lock:
+    with lock_path.open("a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not lock_path.exists() or os.stat(lock_path).st_ino != os.fstat(lock.fileno()).st_ino:
+                raise BlockingIOError  # the writer that held it has just finished and removed it
         except BlockingIOError:
             raise InvalidInputError(f"another process is writing {directory}; wait for it to finish") from None
         writable_directory(directory, overwrite)  # again, under the lock: another writer may have just finished
@@ -189,23 +194,32 @@ def resumable_directory(directory: str | Path, plan: str, overwrite: bool = Fals
             if staging.exists() and not (marker.is_file() and marker.read_text(encoding="utf-8") == plan):
                 shutil.rmtree(staging)
             staging.mkdir(exist_ok=True)
+            for leftover in staging.glob(".*"):
+                leftover.unlink()
             write_atomic(marker, lambda handle: handle.write(plan))
             yield staging
             _publish(staging, directory)
             marker.unlink()
             lock_path.unlink()
         except OSError as error:
-            raise_with_filename(error, directory)
+            raise InvalidInputError(
+                f"cannot write {directory}: {error.strerror or error} ({getattr(error, 'filename', None) or ''}); "
+                f"what is done stays in {staging} for a rerun"
+            ) from error
 
 
 def writable_directory(directory: str | Path, overwrite: bool = False) -> Path:
-    """`directory`, once it is known that a new one may be written there: checked before long work, not after it."""
-    directory = Path(directory)
+    """`directory` as an absolute path, once it is known that a new one may be written there: checked before long
+    work, not after it (nothing is created)."""
+    directory = Path(directory).absolute()
     if directory.exists() and not directory.is_dir():
         raise InvalidInputError(f"{directory} is a file; give a directory path")
     if directory.exists() and any(directory.iterdir()) and not overwrite:
         raise InvalidInputError(f"{directory} already exists and is not empty; remove it or choose another path")
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.ismount(directory) or directory == Path.cwd():
+        raise InvalidInputError(
+            f"{directory} cannot be replaced (a mount point or the working directory); give a path inside it"
+        )
     return directory
 
 

@@ -111,14 +111,14 @@ class MergePlan:
     def write(self, progress: Callable[[str], None] | None = None) -> MergeResult:
         """Write the merged model directory; `progress` is told each shard's name when it is done."""
         result = MergeResult(self.out, self.tasks, _overridden(self.tasks, self.owners))
-        torch_dtype = DTYPES[self.dtype]
+        torch_dtype, kept = DTYPES[self.dtype], self._kept_float32()
         with resumable_directory(self.out, self._identity(), self.overwrite) as staging:
             for file in self.checkpoint.files:
                 target = staging / file.name
                 if target.exists():
                     result.shards_resumed += 1
-                elif torch_dtype is not None:
-                    _rewrite_shard(self.checkpoint, file, self.writes.get(file, []), target, torch_dtype)
+                elif torch_dtype is not None or _widened(file, self.writes.get(file, []), kept):
+                    _rewrite_shard(self.checkpoint, file, self.writes.get(file, []), target, torch_dtype, kept)
                     result.shards_rewritten += 1
                 elif file in self.writes:
                     _patch_shard(self.checkpoint, file, self.writes[file], target)
@@ -132,6 +132,17 @@ class MergePlan:
             _write_rest(self.checkpoint, staging, self.dtype)
             _model_card(self.base, self.checkpoint, result).save(staging / "README.md")
         return result
+
+    def _kept_float32(self) -> list[re.Pattern]:
+        """The tensors transformers holds in float32 when it loads the merged model in its dtype (gpt_oss' norms at
+        float16, DeepSeek-V3's routing bias at 16 bits), whatever dtype they are stored in."""
+        name = (
+            self.dtype
+            if self.dtype != "auto"
+            else self.checkpoint.config.get("dtype", self.checkpoint.config.get("torch_dtype"))
+        )
+        loaded = DTYPES.get(name) or torch.float32
+        return [re.compile(pattern) for pattern in self.checkpoint.model._get_dtype_plan(loaded)]
 
     def _identity(self) -> str:
         """What a rerun must match to keep an interrupted run's shards: the base's files, the tasks, the options."""
@@ -283,24 +294,41 @@ def _patch_shard(checkpoint: BaseCheckpoint, file: Path, writes: list[_Write], t
 
 
 def _rewrite_shard(
-    checkpoint: BaseCheckpoint, file: Path, writes: list[_Write], target: Path, dtype: torch.dtype
+    checkpoint: BaseCheckpoint,
+    file: Path,
+    writes: list[_Write],
+    target: Path,
+    dtype: torch.dtype | None,
+    kept: list[re.Pattern],
 ) -> None:
-    """Read one base shard whole, cast it to `dtype`, write the tasks' tensors into it, and save it under `target`.
+    """Read one base shard whole, cast it to `dtype` (None: keep each tensor's), write the tasks' tensors into it,
+    and save it under `target`.
 
     Cast first, then write: an adapter tensor is rounded once, to the dtype the merged model has, as `load_model`
-    with that dtype rounds it. Tensors the model keeps in float32 at that dtype keep the base's dtype.
+    with that dtype rounds it. Tensors the model holds in float32 at that dtype (`kept`) are stored in float32, so an
+    adapter tensor written into one is not rounded either.
     """
-    keep = [re.compile(name) for name in checkpoint.model._get_dtype_plan(dtype)]
     with safe_open(file, "pt") as handle:
         metadata = handle.metadata()
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    tensors = {
-        key: tensor.to(dtype) if tensor.is_floating_point() and not any(p.search(key) for p in keep) else tensor
-        for key, tensor in tensors.items()
-    }
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and any(pattern.search(key) for pattern in kept):
+            tensors[key] = tensor.to(torch.float32)
+        elif tensor.is_floating_point() and dtype is not None:
+            tensors[key] = tensor.to(dtype)
     for key, key_writes in _by_tensor(writes).items():
         _write_into(checkpoint, tensors[key], key_writes)
     _put_in_place(target, lambda partial: save_file(tensors, partial, metadata=metadata))
+
+
+def _widened(file: Path, writes: list[_Write], kept: list[re.Pattern]) -> bool:
+    """Whether a task's tensor goes into one the model holds in float32 but the shard stores narrower: patching its
+    bytes would round the task's weights, so the shard is rewritten with that tensor widened."""
+    targets = {write.place.key for write in writes if any(pattern.search(write.place.key) for pattern in kept)}
+    if not targets:
+        return False
+    with safe_open(file, "pt") as handle:
+        return any(handle.get_slice(key).get_dtype() != "F32" for key in targets)
 
 
 def _by_tensor(writes: list[_Write]) -> dict[str, list[_Write]]:

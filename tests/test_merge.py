@@ -20,12 +20,13 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from expert_hub import ExpertAdapter, ExpertSelection, load_model
 from expert_hub.errors import InvalidInputError
 from expert_hub.families import moe_layers
-from expert_hub.merge import merge_tasks
+from expert_hub.merge import merge_tasks, plan_merge
 from expert_hub.models import load_base
 from expert_hub.testing import build_tiny_model
 
@@ -102,6 +103,29 @@ def test_a_dtype_merge_equals_load_model_in_that_dtype(tiny_models, family, tmp_
     layout = _layout(tmp_path / "merged")
     assert {dtype for _, dtype in layout.values()} <= {"BF16", "F32"}
     assert sum(dtype == "BF16" for _, dtype in layout.values()) > 0.9 * len(layout)
+
+
+@pytest.mark.parametrize(("stored", "dtype"), [("float16", "auto"), ("bfloat16", "float16")])
+def test_tensors_transformers_holds_in_float32_get_the_task_unrounded(tiny_models, tmp_path, stored, dtype):
+    """gpt_oss holds its norms in float32 at float16: a task that trained them (non-expert modules) must reach them
+    as `load_model` puts them there, not rounded to the 16 bits the base stores everything in."""
+    base = tmp_path / f"base-{stored}"
+    base.mkdir()
+    for path in tiny_models["gpt_oss"].iterdir():
+        (base / path.name).write_bytes(path.read_bytes())
+    tensors = load_file(base / "model.safetensors")
+    save_file({key: tensor.to(getattr(torch, stored)) for key, tensor in tensors.items()}, base / "model.safetensors")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps(config | {"dtype": stored}))
+    adapter = _adapter(base, {1: [2]}, tmp_path / "law", seed=16, non_expert_modules=True)
+    merge_tasks(str(base), [str(adapter)], tmp_path / "merged", dtype=dtype)
+    loaded_as = torch.float16
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=loaded_as)
+    expected = load_model(str(base), adapter, force=True, dtype=loaded_as)
+    norms = [name for name in _state(expected) if "norm" in name]
+    assert norms and all(_state(expected)[name].dtype == torch.float32 for name in norms)
+    for name, tensor in _state(expected).items():
+        assert tensor.dtype == _state(merged)[name].dtype and torch.equal(_state(merged)[name], tensor), name
 
 
 def test_a_sharded_base_cast_to_another_dtype_keeps_its_index_true(tmp_path):
@@ -330,6 +354,35 @@ def test_leftovers_of_another_merge_are_not_reused_and_one_writer_at_a_time(tiny
     result = merge_tasks(str(base), [str(adapter)], tmp_path / "merged")
     assert result.shards_resumed == 0
     _assert_same_model(tmp_path / "merged", load_model(str(base), adapter))
+
+
+def test_what_a_killed_writer_left_hidden_in_the_staging_directory_is_not_published(tiny_models, tmp_path):
+    base = tiny_models["qwen3_moe"]
+    adapter = _adapter(base, {1: [0]}, tmp_path / "law", seed=17)
+    plan = plan_merge(str(base), [str(adapter)], tmp_path / "merged")
+    (tmp_path / ".merged.partial").mkdir()
+    (tmp_path / ".merged.partial" / ".config.json.x1y2").write_text("{half")
+    (tmp_path / ".merged.plan").write_text(plan._identity())
+    plan.write()
+    assert sorted(path.name for path in (tmp_path / "merged").iterdir() if path.name.startswith(".")) == []
+
+
+def test_an_index_naming_files_elsewhere_and_the_working_directory_are_refused(
+    tiny_models, tmp_path, run_cli, monkeypatch
+):
+    base = build_tiny_model("qwen3_moe", tmp_path / "base", max_shard_size="100KB")
+    adapter = _adapter(base, {1: [0]}, tmp_path / "law", seed=18)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    code, _, err = run_cli("merge", adapter, "--base", base, "--out", ".")
+    assert code == 1 and "cannot be replaced (a mount point or the working directory)" in err
+    assert list((tmp_path / "here").iterdir()) == []
+    index = base / "model.safetensors.index.json"
+    content = json.loads(index.read_text())
+    content["weight_map"]["lm_head.weight"] = "../elsewhere.safetensors"
+    index.write_text(json.dumps(content))
+    code, _, err = run_cli("merge", adapter, "--base", base, "--out", tmp_path / "merged")
+    assert code == 1 and "is not a safetensors index: its weight_map must name files beside it" in err
 
 
 def _peak_rss(command: list[str]) -> int:
