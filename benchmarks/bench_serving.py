@@ -154,7 +154,7 @@ def main() -> None:
     from expert_hub.models import describe_model, load_base
     from expert_hub.registry import Registry
     from expert_hub.serving import bank_rows
-    from expert_hub.serving.tasks import adapter_task
+    from expert_hub.serving.served_tasks import adapter_task
     from expert_hub.testing import build_tiny_model
 
     console = Console(width=150)

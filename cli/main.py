@@ -13,14 +13,14 @@ from expert_hub.errors import ExpertHubError, InternalError
 from expert_hub.io import first_line, write_atomic
 
 from . import (  # noqa: F401  (importing registers their commands)
-    analysis,
     analyze,
+    auto_routing_commands,
     builtin_tasks,
     evaluation,
     merge,
     quickstart,
     registry_commands,
-    routing_commands,
+    scoring_commands,
     serving,
     training,
 )

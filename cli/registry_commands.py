@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from .app import app, console
-from .routing_commands import ProfileData, profile_adder
+from .auto_routing_commands import ProfileData, profile_adder
 
 Base = Annotated[str | None, typer.Option(help="Only entries of this base model (directory or Hub id).")]
 

@@ -22,7 +22,7 @@ from expert_hub.families import moe_layers
 from expert_hub.models import load_base
 from expert_hub.serving import auto
 from expert_hub.serving.auto import AutoRouting
-from expert_hub.serving.tasks import Task, TaskError
+from expert_hub.serving.served_tasks import Task, TaskError
 
 
 def _prompts(low: int, high: int, count: int, seed: int) -> list[list[int]]:

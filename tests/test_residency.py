@@ -21,7 +21,7 @@ from expert_hub import ExpertAdapter, ExpertSelection
 from expert_hub.serving import bank, worker
 from expert_hub.serving.bank import BankSettings
 from expert_hub.serving.manager import TaskManager
-from expert_hub.serving.tasks import Task, TaskError
+from expert_hub.serving.served_tasks import Task, TaskError
 
 from .fake_bank import FakeBankedLayer
 
@@ -374,7 +374,7 @@ def test_serving_every_registered_task_reads_no_tasks_weights_at_start(tmp_path,
     from expert_hub.models import describe_model, load_base
     from expert_hub.registry import Registry
     from expert_hub.serving import resolve_tasks
-    from expert_hub.serving import tasks as tasks_module
+    from expert_hub.serving import served_tasks as tasks_module
     from expert_hub.testing import SERVING_SHAPES, build_tiny_model
 
     base = str(build_tiny_model("qwen3_moe", tmp_path / "base", **SERVING_SHAPES["qwen3_moe"]))
@@ -547,8 +547,8 @@ def test_a_task_removed_while_it_is_staged_leaves_nothing_behind(tmp_path, monke
 
 def test_a_503_that_says_when_to_retry_carries_retry_after():
     """Both the task routes and the admin routes answer a wait that ran out with `Retry-After`."""
+    from expert_hub.serving.admin_routes import _refusal
     from expert_hub.serving.middleware import _refuse
-    from expert_hub.serving.routes import _refusal
 
     sent = []
 

@@ -49,7 +49,7 @@ TASKS = {  # overlapping (law / intent share layer 0 expert 3) and disjoint (cod
 def test_default_bank_size_fits_any_resident_set_of_the_given_tasks(tmp_path):
     from expert_hub.models import describe_model
     from expert_hub.serving import bank_rows
-    from expert_hub.serving.tasks import adapter_task
+    from expert_hub.serving.served_tasks import adapter_task
 
     path = str(build_tiny_model("qwen3_moe", tmp_path / "base", **SERVING_SHAPES["qwen3_moe"]))
     base, summary = load_base(path), describe_model(path)
@@ -240,7 +240,7 @@ def test_the_default_bank_holds_every_task_within_an_eighth_of_the_free_memory(m
     from expert_hub.models import describe_model
     from expert_hub.serving import HubOptions, _bank_settings, engine
     from expert_hub.serving.bank import BankSettings
-    from expert_hub.serving.tasks import Task
+    from expert_hub.serving.served_tasks import Task
     from expert_hub.serving.vllm_contract import ExpertSizes
 
     path = str(build_tiny_model("qwen3_moe", tmp_path / "base", **SERVING_SHAPES["qwen3_moe"]))
@@ -747,7 +747,7 @@ def test_a_damaged_registry_is_a_server_error_that_names_no_path(tmp_path, regis
     """A task added at run time from a registry whose index is damaged: a 500, not 'no such task' or 'bad name'."""
     from expert_hub.models import describe_model
     from expert_hub.serving.manager import TaskManager
-    from expert_hub.serving.tasks import TaskError
+    from expert_hub.serving.served_tasks import TaskError
 
     base = str(build_tiny_model("qwen3_moe", tmp_path / "base", **SERVING_SHAPES["qwen3_moe"]))
     registry_home.mkdir()

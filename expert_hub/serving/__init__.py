@@ -11,7 +11,7 @@ tier, starts vLLM's OpenAI server with the bank plugin and worker extension, and
 - `manager.py`: which tasks are servable and resident, who uses them and who waits (`TaskManager`), with the
   residency policy in `residency.py`;
 - `server.py`: starting the engine and serving vLLM's app extended with `serving_state.py` (state on the app),
-  `routes.py` (the task admin routes) and `middleware.py` (API key, task selection, body rewriting);
+  `admin_routes.py` (the task admin routes) and `middleware.py` (API key, task selection, body rewriting);
 - `metrics.py`: per-task counters; `engine.py`: starting vLLM's engine, its KV cache memory on CPU.
 - `replicas.py`: `serve --replicas`, N servers behind one endpoint on Ray Serve, with its ingress (`ingress.py`)
   and the replicas' directory (`replica_directory.py`).
@@ -29,7 +29,7 @@ from expert_hub.models import ModelSummary
 from expert_hub.registry import validate_task_name
 
 from .bank import BankSettings
-from .tasks import Task, adapter_task, check_base_fingerprint
+from .served_tasks import Task, adapter_task, check_base_fingerprint
 
 
 def resolve_tasks(base: str, model: ModelSummary, specs: list[str], all_tasks: bool, registry) -> dict[str, Task]:

@@ -38,7 +38,7 @@ from expert_hub.data import prompt_ids
 from expert_hub.errors import InvalidInputError
 from expert_hub.io import first_line
 
-from .tasks import Task, TaskError
+from .served_tasks import Task, TaskError
 
 logger = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from . import vllm_contract as vllm
 from .bank_client import BankClient
 from .metrics import TASK_LOADS, TASK_WAIT_TIMEOUTS
 from .residency import Residency, Waiter
+from .served_tasks import Task, TaskError, check_base_fingerprint, without_path
 from .task_source import TaskSource
-from .tasks import Task, TaskError, check_base_fingerprint, without_path
 from .worker import BankInfo
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """`TaskRouting`, the ASGI middleware around vLLM's handlers: what must happen to a request before and after vLLM
 sees it. Outermost in the stack, it
 - checks the API key on every route but `/health` (and `/metrics` with `--public-metrics`), in constant time,
-  before anything is read, loaded or answered on the caller's behalf; the task admin routes (`routes.py`) are then
+  before anything is read, loaded or answered on the caller's behalf; the task admin routes (`admin_routes.py`) are then
   left to the app;
 - chooses the task of a request on the generating endpoints (`TASK_ROUTES`): `model` = a task name,
   `{"task": ...}` in the body, or an `X-Expert-Task` header; the request then runs on the base model with the task's
@@ -28,11 +28,11 @@ from starlette.routing import Match
 from expert_hub.registry import AUTO
 
 from . import vllm_contract as vllm
+from .admin_routes import admin_router
 from .bank import TASK_ARG
 from .metrics import AUTO_ROUTED_REQUESTS, TASK_REQUESTS
-from .routes import admin_router
+from .served_tasks import Task, TaskError
 from .serving_state import ServingState, error_body, serving_state
-from .tasks import Task, TaskError
 
 # Endpoints whose requests carry `model`, `vllm_xargs` and `cache_salt` at the top level and generate: a task runs here.
 TASK_ROUTES = frozenset(

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .tasks import Task
+    from .served_tasks import Task
 
 
 @dataclass

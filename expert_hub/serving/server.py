@@ -3,7 +3,7 @@
 vLLM's own server handles generation, streaming, `/health` and `/metrics`. `serve` starts the engine with the bank
 worker, loads the initial tasks, and serves vLLM's app extended with:
 - the serving state (`serving_state.ServingState`: task manager, base names, API keys) on `app.state`;
-- the task admin routes (`routes.py`: `GET /v1/tasks`, `POST` / `DELETE /v1/tasks/{name}`);
+- the task admin routes (`admin_routes.py`: `GET /v1/tasks`, `POST` / `DELETE /v1/tasks/{name}`);
 - the `TaskRouting` middleware (`middleware.py`), outermost: the API key, task selection, pinning, body rewriting;
 - per-task token counters around the engine's `generate` (`metrics.py`).
 """
@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING
 from expert_hub.errors import InvalidInputError
 
 from . import vllm_contract as vllm
+from .admin_routes import admin_router
 from .auto import AutoRouting
 from .engine import start_engine
 from .manager import TaskManager
 from .metrics import count_tokens
 from .middleware import TaskRouting
-from .routes import admin_router
+from .served_tasks import Task
 from .serving_state import ApiKeys, ServingState
-from .tasks import Task
 
 if TYPE_CHECKING:
     from . import HubOptions

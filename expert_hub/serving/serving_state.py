@@ -1,5 +1,5 @@
 """What the HTTP side of `expert-hub serve` shares: the serving state kept on vLLM's app, the API keys, and the
-OpenAI-style error body that both the middleware (`middleware.py`) and the task routes (`routes.py`) answer with.
+OpenAI-style error body that both the middleware (`middleware.py`) and the task routes (`admin_routes.py`) answer with.
 
 The state lives on the app (`app.state.expert_hub`), which a route reaches as `request.app` and the middleware as
 `scope["app"]`: no module globals, and a request holds the state it started with until it ends.

@@ -13,7 +13,7 @@ from expert_hub.errors import ExpertHubError, InvalidInputError
 from expert_hub.models import ModelSummary
 from expert_hub.registry import RegistryDamagedError, RegistryError
 
-from .tasks import Task, TaskError, adapter_task, without_path
+from .served_tasks import Task, TaskError, adapter_task, without_path
 
 logger = logging.getLogger(__name__)
 

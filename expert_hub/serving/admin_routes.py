@@ -16,8 +16,8 @@ import time
 
 from fastapi import APIRouter, Request, Response
 
+from .served_tasks import TaskError
 from .serving_state import error_body, serving_state
-from .tasks import TaskError
 
 admin_router = APIRouter()
 
