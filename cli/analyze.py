@@ -13,7 +13,7 @@ from expert_hub.analysis import LEVELS
 from expert_hub.errors import InvalidInputError
 from expert_hub.routing import DEFAULT_SCORE_TOKENS
 
-from .app import ScoreFunction, app, check_output_file, console, status_console
+from .app import AsJson, ScoreFunction, app, check_output_file, console, status_console
 
 if TYPE_CHECKING:
     from expert_hub.adapter import AdapterHeader
@@ -66,7 +66,7 @@ def analyze(
     ] = None,
     tokens: Annotated[int, typer.Option(min=1, help="Tokens of each --data file to score.")] = DEFAULT_SCORE_TOKENS,
     seq_len: Annotated[int, typer.Option(min=1, help="Longest scored sequence; longer ones are cut.")] = 4096,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON instead of tables.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Routing heatmaps, concentration, overlap between tasks and, for adapters, how far each trained expert moved.
 

@@ -6,6 +6,7 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -71,6 +72,11 @@ ScoreFunction = Enum("ScoreFunction", {name: name for name in SCORE_FUNCTIONS}, 
 
 
 DType = Enum("DType", {name: name for name in DTYPES}, type=str)
+
+# Options several commands take, declared once.
+Device = Annotated[str | None, typer.Option(help="torch device (default: cuda when available).")]
+TrustRemoteCode = Annotated[bool, typer.Option(help="Run the model repo's own code (only if you trust it).")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
 def check_output_file(path: Path) -> None:

@@ -14,7 +14,7 @@ from rich.table import Table
 from expert_hub.auto_routing import DEFAULT_DEPTH, DEFAULT_THRESHOLD, DEFAULT_WINDOW
 from expert_hub.errors import InvalidInputError
 
-from .app import app, base_or_demo, console, data_or_builtin, status_console
+from .app import AsJson, app, base_or_demo, console, data_or_builtin, status_console
 
 Base = Annotated[str | None, typer.Option(help="Base MoE model (directory or Hub id) [default: the demo base].")]
 ProfileData = Annotated[
@@ -104,7 +104,7 @@ def route(
     window: Annotated[
         int, typer.Option(min=0, help="Prompt tokens routed on, from its start (0: the whole prompt).")
     ] = DEFAULT_WINDOW,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Show which task a prompt would be routed to by `"model": "auto"`, with every candidate's score."""
     from expert_hub.auto_routing import RoutingProfile, TaskRouter, check_prompt_text, completion_routing_ids

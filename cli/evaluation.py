@@ -14,7 +14,18 @@ from expert_hub.errors import InvalidInputError
 from expert_hub.evaluation import METRICS
 from expert_hub.judge import JUDGE_TASKS, JudgeConfig
 
-from .app import DType, app, base_or_demo, console, data_or_builtin, progress_bar, status_console
+from .app import (
+    AsJson,
+    Device,
+    DType,
+    TrustRemoteCode,
+    app,
+    base_or_demo,
+    console,
+    data_or_builtin,
+    progress_bar,
+    status_console,
+)
 
 Metric = Enum("Metric", {name: name for name in METRICS}, type=str)
 JudgeTask = Enum("JudgeTask", {name: name for name in JUDGE_TASKS}, type=str)
@@ -137,14 +148,12 @@ def evaluate(
         typer.Option(min=1, help="Evaluate only the first N records (and documents of each --lm-eval task)."),
     ] = None,
     dtype: Annotated[DType, typer.Option(help="Weights dtype.")] = DType.auto,
-    device: Annotated[str | None, typer.Option(help="torch device (default: cuda when available).")] = None,
+    device: Device = None,
     force: Annotated[
         bool, typer.Option("--force", help="Apply an expert adapter even if the base fingerprint differs.")
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-    trust_remote_code: Annotated[
-        bool, typer.Option(help="Run the model repo's own code (only if you trust it).")
-    ] = False,
+    as_json: AsJson = False,
+    trust_remote_code: TrustRemoteCode = False,
     lm_eval: Annotated[
         str | None,
         typer.Option(

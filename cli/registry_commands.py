@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .app import app, console
+from .app import AsJson, app, console
 from .auto_routing_commands import ProfileData, profile_adder
 
 Base = Annotated[str | None, typer.Option(help="Only entries of this base model (directory or Hub id).")]
@@ -84,7 +84,7 @@ def export(
 @app.command(name="list")
 def list_entries(
     base: Base = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Registered task experts: task, version, base, method, experts, size, created, metrics."""
     registry = _registry()
@@ -117,7 +117,7 @@ def list_entries(
 def show(
     ref: Annotated[str, typer.Argument(metavar="TASK[@V]", help="law, law@3 or law@<hash prefix>.")],
     base: Base = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """One entry in full, after verifying its files."""
     registry = _registry()

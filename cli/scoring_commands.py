@@ -13,8 +13,11 @@ from expert_hub.errors import InvalidInputError
 from expert_hub.routing import DEFAULT_SCORE_TOKENS, DEFAULT_SEED
 
 from .app import (
+    AsJson,
+    Device,
     DType,
     ScoreFunction,
+    TrustRemoteCode,
     app,
     base_or_demo,
     check_output_file,
@@ -40,10 +43,8 @@ def score(
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 8,
     seq_len: Annotated[int, typer.Option(min=1, help="Longest sequence; longer conversations are cut.")] = 4096,
     dtype: Annotated[DType, typer.Option(help="Weights dtype to load the model in.")] = DType.auto,
-    device: Annotated[str | None, typer.Option(help="torch device (default: cuda when available).")] = None,
-    trust_remote_code: Annotated[
-        bool, typer.Option(help="Run the model repo's own code (only if you trust it).")
-    ] = False,
+    device: Device = None,
+    trust_remote_code: TrustRemoteCode = False,
     routing_logs: Annotated[
         Path | None, typer.Option(help="Score the reference repo's raw logs (expert_weights_<layer>.txt) instead.")
     ] = None,
@@ -152,10 +153,8 @@ def inspect(
             help="A model (directory or Hub id) or an adapter directory [default: the demo base].",
         ),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    trust_remote_code: Annotated[
-        bool, typer.Option(help="Run the model repo's own code (only if you trust it).")
-    ] = False,
+    as_json: AsJson = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Show a model's MoE layout (family, layers, experts, top-k) or an adapter's experts and size."""
     from expert_hub.adapter import CONFIG_FILE
