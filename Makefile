@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.expert-hub-installed
 
-.PHONY: install demo test bench demo-base clean
+.PHONY: install demo test test-fast bench demo-base clean
 
 install: $(STAMP)
 
@@ -28,6 +28,12 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
+
+# While working: lint, then everything but vLLM servers, torchrun and whole training or CLI runs (a few minutes).
+test-fast: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install
 	$(BIN)/python benchmarks/bench_scoring.py

@@ -198,6 +198,7 @@ def _cli(*args: str | bytes, home: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_profile_and_route_from_the_command_line(tiny_models, tmp_path, registry_home):
     base = str(tiny_models["qwen3_moe"])
     model = load_base(base)
@@ -244,6 +245,7 @@ def test_profile_and_route_from_the_command_line(tiny_models, tmp_path, registry
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 def test_import_with_profile_data_registers_the_adapter_with_its_profile(tiny_models, tmp_path, registry_home):
     from expert_hub.auto_routing import profile_task_data
     from expert_hub.registry import Registry

@@ -126,6 +126,7 @@ def test_inspect_with_no_argument_describes_the_demo_base(run_cli):
     assert summary["num_experts"] == 64 and summary["top_k"] == 6 and summary["shared_experts"]
 
 
+@pytest.mark.slow
 def test_train_law_with_no_base_or_data_uses_the_demo_base_and_its_defaults(run_cli, tmp_path):
     out = tmp_path / "law"
     code, stdout, err = run_cli("train", "--task", "law", "--steps", "3", "--out", out)

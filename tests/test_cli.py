@@ -144,6 +144,7 @@ def test_bad_input_exits_non_zero_with_one_line(run_cli, tmp_path, tiny_models, 
     assert message in err.splitlines()[-1] and "Traceback" not in out + err
 
 
+@pytest.mark.slow
 def test_installed_console_script():
     script = Path(sys.executable).with_name("expert-hub")
     result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)

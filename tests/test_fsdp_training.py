@@ -39,6 +39,8 @@ RUN = dict(
     gradient_checkpointing=False,
     sharding="fsdp",
 )
+
+pytestmark = pytest.mark.slow  # torchrun: `make test-fast` leaves it out
 ENVIRONMENT = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 TORCHRUN = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2"]
 

@@ -158,6 +158,7 @@ def test_hub_errors_are_one_line_and_leave_the_registry_alone(hub, registered, t
     assert (tmp_path / "second" / "index.json").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_the_cli_honours_hf_endpoint_and_hf_token(hub, registered, tmp_path, registry_home):
     """A fresh process reads HF_ENDPOINT and HF_TOKEN itself, as a user's shell would set them."""
     _, first, _ = registered

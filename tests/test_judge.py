@@ -377,6 +377,7 @@ def test_the_timeout_bounds_each_request_whole(judge_server, tmp_path):
 # --- the command line ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_eval_with_a_judge_on_the_demo_base(run_cli, judge_server):
     command = ["eval", "--task", "law", "--metric", "judge", "--judge-url", judge_server.url, "--judge-model", "fake"]
     code, out, err = run_cli(*command, "--limit", 4, "--json")

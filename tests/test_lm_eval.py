@@ -25,6 +25,8 @@ from expert_hub.general_eval import LMEvalTasks, _scores, lm_eval_scores
 from expert_hub.models import load_base, load_tokenizer
 from expert_hub.testing import build_tiny_model
 
+pytestmark = pytest.mark.slow  # lm-evaluation-harness runs: `make test-fast` leaves it out
+
 TASK = "expert_hub_tiny_mc"
 PROMPT = "Question: {question}\nAnswer:"  # the task's doc_to_text; lm-eval puts " " before the choice
 ITEMS = [

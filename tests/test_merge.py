@@ -295,6 +295,7 @@ def _merge_command(base: Path, adapter: Path, out: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_a_sharded_base_is_streamed_untouched_shards_copied(large_base, tmp_path):
     adapter = _adapter(large_base, {0: [1, 2]}, tmp_path / "law", seed=9)
     shards = sorted(large_base.glob("*.safetensors"))
@@ -312,6 +313,7 @@ def test_a_sharded_base_is_streamed_untouched_shards_copied(large_base, tmp_path
         assert same == (shard.name not in touched), shard.name
 
 
+@pytest.mark.slow
 def test_a_killed_merge_reruns_to_the_same_bytes_keeping_finished_shards(large_base, tmp_path):
     """kill -9 after the first shard is in place; the rerun keeps that shard and writes the rest."""
     layers = moe_layers(load_base(str(large_base)))
@@ -395,6 +397,7 @@ def _peak_rss(command: list[str]) -> int:
     return int(done.stdout) * 1024
 
 
+@pytest.mark.slow
 def test_peak_memory_stays_near_the_largest_shard(large_base, tiny_models, tmp_path):
     """Side by side: merging the ~800 MB base costs less than half its largest shard more than merging a tiny one.
 

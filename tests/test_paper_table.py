@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the paper table's runs: `make test-fast` leaves it out
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_table.py"
 
 

@@ -17,6 +17,8 @@ from expert_hub.training.precision import drop_float32_masters, keep_float32_mas
 
 from .test_training import _config
 
+pytestmark = pytest.mark.slow  # whole training runs: `make test-fast` leaves it out
+
 
 def test_masters_compute_what_the_bfloat16_model_computes_and_drop_back_to_it(tmp_path):
     """Tied embeddings keep one master; the forward is bit-identical; dropping the masters gives the model back."""

@@ -6,11 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from expert_hub.cli import quickstart
 from expert_hub.demo import demo_base
 from expert_hub.registry import Registry
 from expert_hub.tasks import BUILTIN_TASKS
 from expert_hub.training import base_training_defaults
+
+pytestmark = pytest.mark.slow  # the whole product, end to end: `make test-fast` leaves it out
 
 PORT = 8655
 

@@ -35,6 +35,8 @@ from .fake_bank import FakeBankedLayer
 from .serving_client import API_KEY, Server, start_server
 from .serving_oracle import make_tasks, plain_vllm_tokens, profile_tasks
 
+pytestmark = pytest.mark.slow  # vLLM servers: `make test-fast` leaves it out
+
 PROMPTS = ["Hello world, this is", "The quick brown fox jumps"]
 LONG = " ".join(f"word{i}" for i in range(50))  # ~340 tokens: many KV blocks
 AUTO_PROMPTS = {"law": "abcdefghij" * 3, "intent": "0123456789" * 3}  # what each task's requests look like

@@ -30,6 +30,8 @@ from expert_hub.testing import SERVING_SHAPES, build_tiny_model
 
 from .serving_client import API_KEY, start_server
 
+pytestmark = pytest.mark.slow  # vLLM servers: `make test-fast` leaves it out
+
 PROMPT = "Hello world, this is"
 LONG = " ".join(f"word{i}" for i in range(50))  # ~340 tokens: more than two 128-token KV blocks
 LAW = {0: [3, 7], 1: [3], 2: [1, 2], 3: [7]}

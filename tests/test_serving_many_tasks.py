@@ -23,6 +23,8 @@ from expert_hub.testing import SERVING_SHAPES, build_tiny_model, byte_tokenizer
 
 from .serving_client import API_KEY, start_server
 
+pytestmark = pytest.mark.slow  # vLLM servers: `make test-fast` leaves it out
+
 TASKS = 12
 PROMPT = "The quick brown fox jumps"
 

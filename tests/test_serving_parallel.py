@@ -22,6 +22,8 @@ from .fake_bank import FakeBankedLayer
 from .serving_client import start_server
 from .serving_oracle import make_tasks, plain_vllm_tokens
 
+pytestmark = pytest.mark.slow  # vLLM servers: `make test-fast` leaves it out
+
 PROMPTS = ["Hello world, this is", "The quick brown fox jumps"]
 TASKS = {"law": {0: [3, 7], 1: [3], 2: [1, 2], 3: [7]}, "code": {2: [5], 3: [6]}, "extra": {1: [8, 9], 2: [3]}}
 

@@ -27,6 +27,8 @@ from expert_hub.registry import Registry
 from .serving_client import API_KEY, start_server
 from .serving_oracle import make_tasks, plain_vllm_tokens, profile_tasks
 
+pytestmark = pytest.mark.slow  # vLLM servers on Ray Serve: `make test-fast` leaves it out
+
 PORT = 8671
 PROMPTS = ["Hello world, this is", "The quick brown fox jumps"]
 AUTO_PROMPTS = {"law": "abcdefghij" * 3, "intent": "0123456789" * 3}  # what each task's requests look like

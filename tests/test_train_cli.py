@@ -16,6 +16,8 @@ import torch
 from expert_hub import ExpertAdapter, ExpertSelection
 from expert_hub.registry import Registry
 
+pytestmark = pytest.mark.slow  # whole training runs through the CLI: `make test-fast` leaves it out
+
 SMALL_RUN = [
     "--steps",
     "4",

@@ -15,6 +15,8 @@ from expert_hub.models import load_base
 from expert_hub.training import TrainingConfig, train
 from expert_hub.training.methods import prepare_esft, trainable_parameters
 
+pytestmark = pytest.mark.slow  # whole training runs: `make test-fast` leaves it out
+
 
 def _learnable_task(path, count=48):
     """A task a tiny model learns in a few steps: every answer is the same short sentence."""
