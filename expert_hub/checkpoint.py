@@ -10,6 +10,7 @@ checks) and rewritten (`expert-hub merge`) without loading the model.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -146,8 +147,14 @@ def checkpoint_fingerprint(base: str, selection: ExpertSelection) -> str | None:
     if not Path(base).is_dir():
         return None
     with contextlib.suppress(InvalidInputError, AdapterMismatchError):
-        return BaseCheckpoint(base).fingerprint(selection)
+        return _opened(str(Path(base).resolve())).fingerprint(selection)
     return None
+
+
+@functools.lru_cache(maxsize=4)
+def _opened(directory: str) -> BaseCheckpoint:
+    """A server checks each task against the same base: its headers are read, and its meta model built, once."""
+    return BaseCheckpoint(directory)
 
 
 @dataclass(frozen=True)
