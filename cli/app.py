@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from expert_hub.errors import InvalidInputError
 from expert_hub.scores import SCORE_FUNCTIONS
-from expert_hub.training.config import DTYPES
+from expert_hub.settings import DTYPES
 
 app = typer.Typer(
     name="expert-hub",

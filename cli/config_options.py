@@ -1,10 +1,11 @@
 """Command-line options made from a config dataclass's fields, so each setting is declared once (in the config).
 
 `with_config_options(TrainingConfig, ...)` gives a command one Typer option per field that has `cli` metadata (see
-`expert_hub.training.config.setting`), and `config_values` turns what the command received back into field values.
+`expert_hub.settings.setting`), and `config_values` turns what the command received back into field values.
 Field kinds map to options as follows: a `bool` is `--x/--no-x` (or the given flag alone), a `tuple` one option per
-element, a `list[str]` one comma-separated option, `choices` a fixed set, a `path` a `Path` (stored as its string),
-and a setting a base may default is optional: left out, it takes the base's default, then the config's.
+element (a `repeatable` one: one option, given once per item), a `list[str]` one comma-separated option, `choices` a
+fixed set, a `path` a `Path` (stored as its string), and a setting a base may default is optional: left out, it
+takes the base's default, then the config's.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Annotated
 
 import typer
 
-from expert_hub.training.config import field_default
+from expert_hub.settings import field_default, option_flags
 
 _ELEMENT = "__"  # a tuple field's element options are named FIELD__0, FIELD__1, ...
 
@@ -48,7 +49,7 @@ def _describe(value) -> str:
 def _parameters(f: Field, annotation, base_note: Callable[[str], str]) -> list[inspect.Parameter]:
     """The option(s) for one field."""
     meta, kind, default, help_text = f.metadata, _plain(annotation), field_default(f), f.metadata["help"]
-    flags = meta["flags"] or (f"--{f.name.replace('_', '-')}",)
+    flags = option_flags(f)
     bounds = {key: meta[key] for key in ("min", "max") if meta[key] is not None}
     if meta["base_default"]:  # optional: left out, the base's own default applies
         help_text = f"{help_text.removesuffix('.')} [default: {meta['default_help'] or _describe(default)}"
@@ -60,6 +61,8 @@ def _parameters(f: Field, annotation, base_note: Callable[[str], str]) -> list[i
         help_text = f"{help_text.removesuffix('.')} [default: {meta['default_help']}]."
     if kind is bool:  # without flags of its own, Typer's --x/--no-x
         return [_keyword(f.name, bool, default, typer.Option(*meta["flags"], help=help_text))]
+    if meta["repeatable"]:
+        return [_keyword(f.name, list[str] | None, None, typer.Option(*flags, help=help_text, metavar=meta["metavar"]))]
     if typing.get_origin(kind) is tuple:
         return [
             _keyword(f"{f.name}{_ELEMENT}{i}", element, value, typer.Option(flag, help=help_text.format(n=i + 1)))
@@ -72,7 +75,8 @@ def _parameters(f: Field, annotation, base_note: Callable[[str], str]) -> list[i
         return [_keyword(f.name, str, ",".join(default), typer.Option(*flags, help=help_text))]
     if meta["path"]:
         annotation = Path | None if kind is not annotation else Path
-    return [_keyword(f.name, annotation, default, typer.Option(*flags, help=help_text, **bounds))]
+    option = typer.Option(*flags, help=help_text, envvar=meta["envvar"], **bounds)
+    return [_keyword(f.name, annotation, default, option)]
 
 
 def _keyword(name: str, annotation, default, option) -> inspect.Parameter:
@@ -105,7 +109,9 @@ def config_values(config_class, settings: dict) -> dict:
     values = {}
     for f, annotation in _option_fields(config_class):
         kind = _plain(annotation)
-        if typing.get_origin(kind) is tuple:
+        if f.metadata["repeatable"]:
+            values[f.name] = tuple(settings[f.name] or ())
+        elif typing.get_origin(kind) is tuple:
             values[f.name] = tuple(settings[f"{f.name}{_ELEMENT}{i}"] for i in range(len(typing.get_args(kind))))
         elif typing.get_origin(kind) is list:
             values[f.name] = [item.strip() for item in settings[f.name].split(",") if item.strip()]

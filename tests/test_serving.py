@@ -240,7 +240,7 @@ def test_the_default_bank_holds_every_task_within_an_eighth_of_the_free_memory(m
     """Measured once by `serve` (every tensor-parallel rank gets the same rows), and the host-memory tier split
     between the ranks."""
     from expert_hub.models import describe_model
-    from expert_hub.serving import HubOptions, _bank_settings, engine
+    from expert_hub.serving import ServeConfig, _bank_settings, engine
     from expert_hub.serving.bank import BankSettings
     from expert_hub.serving.served_tasks import Task
     from expert_hub.serving.vllm_contract import ExpertSizes
@@ -250,12 +250,12 @@ def test_the_default_bank_holds_every_task_within_an_eighth_of_the_free_memory(m
     sizes, float32 = ExpertSizes(16, 64, 128, 0, 1), torch.float32
     monkeypatch.setattr(engine, "free_device_memory", lambda: 8 * 4 * 10 * row)  # an eighth: 10 rows in 4 layers
     tasks = {name: Task(name, tmp_path, 0, {0: 6, 1: 2}) for name in ("a", "b")}
-    default = _bank_settings(model, tasks, HubOptions(task_cache_gb=1.0), ranks=2)
+    default = _bank_settings(model, tasks, ServeConfig(task_cache_gb=1.0), ranks=2)
     assert default.rows_per_layer(sizes, float32) == 10  # 12 wanted, 10 within an eighth of free memory
     assert default.host_cache_bytes == 2**29 and default.remap_rows(10) == 40
-    one = _bank_settings(model, dict(list(tasks.items())[:1]), HubOptions(), ranks=1)
+    one = _bank_settings(model, dict(list(tasks.items())[:1]), ServeConfig(), ranks=1)
     assert one.rows_per_layer(sizes, float32) == 6  # all it needs
-    rows = _bank_settings(model, tasks, HubOptions(extra_rows=60, max_resident=3), ranks=1)
+    rows = _bank_settings(model, tasks, ServeConfig(expert_bank_rows=60, max_resident_tasks=3), ranks=1)
     assert rows.rows_per_layer(sizes, float32) == 60 and rows.remap_rows(60) == 3  # --expert-bank-rows, a cap
     gigabytes = BankSettings(None, 5 * row, None, 4)
     assert gigabytes.rows_per_layer(sizes, float32) == 5  # --expert-bank-gb

@@ -102,12 +102,14 @@ def test_every_replica_runs_serve_with_the_commands_other_options(run_cli, tmp_p
         *("--public-metrics", "--max-num-seqs", "16", "--enforce-eager"),
     )
     assert code == 0, err
-    settings, count, gpus, batch, host, port, key, public, address = started["args"]
+    settings, config, gpus, batch = started["args"]
     assert list(settings.serve_argv) == [
         *("--base", str(base), "--tasks", f"law={adapters['law']}", "--dtype", "float32"),
         *("--task-wait-timeout", "5.0", "--allow-pull", "acme/*", "--max-num-seqs", "16", "--enforce-eager"),
     ]
-    assert (count, gpus, batch, host, port, key, public, address) == (2, 0, 16, "127.0.0.1", 9001, "K", True, None)
+    assert (config.replicas, gpus, batch) == (2, 0, 16)
+    front = (config.host, config.port, config.api_key, config.public_metrics, config.ray_address)
+    assert front == ("127.0.0.1", 9001, "K", True, None)
     assert settings.tasks_per_replica == 1 and settings.split_cpus and not settings.listen_on_node_address
     cores = len(os.sched_getaffinity(0))
     for options in (["--replicas", str(cores + 1)], ["--replicas", str(cores), "--tensor-parallel-size", "2"]):

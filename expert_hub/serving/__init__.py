@@ -7,7 +7,8 @@ tier, starts vLLM's OpenAI server with the bank plugin and worker extension, and
 - `worker.py`: task staging and loading in the worker process, returning `LoadResult` / `LayoutResult`;
 - `host_cache.py`: the worker's host-memory tier of tasks' rows;
 - `bank_client.py`: the front end's typed client for those worker methods;
-- `tasks.py`: a servable task (its files, experts and private key);
+- `config.py`: `ServeConfig`, every `serve` option declared once;
+- `served_tasks.py`: a servable task (its files, experts and private key);
 - `manager.py`: which tasks are servable and resident, who uses them and who waits (`TaskManager`), with the
   residency policy in `residency.py`;
 - `server.py`: starting the engine and serving vLLM's app extended with `serving_state.py` (state on the app),
@@ -21,18 +22,21 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from expert_hub.errors import InvalidInputError
 from expert_hub.models import ModelSummary
-from expert_hub.registry import validate_task_name
+from expert_hub.registry import Registry, validate_task_name
 
 from .bank import BankSettings
+from .config import ServeConfig
 from .served_tasks import Task, adapter_task, check_base_fingerprint
 
 
-def resolve_tasks(base: str, model: ModelSummary, specs: list[str], all_tasks: bool, registry) -> dict[str, Task]:
+def resolve_tasks(
+    base: str, model: ModelSummary, specs: list[str], all_tasks: bool, registry: Registry
+) -> dict[str, Task]:
     """Tasks by name from `law`, `law@3` (registry) or `law=DIR` (an adapter directory), then, with `all_tasks`,
     every other task registered for `base` (its newest version).
 
@@ -59,7 +63,7 @@ def resolve_tasks(base: str, model: ModelSummary, specs: list[str], all_tasks: b
     return tasks
 
 
-def _registry_task(registry, entry, model: ModelSummary) -> Task:
+def _registry_task(registry: Registry, entry, model: ModelSummary) -> Task:
     """A registry task from its manifest (checked against the entry) and headers; its weights are not read."""
     return adapter_task(entry.task, registry.object_path(entry), model, entry.version, registry.file_hashes(entry))
 
@@ -92,36 +96,14 @@ BANK_MEMORY_SHARE = 1 / 8  # of the device's free memory, at most, for the defau
 HOST_TIER_MEMORY_SHARE = 1 / 8  # of the memory available at start, for the default host-memory tier
 
 
-@dataclass(frozen=True)
-class HubOptions:
-    """How a server of many tasks behaves (`serve`'s options): how many are resident, how requests wait for
-    theirs, the host-memory tier, and which Hub repos requests may have pulled."""
-
-    max_resident: int | None = None  # a cap on resident tasks; None: as many as the bank's rows hold
-    extra_rows: int | None = None
-    bank_gb: float | None = None
-    wait_timeout: float = 60.0
-    max_waiting: int = 1024
-    task_cache_gb: float | None = None  # None: `HOST_TIER_MEMORY_SHARE` of the memory available at start
-    allow_pull: tuple[str, ...] = ()  # `ORG/*` patterns
-
-
 def run_server(
-    base: str,
-    model: ModelSummary,
-    tasks: dict[str, Task],
-    preload: list[str],
-    registry,
-    vllm_argv: list[str],
-    options: HubOptions,
-    api_key: str | None = None,
-    public_metrics: bool = False,
+    config: ServeConfig, model: ModelSummary, tasks: dict[str, Task], preload: list[str], registry: Registry
 ) -> None:
     """Start vLLM with the expert bank, load the `preload` tasks that fit, and serve until interrupted.
 
-    The bank is `extra_rows` rows per MoE layer, or as many as `bank_gb` GiB (per GPU, over all MoE layers) holds,
-    or by default room for every task (`bank_rows`) within an eighth of the device's free memory. `api_key` guards
-    every route but `/health` (and `/metrics` unless `public_metrics`).
+    The bank is `expert_bank_rows` rows per MoE layer, or as many as `expert_bank_gb` GiB (per GPU, over all MoE
+    layers) holds, or by default room for every task (`bank_rows`) within an eighth of the device's free memory.
+    `api_key` guards every route but `/health` (and `/metrics` unless `public_metrics`).
     """
     from . import vllm_contract as vllm
 
@@ -137,14 +119,13 @@ def run_server(
             f"{model.family} experts have biases, which the expert bank does not hold yet: "
             "serve each task's merged checkpoint with vLLM instead"
         )
+    base, vllm_argv = config.base, config.vllm_argv()
     worker_extension = f"{ExpertBankWorker.__module__}.{ExpertBankWorker.__name__}"
     argv = ["--model", base, "--worker-extension-cls", worker_extension, *vllm_argv, *cpu_rotary_workaround(vllm_argv)]
     argv += [*cpu_float32_mla_backend(base, vllm_argv), *_training_chat_template(base, vllm_argv)]
     args = vllm.parse_server_args(argv, prog="expert-hub serve")
-    os.environ.update(_bank_settings(model, tasks, options, vllm.tensor_parallel_size(args)).to_env())
-    uvloop.run(
-        serve(args, tasks, preload, options, registry, base, model, [api_key] if api_key else [], public_metrics)
-    )
+    os.environ.update(_bank_settings(model, tasks, config, vllm.tensor_parallel_size(args)).to_env())
+    uvloop.run(serve(args, config, tasks, preload, registry, model))
 
 
 def _training_chat_template(base: str, vllm_argv: list[str]) -> list[str]:
@@ -159,24 +140,24 @@ def _training_chat_template(base: str, vllm_argv: list[str]) -> list[str]:
     return ["--chat-template", REFERENCE_CHAT_TEMPLATE]
 
 
-def _bank_settings(model: ModelSummary, tasks: dict[str, Task], options: HubOptions, ranks: int) -> BankSettings:
-    """`bank_gb` split evenly over the MoE layers, else `extra_rows`, else room for the tasks within
+def _bank_settings(model: ModelSummary, tasks: dict[str, Task], config: ServeConfig, ranks: int) -> BankSettings:
+    """`expert_bank_gb` split evenly over the MoE layers, else `expert_bank_rows`, else room for the tasks within
     `BANK_MEMORY_SHARE` of the device's free memory; the host-memory tier as given, else `HOST_TIER_MEMORY_SHARE` of
     the memory available now, split between the `ranks` (each keeps its slice of every task)."""
     import psutil
 
     from .engine import free_device_memory
 
-    layers = len(model.moe_layers)
-    cache_gb = options.task_cache_gb
+    layers, cap = len(model.moe_layers), config.max_resident_tasks
     available = psutil.virtual_memory().available
+    cache_gb = config.task_cache_gb
     cache = int(cache_gb * 2**30) if cache_gb is not None else int(available * HOST_TIER_MEMORY_SHARE)
-    if options.bank_gb:
-        bank = BankSettings(None, int(options.bank_gb * 2**30 / layers), options.max_resident, layers)
-    elif options.extra_rows:
-        bank = BankSettings(options.extra_rows, None, options.max_resident, layers)
+    if config.expert_bank_gb:
+        bank = BankSettings(None, int(config.expert_bank_gb * 2**30 / layers), cap, layers)
+    elif config.expert_bank_rows:
+        bank = BankSettings(config.expert_bank_rows, None, cap, layers)
     else:
-        wanted = bank_rows(tasks, model.num_experts, options.max_resident)
+        wanted = bank_rows(tasks, model.num_experts, cap)
         share = int(free_device_memory() * BANK_MEMORY_SHARE / layers)
-        bank = BankSettings(wanted, share, options.max_resident, layers)
+        bank = BankSettings(wanted, share, cap, layers)
     return replace(bank, host_cache_bytes=cache // ranks)

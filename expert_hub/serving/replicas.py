@@ -29,6 +29,7 @@ import httpx
 
 from expert_hub.errors import InvalidInputError
 
+from .config import ServeConfig
 from .replica_directory import (
     DIRECTORY,
     NAMESPACE,
@@ -41,8 +42,6 @@ from .replica_directory import (
 from .serving_state import error_body
 
 APP_NAME = "expert-hub"
-# `serve` options that concern the endpoint or Ray, never each replica's server
-FRONT_OPTIONS = frozenset({"--host", "--port", "--api-key", "--public-metrics", "--replicas", "--ray-address"})
 HEALTH_CHECK_PERIOD_S = 2.0  # how soon a replica whose server died is noticed (and replaced)
 START_TIMEOUT_S = 900.0  # a replica's `expert-hub serve` to /health: a large base loads for minutes
 
@@ -286,7 +285,7 @@ def application(args: dict):
     runs, a list), `replicas`, and optionally `gpus_per_replica` (1), `tasks_per_replica` (8), `max_num_seqs`
     (256) and `public_metrics`. The API key is `EXPERT_HUB_API_KEY` in the cluster's environment."""
     options = [str(option) for option in args["options"]]
-    if front := [option for option in options if option.split("=")[0] in FRONT_OPTIONS]:
+    if front := [option for option in options if option.split("=")[0] in ServeConfig.front_flags()]:
         raise ValueError(f"{front[0]} is the application's, not each replica's: remove it from `options`")
     settings = ReplicaSettings(tuple(options), int(args.get("tasks_per_replica", 8)), listen_on_node_address=True)
     return build_application(
@@ -299,20 +298,11 @@ def application(args: dict):
     )
 
 
-def run_replicas(
-    settings: ReplicaSettings,
-    replicas: int,
-    gpus_per_replica: int,
-    batch: int,
-    host: str,
-    port: int,
-    api_key: str | None,
-    public_metrics: bool,
-    ray_address: str | None,
-) -> None:
-    """Start (or join, with `ray_address`) Ray, the replicas and the ingress on `host:port`; serve until SIGINT or
-    SIGTERM, then remove the application (and stop the Ray instance this started). Call `private_ray_token` first,
-    before anything imports Ray, for a Ray of its own."""
+def run_replicas(settings: ReplicaSettings, config: ServeConfig, gpus_per_replica: int, batch: int) -> None:
+    """Start (or join, with `config.ray_address`) Ray, `config.replicas` replicas and the ingress on `config.host`
+    and `config.port`; serve until SIGINT or SIGTERM, then remove the application (and stop the Ray instance this
+    started). Call `private_ray_token` first, before anything imports Ray, for a Ray of its own."""
+    host, port, replicas, ray_address = config.host, config.port, config.replicas, config.ray_address
     local = ray_address is None
     try:
         import ray
@@ -329,7 +319,7 @@ def run_replicas(
     signal.signal(signal.SIGTERM, _interrupt)  # as SIGINT: stop, whether starting or serving
     try:
         serve.start(http_options={"host": host, "port": port})
-        app = build_application(settings, replicas, gpus_per_replica, batch, api_key, public_metrics)
+        app = build_application(settings, replicas, gpus_per_replica, batch, config.api_key, config.public_metrics)
         try:
             serve.run(app, name=APP_NAME, route_prefix="/")
         except RuntimeError as error:

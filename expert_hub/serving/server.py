@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import logging
 from argparse import Namespace
-from typing import TYPE_CHECKING
 
 from expert_hub.errors import InvalidInputError
+from expert_hub.models import ModelSummary
+from expert_hub.registry import Registry
 
 from . import vllm_contract as vllm
 from .admin_routes import admin_router
 from .auto import AutoRouting
+from .config import ServeConfig
 from .engine import start_engine
 from .manager import TaskManager
 from .metrics import count_tokens
@@ -26,26 +28,22 @@ from .middleware import TaskRouting
 from .served_tasks import Task
 from .serving_state import ApiKeys, ServingState
 
-if TYPE_CHECKING:
-    from . import HubOptions
-
 logger = logging.getLogger(__name__)
 
 
 async def serve(
     args: Namespace,
+    config: ServeConfig,
     tasks: dict[str, Task],
     preload: list[str],
-    options: HubOptions,
-    registry,
-    base: str,
-    model,
-    api_keys: list[str],
-    public_metrics: bool,
+    registry: Registry,
+    model: ModelSummary,
 ) -> None:
     """Start the engine with the bank worker, load the `preload` tasks that fit, then serve HTTP until stopped."""
     base_names = tuple(args.served_model_name or [args.model])
-    keys = ApiKeys(vllm.api_keys(api_keys), frozenset({"/health", "/metrics"} if public_metrics else {"/health"}))
+    api_keys = [config.api_key] if config.api_key else []
+    open_routes = frozenset({"/health", "/metrics"} if config.public_metrics else {"/health"})
+    keys = ApiKeys(vllm.api_keys(api_keys), open_routes)
     args.middleware = [*args.middleware, f"{TaskRouting.__module__}.{TaskRouting.__name__}"]  # outermost: key first
     listen_address, sock = vllm.setup_server(args)
     async with start_engine(args) as engine:
@@ -54,16 +52,18 @@ async def serve(
             dict(tasks),
             model,
             registry,
-            base,
+            config.base,
             base_names[0],
-            max_resident=options.max_resident,
-            wait_timeout=options.wait_timeout,
-            max_waiting=options.max_waiting,
-            allow_pull=options.allow_pull,
+            max_resident=config.max_resident_tasks,
+            wait_timeout=config.task_wait_timeout,
+            max_waiting=config.max_waiting_requests,
+            allow_pull=config.allow_pull,
         )
         engine.generate = count_tokens(engine.generate, manager.task_of_key)
         await _prepare_bank(manager, preload)
-        state = ServingState(manager, base_names, keys, _auto_routing(base, model, engine, vllm.chat_template(args)))
+        state = ServingState(
+            manager, base_names, keys, _auto_routing(config.base, model, engine, vllm.chat_template(args))
+        )
 
         def extend_app(app) -> None:
             state.install(app)
@@ -73,7 +73,7 @@ async def serve(
     await shutdown
 
 
-def _auto_routing(base: str, model, engine, chat_template: str | None) -> AutoRouting:
+def _auto_routing(base: str, model: ModelSummary, engine, chat_template: str | None) -> AutoRouting:
     """The router for `"model": "auto"`, rendering chats as vLLM does; with a CPU engine it runs as the engine does
     (see `auto`)."""
     as_the_engine = {"threads": 1, "dtype": vllm.served_dtype(engine)} if vllm.is_cpu() else {}

@@ -11,16 +11,16 @@ for the same thing (only `steps` and the checkpoint cadence may change) so resum
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 from ..errors import InvalidInputError
 from ..routing import DEFAULT_SCORE_TOKENS, DEFAULT_SEED
 from ..selection import DEFAULT_TOP_P
+from ..settings import DTYPES, field_default, setting
 from .methods import get_method, method_names
 
 # Fields a resumed run may change without changing what is being trained.
 RESUMABLE_CHANGES = frozenset({"out", "steps", "save_every", "eval_every", "keep_checkpoints", "keep"})
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 # The paper mixes 1 general conversation per task one. Mixed-in examples are held in memory, so an absurd ratio
 # (1e9) would ask for terabytes; 100 is far beyond any use and still the size of the data, not of the machine.
 MAX_MIX_RATIO = 100.0
@@ -28,41 +28,6 @@ MAX_MIX_RATIO = 100.0
 # tail), its eval loss (a mean over blocks) and packing (a BOS dropped only from examples that have one). A run
 # started under another format (1: before the format was recorded) is refused on resume rather than mixed.
 RUN_FORMAT = 2
-
-
-def setting(
-    default=MISSING,
-    *,
-    help: str,
-    default_factory=MISSING,
-    flags: tuple[str, ...] = (),
-    min: float | None = None,
-    max: float | None = None,
-    choices: tuple[str, ...] = (),
-    base_default: bool = False,
-    default_help: str | None = None,
-    path: bool = False,
-    cli: bool = True,
-):
-    """A `TrainingConfig` field with what the command line needs to offer it.
-
-    `flags`: the option names (default `--field-name`; a tuple field takes one flag per element). `min` / `max`:
-    bounds the command line enforces. `base_default`: a base model may ship its own default. `default_help`: how
-    `--help` states the default when the field's default is computed (None) or a flag. `path`: a file path, written
-    as `str(Path(value))` as given on the command line. `cli=False`: not an option.
-    """
-    metadata = dict(
-        help=help,
-        flags=flags,
-        min=min,
-        max=max,
-        choices=choices,
-        base_default=base_default,
-        default_help=default_help,
-        path=path,
-        cli=cli,
-    )
-    return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
 def _default_lr_help() -> str:
@@ -274,11 +239,6 @@ class TrainingConfig:
         if changed:
             details = ", ".join(f"{key}: {saved[key]!r} -> {current[key]!r}" for key in changed)
             raise InvalidInputError(f"{out} holds a run with other settings ({details}); use a new --out to start over")
-
-
-def field_default(f: Field):
-    """A dataclass field's default, whether given as a value or a factory."""
-    return f.default_factory() if f.default is MISSING else f.default
 
 
 def _norm(value):
