@@ -69,13 +69,15 @@ def _parameters(f: Field, annotation, base_note: Callable[[str], str]) -> list[i
             for i, (flag, element, value) in enumerate(zip(flags, typing.get_args(kind), default))
         ]
     if meta["choices"]:
-        choices = Enum(f.name.title().replace("_", ""), {c.replace("-", "_"): c for c in meta["choices"]}, type=str)
+        choices = Enum(f.name.title().replace("_", ""), {c.replace("-", "_"): c for c in meta["choices"]}, type=str)  # type: ignore[misc]
+        if default is None:  # no choice made unless given
+            return [_keyword(f.name, choices | None, None, typer.Option(*flags, help=help_text))]
         return [_keyword(f.name, choices, choices(default), typer.Option(*flags, help=help_text))]
     if typing.get_origin(kind) is list:
         return [_keyword(f.name, str, ",".join(default), typer.Option(*flags, help=help_text))]
     if meta["path"]:
         annotation = Path | None if kind is not annotation else Path
-    option = typer.Option(*flags, help=help_text, envvar=meta["envvar"], **bounds)
+    option = typer.Option(*flags, help=help_text, envvar=meta["envvar"], metavar=meta["metavar"], **bounds)
     return [_keyword(f.name, annotation, default, option)]
 
 
@@ -98,7 +100,7 @@ def with_config_options(config_class, base_note: Callable[[str], str] = lambda n
             if p.kind is not inspect.Parameter.VAR_KEYWORD
         ]
         derived = [p for f, annotation in _option_fields(config_class) for p in _parameters(f, annotation, base_note)]
-        command.__signature__ = inspect.Signature([*own[:-1], *derived, own[-1]])  # the command's last option last
+        command.__signature__ = inspect.Signature([*own[:-1], *derived, *own[-1:]])  # the command's last option last
         return command
 
     return decorate
@@ -106,7 +108,7 @@ def with_config_options(config_class, base_note: Callable[[str], str] = lambda n
 
 def config_values(config_class, settings: dict) -> dict:
     """Field values from the options `with_config_options` made; base-defaulted settings left out are omitted."""
-    values = {}
+    values: dict[str, object] = {}
     for f, annotation in _option_fields(config_class):
         kind = _plain(annotation)
         if f.metadata["repeatable"]:

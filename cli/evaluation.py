@@ -3,73 +3,152 @@ lm-evaluation-harness tasks for its general abilities."""
 
 from __future__ import annotations
 
-from enum import Enum
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated
 
-import typer
 from rich.table import Table
 
 from expert_hub.errors import InvalidInputError
 from expert_hub.evaluation import METRICS
 from expert_hub.judge import JUDGE_TASKS, JudgeConfig
+from expert_hub.settings import DTYPES, setting
 
-from .app import (
-    AsJson,
-    Device,
-    DType,
-    TrustRemoteCode,
-    app,
-    base_or_demo,
-    console,
-    data_or_builtin,
-    progress_bar,
-    status_console,
-)
-
-Metric = Enum("Metric", {name: name for name in METRICS}, type=str)
-JudgeTask = Enum("JudgeTask", {name: name for name in JUDGE_TASKS}, type=str)
+from .app import app, base_or_demo, console, data_or_builtin, progress_bar, status_console
+from .config_options import config_values, with_config_options
 
 
-def _judge_config(
-    metric: Metric | None,
-    task: str | None,
-    url: str | None,
-    model: str | None,
-    key_env: str | None,
-    judge_task: JudgeTask | None,
-    concurrency: int,
-    cache: Path | None,
-) -> JudgeConfig | None:
+@dataclass(frozen=True)
+class EvalConfig:
+    """What `expert-hub eval` measures, on which model, and how; each option declared once."""
+
+    base: str | None = setting(
+        None,
+        default_help="the demo base",
+        help="Base model (a directory or Hub id), or a full fine-tuned checkpoint.",
+    )
+    data: str | None = setting(
+        None,
+        default_help="the built-in task's eval split",
+        help="Eval data: the reference eval JSONL (prompt / raw_answers), conversations, or a Hugging Face dataset.",
+    )
+    task: str | None = setting(
+        None,
+        default_help="--adapter's name when it is one",
+        help="A built-in task: its eval split, metric and answer length are the defaults.",
+    )
+    adapter: str | None = setting(
+        None,
+        path=True,
+        help="An expert adapter or a PEFT (LoRA) adapter directory, or a registered task (law, law@2).",
+    )
+    metric: str | None = setting(
+        None,
+        choices=METRICS,
+        default_help="the built-in task's, else loss",
+        help="loss (and perplexity), exact match, intent (JSON intent + slots), bleu, or judge (an LLM judge's 0-10 "
+        "score as 0-1: see --judge-url).",
+    )
+    judge_url: str | None = setting(
+        None, help="--metric judge: the judge's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1."
+    )
+    judge_model: str | None = setting(None, help="--metric judge: the judge's model name.")
+    judge_key_env: str | None = setting(
+        None,
+        default_help="none sent",
+        help="--metric judge: the environment variable holding the judge's API key.",
+    )
+    judge_task: str | None = setting(
+        None,
+        choices=tuple(JUDGE_TASKS),
+        default_help="--task's, when it is one of these",
+        help="--metric judge: whose prompt the judge gets.",
+    )
+    judge_concurrency: int = setting(8, min=1, help="--metric judge: requests at once.")
+    judge_cache: str | None = setting(
+        None,
+        path=True,
+        default_help="judge-cache.sqlite in the expert-hub home",
+        help="--metric judge: SQLite file of judgements, so a rerun asks nothing twice.",
+    )
+    split: str = setting("test", help="Split of a Hugging Face dataset.")
+    chat_template: bool = setting(
+        False, flags=("--chat-template",), help="Render conversations with the tokenizer's chat template."
+    )
+    max_new_tokens: int | None = setting(
+        None, min=1, default_help="128, or the built-in task's", help="Longest generated answer."
+    )
+    batch_size: int = setting(8, min=1, help="Records per forward / generate call.")
+    limit: int | None = setting(
+        None, min=1, help="Evaluate only the first N records (and documents of each --lm-eval task)."
+    )
+    dtype: str = setting("auto", choices=DTYPES, help="Weights dtype.")
+    device: str | None = setting(None, help="torch device (default: cuda when available).")
+    force: bool = setting(
+        False, flags=("--force",), help="Apply an expert adapter even if the base fingerprint differs."
+    )
+    as_json: bool = setting(False, flags=("--json",), help="Print JSON instead of a table.")
+    trust_remote_code: bool = setting(False, help="Run the model repo's own code (only if you trust it).")
+    lm_eval: str | None = setting(
+        None,
+        flags=("--lm-eval",),
+        metavar="TASKS",
+        help="General abilities: lm-evaluation-harness tasks (or groups, tags), comma-separated, e.g. "
+        "hellaswag,arc_easy, run on the model with its adapter; needs the lm-eval extra. Alone it replaces the "
+        "task-data evaluation; with --data, --task or --metric both run, into one table / JSON.",
+    )
+    num_fewshot: int | None = setting(
+        None, min=0, default_help="each task's own", help="--lm-eval: few-shot examples per prompt."
+    )
+    lm_eval_include: str | None = setting(
+        None,
+        path=True,
+        metavar="DIR",
+        help="--lm-eval: a directory of your own lm-eval task YAMLs (relative data_files paths are read from the "
+        "working directory).",
+    )
+
+    @property
+    def task_eval(self) -> bool:
+        """Whether task data is evaluated: unless --lm-eval is given alone."""
+        return self.lm_eval is None or any(option is not None for option in (self.data, self.task, self.metric))
+
+
+def _judge_config(config: EvalConfig) -> JudgeConfig | None:
     """The judge of `--metric judge`, checked before the model loads, so that a missing option or key fails at once."""
-    if metric != Metric.judge:
-        if any(option is not None for option in (url, model, key_env, judge_task, cache)):
+    if config.metric != "judge":
+        options = (config.judge_url, config.judge_model, config.judge_key_env, config.judge_task, config.judge_cache)
+        if any(option is not None for option in options):
             raise InvalidInputError("the --judge-* options are for --metric judge")
         return None
-    if not url or not model:
+    if not config.judge_url or not config.judge_model:
         raise InvalidInputError(
             "--metric judge needs --judge-url URL and --judge-model NAME (an OpenAI-compatible API)"
         )
-    name = judge_task.value if judge_task else task
+    name = config.judge_task or config.task
     if name not in JUDGE_TASKS:
-        hint = f"task {task!r} has no judge prompt" if task else "no --task to take it from"
+        hint = f"task {config.task!r} has no judge prompt" if config.task else "no --task to take it from"
         raise InvalidInputError(f"give --judge-task {'|'.join(JUDGE_TASKS)} ({hint})")
-    config = JudgeConfig(url, model, name, key_env, concurrency, cache=cache)
-    config.api_key()
-    return config
+    cache = Path(config.judge_cache) if config.judge_cache else None
+    judge = JudgeConfig(
+        config.judge_url, config.judge_model, name, config.judge_key_env, config.judge_concurrency, cache=cache
+    )
+    judge.api_key()
+    return judge
 
 
-def _lm_eval_tasks(names: str | None, num_fewshot: int | None, include: Path | None):
+def _lm_eval_tasks(config: EvalConfig):
     """--lm-eval's tasks (an `LMEvalTasks`), found before the model loads: a missing lm-eval or a mistyped task
     name fails in seconds, not after minutes of loading."""
-    if names is None:
-        if num_fewshot is not None or include is not None:
+    if config.lm_eval is None:
+        if config.num_fewshot is not None or config.lm_eval_include is not None:
             raise InvalidInputError("--num-fewshot and --lm-eval-include are for --lm-eval TASKS")
         return None
     from expert_hub.general_eval import LMEvalTasks
 
+    names = [name.strip() for name in config.lm_eval.split(",") if name.strip()]
+    include = Path(config.lm_eval_include) if config.lm_eval_include else None
     with status_console.status("Finding lm-eval tasks"):
-        return LMEvalTasks.find([name.strip() for name in names.split(",") if name.strip()], include)
+        return LMEvalTasks.find(names, include)
 
 
 def _add_lm_eval_rows(table: Table, scores: dict[str, dict]) -> None:
@@ -86,151 +165,90 @@ def _add_lm_eval_rows(table: Table, scores: dict[str, dict]) -> None:
 
 
 @app.command(name="eval")
-def evaluate(
-    base: Annotated[
-        str | None,
-        typer.Option(
-            help="Base model (a directory or Hub id), or a full fine-tuned checkpoint [default: the demo base]."
-        ),
-    ] = None,
-    data: Annotated[
-        str | None,
-        typer.Option(
-            help="Eval data: the reference eval JSONL (prompt / raw_answers), conversations, or a Hugging Face dataset [default: the built-in task's eval split]."
-        ),
-    ] = None,
-    task: Annotated[
-        str | None,
-        typer.Option(
-            help="A built-in task: its eval split, metric and answer length are the defaults [default: --adapter's name when it is one]."
-        ),
-    ] = None,
-    adapter: Annotated[
-        Path | None,
-        typer.Option(help="An expert adapter or a PEFT (LoRA) adapter directory, or a registered task (law, law@2)."),
-    ] = None,
-    metric: Annotated[
-        Metric | None,
-        typer.Option(
-            help="loss (and perplexity), exact match, intent (JSON intent + slots), bleu, or judge (an LLM judge's 0-10 score as 0-1: see --judge-url) [default: the built-in task's, else loss]."
-        ),
-    ] = None,
-    judge_url: Annotated[
-        str | None,
-        typer.Option(help="--metric judge: the judge's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1."),
-    ] = None,
-    judge_model: Annotated[str | None, typer.Option(help="--metric judge: the judge's model name.")] = None,
-    judge_key_env: Annotated[
-        str | None,
-        typer.Option(help="--metric judge: the environment variable holding the judge's API key [default: none sent]."),
-    ] = None,
-    judge_task: Annotated[
-        JudgeTask | None,
-        typer.Option(help="--metric judge: whose prompt the judge gets [default: --task's, when it is one of these]."),
-    ] = None,
-    judge_concurrency: Annotated[int, typer.Option(min=1, help="--metric judge: requests at once.")] = 8,
-    judge_cache: Annotated[
-        Path | None,
-        typer.Option(
-            help="--metric judge: SQLite file of judgements, so a rerun asks nothing twice [default: judge-cache.sqlite in the expert-hub home]."
-        ),
-    ] = None,
-    split: Annotated[str, typer.Option(help="Split of a Hugging Face dataset.")] = "test",
-    chat_template: Annotated[
-        bool, typer.Option("--chat-template", help="Render conversations with the tokenizer's chat template.")
-    ] = False,
-    max_new_tokens: Annotated[
-        int | None, typer.Option(min=1, help="Longest generated answer [default: 128, or the built-in task's].")
-    ] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Records per forward / generate call.")] = 8,
-    limit: Annotated[
-        int | None,
-        typer.Option(min=1, help="Evaluate only the first N records (and documents of each --lm-eval task)."),
-    ] = None,
-    dtype: Annotated[DType, typer.Option(help="Weights dtype.")] = DType.auto,
-    device: Device = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Apply an expert adapter even if the base fingerprint differs.")
-    ] = False,
-    as_json: AsJson = False,
-    trust_remote_code: TrustRemoteCode = False,
-    lm_eval: Annotated[
-        str | None,
-        typer.Option(
-            "--lm-eval",
-            metavar="TASKS",
-            help="General abilities: lm-evaluation-harness tasks (or groups, tags), comma-separated, e.g. hellaswag,arc_easy, run on the model with its adapter; needs the lm-eval extra. Alone it replaces the task-data evaluation; with --data, --task or --metric both run, into one table / JSON.",
-        ),
-    ] = None,
-    num_fewshot: Annotated[
-        int | None, typer.Option(min=0, help="--lm-eval: few-shot examples per prompt [default: each task's own].")
-    ] = None,
-    lm_eval_include: Annotated[
-        Path | None,
-        typer.Option(
-            metavar="DIR",
-            help="--lm-eval: a directory of your own lm-eval task YAMLs (relative data_files paths are read from the working directory).",
-        ),
-    ] = None,
-) -> None:
+@with_config_options(EvalConfig)
+def evaluate(**settings) -> None:
     """Evaluate a base model, optionally with an adapter, on task data (or a built-in task's eval split), and on
     lm-evaluation-harness tasks for its general abilities (--lm-eval)."""
-    from expert_hub import load_model
-    from expert_hub.evaluation import evaluate as run_evaluation
-    from expert_hub.models import load_tokenizer, resolve_device
-    from expert_hub.tasks import BUILTIN_TASKS
-
-    base = base_or_demo(base)
-    task_eval = lm_eval is None or any(option is not None for option in (data, task, metric))
-    if task is None and adapter is not None and not adapter.exists() and str(adapter).split("@")[0] in BUILTIN_TASKS:
-        task = str(adapter).split("@")[0]
-    data = data_or_builtin(data, task, "eval") if task_eval else None
-    builtin = BUILTIN_TASKS.get(task)
-    metric = (metric or Metric(builtin.metric if builtin else "loss")) if task_eval else None
-    max_new_tokens = max_new_tokens or (builtin.max_new_tokens if builtin else 128)
-    judge = _judge_config(
-        metric, task, judge_url, judge_model, judge_key_env, judge_task, judge_concurrency, judge_cache
-    )
-    general_tasks = _lm_eval_tasks(lm_eval, num_fewshot, lm_eval_include)
-
-    device = resolve_device(device)
-    with status_console.status(f"Loading {base}" + (f" with {adapter}" if adapter else "")):
-        model = load_model(base, adapter, force=force, dtype=dtype.value, trust_remote_code=trust_remote_code).to(
-            device
-        )
-        tokenizer = load_tokenizer(base, trust_remote_code=trust_remote_code)
-    result = {}
-    if task_eval:
-        with progress_bar("records") as progress:
-            bar = progress.add_task(f"Evaluating ({metric.value})", total=None)
-            judging = progress.add_task("Judging", total=None, visible=False)
-            result = run_evaluation(
-                model,
-                tokenizer,
-                data,
-                metric.value,
-                split=split,
-                chat_template=chat_template,
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-                limit=limit,
-                on_records=lambda done, total: progress.update(bar, advance=done, total=total),
-                judge=judge,
-                on_judged=lambda done, total: progress.update(judging, advance=done, total=total, visible=True),
-            )
+    config = _with_task_defaults(EvalConfig(**config_values(EvalConfig, settings)))
+    judge = _judge_config(config)  # what could fail is checked before the model loads
+    general_tasks = _lm_eval_tasks(config)
+    model, tokenizer = _load(config)
+    result = _evaluate_task_data(config, model, tokenizer, judge) if config.metric else {}
     if general_tasks is not None:
         from expert_hub.general_eval import lm_eval_scores
 
-        result["lm_eval"] = lm_eval_scores(model, tokenizer, general_tasks, limit, num_fewshot, batch_size)
-    result |= {"base": base, "adapter": str(adapter) if adapter else None, "data": data}
-    _print_result(result, metric, as_json)
+        limit, shots, batch = config.limit, config.num_fewshot, config.batch_size
+        result["lm_eval"] = lm_eval_scores(model, tokenizer, general_tasks, limit, shots, batch)
+    result |= {"base": config.base, "adapter": config.adapter, "data": config.data}
+    _print_result(result, config.metric, config.as_json)
 
 
-def _print_result(result: dict, metric: Metric | None, as_json: bool) -> None:
+def _with_task_defaults(config: EvalConfig) -> EvalConfig:
+    """The settings left out, filled in: the demo base; the task an adapter is named after; a built-in task's eval
+    data, metric and answer length (loss and 128 tokens otherwise); no data or metric for --lm-eval alone."""
+    from expert_hub.tasks import BUILTIN_TASKS
+
+    task, adapter = config.task, config.adapter
+    if task is None and adapter is not None and not Path(adapter).exists() and adapter.split("@")[0] in BUILTIN_TASKS:
+        task = adapter.split("@")[0]
+    builtin = BUILTIN_TASKS.get(task) if task else None
+    task_eval = config.task_eval
+    return replace(
+        config,
+        base=base_or_demo(config.base),
+        task=task,
+        data=data_or_builtin(config.data, task, "eval") if task_eval else None,
+        metric=(config.metric or (builtin.metric if builtin else "loss")) if task_eval else None,
+        max_new_tokens=config.max_new_tokens or (builtin.max_new_tokens if builtin else 128),
+    )
+
+
+def _load(config: EvalConfig):
+    """The model (with its adapter) on its device, and its tokenizer."""
+    from expert_hub import load_model
+    from expert_hub.models import load_tokenizer, resolve_device
+
+    base = base_or_demo(config.base)
+    adapter, trust = config.adapter, config.trust_remote_code
+    with status_console.status(f"Loading {base}" + (f" with {adapter}" if adapter else "")):
+        model = load_model(
+            base, adapter and Path(adapter), force=config.force, dtype=config.dtype, trust_remote_code=trust
+        )
+        model.to(resolve_device(config.device))
+        tokenizer = load_tokenizer(base, trust_remote_code=trust)
+    return model, tokenizer
+
+
+def _evaluate_task_data(config: EvalConfig, model, tokenizer, judge: JudgeConfig | None) -> dict:
+    """The task-data metric, with a progress bar (and one for the judge's answers)."""
+    from expert_hub.evaluation import evaluate as run_evaluation
+
+    assert config.metric is not None and config.data is not None  # filled in for a task-data evaluation
+    with progress_bar("records") as progress:
+        bar = progress.add_task(f"Evaluating ({config.metric})", total=None)
+        judging = progress.add_task("Judging", total=None, visible=False)
+        return run_evaluation(
+            model,
+            tokenizer,
+            config.data,
+            config.metric,
+            split=config.split,
+            chat_template=config.chat_template,
+            max_new_tokens=config.max_new_tokens or 128,
+            batch_size=config.batch_size,
+            limit=config.limit,
+            on_records=lambda done, total: progress.update(bar, advance=done, total=total),
+            judge=judge,
+            on_judged=lambda done, total: progress.update(judging, advance=done, total=total, visible=True),
+        )
+
+
+def _print_result(result: dict, metric: str | None, as_json: bool) -> None:
     """The scores as JSON or as a table, after a warning when some judgements held no score."""
+    value_name = metric or "value"
     if result.get("unparseable"):
         status_console.print(
-            f"warning: {result['unparseable']} of {result['count']} judgements hold no score; {metric.value} is the "
+            f"warning: {result['unparseable']} of {result['count']} judgements hold no score; {value_name} is the "
             f"mean of the other {result['judged']} (as 0, they give {result['value_unparseable_as_zero']:.4f})"
         )
     if as_json:
@@ -243,7 +261,7 @@ def _print_result(result: dict, metric: Metric | None, as_json: bool) -> None:
         elif result.get(key) is not None:
             value = result[key]
             table.add_row(
-                metric.value if key == "value" else key, f"{value:.4f}" if isinstance(value, float) else str(value)
+                value_name if key == "value" else key, f"{value:.4f}" if isinstance(value, float) else str(value)
             )
     console.print(table)
 
