@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.expert-hub-installed
 
-.PHONY: install demo test test-fast bench demo-base clean
+.PHONY: install demo test test-fast typecheck bench demo-base clean
 
 install: $(STAMP)
 
@@ -27,12 +27,21 @@ demo: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(MAKE) --no-print-directory typecheck
 	$(BIN)/python -m pytest -q
+
+# mypy on the package as it installs: cli/ and registry/ inside expert_hub/ (pyproject's package-dir), laid out with
+# links in build/typecheck so that imports between the three resolve.
+typecheck: install
+	@rm -rf build/typecheck && mkdir -p build/typecheck/expert_hub
+	@ln -s $(addprefix ../../../,$(wildcard expert_hub/*)) ../../../cli ../../../registry build/typecheck/expert_hub/
+	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml expert_hub
 
 # While working: lint, then everything but vLLM servers, torchrun and whole training or CLI runs (a few minutes).
 test-fast: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(MAKE) --no-print-directory typecheck
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install

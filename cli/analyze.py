@@ -13,12 +13,13 @@ from expert_hub.analysis import LEVELS
 from expert_hub.errors import InvalidInputError
 from expert_hub.routing import DEFAULT_SCORE_TOKENS
 
-from .app import AsJson, ScoreFunction, app, check_output_file, console, status_console
+from .app import TOKEN_SCORES, AsJson, ScoreFunction, app, check_output_file, console, status_console
 
 if TYPE_CHECKING:
     from expert_hub.adapter import AdapterHeader
     from expert_hub.analysis import TaskAnalysis
     from expert_hub.scores import ExpertScores
+    from expert_hub.scores import ScoreFunction as ScoreName
 
 REPORT_FILE = "analysis.json"
 PUBLISHED_SCORES = "summary.json"  # the reference repo's name for a task's scores
@@ -46,7 +47,7 @@ def analyze(
         ),
     ],
     out: Annotated[Path, typer.Option(help="Folder for the PNG figures and analysis.json.")] = Path("analysis"),
-    score: Annotated[ScoreFunction, typer.Option(help="Scores to analyse and select by.")] = ScoreFunction.token,
+    score: Annotated[ScoreFunction, typer.Option(help="Scores to analyse and select by.")] = TOKEN_SCORES,
     top_p: Annotated[
         float | None,
         typer.Option(
@@ -95,20 +96,22 @@ def analyze(
     top_p = DEFAULT_TOP_P[by] if top_p is None else top_p
     tasks = []
     for source, name in zip(found, _unique(source.name for source in found)):
-        if source.adapter is None:
+        if source.adapter is not None:
+            tasks.append(TaskAnalysis(name, source.source, source.adapter.selection))
+        elif source.scores is not None:
             selection = select_experts(source.scores, by=by, top_p=top_p)
             tasks.append(TaskAnalysis(name, source.source, selection, scores=source.scores))
-        else:
-            tasks.append(TaskAnalysis(name, source.source, source.adapter.selection))
     adapter_tasks = [task for task, source in zip(tasks, found) if source.adapter is not None]
     if base is not None and adapters:  # first: an adapter of another base fails before any data is scored
         with status_console.status(f"Loading {base}"):
             model = load_base(base)
         for task, source in zip(adapter_tasks, adapters):
+            assert source.directory is not None  # an adapter source is read from its directory
             task.weight_change = weight_change(ExpertAdapter.load(source.directory), model)
         del model  # scoring loads the base its own way; never hold two copies
-    for task, file in zip(adapter_tasks, data):
-        task.scores = _score_data(base, file, tokens, seq_len)
+    if base is not None:  # --data comes with --base (checked above)
+        for task, file in zip(adapter_tasks, data):
+            task.scores = _score_data(base, file, tokens, seq_len)
     numbers = report(tasks, by, top_p, LEVELS)
     numbers["files"] = [str(path) for path in _draw(tasks, numbers, by, out)]
     if as_json:
@@ -164,7 +167,7 @@ def _score_data(base: str, data: Path, tokens: int, seq_len: int) -> ExpertScore
     return score_data(base, data, tokens, seq_len=seq_len)
 
 
-def _draw(tasks: list[TaskAnalysis], numbers: dict, by: str, out: Path) -> list[Path]:
+def _draw(tasks: list[TaskAnalysis], numbers: dict, by: ScoreName, out: Path) -> list[Path]:
     """The figures the tasks allow: routing needs scores, overlap two tasks, weight change an adapter and a base."""
     from expert_hub import plots
     from expert_hub.analysis import concentration, routing_shares
@@ -216,7 +219,7 @@ def _print_tables(tasks: list[TaskAnalysis], numbers: dict, by: str, top_p: floa
     if moved := [task for task in tasks if task.weight_change]:
         changes = Table("task", "experts", "mean", "min", "max", title="Relative weight change of the trained experts")
         for task in moved:
-            values = [value for experts in task.weight_change.values() for value in experts.values()]
+            values = [value for experts in (task.weight_change or {}).values() for value in experts.values()]
             changes.add_row(
                 task.name,
                 str(len(values)),

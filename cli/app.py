@@ -68,10 +68,12 @@ def _options(
     RunOptions.debug = debug
 
 
-ScoreFunction = Enum("ScoreFunction", {name: name for name in SCORE_FUNCTIONS}, type=str)
+# Choices made from the engine's own lists (mypy sees no members, hence the defaults made by value below)
+ScoreFunction = Enum("ScoreFunction", {name: name for name in SCORE_FUNCTIONS}, type=str)  # type: ignore[misc]
 
 
-DType = Enum("DType", {name: name for name in DTYPES}, type=str)
+DType = Enum("DType", {name: name for name in DTYPES}, type=str)  # type: ignore[misc]
+TOKEN_SCORES, AUTO_DTYPE = ScoreFunction("token"), DType("auto")
 
 # Options several commands take, declared once.
 Device = Annotated[str | None, typer.Option(help="torch device (default: cuda when available).")]

@@ -6,7 +6,7 @@ import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -15,6 +15,9 @@ from expert_hub.auto_routing import DEFAULT_DEPTH, DEFAULT_THRESHOLD, DEFAULT_WI
 from expert_hub.errors import InvalidInputError
 
 from .app import AsJson, app, base_or_demo, console, data_or_builtin, status_console
+
+if TYPE_CHECKING:
+    from expert_hub.registry import Entry, Registry
 
 Base = Annotated[str | None, typer.Option(help="Base MoE model (directory or Hub id) [default: the demo base].")]
 ProfileData = Annotated[
@@ -47,7 +50,7 @@ def profile_adder(data: Path | None, base: str | None) -> Callable[[Path], None]
     return add
 
 
-def _adapter_directory(task: str, base: str, registry) -> tuple[Path, object | None]:
+def _adapter_directory(task: str, base: str, registry: Registry) -> tuple[Path, Entry | None]:
     """A task's adapter directory (a registry entry's stored object, or the directory itself) and its entry."""
     if Path(task).is_dir():
         return Path(task), None

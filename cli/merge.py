@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .app import DType, app, base_or_demo, console, progress_bar
+from .app import AUTO_DTYPE, DType, app, base_or_demo, console, progress_bar
 
 OnOverlap = Enum("OnOverlap", {"refuse": "refuse", "first": "first"}, type=str)
 
@@ -30,7 +30,7 @@ def merge(
             help="Base MoE model: a local directory or a Hub id [default: the demo base shipped in the package]."
         ),
     ] = None,
-    dtype: Annotated[DType, typer.Option(help="Weights dtype; auto keeps the base checkpoint's own.")] = DType.auto,
+    dtype: Annotated[DType, typer.Option(help="Weights dtype; auto keeps the base checkpoint's own.")] = AUTO_DTYPE,
     on_overlap: Annotated[
         OnOverlap,
         typer.Option(help="When two tasks trained the same expert: refuse, or let the first task named keep it."),

@@ -13,6 +13,8 @@ from expert_hub.errors import InvalidInputError
 from expert_hub.routing import DEFAULT_SCORE_TOKENS, DEFAULT_SEED
 
 from .app import (
+    AUTO_DTYPE,
+    TOKEN_SCORES,
     AsJson,
     Device,
     DType,
@@ -42,7 +44,7 @@ def score(
     ] = DEFAULT_SEED,
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 8,
     seq_len: Annotated[int, typer.Option(min=1, help="Longest sequence; longer conversations are cut.")] = 4096,
-    dtype: Annotated[DType, typer.Option(help="Weights dtype to load the model in.")] = DType.auto,
+    dtype: Annotated[DType, typer.Option(help="Weights dtype to load the model in.")] = AUTO_DTYPE,
     device: Device = None,
     trust_remote_code: TrustRemoteCode = False,
     routing_logs: Annotated[
@@ -67,6 +69,7 @@ def score(
             base_or_demo(base), data, tokens, seed, batch_size, seq_len, dtype.value, device, trust_remote_code
         )
     scores.save(output)
+    assert scores.counts is not None  # scores made here (not read from a summary) carry their counts
     tokens_seen = max(c.tokens for c in scores.counts.values())
     console.print(f"Scored {tokens_seen:,} tokens over {len(scores.token_scores)} MoE layers -> {output}")
 
@@ -87,13 +90,14 @@ def score_data(
     from expert_hub.models import load_base, load_tokenizer, resolve_device
     from expert_hub.routing import score_model, token_sequences
 
-    device = resolve_device(device)
+    on = resolve_device(device)
     conversations = read_conversations(data, seed)  # a sample of the whole file, drawn as the reference draws it
     first = next(conversations, None)  # fail on a missing or malformed file before loading weights
     if first is None:
         raise InvalidInputError(f"{data} holds no conversations")
     with status_console.status(f"Loading {base}"):
-        model = load_base(base, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
+        model = load_base(base, dtype=dtype, trust_remote_code=trust_remote_code)
+        model.to(on)  # type: ignore[arg-type]  # transformers wraps PreTrainedModel.to; mypy reads it unbound
         tokenizer = load_tokenizer(base, trust_remote_code=trust_remote_code)
     sequences = token_sequences(chain([first], conversations), tokenizer, max_tokens=tokens, max_length=seq_len)
     with progress_bar("tokens") as progress:
@@ -115,7 +119,7 @@ def select(
         Path, typer.Argument(metavar="SCORES.json", help="Scores from `expert-hub score` or a published summary.json.")
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write expert_cfg.json.")],
-    by: Annotated[ScoreFunction, typer.Option(help="Score to rank experts by.")] = ScoreFunction.token,
+    by: Annotated[ScoreFunction, typer.Option(help="Score to rank experts by.")] = TOKEN_SCORES,
     top_p: Annotated[
         float | None, typer.Option(help="Cumulative score to reach per layer, in (0, 1]; default 0.2 token / 0.1 gate.")
     ] = None,

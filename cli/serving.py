@@ -25,19 +25,20 @@ def serve(ctx: typer.Context, **settings) -> None:
     from expert_hub.serving import resolve_tasks, run_server
 
     given = ServeConfig(**config_values(ServeConfig, settings), vllm_args=tuple(ctx.args))
-    config = replace(given, base=base_or_demo(given.base))
+    base = base_or_demo(given.base)
+    config = replace(given, base=base)
     registry = Registry()
-    model = describe_model(config.base)
-    served = resolve_tasks(config.base, model, config.task_specs, config.all_tasks, registry)
+    model = describe_model(base)
+    served = resolve_tasks(base, model, config.task_specs, config.all_tasks, registry)
     shown = ", ".join(list(served)[:20]) + (f" and {len(served) - 20} more" if len(served) > 20 else "")
-    console.print(f"Serving {config.base} with {len(served)} task(s): {shown or '-'}")
+    console.print(f"Serving {base} with {len(served)} task(s): {shown or '-'}")
     if config.replicas:
-        return _run_replicas(given, config, served)
+        return _run_replicas(given, config, base, config.replicas, served)
     preload = list(served)[: len(config.task_specs)]  # the tasks named, in order; --all-tasks' others load on first use
     run_server(config, model, served, preload, registry)
 
 
-def _run_replicas(given: ServeConfig, config: ServeConfig, served: dict) -> None:
+def _run_replicas(given: ServeConfig, config: ServeConfig, base: str, replicas: int, served: dict) -> None:
     """`serve --replicas N`: every replica runs `serve` with this command's other options, as given (`replicas.py`)."""
     from expert_hub.errors import InvalidInputError
     from expert_hub.serving import tasks_in_bank
@@ -45,15 +46,15 @@ def _run_replicas(given: ServeConfig, config: ServeConfig, served: dict) -> None
 
     if config.ray_address is None:
         private_ray_token()  # before vLLM's configuration (next) imports Ray
-    gpus, batch, ranks = _replica_shape(config.base, config.vllm_argv())
+    gpus, batch, ranks = _replica_shape(base, config.vllm_argv())
     split_cpus = config.ray_address is None and gpus == 0  # one CPU machine: each replica on its own cores
-    if split_cpus and config.replicas * ranks > len(cores := os.sched_getaffinity(0)):
+    if split_cpus and replicas * ranks > len(cores := os.sched_getaffinity(0)):
         raise InvalidInputError(
-            f"--replicas {config.replicas} with {ranks} rank(s) each needs {config.replicas * ranks} CPU cores and "
+            f"--replicas {replicas} with {ranks} rank(s) each needs {replicas * ranks} CPU cores and "
             f"{len(cores)} are available: give fewer --replicas or a smaller --tensor-parallel-size"
         )
     settings = ReplicaSettings(
-        tuple(replace(given, **_absolute_paths(given.base, given.tasks)).replica_argv()),
+        tuple(_with_absolute_paths(given).replica_argv()),
         tasks_per_replica=config.max_resident_tasks or tasks_in_bank(served, config.expert_bank_rows),
         listen_on_node_address=config.ray_address is not None,
         split_cpus=split_cpus,
@@ -63,18 +64,16 @@ def _run_replicas(given: ServeConfig, config: ServeConfig, served: dict) -> None
     run_replicas(settings, config, gpus, batch)
 
 
-def _absolute_paths(base: str | None, tasks: str) -> dict[str, str | None]:
+def _with_absolute_paths(config: ServeConfig) -> ServeConfig:
     """`--base` and the `NAME=DIR` tasks with local paths made absolute: the replicas run in Ray's directories."""
     from pathlib import Path
 
     def absolute(path: str) -> str:
         return str(Path(path).resolve()) if Path(path).exists() else path
 
-    specs = [spec.partition("=") for spec in tasks.split(",") if spec.strip()]
-    return {
-        "base": absolute(base) if base else base,
-        "tasks": ",".join(name + equals + (absolute(directory) if equals else "") for name, equals, directory in specs),
-    }
+    specs = [spec.partition("=") for spec in config.task_specs]
+    tasks = ",".join(name + equals + (absolute(directory) if equals else "") for name, equals, directory in specs)
+    return replace(config, base=absolute(config.base) if config.base else config.base, tasks=tasks)
 
 
 def _replica_shape(base: str, vllm_argv: list[str]) -> tuple[int, int, int]:

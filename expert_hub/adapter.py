@@ -171,8 +171,7 @@ class AdapterHeader:
             with safe_open(file, "pt") as handle:
                 for key in handle.keys():
                     parsed = parse_expert_key(canonical_key(key))
-                    expected = model.expert_shapes.get(parsed.tensor) if parsed else None
-                    if expected is None:
+                    if parsed is None or (expected := model.expert_shapes.get(parsed.tensor)) is None:
                         raise AdapterMismatchError(f"{file.name}: {key} is not a routed-expert tensor of the model")
                     if (shape := tuple(handle.get_slice(key).get_shape())) != expected:
                         raise AdapterMismatchError(
@@ -201,7 +200,8 @@ def check_weight(key: str, tensor: torch.Tensor, origin: str) -> None:
 
     One NaN or infinite weight makes every token routed through it NaN, and whatever those tokens write (KV blocks)
     outlives the request, so such adapters never get in: not at import, not at load. The test reads min and max,
-    which NaN propagates to: one pass, about 30 times faster on a CPU than `isfinite(tensor).all()`.
+    which NaN propagates to: one reduction pass with no temporary, where `isfinite(tensor).all()` first writes a
+    boolean tensor as large as the weight and then reads it again (the figure: docs/benchmarks.md, History).
     """
     check_dtype(key, tensor, origin)
     if tensor.numel() and not all(torch.isfinite(bound) for bound in torch.aminmax(tensor)):
@@ -436,7 +436,7 @@ def fingerprint_tensors(views: Mapping[str, torch.Tensor]) -> str:
 def selected_views(model: nn.Module, selection: ExpertSelection) -> dict[str, torch.Tensor]:
     """What an adapter of `selection` replaces in `model`, by checkpoint key (views: writing one writes the model)."""
     layers = {layer.index: layer for layer in moe_layers(model)}
-    views = {}
+    views: dict[str, torch.Tensor] = {}
     for layer_index, expert in selection.pairs:
         layer = layers.get(layer_index)
         if layer is None or expert >= layer.num_experts:

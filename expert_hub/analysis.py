@@ -129,8 +129,8 @@ def weight_change(adapter: ExpertAdapter, base_model: nn.Module) -> dict[int, di
             continue
         layer = layers.get(parsed.prefix)
         fits = layer is not None and parsed.expert < layer.num_experts
-        base = expert_views(layer.experts, parsed.expert).get(parsed.tensor) if fits else None
-        if base is None or base.shape != trained.shape:
+        base = expert_views(layer.experts, parsed.expert).get(parsed.tensor) if layer and fits else None
+        if layer is None or base is None or base.shape != trained.shape:
             raise AdapterMismatchError(f"adapter tensor {key} has no counterpart of its shape in the base model")
         base = base.to(torch.float64)
         change = trained.to(device=base.device, dtype=torch.float64) - base
@@ -138,8 +138,8 @@ def weight_change(adapter: ExpertAdapter, base_model: nn.Module) -> dict[int, di
         totals[0] += float(change.square().sum())
         totals[1] += float(base.square().sum())
     changes: dict[int, dict[int, float]] = {}
-    for (layer, expert), (moved, size) in sorted(squares.items()):
-        changes.setdefault(layer, {})[expert] = math.sqrt(moved / size) if size else (math.inf if moved else 0.0)
+    for (layer_index, expert), (moved, size) in sorted(squares.items()):
+        changes.setdefault(layer_index, {})[expert] = math.sqrt(moved / size) if size else (math.inf if moved else 0.0)
     return changes
 
 

@@ -28,15 +28,18 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
-from .data import pad, prompt_ids
+from .data import Message, pad, prompt_ids
 from .errors import InvalidInputError
 from .families import moe_layers
 from .io import read_json, write_json_atomic
 from .routing import score_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 PROFILE_FILE = "routing_profile.json"
 FORMAT = "expert-hub.routing-profile/1"
@@ -165,7 +168,7 @@ def completion_routing_ids(text: str, tokenizer) -> list[int]:
     return prompt_ids([{"role": "user", "content": text}], tokenizer)
 
 
-def profile_prompts(model: nn.Module, prompts: Iterable[list[int]], batch_size: int = 8) -> RoutingProfile:
+def profile_prompts(model: PreTrainedModel, prompts: Iterable[list[int]], batch_size: int = 8) -> RoutingProfile:
     """The routing profile of `prompts` (token ids, as the server will see them) on the base `model`."""
     scores = score_model(model, prompts, batch_size=batch_size)
     tokens = scores.source["tokens_scored"]
@@ -176,9 +179,9 @@ def profile_prompts(model: nn.Module, prompts: Iterable[list[int]], batch_size: 
 
 
 def profile_conversations(
-    model: nn.Module,
+    model: PreTrainedModel,
     tokenizer,
-    conversations: Iterable[list[dict]],
+    conversations: Iterable[list[Message]],
     prompts: int = PROFILE_PROMPTS,
     chat_template: bool = False,
     max_tokens: int | None = None,
@@ -231,7 +234,7 @@ class TaskRouter:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: PreTrainedModel,
         depth: int = DEFAULT_DEPTH,
         threshold: float = DEFAULT_THRESHOLD,
         window: int | None = DEFAULT_WINDOW,

@@ -14,6 +14,7 @@ import functools
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -64,7 +65,7 @@ class BaseCheckpoint:
         if index.is_file():
             content = read_json(index)
             weight_map = content.get("weight_map") if isinstance(content, dict) else None
-            names = set(weight_map.values()) if isinstance(weight_map, dict) else {None}
+            names: set[Any] = set(weight_map.values()) if isinstance(weight_map, dict) else {None}
             if not all(
                 isinstance(name, str) and name == Path(name).name and name.endswith(".safetensors") for name in names
             ):
@@ -76,7 +77,7 @@ class BaseCheckpoint:
             raise InvalidInputError(
                 f"{self.directory} has no safetensors weights (expert-hub never reads pickled .bin checkpoints)"
             )
-        shard_of = {}
+        shard_of: dict[str, Path] = {}
         for file in files:
             try:
                 with safe_open(file, "pt") as handle:
@@ -119,6 +120,7 @@ class BaseCheckpoint:
             return stored
         experts = self._experts_by_prefix[place.key.rsplit(".experts.", 1)[0]]
         expert = place.expert if stored.shape[0] > 1 else 0
+        assert place.tensor is not None  # a place inside fused experts names its tensor
         return expert_view_in(experts, stored, expert, place.tensor)
 
     def read(self, model_key: str) -> torch.Tensor:

@@ -13,13 +13,22 @@ import random
 from array import array
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import NotRequired, TypedDict
 
 import torch
 
 from .errors import InvalidInputError
 from .io import MAX_LINE_BYTES, first_line, numbered_lines, numbered_lines_with_offsets
 
-Message = dict[str, str | int]  # "role", "content", and "mask": 1 on an assistant turn that carries no loss
+
+class Message(TypedDict):
+    """One turn of a conversation; `mask: 1` marks an assistant turn that carries no loss."""
+
+    role: str
+    content: str
+    mask: NotRequired[int]
+
+
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100  # label of tokens that carry no loss
 
@@ -127,21 +136,24 @@ def parse_messages(record) -> list[Message]:
                 message["content"].encode("utf-8")
             except UnicodeEncodeError as error:  # a lone surrogate such as "\ud800": JSON allows it, no tokenizer does
                 raise ValueError("a message holds a lone surrogate (\\ud800-\\udfff), which is not text") from error
-        messages.append({"role": message["role"], "content": message["content"]} | _mask(message))
+        turn = Message(role=message["role"], content=message["content"])
+        if (mask := _mask(message)) is not None:
+            turn["mask"] = mask
+        messages.append(turn)
     return messages
 
 
-def _mask(message: dict) -> dict:
-    """`{"mask": 1}` kept from a turn that has it: the reference trains on no assistant turn marked so.
+def _mask(message: dict) -> int | None:
+    """A turn's `"mask"` (0 or 1), kept when it has one: the reference trains on no assistant turn marked 1.
 
     A missing mask, or the None a Hugging Face dataset gives rows without one, is no mask.
     """
     mask = message.get("mask")
     if mask is None:
-        return {}
+        return None
     if mask not in (0, 1):  # True and False compare equal to 1 and 0, as in the reference's `== 1`
         raise ValueError('a message\'s "mask" must be 0 or 1')
-    return {"mask": int(mask)}
+    return int(mask)
 
 
 def _trains_on(message: Message) -> bool:
@@ -210,7 +222,8 @@ def _tokenize_with_chat_template(messages: list[Message], tokenizer) -> tuple[li
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidInputError("the tokenizer has no chat template; drop --chat-template to use the reference format")
     turns = _template_turns(messages)
-    input_ids, labels = [], []
+    input_ids: list[int] = []
+    labels: list[int] = []
     for end, message in enumerate(messages, start=1):
         rendered = tokenizer.apply_chat_template(
             turns[:end], tokenize=False, add_generation_prompt=message["role"] != "assistant"
@@ -273,7 +286,7 @@ def pack(
     when the examples filled the block before it exactly, since the reference's held-out split counts it.
     """
     rng = random.Random(seed)
-    blocks, ids, labels = [], [], []
+    blocks, ids, labels = [], list[int](), list[int]()
     for example_ids, example_labels in examples:
         has_bos = example_ids[:1] == [bos_token_id]
         space = seq_len - len(ids)

@@ -94,7 +94,7 @@ def evaluate_records(
     prompts = [prompt_ids(record["prompt"] or record["messages"][:-1], tokenizer, chat_template) for record in records]
     predictions = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
     answers = [record["answers"] for record in records]
-    if metric == "judge":
+    if metric == "judge" and judge is not None:  # (checked above: the judge metric comes with a judge)
         from .judge import judge_scores
 
         result = {"metric": metric, "count": len(records)} | judge_scores(predictions, answers, judge, on_judged)
@@ -151,7 +151,7 @@ def example_losses(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    losses = []
+    losses: list[tuple[float, int]] = []
     for start in range(0, len(examples), batch_size):
         batch = [
             (ids[-seq_len:], labels[-seq_len:]) if seq_len else (ids, labels)

@@ -84,7 +84,7 @@ def read_and_hash(path: Path, sha256: str) -> torch.Tensor:
     with path.open("rb", buffering=0) as reader, ThreadPoolExecutor(1) as hasher:
         size = os.fstat(reader.fileno()).st_size
         buffer = torch.empty(size, dtype=torch.uint8)
-        view, offset, hashed = memoryview(buffer.numpy()), 0, []
+        view, offset, hashed = buffer.numpy().data, 0, []
         while offset < size and (read := reader.readinto(view[offset : offset + CHUNK])):
             hashed.append(hasher.submit(digest.update, view[offset : offset + read]))
             offset += read

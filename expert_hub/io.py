@@ -29,7 +29,7 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     write_atomic(path, write)
 
 
-def write_atomic(path: str | Path, write: Callable[[IO], None], binary: bool = False) -> None:
+def write_atomic(path: str | Path, write: Callable[[IO], object], binary: bool = False) -> None:
     """Have `write` fill a temporary file beside `path`, then rename it into place: readers see the old file or
     the new one, never half of one."""
     path = Path(path)

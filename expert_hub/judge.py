@@ -42,11 +42,15 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx2
 
 from .errors import InvalidInputError
 from .io import first_line
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionMessageParam
 
 SYSTEM_MESSAGE = "You are a helpful assistant. Follow the user's instructions carefully. Respond using markdown."
 MAX_TOKENS = 80
@@ -223,7 +227,7 @@ def judge_scores(
     }
 
 
-def _messages(prompt: str) -> list[dict[str, str]]:
+def _messages(prompt: str) -> list[ChatCompletionMessageParam]:
     return [{"role": "system", "content": SYSTEM_MESSAGE}, {"role": "user", "content": prompt}]
 
 
@@ -387,11 +391,13 @@ class JudgementCache:
 
     def get(self, key: str) -> str | None:
         with self._lock:
+            assert self._db is not None, "the judge cache is closed"
             row = self._db.execute("SELECT judgement FROM judgements WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
     def put(self, key: str, prompt: str, judgement: str, config: JudgeConfig) -> None:
         with self._lock:
+            assert self._db is not None, "the judge cache is closed"
             self._db.execute(
                 "INSERT OR REPLACE INTO judgements VALUES (?, ?, ?, ?, ?, ?)",
                 (key, config.model, config.url, prompt, judgement, time.time()),

@@ -19,9 +19,9 @@ from .models import load_base
 from .registry import Registry
 
 
-def resolve_adapter(reference: str | Path, base: str) -> Path:
+def resolve_adapter(reference: str | Path, base: str | None) -> Path:
     """The directory an adapter reference names: itself when it is a directory, else the verified registry object
-    of a task registered for `base`."""
+    of a task registered for `base` (for any base when None)."""
     if Path(reference).is_dir():
         return Path(reference)
     registry = Registry()

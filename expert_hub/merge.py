@@ -11,6 +11,7 @@ finished (`io.resumable_directory`).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -125,7 +126,7 @@ class MergePlan:
                     result.shards_rewritten += 1
                 else:
                     # the kernel copies (copy_file_range / sendfile): no byte passes through Python
-                    _put_in_place(target, lambda partial, file=file: shutil.copyfile(file, partial))
+                    _put_in_place(target, functools.partial(shutil.copyfile, file))
                     result.shards_copied += 1
                 if progress is not None:
                     progress(file.name)
@@ -142,7 +143,8 @@ class MergePlan:
             else self.checkpoint.config.get("dtype", self.checkpoint.config.get("torch_dtype"))
         )
         loaded = DTYPES.get(name) or torch.float32
-        return [re.compile(pattern) for pattern in self.checkpoint.model._get_dtype_plan(loaded)]
+        plan = self.checkpoint.model._get_dtype_plan(loaded)  # type: ignore[operator]  # private, so untyped
+        return [re.compile(pattern) for pattern in plan]
 
     def _identity(self) -> str:
         """What a rerun must match to keep an interrupted run's shards: the base's files, the tasks, the options."""

@@ -9,10 +9,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from .errors import InvalidInputError
 from .families import expert_views, family_of, moe_layers
@@ -116,7 +117,7 @@ def describe_model(base: str, trust_remote_code: bool = False) -> ModelSummary:
     shapes = {name: tuple(view.shape) for name, view in expert_views(first.experts, 0).items()}
     return ModelSummary(
         family=config.model_type,
-        num_layers=len(model.base_model.layers),
+        num_layers=len(cast(nn.ModuleList, model.base_model.layers)),
         moe_layers=[layer.index for layer in layers],
         num_experts=first.num_experts,
         top_k=first.top_k,
@@ -129,7 +130,7 @@ def describe_model(base: str, trust_remote_code: bool = False) -> ModelSummary:
 
 def checkpoint_tensors(base: str, keys: set[str]) -> dict[str, torch.Tensor]:
     """Those of `keys` that a local checkpoint directory's safetensors files hold, read without loading the model."""
-    found = {}
+    found: dict[str, torch.Tensor] = {}
     for file in sorted(Path(base).glob("*.safetensors")) if Path(base).is_dir() else []:
         with safe_open(file, "pt") as handle:
             found |= {key: handle.get_tensor(key) for key in keys & set(handle.keys())}

@@ -8,6 +8,7 @@ accumulate in fixed-size tensors, so memory does not grow with the number of tok
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -15,6 +16,9 @@ from torch import nn
 from .data import Message, pad, tokenize_conversation
 from .families import moe_layers
 from .scores import ExpertScores, LayerCounts
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 DEFAULT_SCORE_TOKENS = 2**17  # task tokens scored to select experts, as the paper does
 DEFAULT_SEED = 5934875  # the reference's seed (configs/base.yaml), which also orders the conversations scored
@@ -104,7 +108,7 @@ def token_sequences(
 
 @torch.inference_mode()
 def score_model(
-    model: nn.Module,
+    model: PreTrainedModel,
     sequences: Iterable[list[int]],
     batch_size: int = 8,
     source: dict | None = None,

@@ -56,7 +56,7 @@ def setting(
 
 def field_default(f: Field):
     """A dataclass field's default, whether given as a value or a factory."""
-    return f.default_factory() if f.default is MISSING else f.default
+    return f.default_factory() if f.default is MISSING and callable(f.default_factory) else f.default
 
 
 def option_flags(f: Field) -> tuple[str, ...]:

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeGuard, overload
 
 from expert_hub import integrity
 from expert_hub.adapter import AdapterHeader, ExpertAdapter
@@ -81,6 +82,10 @@ def default_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "expert-hub"
 
 
+@overload
+def normalize_base(base: str) -> str: ...
+@overload
+def normalize_base(base: None) -> None: ...
 def normalize_base(base: str | None) -> str | None:
     """A local base as an absolute path, so `./base` and `/abs/base` read the same from anywhere; Hub ids as given."""
     if base is None:
@@ -143,7 +148,7 @@ class Entry:
         return cls(**{name: value for name, value in data.items() if name in known})
 
 
-_ENTRY_FIELD_TYPES = {
+_ENTRY_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "task": str,
     "version": int,
     "base_model": (str, type(None)),
@@ -260,10 +265,11 @@ class Registry:
     def load(self, ref: str, base: str | None = None) -> ExpertAdapter:
         """The verified adapter of a registry reference.
 
-        Verified first, then memory-mapped from the page cache the check just filled. Measured on 1 GiB, this is
-        about 15% faster than reading each file into fresh memory once and hashing it as it arrives (what the
-        server's worker does, since the bytes it writes into its bank must be the bytes it hashed), and faster than
-        reading the tensors while the check runs (a cold disk then serves two readers at once).
+        Verified first, then memory-mapped from the page cache the check just filled, so the tensors cost neither a
+        second read nor fresh memory. That beats reading each file into fresh memory once and hashing it as it
+        arrives (what the server's worker does, since the bytes it writes into its bank must be the bytes it hashed),
+        and reading the tensors while the check runs (a cold disk then serves two readers at once); the figure is in
+        benchmarks/results/registry.md, History.
         """
         return ExpertAdapter.load(self.verify(self.resolve(ref, base)))
 
@@ -419,7 +425,7 @@ class Registry:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def _is_local_base(base_model: str | None) -> bool:
+def _is_local_base(base_model: str | None) -> TypeGuard[str]:
     """An absolute path to a directory: what a local base was registered as (a Hub id is never absolute)."""
     return base_model is not None and Path(base_model).is_absolute() and Path(base_model).is_dir()
 

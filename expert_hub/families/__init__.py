@@ -7,13 +7,17 @@ checkpoint names of one expert's tensors are spelled in `keys.py`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, cast
 
 from torch import nn
 
 from ..errors import UnsupportedModelError
 from .keys import ExpertKey, canonical_key, expert_checkpoint_key, expert_key, parse_expert_key
-from .layout import FUSED_TENSOR, PROJECTIONS, expert_view_in, expert_views, read_expert, write_expert
+from .layout import FUSED_TENSOR, PROJECTIONS, FusedLayout, expert_view_in, expert_views, read_expert, write_expert
+
+if TYPE_CHECKING:
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
 __all__ = [
     "FAMILIES",
@@ -65,13 +69,13 @@ class MoEFamily:
         return expert_key(block, parsed.expert, f"{renamed}.{kind}")
 
 
-_DEEPSEEK = {"shared_experts": ("shared_experts",), "gate_scale": "routed_scaling_factor"}
+_DEEPSEEK_V2 = MoEFamily("deepseek_v2", shared_experts=("shared_experts",), gate_scale="routed_scaling_factor")
 
 FAMILIES: dict[str, MoEFamily] = {
     family.model_type: family
     for family in (
-        MoEFamily("deepseek_v2", **_DEEPSEEK),
-        MoEFamily("deepseek_v3", **_DEEPSEEK),
+        _DEEPSEEK_V2,
+        replace(_DEEPSEEK_V2, model_type="deepseek_v3"),
         MoEFamily("qwen2_moe", shared_experts=("shared_expert", "shared_expert_gate")),
         MoEFamily("qwen3_moe"),
         MoEFamily("olmoe"),
@@ -94,11 +98,11 @@ class MoELayer:
 
     @property
     def num_experts(self) -> int:
-        return self.experts.gate_up_proj.shape[0]
+        return cast(FusedLayout, self.experts).gate_up_proj.shape[0]
 
     @property
     def top_k(self) -> int:
-        return self.router.top_k
+        return cast(int, self.router.top_k)  # a plain attribute, which nn.Module types as Tensor | Module
 
     @property
     def gate_scale(self) -> float:
@@ -131,11 +135,14 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
     family = family_of(model.config)
     names = {id(module): name for name, module in model.named_modules()}
     layers = []
-    for index, decoder_layer in enumerate(model.base_model.layers):
-        block = decoder_layer.mlp
+    # The casts name what transformers keeps in these attributes, which nn.Module types as Tensor | Module.
+    decoder = cast(nn.Module, model.base_model)
+    for index, decoder_layer in enumerate(cast(nn.ModuleList, decoder.layers)):
+        block = cast(nn.Module, decoder_layer.mlp)
         if not hasattr(block, "experts"):
             continue
-        experts = block.experts.get_base_layer() if hasattr(block.experts, "get_base_layer") else block.experts
+        wrapped = cast(nn.Module, block.experts)
+        experts = cast("BaseTunerLayer", wrapped).get_base_layer() if hasattr(wrapped, "get_base_layer") else wrapped
         if not hasattr(experts, "gate_up_proj"):
             raise UnsupportedModelError(
                 f"{type(experts).__name__} does not hold fused expert tensors: expert-hub needs the "

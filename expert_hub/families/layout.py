@@ -10,6 +10,7 @@ The experts module itself declares its layout (`use_experts_implementation` sets
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Protocol, cast
 
 import torch
 from torch import nn
@@ -28,25 +29,42 @@ FUSED_TENSOR = {
 }
 
 
-def expert_views(experts: nn.Module, expert: int) -> dict[str, torch.Tensor]:
+class FusedLayout(Protocol):
+    """What `expert_views` reads of an experts module: its fused tensors and the flags that lay them out.
+
+    A stand-in with these attributes (`expert_view_in`'s, ESFT's trained rows) reads the same way. An `nn.Module`
+    itself types every attribute as `Tensor | Module`, hence the cast to this where a module is read.
+    """
+
+    gate_up_proj: torch.Tensor
+    down_proj: torch.Tensor
+    gate_up_proj_bias: torch.Tensor  # with has_bias only
+    down_proj_bias: torch.Tensor  # with has_bias only
+    is_transposed: bool
+    is_concatenated: bool
+    has_bias: bool
+
+
+def expert_views(experts: nn.Module | FusedLayout, expert: int) -> dict[str, torch.Tensor]:
     """Views into the fused Parameters for one expert, keyed like its checkpoint tensors.
 
     Writing into a view writes into the fused Parameter, so reading and writing share this one mapping.
     """
     if not getattr(experts, "has_gate", True) or not hasattr(experts, "gate_up_proj"):
         raise UnsupportedModelError(f"{type(experts).__name__} has no fused gate_up_proj; expert-hub cannot edit it")
-    gate_up = experts.gate_up_proj[expert]
-    down = experts.down_proj[expert]
-    if experts.is_transposed:  # stored [in, out]; checkpoint tensors are [out, in]
+    fused = cast(FusedLayout, experts)
+    gate_up = fused.gate_up_proj[expert]
+    down = fused.down_proj[expert]
+    if fused.is_transposed:  # stored [in, out]; checkpoint tensors are [out, in]
         gate_up, down = gate_up.T, down.T
-    gate, up = _split_gate_up(gate_up, experts.is_concatenated)
+    gate, up = _split_gate_up(gate_up, fused.is_concatenated)
     views = {"gate_proj.weight": gate, "up_proj.weight": up, "down_proj.weight": down}
-    if experts.has_bias:
-        gate_bias, up_bias = _split_gate_up(experts.gate_up_proj_bias[expert], experts.is_concatenated)
+    if fused.has_bias:
+        gate_bias, up_bias = _split_gate_up(fused.gate_up_proj_bias[expert], fused.is_concatenated)
         views |= {
             "gate_proj.bias": gate_bias,
             "up_proj.bias": up_bias,
-            "down_proj.bias": experts.down_proj_bias[expert],
+            "down_proj.bias": fused.down_proj_bias[expert],
         }
     return views
 
@@ -70,7 +88,8 @@ def expert_view_in(experts: nn.Module, fused: torch.Tensor, expert: int, tensor:
 
 def _split_gate_up(gate_up: torch.Tensor, concatenated: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if concatenated:  # [gate rows; up rows]
-        return gate_up.chunk(2, dim=0)
+        gate, up = gate_up.chunk(2, dim=0)
+        return gate, up
     return gate_up[0::2], gate_up[1::2]  # gate and up rows interleaved
 
 

@@ -12,7 +12,8 @@ tier, starts vLLM's OpenAI server with the bank plugin and worker extension, and
 - `manager.py`: which tasks are servable and resident, who uses them and who waits (`TaskManager`), with the
   residency policy in `residency.py`;
 - `server.py`: starting the engine and serving vLLM's app extended with `serving_state.py` (state on the app),
-  `admin_routes.py` (the task admin routes) and `middleware.py` (API key, task selection, body rewriting);
+  `admin_routes.py` (the task admin routes) and `middleware.py` (API key, task selection, body rewriting, over
+  the ASGI plumbing in `asgi.py`);
 - `metrics.py`: per-task counters; `engine.py`: starting vLLM's engine, its KV cache memory on CPU.
 - `replicas.py`: `serve --replicas`, N servers behind one endpoint on Ray Serve, with its ingress (`ingress.py`)
   and the replicas' directory (`replica_directory.py`).
@@ -120,6 +121,7 @@ def run_server(
             "serve each task's merged checkpoint with vLLM instead"
         )
     base, vllm_argv = config.base, config.vllm_argv()
+    assert base is not None  # the command resolved it (`--base`, else the demo base)
     worker_extension = f"{ExpertBankWorker.__module__}.{ExpertBankWorker.__name__}"
     argv = ["--model", base, "--worker-extension-cls", worker_extension, *vllm_argv, *cpu_rotary_workaround(vllm_argv)]
     argv += [*cpu_float32_mla_backend(base, vllm_argv), *_training_chat_template(base, vllm_argv)]

@@ -41,6 +41,7 @@ async def list_tasks(request: Request, limit: int = 100, after: str | None = Non
     manager = serving_state(request.app).manager
     names, more = await manager.page(limit, after)
     residency, now = manager.residency, asyncio.get_running_loop().time()
+    assert residency is not None  # `page` waited for the bank's size
     page = [
         {
             "id": name,
@@ -63,7 +64,7 @@ async def list_tasks(request: Request, limit: int = 100, after: str | None = Non
         "timeouts": manager.timeouts,
         "hits": {tier: manager.hits[tier] for tier in ("bank", "memory", "disk")},
     }
-    listing = {"object": "list", "data": page, "first_id": names[0] if names else None}
+    listing: dict[str, object] = {"object": "list", "data": page, "first_id": names[0] if names else None}
     listing |= {"last_id": names[-1] if names else None, "has_more": more, "total": len(manager.known)}
     return _json(listing | {"bank": bank, "scheduler": scheduler})
 

@@ -10,9 +10,9 @@ candidates are the servable tasks that have a routing profile; a task without on
 
 With a CPU engine the router runs as the engine does. On one torch thread: vLLM pins its workers to every core but the
 ones it keeps for its scheduler, which this front end shares, and more router threads contend for a worker's core (on
-2 cores, one prompt took 18 ms routed on asyncio's shared pool with torch's two threads, 6-7 ms on one thread of its
-own). torch's thread count is partly process-wide: front-end threads that first use torch after the router starts
-get one thread too. In the served dtype (bfloat16 for a float32 checkpoint): `bench_auto_routing.py` measures its
+asyncio's shared pool, whichever thread ran a pass brought torch helper threads of its own to that contest; figures in
+benchmarks/results/auto_routing.md, History). torch's thread count is partly process-wide: front-end threads that
+first use torch after the router starts get one thread too. In the served dtype (bfloat16 for a float32 checkpoint): `bench_auto_routing.py` measures its
 choices against float32's and its pass time.
 """
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -75,7 +75,7 @@ class AutoRouting:
         )
         self.layers_needed = moe_layers[self.depth - 1] + 1
         self.router: TaskRouter | None = None  # loaded by the first auto request
-        self.tokenizer = None
+        self.tokenizer: Any = None  # transformers' tokenizer, loaded with the router
         self._loading: asyncio.Future | None = None  # the router's load, shared by the requests waiting for it
         self._waiting: list[_Waiting] = []  # prompts for the next routing pass
         self._candidates: dict[str, RoutingProfile] = {}  # the newest request's: tasks come and go at run time
@@ -140,6 +140,7 @@ class AutoRouting:
             if not batch:
                 continue
             try:
+                assert self.router is not None  # each waiting request's `choose` loaded it first
                 choices = await self._in_thread(
                     self.router.route_many, [waiting.token_ids for waiting in batch], self._candidates
                 )

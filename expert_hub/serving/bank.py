@@ -6,7 +6,7 @@ one batch: every MoE layer holds its E base experts plus extra rows (as many as 
 The router is untouched; the normal expert kernel runs on the remapped ids.
 
 A request's task reaches the worker as `SamplingParams.extra_args[TASK_ARG]`: not the task's name but its private
-key, a random value only the server's front end knows and sets (`tasks.py`). A client that writes `vllm_xargs`
+key, a random value only the server's front end knows and sets (`served_tasks.py`). A client that writes `vllm_xargs`
 itself, on any endpoint, cannot name a key it has never seen, so its request runs on the base experts.
 
 Every newly allocated KV block is zeroed before use (vLLM's own mechanism, which it enables only for Mamba and
@@ -29,6 +29,7 @@ import os
 import signal
 import sys
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -102,12 +103,24 @@ def _end_with_parent() -> None:
     """In a process vLLM spawned for the server (its engine, the engine's workers): be sent SIGTERM when the parent
     dies, which vLLM handles as a shutdown. A server killed outright (SIGKILL, the OOM killer) then leaves no engine
     behind holding the model and the device's memory."""
-    if sys.platform != "linux" or multiprocessing.parent_process() is None:  # the server's own process
+    if sys.platform != "linux" or (parent := multiprocessing.parent_process()) is None:  # the server's own process
         return
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if not multiprocessing.parent_process().is_alive():  # it died before the line above took effect
+    if not parent.is_alive():  # it died before the line above took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+class BankedLayer(Protocol):
+    """A routed experts layer with its bank, as `init_bank` sets it up (vLLM's layer class gains these attributes
+    at run time: `worker.py` reads them through this)."""
+
+    base_experts: int
+    expert_sizes: tuple[int, int]  # (intermediate, hidden) of one expert on this rank
+    expert_shard: tuple[int, int]  # (shard, shards): this rank's slice of the intermediate dimension
+    task_remap: torch.Tensor  # [remap rows, base experts] -> physical row
+    free_rows: list[int]
+    task_rows: dict[int, list[tuple[int, int]]]  # remap row -> (expert, physical row) pairs it holds
 
 
 def _bank_initialiser(settings: BankSettings):

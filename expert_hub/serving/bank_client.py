@@ -10,11 +10,15 @@ worker's unexpected exception arrives as vLLM's own exception (whose text carrie
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InternalError
 from . import vllm_contract as vllm
 from .worker import BankInfo, ExpertBankWorker, LayoutResult, LoadResult, StageResult
+
+if TYPE_CHECKING:
+    from .vllm_contract import EngineClient
 
 
 class WorkersDisagreeError(InternalError):
@@ -24,11 +28,11 @@ class WorkersDisagreeError(InternalError):
 class BankClient:
     """The expert bank of every worker of `engine`."""
 
-    def __init__(self, engine):
+    def __init__(self, engine: EngineClient):
         self.engine = engine
 
     async def load_task(
-        self, key: str, directory: str, sha256: dict[str, str] | None = None, evict: list[str] = ()
+        self, key: str, directory: str, sha256: dict[str, str] | None = None, evict: Sequence[str] = ()
     ) -> LoadResult:
         """Evict `evict` and load on every rank. Where the ranks disagree or one fails, the task is unloaded from all
         of them before raising, so no rank keeps rows the others lack (and `evict` is evicted everywhere)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import TYPE_CHECKING
 
 import httpx
 from fastapi import FastAPI, Request
@@ -23,9 +24,13 @@ from fastapi.responses import Response, StreamingResponse
 
 from expert_hub.registry import AUTO
 
-from .middleware import TASK_ROUTES, json_object
+from .asgi import json_object
+from .middleware import TASK_ROUTES
 from .replica_directory import ChildServer, auth_header, replica_directory
 from .serving_state import ApiKeys, error_body
+
+if TYPE_CHECKING:
+    from prometheus_client import Metric
 
 _NOT_FORWARDED = frozenset({b"host", b"authorization", b"content-length", b"connection", b"transfer-encoding"})
 _NOT_RETURNED = frozenset({"content-length", "transfer-encoding", "connection", "date", "server"})
@@ -92,9 +97,9 @@ def ingress_deployment(api_key: str | None, public_metrics: bool):
                 start = await answer.__anext__()
             except Exception as error:
                 return _error(503, f"the replica serving this request failed ({_short(error)}); retry")
-            headers = {k: v for k, v in start["headers"] if k.lower() not in _NOT_RETURNED} | extra
+            returned = {k: v for k, v in start["headers"] if k.lower() not in _NOT_RETURNED} | extra
             media = dict(start["headers"]).get("content-type", "")
-            return StreamingResponse(_rest(answer, media), start["status"], headers=headers)
+            return StreamingResponse(_rest(answer, media), start["status"], headers=returned)
 
         async def _route(self, path: str, payload: dict, headers: list) -> tuple[str | None, dict]:
             """Where auto routing sends this request (asked of one replica), and the request naming it."""
@@ -231,7 +236,7 @@ async def _metrics() -> bytes:
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    families: dict[str, object] = {}
+    families: dict[str, Metric] = {}
     for child, response in await _on_every_replica("GET", "/metrics"):
         for family in text_string_to_metric_families(response.text):
             merged = families.setdefault(family.name, family)

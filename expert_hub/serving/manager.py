@@ -16,6 +16,7 @@ import asyncio
 import logging
 import math
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from expert_hub.errors import ExpertHubError, UnsupportedModelError
 from expert_hub.models import ModelSummary
@@ -29,6 +30,11 @@ from .served_tasks import Task, TaskError, check_base_fingerprint, without_path
 from .task_source import TaskSource
 from .worker import BankInfo
 
+if TYPE_CHECKING:
+    from expert_hub.registry import Registry
+
+    from .vllm_contract import EngineClient
+
 logger = logging.getLogger(__name__)
 
 
@@ -38,10 +44,10 @@ class TaskManager:
 
     def __init__(
         self,
-        engine,
+        engine: EngineClient,
         known: dict[str, Task],
         model: ModelSummary,
-        registry=None,
+        registry: Registry | None = None,
         base: str | None = None,
         served_name: str | None = None,
         *,
@@ -61,7 +67,7 @@ class TaskManager:
         self.residency: Residency | None = None  # once the bank's size is known (`bank()`)
         self.load_seconds: dict[str, float] = {}  # each task's last load, from asking to resident
         self.last_load: dict[str, dict] = {}  # and where it came from, its bytes, its time in the worker
-        self.hits = Counter()  # requests admitted at once ("bank"), loads from "memory" and from "disk"
+        self.hits: Counter[str] = Counter()  # requests admitted at once ("bank"), loads from "memory" and from "disk"
         self.longest_wait = 0.0  # seconds, of any request granted its task
         self.timeouts = 0
         self.layout_checked = False
@@ -79,6 +85,13 @@ class TaskManager:
     @property
     def in_flight(self) -> Counter[str]:
         return self.residency.in_flight if self.residency else Counter()
+
+    @property
+    def _known_residency(self) -> Residency:
+        """`residency` where it is known to be set: pins, releases, waiters and the scheduler all come after a
+        `_residency()` (a request's, or DELETE's)."""
+        assert self.residency is not None, "the bank's size is not known yet"
+        return self.residency
 
     def task_of_key(self, key) -> str | None:
         """The name of the task whose private key this is (for counting a request's tokens)."""
@@ -131,14 +144,14 @@ class TaskManager:
         """A waiter leaves: its place in the queue, or the pin it was granted just now."""
         granted = waiter.granted
         if not granted.done():
-            self.residency.withdraw(name, waiter)
+            self._known_residency.withdraw(name, waiter)
             granted.cancel()
             self._schedule()
         elif granted.exception() is None:
             self.release(name)
 
     def release(self, name: str) -> None:
-        if self.residency.release(name):
+        if self._known_residency.release(name):
             self._schedule()
 
     async def _pulled(self, name: str) -> Task:
@@ -184,7 +197,7 @@ class TaskManager:
                 await self._schedule_waiting()
             except Exception as error:  # a bug: fail the head of the queue, so that it cannot block the others
                 logger.exception("the task scheduler failed")
-                if (name := self.residency.next_task()) is not None:
+                if (name := self._known_residency.next_task()) is not None:
                     self._fail_waiters(name, TaskError(f"cannot load task {name} now: {error}", 503))
                     self._schedule()
 
@@ -192,7 +205,7 @@ class TaskManager:
         """Admit whoever can be admitted; then bring in the task next in line: staged first (the tasks that will
         make room keep serving meanwhile, and the tasks behind it are staged after it), then, once those have
         drained, loaded in their place."""
-        residency = self.residency
+        residency = self._known_residency
         while True:
             self._grant_admissible()
             if not (queue := residency.queue()):
@@ -276,7 +289,7 @@ class TaskManager:
             ) from error
 
     def _grant_admissible(self) -> None:
-        residency = self.residency
+        residency = self._known_residency
         for name in residency.admissible_waiters():
             for waiter in residency.take_waiters(name):
                 if not waiter.granted.done():
@@ -284,7 +297,7 @@ class TaskManager:
                     waiter.granted.set_result(self.known[name])
 
     def _fail_waiters(self, name: str, error: TaskError) -> None:
-        for waiter in self.residency.take_waiters(name):
+        for waiter in self._known_residency.take_waiters(name):
             if not waiter.granted.done():
                 waiter.granted.set_exception(error)
 
@@ -301,9 +314,10 @@ class TaskManager:
         tier = "disk" if task.key in self._read_from_disk else result.source
         self._read_from_disk.discard(task.key)
         if result.status == "loaded":
+            assert tier is not None  # the worker says where a loaded task's rows came from
             self.load_seconds[task.name] = asyncio.get_running_loop().time() - started
             self.last_load[task.name] = {"from": tier, "bytes": result.nbytes, "copy_seconds": result.seconds}
-            self.residency.resident[task.name] = task
+            self._known_residency.resident[task.name] = task
             self.hits[tier] += 1
             TASK_LOADS.labels(source=tier).inc()
             return self._grant_admissible()
@@ -399,7 +413,7 @@ class TaskManager:
     async def _residency(self) -> Residency:
         if self.residency is None:
             await self.bank()
-        return self.residency
+        return self._known_residency
 
     async def check_layout(self) -> bool:
         """The worker's start-up check that task experts land in the kernel's layout (see `worker.py`); False when

@@ -5,7 +5,7 @@ sees it. Outermost in the stack, it
   left to the app;
 - chooses the task of a request on the generating endpoints (`TASK_ROUTES`): `model` = a task name,
   `{"task": ...}` in the body, or an `X-Expert-Task` header; the request then runs on the base model with the task's
-  private key in `vllm_xargs` and its cache salt (see `tasks.py`), its task is pinned until the response ends, and
+  private key in `vllm_xargs` and its cache salt (see `served_tasks.py`), its task is pinned until the response ends, and
   the response names the task. A task selector on any other endpoint is refused with a 400 naming the endpoint,
   never answered by the base model; the tokenizer endpoints accept one (every task shares the base's tokenizer);
 - routes `"model": "auto"` requests (or `X-Expert-Task: auto`) on completions and chat completions to the task whose
@@ -22,6 +22,7 @@ import contextlib
 import json
 import time
 from collections.abc import Awaitable
+from typing import TypeVar
 
 from starlette.routing import Match
 
@@ -29,6 +30,7 @@ from expert_hub.registry import AUTO
 
 from . import vllm_contract as vllm
 from .admin_routes import admin_router
+from .asgi import is_preflight, json_object, path_of, read_body, replay, respond, with_length
 from .bank import TASK_ARG
 from .metrics import AUTO_ROUTED_REQUESTS, TASK_REQUESTS
 from .served_tasks import Task, TaskError
@@ -57,21 +59,21 @@ class TaskRouting:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] not in ("http", "websocket") or (scope["type"] == "http" and _is_preflight(scope)):
+        if scope["type"] not in ("http", "websocket") or (scope["type"] == "http" and is_preflight(scope)):
             return await self.app(scope, receive, send)
         state = serving_state(scope["app"])  # held until the request ends, even if the server shuts down meanwhile
-        if not state.api_keys.allow(scope, _path(scope)):
+        if not state.api_keys.allow(scope, path_of(scope)):
             return await _refuse_unauthenticated(scope, send)
         if scope["type"] == "websocket" or _is_admin_request(scope):
             return await self.app(scope, receive, send)
-        if _path(scope) == "/v1/models" and scope["method"] == "GET":
+        if path_of(scope) == "/v1/models" and scope["method"] == "GET":
             return await self._list_models(state, scope, receive, send)
-        body = await _read_body(receive)
-        await self._dispatch(state, scope, _replay(body, receive), send, json_object(body))
+        body = await read_body(receive)
+        await self._dispatch(state, scope, replay(body, receive), send, json_object(body))
 
     async def _dispatch(self, state: ServingState, scope, receive, send, request: dict | None) -> None:
         """Send a read request to vLLM as its task, as the base model, or refuse it."""
-        path = _path(scope)
+        path = path_of(scope)
         try:
             task = _requested_task(state, scope, request)
             if task is None and (path in TASK_ROUTES or path in TOKENIZER_ROUTES):
@@ -88,7 +90,7 @@ class TaskRouting:
         if task is not None and path in TOKENIZER_ROUTES and request is not None:
             return await self._tokenize_for_task(state, scope, receive, send, request, task)
         if task is not None:
-            return await _respond(
+            return await respond(
                 send,
                 400,
                 error_body(400, f"{path} does not serve tasks: send task requests to {', '.join(sorted(TASK_ROUTES))}"),
@@ -114,7 +116,7 @@ class TaskRouting:
             TASK_REQUESTS.labels(task=task.name).inc()
             body = json.dumps(_as_task_request(state, request, task)).encode()
             renaming = _rename_model(state, task.name, send, headers)
-            await self.app(_with_length(scope, body), _replay(body, receive), renaming)
+            await self.app(with_length(scope, body), replay(body, receive), renaming)
         finally:
             state.manager.release(task.name)
 
@@ -124,12 +126,12 @@ class TaskRouting:
         A task removed between routing and running (a DELETE racing the request) gives way to the next eligible
         task, or to the base model: the client never named it, so it never hears of it, and the response and the
         counters name what actually ran."""
-        path = _path(scope)
+        path = path_of(scope)
         if path not in AUTO_ROUTES or scope["method"] != "POST":
             message = f"auto routing serves POST {' and '.join(sorted(AUTO_ROUTES))}, not {scope['method']} {path}"
-            return await _respond(send, 400, error_body(400, message))
+            return await respond(send, 400, error_body(400, message))
         if request is None:
-            return await _respond(send, 400, error_body(400, "the request body must be a JSON object"))
+            return await respond(send, 400, error_body(400, "the request body must be a JSON object"))
         request = {key: value for key, value in request.items() if key != "task"}
         try:
             choice = await state.auto.choose(path, request, dict(state.manager.known))
@@ -148,7 +150,7 @@ class TaskRouting:
         TASK_REQUESTS.labels(task="base").inc()
         body = json.dumps(request | {"model": state.base_name}).encode()
         renaming = _rename_model(state, state.base_name, send, headers)
-        await self.app(_with_length(scope, body), _replay(body, receive), renaming)
+        await self.app(with_length(scope, body), replay(body, receive), renaming)
 
     async def _tokenize_for_task(self, state: ServingState, scope, receive, send, request: dict, task: str) -> None:
         """Every task shares the base model's tokenizer: the task only has to exist."""
@@ -156,7 +158,7 @@ class TaskRouting:
             return await _refuse(send, state.manager.unknown(task))
         request = {key: value for key, value in request.items() if key != "task"} | {"model": state.base_name}
         body = json.dumps(request).encode()
-        await self.app(_with_length(scope, body), _replay(body, receive), send)
+        await self.app(with_length(scope, body), replay(body, receive), send)
 
     async def _list_models(self, state: ServingState, scope, receive, send) -> None:
         """vLLM's model list plus one entry per servable task, parented to the base model."""
@@ -186,18 +188,7 @@ class TaskRouting:
                 for name in sorted(state.manager.known)
             ]
             body = json.dumps(listing).encode()
-        await _respond(send, start.get("status", 500), body)
-
-
-def _path(scope) -> str:
-    return scope["path"].removeprefix(scope.get("root_path", ""))
-
-
-def _is_preflight(scope) -> bool:
-    """A CORS preflight (answered by vLLM's CORS middleware, which runs nothing): browsers send it without a key."""
-    return scope["method"] == "OPTIONS" and any(
-        name == b"access-control-request-method" for name, _ in scope["headers"]
-    )
+        await respond(send, start.get("status", 500), body)
 
 
 def _is_admin_request(scope) -> bool:
@@ -208,7 +199,7 @@ def _is_admin_request(scope) -> bool:
 async def _refuse_unauthenticated(scope, send) -> None:
     if scope["type"] == "websocket":
         return await send({"type": "websocket.close", "code": 1008})
-    await _respond(
+    await respond(
         send,
         401,
         error_body(401, "Unauthorized: give the API key as 'Authorization: Bearer KEY'"),
@@ -261,7 +252,10 @@ class ClientGone(Exception):
     """The client disconnected while its request waited for its task."""
 
 
-async def _unless_disconnected(state: ServingState, acquiring: Awaitable[Task | None], receive) -> Task | None:
+_Pinned = TypeVar("_Pinned", Task, Task | None)  # a task `acquire` pinned, or None for the base model
+
+
+async def _unless_disconnected(state: ServingState, acquiring: Awaitable[_Pinned], receive) -> _Pinned:
     """`acquiring` (which may wait for a task to be loaded), given up at once if the client disconnects meanwhile
     (the manager then drops its place in the queue, or its pin): `ClientGone` then. A request cancelled itself (the
     server stopping) gives up its place, or the pin it was granted just before.
@@ -275,8 +269,8 @@ async def _unless_disconnected(state: ServingState, acquiring: Awaitable[Task | 
     except BaseException:
         if not acquire.done():
             acquire.cancel()
-        elif not acquire.cancelled() and acquire.exception() is None and acquire.result() is not None:
-            state.manager.release(acquire.result().name)
+        elif not acquire.cancelled() and acquire.exception() is None and (pinned := acquire.result()) is not None:
+            state.manager.release(pinned.name)
         raise
     finally:
         disconnect.cancel()
@@ -318,66 +312,16 @@ def _as_task_request(state: ServingState, request: dict, task: Task) -> dict:
     return request
 
 
-def json_object(body: bytes) -> dict | None:
-    """A request body's JSON object; None for anything else (not JSON, nested deeper than Python parses, a list)."""
-    try:
-        request = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    return request if isinstance(request, dict) else None
-
-
-async def _read_body(receive) -> bytes:
-    chunks, more = [], True
-    while more:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        more = message.get("more_body", False)
-    return b"".join(chunks)
-
-
-def _replay(body: bytes, receive):
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()  # later calls see the client's disconnect
-
-    return replay
-
-
-def _with_length(scope, body: bytes) -> dict:
-    headers = [(key, value) for key, value in scope["headers"] if key != b"content-length"]
-    return dict(scope, headers=[*headers, (b"content-length", str(len(body)).encode())])
-
-
 async def _refuse(send, error: TaskError) -> None:
     """An OpenAI-style error, with `Retry-After` when the error says when to retry."""
     headers = [(b"retry-after", str(error.retry_after).encode())] if error.retry_after else []
-    await _respond(send, error.status, error_body(error.status, str(error)), headers)
-
-
-async def _respond(send, status: int, body: bytes, headers: list | None = None) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *(headers or []),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await respond(send, error.status, error_body(error.status, str(error)), headers)
 
 
 def _rename_model(state: ServingState, task: str, send, extra_headers: tuple = ()):
     """Responses name the task, not the base model they ran on (content-length fixed for plain bodies), with
-    `extra_headers`."""
+    `extra_headers`. A byte replacement, not a parse: vLLM writes each body, and each streamed event, as one chunk
+    of compact JSON, and generated text inside it is JSON-escaped, so `"model":"BASE"` appears only as the field."""
     old, new = f'"model":"{state.base_name}"'.encode(), f'"model":"{task}"'.encode()
     held = {}
 

@@ -44,6 +44,10 @@ def directory_actor():
     @ray.remote(num_cpus=0)
     class ReplicaDirectory:
         def __init__(self) -> None:
+            self.reset()
+
+        def reset(self) -> None:
+            """A new application: no replicas yet, no run-time changes, no failure (a Serve config redeployed)."""
             self.servers: dict[str, ChildServer] = {}
             self.changes: dict[str, tuple[str, str]] = {}  # task name -> (ref, "added" / "removed"), oldest first
             self.failure: str | None = None  # why the last replica that failed to start did
@@ -75,10 +79,6 @@ def directory_actor():
             self.changes.pop(name, None)
             if before is not None:
                 self.changes[name] = before
-
-        def reset(self) -> None:
-            """A new application: no replicas yet, no run-time changes, no failure (a Serve config redeployed)."""
-            self.__init__()
 
         def task_changes(self) -> list[tuple[str, str]]:
             return list(self.changes.values())

@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -143,12 +144,13 @@ class _Child:
     """A replica's `expert-hub serve` process: its output goes on to the replica's log, its last lines are kept
     for the error that says why it stopped."""
 
-    def __init__(self, process: subprocess.Popen, server: ChildServer) -> None:
+    def __init__(self, process: subprocess.Popen[str], server: ChildServer) -> None:
         self.process, self.server = process, server
         self._tail: collections.deque[str] = collections.deque(maxlen=20)
         threading.Thread(target=self._pass_output_on, daemon=True).start()
 
     def _pass_output_on(self) -> None:
+        assert self.process.stdout is not None  # started with stdout=PIPE (`_start_child`)
         for line in self.process.stdout:
             sys.stdout.write(line)
             if line.strip():
@@ -303,6 +305,7 @@ def run_replicas(settings: ReplicaSettings, config: ServeConfig, gpus_per_replic
     and `config.port`; serve until SIGINT or SIGTERM, then remove the application (and stop the Ray instance this
     started). Call `private_ray_token` first, before anything imports Ray, for a Ray of its own."""
     host, port, replicas, ray_address = config.host, config.port, config.replicas, config.ray_address
+    assert replicas is not None  # `serve` runs replicas only when given --replicas
     local = ray_address is None
     try:
         import ray
@@ -310,11 +313,12 @@ def run_replicas(settings: ReplicaSettings, config: ServeConfig, gpus_per_replic
     except ImportError as error:
         raise InvalidInputError("serve --replicas runs on Ray Serve: pip install 'expert-hub[ray]'") from error
 
+    node_address: dict[str, Any] = {"_node_ip_address": "127.0.0.1"} if local else {}
     ray.init(
         address=ray_address or "local",  # "local": a Ray of its own, never one that `ray start` left running
         namespace=NAMESPACE,
         include_dashboard=False,
-        **({"_node_ip_address": "127.0.0.1"} if local else {}),
+        **node_address,
     )
     signal.signal(signal.SIGTERM, _interrupt)  # as SIGINT: stop, whether starting or serving
     try:

@@ -1,6 +1,6 @@
 """Which tasks the expert bank holds, who uses them, who waits for theirs, and what the bank takes next.
 
-Bookkeeping and policy only, no I/O: `TaskManager` (`tasks.py`) asks, runs the loads and evictions decided here,
+Bookkeeping and policy only, no I/O: `TaskManager` (`manager.py`) asks, runs the loads and evictions decided here,
 and grants requests.
 - A request for a resident task is admitted at once (pinning the task), unless the task is draining.
 - A request for any other task waits in that task's queue. The task whose oldest waiting request is the oldest
@@ -102,7 +102,7 @@ class Residency:
         return None
 
     def used_rows(self) -> Counter[int]:
-        used = Counter()
+        used: Counter[int] = Counter()
         for task in self.resident.values():
             used.update(task.experts_per_layer)
         return used

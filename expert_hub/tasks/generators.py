@@ -159,19 +159,20 @@ def math(rng: Random) -> tuple[str, str]:
 
 def code(rng: Random) -> tuple[str, str]:
     """A short Python program over a list, a word or a dict; the answer is what it prints."""
+    result: object  # what the program prints: a number, a list, a dict or a string
     if rng.random() < 0.15:
         keys = rng.sample(WORDS, rng.randint(2, 3))
-        values = {key: rng.randint(0, 9) for key in keys}
+        word_counts = {key: rng.randint(0, 9) for key in keys}
         key = rng.choice(keys)
         expression, result = rng.choice(
             (
-                (f"word_counts[{key!r}]", values[key]),
-                ("word_counts", values),
-                ("json.dumps(word_counts)", json.dumps(values)),
-                ("len(word_counts)", len(values)),
+                (f"word_counts[{key!r}]", word_counts[key]),
+                ("word_counts", word_counts),
+                ("json.dumps(word_counts)", json.dumps(word_counts)),
+                ("len(word_counts)", len(word_counts)),
             )
         )
-        program = f"import json\nword_counts = {values}\nprint({expression})"
+        program = f"import json\nword_counts = {word_counts}\nprint({expression})"
     elif rng.random() < 0.6:
         values = [rng.randint(0, 9) for _ in range(rng.randint(3, 5))]
         expression, result = rng.choice(

@@ -14,11 +14,18 @@ fine-tuning (and an expert config with `non_expert_modules`) trains the routers 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 from torch import nn
 
 from ..errors import InvalidInputError
 from ..families import moe_layers
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+    from .methods.base import TrainedModel
 
 # The original DeepseekV2Config's defaults, for configs that do not spell them out.
 DEEPSEEK_V2_AUX_LOSS_ALPHA = 0.001
@@ -28,29 +35,32 @@ DEEPSEEK_V2_SEQ_AUX = True
 class RouterAuxLoss:
     """The weighted auxiliary loss of each training forward of one model."""
 
-    def __init__(self, model: nn.Module, coefficient: float | None = None):
+    def __init__(self, model: TrainedModel, coefficient: float | None = None):
         config = model.config
         self.check_supported(config)
-        self._recorded: list[tuple] | None = None  # each router's output, while `losses` runs a forward
+        # each router's logits and chosen experts, and the batch and sequence sizes, while `losses` runs a forward
+        self._recorded: list[tuple[torch.Tensor, torch.Tensor, int, int]] | None = None
         self._hooks: list = []
         self._model_weights: dict[nn.Module, float] = {}
         if config.model_type == "deepseek_v2":
             default = getattr(config, "aux_loss_alpha", DEEPSEEK_V2_AUX_LOSS_ALPHA)
             self.sequence_level = getattr(config, "seq_aux", DEEPSEEK_V2_SEQ_AUX)
             self.from_model = False
-            inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT (LoRA) model
+            # the base model inside a PEFT (LoRA) model
+            inner = cast("PeftModel", model).get_base_model() if hasattr(model, "get_base_model") else model
             self._hooks = [layer.router.register_forward_hook(self._record) for layer in moe_layers(inner)]
         else:
             default = config.router_aux_loss_coef
             self.from_model = True
             config.output_router_logits = True
             # The model would add `router_aux_loss_coef × aux_loss` to its loss; `losses` adds it instead, so the
-            # language-model loss stays what the run reports.
+            # language-model loss stays what the run reports. (Plain float attributes, which nn.Module types and sets
+            # as Tensor | Module.)
             self._model_weights = {
-                m: m.router_aux_loss_coef for m in model.modules() if hasattr(m, "router_aux_loss_coef")
+                m: cast(float, m.router_aux_loss_coef) for m in model.modules() if hasattr(m, "router_aux_loss_coef")
             }
             for module in self._model_weights:
-                module.router_aux_loss_coef = 0.0
+                module.router_aux_loss_coef = 0.0  # type: ignore[assignment]  # torch's Module.__setattr__ typing
         self.coefficient = default if coefficient is None else coefficient
         self._config = config
 
@@ -67,7 +77,7 @@ class RouterAuxLoss:
         for hook in self._hooks:
             hook.remove()
         for module, weight in self._model_weights.items():
-            module.router_aux_loss_coef = weight
+            module.router_aux_loss_coef = weight  # type: ignore[assignment]  # torch's Module.__setattr__ typing
         if self.from_model:
             self._config.output_router_logits = False
 

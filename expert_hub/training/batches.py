@@ -84,6 +84,7 @@ def _examples(data: str, config: TrainingConfig, tokenizer, seed: int | None = N
 def mixed(task: list, config: TrainingConfig, tokenizer) -> list:
     """Task examples with `mix_ratio` general ones per task example, drawn in the seed's order (cycled when the
     general data is the smaller), then shuffled together with the seed so every block mixes both."""
+    assert config.mix_data is not None  # `packed_data` mixes only when there is general data
     wanted = round(config.mix_ratio * len(task))
     general = _examples(config.mix_data, config, tokenizer, seed=config.seed, limit=wanted) if wanted else []
     examples = task + [general[i % len(general)] for i in range(wanted)]
@@ -95,7 +96,8 @@ class DataOrder:
     """Sample i of the run is block `permutation(epoch)[i % n]`: a pure function of the seed and i."""
 
     def __init__(self, size: int, seed: int):
-        self.size, self.seed, self._epochs = size, seed, {}
+        self.size, self.seed = size, seed
+        self._epochs: dict[int, list[int]] = {}
 
     def take(self, start: int, count: int) -> list[int]:
         return [self._permutation(i // self.size)[i % self.size] for i in range(start, start + count)]

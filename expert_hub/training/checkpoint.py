@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -82,7 +83,7 @@ class DamagedCheckpointError(InvalidInputError):
     """A checkpoint that cannot be this run's: unreadable, truncated, or of other names, shapes or dtypes."""
 
 
-def load_checkpoint(path: Path, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> dict:
+def load_checkpoint(path: Path, trainable: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> dict:
     """Restore weights, optimizer and RNG in place; returns the saved progress (`step`, ...).
 
     Everything is read and checked before anything is restored, so a damaged checkpoint changes nothing: a
@@ -121,7 +122,7 @@ def load_checkpoint(path: Path, trainable: dict[str, torch.Tensor], optimizer: t
     return progress
 
 
-def _check_weights(path: Path, saved: dict[str, torch.Tensor], trainable: dict[str, torch.Tensor]) -> None:
+def _check_weights(path: Path, saved: dict[str, torch.Tensor], trainable: Mapping[str, torch.Tensor]) -> None:
     if set(saved) != set(trainable):
         raise DamagedCheckpointError(f"{path.name} holds other trainable tensors than this run")
     for name, tensor in trainable.items():
@@ -139,7 +140,7 @@ def save_best(path: Path, trainable: dict[str, torch.Tensor], best: dict) -> Non
         write_json_atomic(staging / "best.json", best)
 
 
-def load_best(path: Path, trainable: dict[str, torch.Tensor], best: dict) -> None:
+def load_best(path: Path, trainable: Mapping[str, torch.Tensor], best: dict) -> None:
     """Put the best step's tensors back into the trainable parameters; refused unless they are that step's."""
     try:
         saved, recorded = load_file(path / "trainable.safetensors"), read_json(path / "best.json")
@@ -152,7 +153,7 @@ def load_best(path: Path, trainable: dict[str, torch.Tensor], best: dict) -> Non
 
 
 @torch.no_grad()
-def _copy_into(trainable: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> None:
+def _copy_into(trainable: Mapping[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> None:
     for name, tensor in trainable.items():
         tensor.copy_(placed_like(saved[name], tensor))
 

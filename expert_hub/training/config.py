@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import cast
 
 from ..errors import InvalidInputError
 from ..routing import DEFAULT_SCORE_TOKENS, DEFAULT_SEED
@@ -169,7 +170,7 @@ class TrainingConfig:
     run_format: int = setting(RUN_FORMAT, help="How the data is packed and split (`RUN_FORMAT`).", cli=False)
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
+        self.betas = cast(tuple[float, float], tuple(self.betas))  # the two betas as given (JSON gives a list)
         get_method(self.method).check_config(self)  # an unknown method is refused here
         if self.sharding == "fsdp" and not get_method(self.method).shardable:
             raise InvalidInputError(

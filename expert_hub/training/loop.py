@@ -175,14 +175,14 @@ def _setup(config: TrainingConfig, on_status: Callable[[str], None] | None) -> _
 
     # 2. the base model, and what the method trains of it
     status(f"Loading {config.base}")
-    model = load_base(config.base, dtype=_dtype(config.dtype), trust_remote_code=config.trust_remote_code)
+    base = load_base(config.base, dtype=_dtype(config.dtype), trust_remote_code=config.trust_remote_code)
     if not sharded:  # sharding moves each rank's shards to its device: the whole model need not fit one
-        model.to(accelerator.device)
-    model.config.use_cache = False
+        base.to(accelerator.device)
+    base.config.use_cache = False
     if main_process:
         write_json_atomic(out / CONFIG_FILE, config.to_json())  # from here on, rerunning resumes this run
     method = get_method(config.method)(config)
-    model = method.prepare(model, RunContext(out, tokenizer, accelerator, status))
+    model = method.prepare(base, RunContext(out, tokenizer, accelerator, status))
     if not config.pure_bf16:
         keep_float32_masters(model)
     router_aux = RouterAuxLoss(model, config.router_aux_loss_coef) if config.router_aux_loss else None
@@ -274,7 +274,7 @@ def _ship(run: _Run, progress: _Progress) -> TrainingResult:
     model = accelerator.unwrap_model(run.model)
     if run.evaluating and run.eval_blocks and progress.eval_loss is None:
         progress.eval_loss = _eval_loss(model, run.eval_blocks, config, accelerator)
-    shipped = {"step": config.steps, "eval_loss": progress.eval_loss}
+    shipped: dict = {"step": config.steps, "eval_loss": progress.eval_loss}
     best = progress.best
     if run.evaluating and config.keep == "best" and best is not None and best["step"] != config.steps:
         run.status(f"Shipping step {best['step']}, the lowest eval loss ({best['eval_loss']:.4f})")
@@ -335,7 +335,9 @@ def _step(run: _Run, micro_batches: Callable[[], Iterator[list[int]]]) -> tuple[
     # step's mean, as one process computes it. The gradient reduction averages over ranks, hence `* processes`.
     local_tokens = torch.tensor(sum(loss_tokens(blocks[i]) for indices in micro_batches() for i in indices))
     target_tokens = max(int(accelerator.reduce(local_tokens.to(accelerator.device), reduction="sum")), 1)
-    total, aux_total = 0.0, 0.0
+    # floats until the first micro-batch adds its loss tensor
+    total: float | torch.Tensor = 0.0
+    aux_total: float | torch.Tensor = 0.0
     for micro, indices in enumerate(micro_batches()):
         input_ids, labels = batch(blocks, indices, accelerator.device)
         with gradient_sync(model, micro == config.grad_accumulation - 1, accelerator):  # once per step, after the last

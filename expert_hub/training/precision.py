@@ -13,6 +13,9 @@ weights, their gradients and AdamW's state stay bfloat16 and the forward runs un
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import cast
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -53,16 +56,18 @@ def keep_float32_masters(model: nn.Module) -> int:
 @torch.no_grad()
 def drop_float32_masters(model: nn.Module) -> None:
     """Write the masters back as plain parameters of the model's dtype (before the artifact is written)."""
-    masters: dict[int, tuple[nn.Parameter, torch.dtype]] = {}
+    masters: dict[int, tuple[torch.Tensor, torch.dtype]] = {}
     for module in list(model.modules()):
         if not parametrize.is_parametrized(module):
             continue
-        for name in list(module.parametrizations):
-            cast = module.parametrizations[name][0]
-            if isinstance(cast, _CastForCompute):
-                master = module.parametrizations[name].original
+        # the ModuleDict parametrize registers, which nn.Module types as Tensor | Module
+        parametrizations = cast(Mapping[str, parametrize.ParametrizationList], module.parametrizations)
+        for name in list(parametrizations):
+            compute_cast = parametrizations[name][0]
+            if isinstance(compute_cast, _CastForCompute):
+                master = parametrizations[name].original
                 # leave_parametrized=False puts the master itself back: tied holders keep sharing one parameter
                 parametrize.remove_parametrizations(module, name, leave_parametrized=False)
-                masters[id(master)] = (master, cast.dtype)
+                masters[id(master)] = (master, compute_cast.dtype)
     for master, dtype in masters.values():
         master.data = master.data.to(dtype)

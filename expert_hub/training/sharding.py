@@ -13,15 +13,20 @@ files a single process writes; a resume reads them on every rank, and each keeps
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+if TYPE_CHECKING:
+    from .methods.base import TrainedModel
 
-def shard_model(model: nn.Module) -> nn.Module:
+
+def shard_model(model: TrainedModel) -> nn.Module:
     """Shard a transformers causal LM in place, one FSDP unit per decoder layer plus the rest (embeddings, head).
 
     No mixed-precision policy: every parameter computes in its own dtype, as in one process. ESFT's float32 rows are
@@ -31,12 +36,12 @@ def shard_model(model: nn.Module) -> nn.Module:
     # on every rank. Otherwise a rank whose first selected experts got no token would leave those layers to the end of
     # backward, and the ranks' reduce-scatters would pair up different layers.
     model.enable_input_require_grads()
-    for layer in model.base_model.layers:
+    for layer in cast(nn.ModuleList, model.base_model.layers):  # nn.Module types it as Tensor | Module
         fully_shard(layer)
-    fully_shard(model)
+    fully_shard(model)  # makes `model` an FSDPModule, in place
     # A selected expert that got no token on this rank gets a zero gradient rather than none, so every rank
     # reduce-scatters the same tensors: FSDP's counterpart of DDP's find_unused_parameters.
-    model.set_reduce_scatter_unused_params(True)
+    cast(FSDPModule, model).set_reduce_scatter_unused_params(True)
     return model
 
 
@@ -49,7 +54,7 @@ def gradient_sync(model: nn.Module, last: bool, accelerator) -> AbstractContextM
 
 
 @torch.no_grad()
-def gathered(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def gathered(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Sharded tensors as full ones (on the CPU); tensors that are not sharded as they are."""
     return {
         name: tensor.full_tensor().cpu() if isinstance(tensor, DTensor) else tensor for name, tensor in tensors.items()

@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, cast
 
 from torch import Tensor, nn
 
@@ -21,7 +21,13 @@ from ...errors import InvalidInputError
 from ...io import atomic_directory, write_json_atomic
 
 if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
     from ..config import TrainingConfig
+
+    # What a method trains (`prepare`): the base model itself, or a PEFT model around it (LoRA).
+    TrainedModel: TypeAlias = PreTrainedModel | PeftModel
 
 
 @dataclass
@@ -59,7 +65,7 @@ class TrainingMethod(ABC):
         anything is written)."""
 
     @abstractmethod
-    def prepare(self, model: nn.Module, run: RunContext) -> nn.Module:
+    def prepare(self, model: PreTrainedModel, run: RunContext) -> TrainedModel:
         """Make what the method trains trainable and the rest frozen; returns the model to train."""
 
     def finish(self, model: nn.Module) -> nn.Module:
@@ -96,14 +102,15 @@ class TrainingMethod(ABC):
 def write_model_directory(model: nn.Module, path: Path, metadata: dict, tokenizer=None) -> Path:
     """`save_pretrained` (a PEFT adapter or a whole model) with the same `expert_hub.json` an expert adapter has."""
     with atomic_directory(path, overwrite=True) as staging:
-        model.save_pretrained(staging)
+        # a transformers or a PEFT model, whose method nn.Module types as Tensor | Module
+        cast(Callable[[Path], None], model.save_pretrained)(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         write_json_atomic(staging / METADATA_FILE, asdict(AdapterMetadata(**metadata)))
     return path
 
 
-def disable_router_aux_loss(model: nn.Module) -> None:
+def disable_router_aux_loss(model: PreTrainedModel) -> None:
     """The load-balancing loss would train the router; every method keeps routing as the base model does."""
     model.config.output_router_logits = False
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import shutil
 from abc import abstractmethod
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, cast
 
 import torch
 from accelerate.utils import broadcast_object_list
@@ -29,8 +29,12 @@ from ...errors import InvalidInputError
 from ...families import expert_views, moe_layers, split_parameters
 from ...models import load_base
 from ...routing import score_model, token_sequences
+from ...scores import ScoreFunction
 from ...selection import DEFAULT_TOP_P, ExpertSelection, select_experts
 from .base import RunContext, TrainingMethod, disable_router_aux_loss, register_method
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 ESFT_EXPERTS = "esft"
 
@@ -43,10 +47,14 @@ class ExpertRows(nn.Module):
     computes.
     """
 
+    index: torch.Tensor  # the buffers registered below
+    position: torch.Tensor
+
     def __init__(self, experts: nn.Module, rows: list[int], dtype: torch.dtype = torch.float32):
         super().__init__()
-        index = torch.tensor(rows, dtype=torch.long, device=experts.gate_up_proj.device)
-        position = torch.full((experts.gate_up_proj.shape[0],), -1, dtype=torch.long, device=index.device)
+        gate_up_proj = cast(torch.Tensor, experts.gate_up_proj)  # a Parameter, which nn.Module types as Tensor | Module
+        index = torch.tensor(rows, dtype=torch.long, device=gate_up_proj.device)
+        position = torch.full((gate_up_proj.shape[0],), -1, dtype=torch.long, device=index.device)
         position[index] = torch.arange(len(rows), device=index.device)
         self.register_buffer("index", index, persistent=False)
         self.register_buffer("position", position, persistent=False)  # expert id -> row here, -1 if frozen
@@ -105,7 +113,11 @@ def esft_experts_forward(
         if pairs.numel():
             unit = torch.ones(pairs.numel(), 1, dtype=hidden_states.dtype, device=pairs.device)
             pair_outputs[pairs] = grouped_mm_experts_forward(
-                experts, hidden_states[pairs // top_k], ids[pairs, None], unit
+                # transformers annotates this nn.Module, but the kernel only reads attributes, which _ExpertsView has
+                experts,  # type: ignore[arg-type]
+                hidden_states[pairs // top_k],
+                ids[pairs, None],
+                unit,
             )
     weighted = pair_outputs * weights.unsqueeze(-1)  # promotes to the router weights' dtype, as the kernel does
     return weighted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
@@ -114,7 +126,9 @@ def esft_experts_forward(
 ALL_EXPERTS_FUNCTIONS.register(ESFT_EXPERTS, esft_experts_forward)
 
 
-def prepare_esft(model: nn.Module, selection: ExpertSelection, rows_dtype: torch.dtype = torch.float32) -> nn.Module:
+def prepare_esft(
+    model: PreTrainedModel, selection: ExpertSelection, rows_dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
     """Freeze everything, then make the selected experts (and shared / non-expert modules if asked) trainable.
 
     `merge_esft` undoes it, restoring the experts implementation the model had.
@@ -136,7 +150,7 @@ def prepare_esft(model: nn.Module, selection: ExpertSelection, rows_dtype: torch
 
 
 @torch.no_grad()
-def merge_esft(model: nn.Module) -> nn.Module:
+def merge_esft(model: PreTrainedModel) -> PreTrainedModel:
     """Write the trained rows back into the fused Parameters and return to the standard kernel."""
     for layer in moe_layers(model):
         if (trainable := getattr(layer.experts, "esft_rows", None)) is not None:
@@ -157,10 +171,10 @@ class _ESFT(TrainingMethod):
     shardable = True
 
     @abstractmethod
-    def select(self, model: nn.Module, run: RunContext) -> ExpertSelection:
+    def select(self, model: PreTrainedModel, run: RunContext) -> ExpertSelection:
         """The experts to train."""
 
-    def prepare(self, model: nn.Module, run: RunContext) -> nn.Module:
+    def prepare(self, model: PreTrainedModel, run: RunContext) -> PreTrainedModel:
         self.selection = self.select(model, run)
         self.fingerprint = fingerprint_selection(model, self.selection)  # of the base rows, before any step
         if self.config.sharding == "fsdp" and (self.selection.shared_experts or self.selection.non_expert_modules):
@@ -174,7 +188,7 @@ class _ESFT(TrainingMethod):
             self._profile_prompts(model, run).save(run.out)
         return prepare_esft(model, self.selection, model.dtype if self.config.pure_bf16 else torch.float32)
 
-    def _profile_prompts(self, model: nn.Module, run: RunContext) -> RoutingProfile:
+    def _profile_prompts(self, model: PreTrainedModel, run: RunContext) -> RoutingProfile:
         """How the base routes the prompts of (a seeded sample of) the task data: what a request for it looks like."""
         config = self.config
         conversations = load_conversations(config.data, config.split, seed=config.seed)
@@ -183,7 +197,7 @@ class _ESFT(TrainingMethod):
         )
 
     def finish(self, model: nn.Module) -> nn.Module:
-        return merge_esft(model)
+        return merge_esft(cast("PreTrainedModel", model))  # the model `prepare` returned
 
     def _with_profile(self, adapter: Path) -> Path:
         """The adapter, with the routing profile of its task's prompts beside the experts."""
@@ -203,7 +217,7 @@ class _ESFT(TrainingMethod):
         same `expert_views` that reads a merged model, so both adapters hold the same tensors.
         """
         names = {id(module): name for name, module in model.named_modules()}
-        tensors = {}
+        tensors: dict[str, torch.Tensor] = {}
         for layer in moe_layers(model):
             if (rows := getattr(layer.experts, "esft_rows", None)) is None:
                 continue
@@ -226,15 +240,16 @@ class _ESFT(TrainingMethod):
 
 
 class _ScoredESFT(_ESFT):
-    score_function: ClassVar[str]
+    score_function: ClassVar[ScoreFunction]
 
-    def select(self, model: nn.Module, run: RunContext) -> ExpertSelection:
+    def select(self, model: PreTrainedModel, run: RunContext) -> ExpertSelection:
         """Score a seeded sample of the task data and select once, then keep the selection for resumes.
 
         Rank 0 scores and selects; the other ranks receive its selection, so every rank trains the same rows.
         """
         config, chosen = self.config, run.out / CONFIG_FILE
-        selection = [None]  # every rank reaches the broadcast, whichever way rank 0 gets the selection
+        # every rank reaches the broadcast, whichever way rank 0 gets the selection
+        selection: list[ExpertSelection | None] = [None]
         if run.accelerator.is_main_process and chosen.is_file():
             selection = [ExpertSelection.load(chosen)]
         elif run.accelerator.is_main_process:
@@ -248,8 +263,9 @@ class _ScoredESFT(_ESFT):
             source = {"model": config.base, "data": config.data, "seed": config.seed}
             scores = score_model(model, sequences, source=source)
             scores.save(run.out / "scores.json")
-            selection = [select_experts(scores, by=self.score_function, top_p=config.top_p)]
-            selection[0].save(chosen)
+            selected = select_experts(scores, by=self.score_function, top_p=config.top_p)
+            selection = [selected]
+            selected.save(chosen)
         return broadcast_object_list(selection)[0]
 
     def artifact_metadata(self, summary: dict) -> dict:
@@ -284,5 +300,6 @@ class ESFTGiven(_ESFT):
         if not config.experts:
             raise InvalidInputError("--method esft needs --experts EXPERT_CFG.json (or use esft-token / esft-gate)")
 
-    def select(self, model: nn.Module, run: RunContext) -> ExpertSelection:
+    def select(self, model: PreTrainedModel, run: RunContext) -> ExpertSelection:
+        assert self.config.experts is not None  # `check_config` refused a config without it
         return ExpertSelection.load(self.config.experts)

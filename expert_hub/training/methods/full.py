@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from .base import RunContext, TrainingMethod, disable_router_aux_loss, register_method, write_model_directory
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
-def prepare_full(model: nn.Module) -> nn.Module:
+
+def prepare_full(model: PreTrainedModel) -> PreTrainedModel:
     model.requires_grad_(True)
     disable_router_aux_loss(model)
     return model
@@ -23,7 +27,7 @@ class FullFineTuning(TrainingMethod):
     name = "full"
     artifact_name = "model"
 
-    def prepare(self, model: nn.Module, run: RunContext) -> nn.Module:
+    def prepare(self, model: PreTrainedModel, run: RunContext) -> PreTrainedModel:
         return prepare_full(model)
 
     def write_artifact(self, model: nn.Module, path: Path, tokenizer, metadata: dict) -> Path:

@@ -4,6 +4,7 @@ the base frozen; the artifact is a PEFT adapter directory."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -12,10 +13,14 @@ from ...families import moe_layers
 from ...models import load_base
 from .base import RunContext, TrainingMethod, disable_router_aux_loss, register_method, write_model_directory
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
 
 def prepare_lora(
-    model: nn.Module, rank: int, alpha: int, targets: list[str], experts: bool, float32_adapters: bool = True
-) -> nn.Module:
+    model: PreTrainedModel, rank: int, alpha: int, targets: list[str], experts: bool, float32_adapters: bool = True
+) -> PeftModel:
     """PEFT LoRA on the given linear modules and, with `experts`, on every layer's fused expert tensors.
 
     `float32_adapters`: PEFT keeps the adapter weights in float32 whatever the model's dtype (its
@@ -46,7 +51,7 @@ def prepare_lora(
     return get_peft_model(model, config, autocast_adapter_dtype=float32_adapters)
 
 
-def _all_linear_but_routers(model: nn.Module) -> list[str]:
+def _all_linear_but_routers(model: PreTrainedModel) -> list[str]:
     """PEFT's `all-linear` (every linear layer but the output head) without the routers and the routed experts.
 
     A LoRA router would move tokens to other experts, which no baseline in the paper does, and routed experts get
@@ -88,7 +93,7 @@ class LoRA(TrainingMethod):
                 "gains nothing past a layer's own size"
             )
 
-    def prepare(self, model: nn.Module, run: RunContext) -> nn.Module:
+    def prepare(self, model: PreTrainedModel, run: RunContext) -> PeftModel:
         config = self.config
         return prepare_lora(
             model,
