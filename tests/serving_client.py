@@ -1,4 +1,5 @@
-"""Starting `expert-hub serve` as users do (the README's options, no extra environment) and talking to it over HTTP."""
+"""Starting `expert-hub serve` as users do (the options docs/serving.md gives, no extra environment) and talking to
+it over HTTP."""
 
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def _decoded(response):
 
 
 def start_server(root: Path, base: Path, tasks: str, registry_home: Path, port: int, extra: list[str]) -> Server:
-    """`expert-hub serve` with the README's options; the registry home is the one setting a user gives too."""
+    """`expert-hub serve` with the documented options; the registry home is the one setting a user gives too."""
     script = Path(sys.executable).with_name("expert-hub")
     log = (root / "server.log").open("w")
     process = subprocess.Popen(

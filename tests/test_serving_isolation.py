@@ -1,6 +1,6 @@
 """`expert-hub serve` attacked as hostile and careless clients would: a request gets exactly the experts it asked for.
 
-One eager qwen3_moe server, started as the README says (no environment variables, `--api-key`), serves law and intent
+One eager qwen3_moe server, started as docs/serving.md says (no environment variables, `--api-key`), serves law and intent
 from the registry and `scratch` from a directory; the registry also holds tasks that must never hurt anyone: one
 whose weights are finite but huge (its tokens turn NaN), one naming an expert the model lacks, one with misshapen
 tensors. The tokens of law, intent and the base model are recorded first and must never change.
