@@ -162,9 +162,9 @@ def _unique(names) -> list[str]:
 
 def _score_data(base: str, data: Path, tokens: int, seq_len: int) -> ExpertScores:
     """The adapter's task data scored on the base, as `expert-hub score` does (the routing ESFT selects from)."""
-    from .scoring_commands import score_data
+    from .scoring_commands import ScoreConfig, score_data
 
-    return score_data(base, data, tokens, seq_len=seq_len)
+    return score_data(ScoreConfig(base=base, data=str(data), tokens=tokens, seq_len=seq_len))
 
 
 def _draw(tasks: list[TaskAnalysis], numbers: dict, by: ScoreName, out: Path) -> list[Path]:

@@ -75,10 +75,13 @@ ScoreFunction = Enum("ScoreFunction", {name: name for name in SCORE_FUNCTIONS}, 
 DType = Enum("DType", {name: name for name in DTYPES}, type=str)  # type: ignore[misc]
 TOKEN_SCORES, AUTO_DTYPE = ScoreFunction("token"), DType("auto")
 
-# Options several commands take, declared once.
-Device = Annotated[str | None, typer.Option(help="torch device (default: cuda when available).")]
-TrustRemoteCode = Annotated[bool, typer.Option(help="Run the model repo's own code (only if you trust it).")]
-AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+# Options several commands take, declared once (the commands whose options are a config's fields use the help).
+DEVICE_HELP = "torch device (default: cuda when available)."
+TRUST_REMOTE_CODE_HELP = "Run the model repo's own code (only if you trust it)."
+JSON_HELP = "Print JSON instead of a table."
+Device = Annotated[str | None, typer.Option(help=DEVICE_HELP)]
+TrustRemoteCode = Annotated[bool, typer.Option(help=TRUST_REMOTE_CODE_HELP)]
+AsJson = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 
 
 def check_output_file(path: Path) -> None:

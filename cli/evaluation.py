@@ -13,7 +13,17 @@ from expert_hub.evaluation import METRICS
 from expert_hub.judge import JUDGE_TASKS, JudgeConfig
 from expert_hub.settings import DTYPES, setting
 
-from .app import app, base_or_demo, console, data_or_builtin, progress_bar, status_console
+from .app import (
+    DEVICE_HELP,
+    JSON_HELP,
+    TRUST_REMOTE_CODE_HELP,
+    app,
+    base_or_demo,
+    console,
+    data_or_builtin,
+    progress_bar,
+    status_console,
+)
 from .config_options import config_values, with_config_options
 
 
@@ -82,12 +92,12 @@ class EvalConfig:
         None, min=1, help="Evaluate only the first N records (and documents of each --lm-eval task)."
     )
     dtype: str = setting("auto", choices=DTYPES, help="Weights dtype.")
-    device: str | None = setting(None, help="torch device (default: cuda when available).")
+    device: str | None = setting(None, help=DEVICE_HELP)
     force: bool = setting(
         False, flags=("--force",), help="Apply an expert adapter even if the base fingerprint differs."
     )
-    as_json: bool = setting(False, flags=("--json",), help="Print JSON instead of a table.")
-    trust_remote_code: bool = setting(False, help="Run the model repo's own code (only if you trust it).")
+    as_json: bool = setting(False, flags=("--json",), help=JSON_HELP)
+    trust_remote_code: bool = setting(False, help=TRUST_REMOTE_CODE_HELP)
     lm_eval: str | None = setting(
         None,
         flags=("--lm-eval",),

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from itertools import chain
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from expert_hub.errors import InvalidInputError
 from expert_hub.routing import DEFAULT_SCORE_TOKENS, DEFAULT_SEED
+from expert_hub.settings import DTYPES, setting
 
 from .app import (
-    AUTO_DTYPE,
+    DEVICE_HELP,
     TOKEN_SCORES,
+    TRUST_REMOTE_CODE_HELP,
     AsJson,
-    Device,
-    DType,
     ScoreFunction,
     TrustRemoteCode,
     app,
@@ -28,85 +29,88 @@ from .app import (
     progress_bar,
     status_console,
 )
+from .config_options import config_values, with_config_options
+
+if TYPE_CHECKING:
+    from expert_hub.scores import ExpertScores
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """What `expert-hub score` scores, on which model, and how; each option declared once."""
+
+    base: str | None = setting(
+        None, default_help="the demo base", help="Base MoE model: a local directory or a Hub id."
+    )
+    data: str | None = setting(None, path=True, help='Task data: JSONL of {"messages": [...]} lines.')
+    task: str | None = setting(None, help="Score a built-in task's train split instead of --data.")
+    tokens: int = setting(DEFAULT_SCORE_TOKENS, min=1, help="How many tokens of the data to score (paper: 2^17).")
+    seed: int = setting(
+        DEFAULT_SEED, help="Seed of the shuffle the scored conversations are drawn after (as `train`'s --seed)."
+    )
+    batch_size: int = setting(8, min=1, help="Sequences per forward pass.")
+    seq_len: int = setting(4096, min=1, help="Longest sequence; longer conversations are cut.")
+    dtype: str = setting("auto", choices=DTYPES, help="Weights dtype to load the model in.")
+    device: str | None = setting(None, help=DEVICE_HELP)
+    trust_remote_code: bool = setting(False, help=TRUST_REMOTE_CODE_HELP)
+    routing_logs: str | None = setting(
+        None, path=True, help="Score the reference repo's raw logs (expert_weights_<layer>.txt) instead."
+    )
+    top_k: int | None = setting(None, min=1, help="Experts per token in the routing logs.")
+    num_experts: int | None = setting(None, min=1, help="Routed experts per layer in the logs.")
 
 
 @app.command()
+@with_config_options(ScoreConfig)
 def score(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the scores JSON.")],
-    base: Annotated[str | None, typer.Option(help="Base MoE model: a local directory or a Hub id.")] = None,
-    data: Annotated[Path | None, typer.Option(help='Task data: JSONL of {"messages": [...]} lines.')] = None,
-    task: Annotated[str | None, typer.Option(help="Score a built-in task's train split instead of --data.")] = None,
-    tokens: Annotated[
-        int, typer.Option(min=1, help="How many tokens of the data to score (paper: 2^17).")
-    ] = DEFAULT_SCORE_TOKENS,
-    seed: Annotated[
-        int, typer.Option(help="Seed of the shuffle the scored conversations are drawn after (as `train`'s --seed).")
-    ] = DEFAULT_SEED,
-    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 8,
-    seq_len: Annotated[int, typer.Option(min=1, help="Longest sequence; longer conversations are cut.")] = 4096,
-    dtype: Annotated[DType, typer.Option(help="Weights dtype to load the model in.")] = AUTO_DTYPE,
-    device: Device = None,
-    trust_remote_code: TrustRemoteCode = False,
-    routing_logs: Annotated[
-        Path | None, typer.Option(help="Score the reference repo's raw logs (expert_weights_<layer>.txt) instead.")
-    ] = None,
-    top_k: Annotated[int | None, typer.Option(min=1, help="Experts per token in the routing logs.")] = None,
-    num_experts: Annotated[int | None, typer.Option(min=1, help="Routed experts per layer in the logs.")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the scores JSON.")], **settings
 ) -> None:
     """Score every routed expert on task data: Token Selection Ratio and Average Gate Score per layer."""
     from expert_hub.scores import scores_from_routing_logs
 
+    config = ScoreConfig(**config_values(ScoreConfig, settings))
     check_output_file(output)
-    if routing_logs is not None:
-        if base or data or task:
+    if config.routing_logs is not None:
+        if config.base or config.data or config.task:
             raise InvalidInputError("use either --routing-logs or --base with --data / --task, not both")
-        if top_k is None:
+        if config.top_k is None:
             raise InvalidInputError("--routing-logs needs --top-k (experts per token, 6 for DeepSeek-V2-Lite)")
-        scores = scores_from_routing_logs(routing_logs, top_k=top_k, num_experts=num_experts)
+        scores = scores_from_routing_logs(Path(config.routing_logs), top_k=config.top_k, num_experts=config.num_experts)
     else:
-        data = Path(data_or_builtin(str(data) if data else None, task, "train"))
-        scores = score_data(
-            base_or_demo(base), data, tokens, seed, batch_size, seq_len, dtype.value, device, trust_remote_code
-        )
+        data = data_or_builtin(config.data, config.task, "train")
+        scores = score_data(replace(config, base=base_or_demo(config.base), data=data))
     scores.save(output)
     assert scores.counts is not None  # scores made here (not read from a summary) carry their counts
     tokens_seen = max(c.tokens for c in scores.counts.values())
     console.print(f"Scored {tokens_seen:,} tokens over {len(scores.token_scores)} MoE layers -> {output}")
 
 
-def score_data(
-    base: str,
-    data: Path,
-    tokens: int,
-    seed: int = DEFAULT_SEED,
-    batch_size: int = 8,
-    seq_len: int = 4096,
-    dtype: str = "auto",
-    device: str | None = None,
-    trust_remote_code: bool = False,
-):
-    """Score a seeded sample of `data` on `base` with a progress bar (`score`, and `analyze --data`)."""
+def score_data(config: ScoreConfig) -> ExpertScores:
+    """Score a seeded sample of `config.data` on `config.base` with a progress bar (`score`, and `analyze --data`)."""
     from expert_hub.data import read_conversations
     from expert_hub.models import load_base, load_tokenizer, resolve_device
     from expert_hub.routing import score_model, token_sequences
 
-    on = resolve_device(device)
-    conversations = read_conversations(data, seed)  # a sample of the whole file, drawn as the reference draws it
+    base, data, trust = base_or_demo(config.base), Path(config.data or ""), config.trust_remote_code
+    on = resolve_device(config.device)
+    conversations = read_conversations(data, config.seed)  # a sample of the whole file, drawn as the reference does
     first = next(conversations, None)  # fail on a missing or malformed file before loading weights
     if first is None:
         raise InvalidInputError(f"{data} holds no conversations")
     with status_console.status(f"Loading {base}"):
-        model = load_base(base, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = load_base(base, dtype=config.dtype, trust_remote_code=trust)
         model.to(on)  # type: ignore[arg-type]  # transformers wraps PreTrainedModel.to; mypy reads it unbound
-        tokenizer = load_tokenizer(base, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(base, trust_remote_code=trust)
+    tokens, seq_len = config.tokens, config.seq_len
     sequences = token_sequences(chain([first], conversations), tokenizer, max_tokens=tokens, max_length=seq_len)
     with progress_bar("tokens") as progress:
         task = progress.add_task("Scoring", total=tokens)
+        source = {"model": base, "data": str(data), "seed": config.seed, "tokens_requested": tokens, "seq_len": seq_len}
         scores = score_model(
             model,
             sequences,
-            batch_size=batch_size,
-            source={"model": base, "data": str(data), "seed": seed, "tokens_requested": tokens, "seq_len": seq_len},
+            batch_size=config.batch_size,
+            source=source,
             on_tokens=lambda n: progress.advance(task, n),
         )
         progress.update(task, total=progress.tasks[0].completed)
