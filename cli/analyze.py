@@ -98,7 +98,8 @@ def analyze(
     for source, name in zip(found, _unique(source.name for source in found)):
         if source.adapter is not None:
             tasks.append(TaskAnalysis(name, source.source, source.adapter.selection))
-        elif source.scores is not None:
+        else:
+            assert source.scores is not None  # a source gives scores or an adapter (`_read_source`)
             selection = select_experts(source.scores, by=by, top_p=top_p)
             tasks.append(TaskAnalysis(name, source.source, selection, scores=source.scores))
     adapter_tasks = [task for task, source in zip(tasks, found) if source.adapter is not None]

@@ -220,11 +220,12 @@ def _load(config: EvalConfig):
 
     base = base_or_demo(config.base)
     adapter, trust = config.adapter, config.trust_remote_code
+    device = resolve_device(config.device)  # a device that is not there fails before minutes of loading
     with status_console.status(f"Loading {base}" + (f" with {adapter}" if adapter else "")):
         model = load_model(
             base, adapter and Path(adapter), force=config.force, dtype=config.dtype, trust_remote_code=trust
         )
-        model.to(resolve_device(config.device))
+        model.to(device)
         tokenizer = load_tokenizer(base, trust_remote_code=trust)
     return model, tokenizer
 

@@ -286,7 +286,9 @@ def pack(
     when the examples filled the block before it exactly, since the reference's held-out split counts it.
     """
     rng = random.Random(seed)
-    blocks, ids, labels = [], list[int](), list[int]()
+    blocks = []
+    ids: list[int] = []
+    labels: list[int] = []
     for example_ids, example_labels in examples:
         has_bos = example_ids[:1] == [bos_token_id]
         space = seq_len - len(ids)

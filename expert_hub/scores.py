@@ -144,7 +144,9 @@ def scores_from_routing_logs(directory: str | Path, top_k: int, num_experts: int
 
 
 def _read_routing_logs(paths: list[Path], top_k: int) -> tuple[int, dict[int, int], dict[int, float]]:
-    tokens, selections, gate_sums = 0, dict[int, int](), dict[int, float]()
+    tokens = 0
+    selections: dict[int, int] = {}
+    gate_sums: dict[int, float] = {}
     for path in paths:
         for number, line in numbered_lines(path):
             try:
