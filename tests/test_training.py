@@ -234,12 +234,12 @@ def test_gradient_accumulation_matches_one_larger_batch(tiny_models, tmp_path, e
 
 
 def test_biases_and_norms_are_not_decayed(tiny_models):
-    from expert_hub.training.loop import _param_groups
+    from expert_hub.training.loop import param_groups
     from expert_hub.training.methods import prepare_full
 
     model = prepare_full(load_base(str(tiny_models["gpt_oss"])))
     trainable = trainable_parameters(model)
-    decayed, exempt = (group["params"] for group in _param_groups(trainable, 0.1))
+    decayed, exempt = (group["params"] for group in param_groups(trainable, 0.1))
     names = {id(p): name for name, p in trainable.items()}
     assert all("norm" in names[id(p)] or "bias" in names[id(p)] or p.ndim < 2 for p in exempt)
     assert {"model.norm.weight", "model.layers.0.mlp.router.bias"} <= {names[id(p)] for p in exempt}

@@ -32,6 +32,7 @@ from expert_hub.families import moe_layers
 from expert_hub.io import atomic_directory, write_json_atomic
 from expert_hub.models import BASE_METADATA
 from expert_hub.tasks import BUILTIN_TASKS
+from expert_hub.training.loop import param_groups
 
 MODEL_SHAPE = dict(
     vocab_size=1024,
@@ -192,13 +193,8 @@ def pretrain(out: Path, recipe: Recipe, console: Console) -> dict:
 
 def _train(model, blocks, recipe: Recipe, pad_token_id: int, console: Console) -> list[float]:
     """AdamW with warm-up and cosine decay, plus an expert-balance loss so every expert gets used."""
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-        lr=recipe.learning_rate,
-        betas=(0.9, 0.95),
-    )
+    groups = param_groups(dict(model.named_parameters()), recipe.weight_decay)  # as `expert-hub train` groups them
+    optimizer = torch.optim.AdamW(groups, lr=recipe.learning_rate, betas=(0.9, 0.95))
     balance = _BalanceLoss(model)
     order = random.Random(recipe.seed)
     indices: list[int] = []

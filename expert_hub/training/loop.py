@@ -193,7 +193,7 @@ def _setup(config: TrainingConfig, on_status: Callable[[str], None] | None) -> _
         raise InvalidInputError("nothing to train: the expert config selects no experts")
     if sharded:
         trainable = trainable_parameters(shard_model(model))  # the sharded Parameters that took their places
-    optimizer = torch.optim.AdamW(_param_groups(trainable, config.weight_decay), lr=config.lr, betas=config.betas)
+    optimizer = torch.optim.AdamW(param_groups(trainable, config.weight_decay), lr=config.lr, betas=config.betas)
     if not sharded:
         model, optimizer = accelerator.prepare(model, optimizer)
     return _Run(
@@ -401,8 +401,9 @@ def _check_output(out: Path, config: TrainingConfig) -> None:
         raise InvalidInputError(f"{out} is not empty and holds no expert-hub run; choose another --out")
 
 
-def _param_groups(trainable: dict[str, torch.nn.Parameter], weight_decay: float) -> list[dict]:
-    """Decay weights, not biases or norms (as the reference's Hugging Face Trainer does)."""
+def param_groups(trainable: dict[str, torch.nn.Parameter], weight_decay: float) -> list[dict]:
+    """Decay weights, not biases or norms (as the reference's Hugging Face Trainer does); the demo base's
+    pretraining recipe groups its parameters with this too."""
     exempt = {name for name, p in trainable.items() if "bias" in name or "norm" in name.lower() or p.ndim < 2}
     decay = [p for name, p in trainable.items() if name not in exempt]
     no_decay = [p for name, p in trainable.items() if name in exempt]
