@@ -218,12 +218,12 @@ def _load(config: EvalConfig):
     from expert_hub import load_model
     from expert_hub.models import load_tokenizer, resolve_device
 
-    base = base_or_demo(config.base)
-    adapter, trust = config.adapter, config.trust_remote_code
+    base, adapter, trust = config.base, config.adapter, config.trust_remote_code
+    assert base is not None  # filled in by `_with_task_defaults`
     device = resolve_device(config.device)  # a device that is not there fails before minutes of loading
     with status_console.status(f"Loading {base}" + (f" with {adapter}" if adapter else "")):
         model = load_model(
-            base, adapter and Path(adapter), force=config.force, dtype=config.dtype, trust_remote_code=trust
+            base, Path(adapter) if adapter else None, force=config.force, dtype=config.dtype, trust_remote_code=trust
         )
         model.to(device)
         tokenizer = load_tokenizer(base, trust_remote_code=trust)
@@ -234,18 +234,19 @@ def _evaluate_task_data(config: EvalConfig, model, tokenizer, judge: JudgeConfig
     """The task-data metric, with a progress bar (and one for the judge's answers)."""
     from expert_hub.evaluation import evaluate as run_evaluation
 
-    assert config.metric is not None and config.data is not None  # filled in for a task-data evaluation
+    metric, data, max_new_tokens = config.metric, config.data, config.max_new_tokens
+    assert metric and data and max_new_tokens  # filled in by `_with_task_defaults` for a task-data evaluation
     with progress_bar("records") as progress:
-        bar = progress.add_task(f"Evaluating ({config.metric})", total=None)
+        bar = progress.add_task(f"Evaluating ({metric})", total=None)
         judging = progress.add_task("Judging", total=None, visible=False)
         return run_evaluation(
             model,
             tokenizer,
-            config.data,
-            config.metric,
+            data,
+            metric,
             split=config.split,
             chat_template=config.chat_template,
-            max_new_tokens=config.max_new_tokens or 128,
+            max_new_tokens=max_new_tokens,
             batch_size=config.batch_size,
             limit=config.limit,
             on_records=lambda done, total: progress.update(bar, advance=done, total=total),

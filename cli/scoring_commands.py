@@ -91,7 +91,9 @@ def score_data(config: ScoreConfig) -> ExpertScores:
     from expert_hub.models import load_base, load_tokenizer, resolve_device
     from expert_hub.routing import score_model, token_sequences
 
-    base, data, trust = base_or_demo(config.base), Path(config.data or ""), config.trust_remote_code
+    base, trust = config.base, config.trust_remote_code
+    assert base is not None and config.data is not None  # resolved by the caller (`score`, `analyze`)
+    data = Path(config.data)
     on = resolve_device(config.device)
     conversations = read_conversations(data, config.seed)  # a sample of the whole file, drawn as the reference does
     first = next(conversations, None)  # fail on a missing or malformed file before loading weights
