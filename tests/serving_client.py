@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 API_KEY = "sk-test"
+CONTEXT = 4096  # a base's context with room for requests that stay in flight for seconds even on a fast machine
+LONG = 4000  # tokens of such a request (480 ended within a second on CI's machine)
 
 
 class Server:
@@ -75,7 +77,9 @@ def _decoded(response):
     return json.loads(body or b"null") if response.headers.get_content_type() == "application/json" else body
 
 
-def start_server(root: Path, base: Path, tasks: str, registry_home: Path, port: int, extra: list[str]) -> Server:
+def start_server(
+    root: Path, base: Path, tasks: str, registry_home: Path, port: int, extra: list[str], max_model_len: int = 512
+) -> Server:
     """`expert-hub serve` with the documented options; the registry home is the one setting a user gives too."""
     script = Path(sys.executable).with_name("expert-hub")
     log = (root / "server.log").open("w")
@@ -94,7 +98,7 @@ def start_server(root: Path, base: Path, tasks: str, registry_home: Path, port: 
             "--dtype",
             "float32",
             "--max-model-len",
-            "512",
+            str(max_model_len),
             *extra,
         ],
         stdout=log,

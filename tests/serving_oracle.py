@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 
 
-def make_tasks(family: str, root: Path, tasks: dict) -> tuple[Path, dict[str, Path], dict[str, Path]]:
+def make_tasks(family: str, root: Path, tasks: dict, **shape: int) -> tuple[Path, dict[str, Path], dict[str, Path]]:
     """A tiny `family` base, an adapter per task with random experts, and each task's checkpoint as `expert-hub merge`
-    writes it: what plain vLLM serves as the oracle, so the serving tests check merged checkpoints too."""
+    writes it: what plain vLLM serves as the oracle, so the serving tests check merged checkpoints too. `shape`
+    overrides the base's config (a longer context for tests that need requests in flight for a while)."""
     import torch
 
     from expert_hub import ExpertAdapter, ExpertSelection
@@ -25,7 +26,7 @@ def make_tasks(family: str, root: Path, tasks: dict) -> tuple[Path, dict[str, Pa
     from expert_hub.models import load_base
     from expert_hub.testing import SERVING_SHAPES, build_tiny_model
 
-    base = build_tiny_model(family, root / "base", **SERVING_SHAPES[family])
+    base = build_tiny_model(family, root / "base", **SERVING_SHAPES[family] | shape)
     adapters, merged = {}, {}
     for seed, (name, selection) in enumerate(tasks.items()):
         adapter = ExpertAdapter.from_model(load_base(str(base)), ExpertSelection(selection), task=name)

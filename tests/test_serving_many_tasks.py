@@ -21,7 +21,7 @@ from expert_hub.models import load_base
 from expert_hub.registry import Registry
 from expert_hub.testing import SERVING_SHAPES, build_tiny_model, byte_tokenizer
 
-from .serving_client import API_KEY, start_server
+from .serving_client import API_KEY, CONTEXT, LONG, start_server
 
 pytestmark = pytest.mark.slow  # vLLM servers: `make test-fast` leaves it out
 
@@ -32,7 +32,8 @@ PROMPT = "The quick brown fox jumps"
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-many")
-    base = build_tiny_model("qwen3_moe", root / "base", **SERVING_SHAPES["qwen3_moe"])
+    shape = SERVING_SHAPES["qwen3_moe"] | {"max_position_embeddings": CONTEXT}
+    base = build_tiny_model("qwen3_moe", root / "base", **shape)
     byte_tokenizer().save_pretrained(base)
     model, draw = load_base(str(base)), random.Random(0)
     registry = Registry(root / "registry")
@@ -42,9 +43,8 @@ def hub(tmp_path_factory):
         generator = torch.Generator().manual_seed(index)
         adapter.tensors = {k: torch.randn(v.shape, generator=generator) * 0.3 for k, v in adapter.tensors.items()}
         registry.register(adapter.save(root / f"t{index}"))
-    server = start_server(
-        root, base, "", root / "registry", 8661, ["--all-tasks", "--expert-bank-rows", "4", "--enforce-eager"]
-    )
+    options = ["--all-tasks", "--expert-bank-rows", "4", "--enforce-eager"]
+    server = start_server(root, base, "", root / "registry", 8661, options, max_model_len=CONTEXT)
     yield server
     server.process.terminate()
     server.process.wait(timeout=60)
@@ -87,17 +87,17 @@ def test_tasks_are_listed_in_pages(hub):
 
 def test_a_client_that_disconnects_while_waiting_gives_its_place_up(hub):
     """Two long requests pin two tasks (the whole bank); a third task's request waits, its client goes away; the
-    pinned tasks are then not evicted for it, and it is never loaded."""
+    pinned tasks are then not evicted for it, and it is never loaded, not even once the long requests end."""
     _completion(hub, "t0")
     _completion(hub, "t1")
-    before = {task["id"]: task["load_seconds"] for task in hub.request("GET", "/v1/tasks")[1]["data"]}
+    before = _tasks(hub)
     long = [
-        threading.Thread(target=_completion, args=(hub, name, 480), kwargs={"ignore_eos": True})
+        threading.Thread(target=_completion, args=(hub, name, LONG), kwargs={"ignore_eos": True})
         for name in ("t0", "t1")
     ]
     for thread in long:
         thread.start()
-    time.sleep(0.5)
+    _until(hub, lambda tasks: tasks["t0"]["in_flight"] == tasks["t1"]["in_flight"] == 1)
     waiting = {"model": "t2", "prompt": PROMPT, "max_tokens": 4, "stream": True}
     body = json.dumps(waiting).encode()
     with socket.create_connection(("127.0.0.1", 8661)) as client:
@@ -106,14 +106,28 @@ def test_a_client_that_disconnects_while_waiting_gives_its_place_up(hub):
             + f"authorization: Bearer {API_KEY}\r\ncontent-length: {len(body)}\r\n\r\n".encode()
             + body
         )
-        time.sleep(0.5)
-        during = hub.request("GET", "/v1/tasks")[1]["data"]
-    time.sleep(0.5)
-    after = {task["id"]: task for task in hub.request("GET", "/v1/tasks")[1]["data"]}
+        during = _until(hub, lambda tasks: tasks["t2"]["waiting"] == 1)
+    after = _until(hub, lambda tasks: tasks["t2"]["waiting"] == 0)
     for thread in long:
         thread.join()
-    during = {task["id"]: task for task in during}
     assert during["t0"]["in_flight"] == during["t1"]["in_flight"] == 1, "the long requests ended too soon"
-    assert during["t2"]["waiting"] == 1
-    assert after["t2"]["waiting"] == 0 and after["t2"]["load_seconds"] == before["t2"]
-    assert after["t0"]["resident"] and after["t1"]["resident"]
+    assert after["t0"]["in_flight"] == after["t1"]["in_flight"] == 1, "the long requests ended too soon"
+    time.sleep(1)  # a request still waiting for t2 would have it loaded by now
+    ended = _tasks(hub)
+    assert ended["t2"]["load_seconds"] == before["t2"]["load_seconds"] and not ended["t2"]["resident"]
+    assert ended["t0"]["resident"] and ended["t1"]["resident"]
+
+
+def _tasks(server) -> dict[str, dict]:
+    return {task["id"]: task for task in server.request("GET", "/v1/tasks")[1]["data"]}
+
+
+def _until(server, condition, seconds: float = 30) -> dict[str, dict]:
+    """The task listing once `condition` holds for it (polled, so the test takes as long as the server does)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        tasks = _tasks(server)
+        if condition(tasks):
+            return tasks
+        time.sleep(0.05)
+    pytest.fail(f"not within {seconds} s: {tasks}")

@@ -24,7 +24,7 @@ import pytest
 
 from expert_hub.registry import Registry
 
-from .serving_client import API_KEY, start_server
+from .serving_client import API_KEY, CONTEXT, LONG, start_server
 from .serving_oracle import make_tasks, plain_vllm_tokens, profile_tasks
 
 pytestmark = pytest.mark.slow  # vLLM servers on Ray Serve: `make test-fast` leaves it out
@@ -46,11 +46,12 @@ REPLACED_WITHIN_S = 300  # a killed replica's engine to a replacement serving ag
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("replicas")
-    base, adapters, merged = make_tasks("qwen3_moe", root, TASKS)
+    base, adapters, merged = make_tasks("qwen3_moe", root, TASKS, max_position_embeddings=CONTEXT)
     profile_tasks(base, adapters, AUTO_PROMPTS)  # law's requests are letters, intent's digits: they route apart
     Registry(root / "registry").register(adapters["extra"])
     served = ",".join(f"{name}={adapters[name]}" for name in TASKS if name != "extra")
-    server = start_server(root, base, served, root / "registry", PORT, ["--replicas", "2", "--enforce-eager"])
+    options = ["--replicas", "2", "--enforce-eager"]
+    server = start_server(root, base, served, root / "registry", PORT, options, max_model_len=CONTEXT)
     _wait_for_replicas(server, 2, 300)
     checked = {name: merged[name] for name in ("law", "intent", "extra")}
     server.oracle = plain_vllm_tokens(root, checked, [(prompt, 8) for prompt in PROMPTS + list(AUTO_PROMPTS.values())])
@@ -194,7 +195,7 @@ def test_a_replica_whose_engine_dies_fails_its_requests_and_is_replaced(cluster)
     killed: the requests on its replica fail with a 503 that says to retry, never a hang; those on the other replica
     finish; the other replica serves meanwhile, and the dead one is replaced."""
     before = _wait_for_replicas(cluster, 2, 10)
-    long = {"prompt": PROMPTS[0], "max_tokens": 480, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    long = {"prompt": PROMPTS[0], "max_tokens": LONG, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
 
     def ask(task: str) -> tuple[int, object]:
         return cluster.request("POST", "/v1/completions", {"model": task, **long})
@@ -206,7 +207,7 @@ def test_a_replica_whose_engine_dies_fails_its_requests_and_is_replaced(cluster)
         assert not any(answer.done() for answer in answers.values()), "a request ended before the kill"
         killed = time.monotonic()
         engine.kill()
-        results = {task: answer.result(timeout=120) for task, answer in answers.items()}
+        results = {task: answer.result(timeout=300) for task, answer in answers.items()}
     print("placed:", placed, "answers:", {task: status for task, (status, _) in results.items()})
     dead = {placed[task] for task, (status, _) in results.items() if status != 200}
     assert len(dead) == 1, (placed, results)
@@ -214,7 +215,7 @@ def test_a_replica_whose_engine_dies_fails_its_requests_and_is_replaced(cluster)
         if placed[task] in dead:  # the ingress's or the replica's 503, whichever saw the engine gone first
             assert status == 503 and answer["error"]["message"].endswith("retry"), (task, answer)
         else:
-            assert status == 200 and len(answer["choices"][0]["token_ids"]) == 480, (task, answer)
+            assert status == 200 and len(answer["choices"][0]["token_ids"]) == LONG, (task, answer)
     for _ in range(3):  # the other replica serves meanwhile (a client retries a 503, as it says)
         assert _tokens_retrying(cluster, "hot1", PROMPTS[0]) and _tokens_retrying(cluster, "hot2", PROMPTS[0])
     now = _wait_for_replicas(cluster, 2, REPLACED_WITHIN_S, other_than=before)
