@@ -82,11 +82,30 @@ def test_rows_are_written_in_the_gpu_kernel_layout_and_another_layout_is_caught(
     assert result.status == "wrong_layout" and "layout the expert bank cannot write" in result.message
 
 
+def test_a_tasks_rows_are_a_run_of_consecutive_free_rows_where_one_fits_and_are_written_exactly_anywhere():
+    """The shortest run of free rows that holds the task (its rows then go in with one copy per weight), else the
+    lowest free rows; either way each expert lands in its own row."""
+    from expert_hub.serving.bank import take_rows
+    from expert_hub.serving.vllm_contract import write_kernel_rows
+
+    free = [4, 5, 7, 8, 9, 11]
+    assert take_rows(free, 2) == [4, 5] and free == [7, 8, 9, 11]  # the run of 2, not the first 2 of the run of 3
+    assert take_rows(free, 1) == [11] and take_rows(free, 3) == [7, 8, 9] and free == []
+    free = [4, 6, 7, 9]
+    assert take_rows(free, 3) == [4, 6, 7] and free == [9]  # no run holds 3
+    layer = FakeBankedLayer(experts=4, spare=6)
+    w13, w2 = torch.randn(4, 16, 16), torch.randn(4, 16, 8)
+    write_kernel_rows(layer, [8, 4, 5, 7], (w13, w2))
+    for source, row in enumerate([8, 4, 5, 7]):
+        assert torch.equal(layer.w13_weight[row], w13[source]) and torch.equal(layer.w2_weight[row], w2[source])
+    assert not layer.w13_weight[[0, 1, 2, 3, 6, 9]].any() and not layer.w2_weight[[0, 1, 2, 3, 6, 9]].any()
+
+
 class _FailingRemap:
-    """A remap table whose per-expert writes fail, as a device error would halfway through a load."""
+    """A GPU's remap table whose per-expert writes fail, as a device error would halfway through a load."""
 
     def __init__(self, remap: torch.Tensor):
-        self.remap, self.shape, self.dtype = remap, remap.shape, remap.dtype
+        self.remap, self.shape, self.dtype, self.device = remap, remap.shape, remap.dtype, torch.device("cuda")
 
     def __setitem__(self, index, value):
         if isinstance(index, tuple):

@@ -16,18 +16,20 @@ later requests of every task reuse.
 
 This module is a `vllm.general_plugins` entry point, so vLLM imports it in every process it spawns. It changes
 nothing unless `BankSettings` are in the environment (`expert-hub serve` puts them there), so plain vLLM in the
-same environment is unaffected. How it hooks into vLLM is `vllm_contract`'s business; the worker-side task table
-and loading live in `worker.py`.
+same environment is unaffected. How it hooks into vLLM is `vllm_contract`'s business; which rows a task takes and
+gives back is here, and the worker-side loading that calls it lives in `worker.py`.
 """
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import json
 import multiprocessing
 import os
 import signal
 import sys
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -119,8 +121,43 @@ class BankedLayer(Protocol):
     expert_sizes: tuple[int, int]  # (intermediate, hidden) of one expert on this rank
     expert_shard: tuple[int, int]  # (shard, shards): this rank's slice of the intermediate dimension
     task_remap: torch.Tensor  # [remap rows, base experts] -> physical row
-    free_rows: list[int]
+    free_rows: list[int]  # sorted: a task's rows are taken as a run of consecutive ones where there is one
     task_rows: dict[int, list[tuple[int, int]]]  # remap row -> (expert, physical row) pairs it holds
+
+
+def take_rows(free_rows: list[int], count: int) -> list[int]:
+    """Take `count` rows from `free_rows` (kept sorted): the shortest run of consecutive free rows that holds them
+    all, so that they are written with one copy per weight (`write_kernel_rows`), else the lowest free rows. Every
+    tensor-parallel rank makes the same choice, as it makes the same calls."""
+    runs, start = [], 0  # (length, index in free_rows) of each run of consecutive free rows
+    for index in range(1, len(free_rows) + 1):
+        if index == len(free_rows) or free_rows[index] != free_rows[index - 1] + 1:
+            runs.append((index - start, start))
+            start = index
+    start = min((run for run in runs if run[0] >= count), default=(count, 0))[1]
+    taken = free_rows[start : start + count]
+    del free_rows[start : start + count]
+    return taken
+
+
+def point_remap_row(layer: BankedLayer, row: int, experts: list[int], targets: list[int]) -> None:
+    """Send `experts` to their bank rows `targets` in the task's remap row `row`. On CPU through a NumPy view of the
+    table: torch's dispatch of the same write was half of what a reload spent besides its copy
+    (benchmarks/results/serving.md, History)."""
+    if layer.task_remap.device.type == "cpu":
+        layer.task_remap.numpy()[row, experts] = targets
+    else:
+        layer.task_remap[row, torch.tensor(experts)] = torch.tensor(targets, dtype=layer.task_remap.dtype)
+
+
+def release_task_row(layers: Iterable[BankedLayer], row: int) -> None:
+    """Give a remap row's physical rows back, zeroed, and point the row at the base experts again."""
+    for layer in layers:
+        layer.task_remap[row] = torch.arange(layer.base_experts, dtype=layer.task_remap.dtype)
+        for _, physical in layer.task_rows.pop(row, []):
+            for weight in vllm.expert_weights(layer):
+                weight[physical].zero_()
+            bisect.insort(layer.free_rows, physical)
 
 
 def _bank_initialiser(settings: BankSettings):

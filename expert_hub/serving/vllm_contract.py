@@ -411,11 +411,24 @@ def kernel_layout(
 
 def write_kernel_rows(layer, rows: list[int], weights: tuple[torch.Tensor, torch.Tensor]) -> None:
     """Copy experts in the kernel's layout (`kernel_layout`, stacked: w13 rows, w2 rows) into bank rows `rows` of
-    `layer`, in one call (a per-row `copy_` costs more in dispatch than in copying; `index_copy_` runs a slower,
-    general kernel than a plain copy of the same bytes on CPU: benchmarks/results/serving.md, History)."""
+    `layer`, in one call, a block of consecutive rows per copy (a copy per row costs about 1.2x one copy of the same
+    bytes on CPU, and `index_copy_` 2.2x: benchmarks/results/serving.md, History)."""
     targets: list[torch.Tensor] = []
     sources: list[torch.Tensor] = []
     for weight, stacked in zip(expert_weights(layer), weights):
-        targets += [weight[row] for row in rows]
-        sources += stacked.unbind(0)
+        for first, count, offset in _consecutive_runs(rows):
+            targets.append(weight[first : first + count])
+            sources.append(stacked[offset : offset + count])
     torch._foreach_copy_(targets, sources, non_blocking=weights[0].is_pinned())
+
+
+def _consecutive_runs(rows: list[int]) -> list[tuple[int, int, int]]:
+    """(first row, how many, offset in `rows`) of each run of consecutive rows in `rows`."""
+    runs: list[tuple[int, int, int]] = []
+    for offset, row in enumerate(rows):
+        if runs and row == runs[-1][0] + runs[-1][1]:
+            first, count, start = runs[-1]
+            runs[-1] = (first, count + 1, start)
+        else:
+            runs.append((row, 1, offset))
+    return runs

@@ -149,12 +149,12 @@ class ExpertBankWorker:
         try:
             for index, rows in cached.layers.items():
                 layer = layers[index]
-                targets = [layer.free_rows.pop(0) for _ in rows.experts]
+                targets = bank.take_rows(layer.free_rows, len(rows.experts))
                 layer.task_rows[row] = list(zip(rows.experts, targets))
                 vllm.write_kernel_rows(layer, targets, rows.weights)
-                layer.task_remap[row, torch.tensor(rows.experts)] = torch.tensor(targets, dtype=layer.task_remap.dtype)
+                bank.point_remap_row(layer, row, rows.experts, targets)
         except BaseException:
-            _release_row(layers.values(), row)
+            bank.release_task_row(layers.values(), row)
             raise
         bank.TASK_ROWS[key] = row  # published last: tokens are tagged with the row only from now on
         if source == "disk":
@@ -172,7 +172,7 @@ class ExpertBankWorker:
                 staging.cancel()  # if it has not started; else its rows are dropped when it ends
         if row is None:
             return False
-        _release_row(_banked_layers(vllm.served_model(self)).values(), row)
+        bank.release_task_row(_banked_layers(vllm.served_model(self)).values(), row)
         return True
 
 
@@ -332,16 +332,6 @@ def _checked_experts(adapter: ExpertAdapter, layers: dict[int, BankedLayer]) -> 
 
 def _expert_tensors(adapter: ExpertAdapter, layer: int, expert: int) -> dict[str, torch.Tensor]:
     return {name: adapter.tensors[expert_checkpoint_key(layer, expert, name)] for name in _EXPERT_TENSORS}
-
-
-def _release_row(layers, row: int) -> None:
-    """Give a remap row's physical rows back, zeroed, and point the row at the base experts again."""
-    for layer in layers:
-        layer.task_remap[row] = torch.arange(layer.base_experts, dtype=layer.task_remap.dtype)
-        for _, physical in layer.task_rows.pop(row, []):
-            for weight in vllm.expert_weights(layer):
-                weight[physical].zero_()
-            layer.free_rows.append(physical)
 
 
 def check_row_layout(layer, row: int, expert: int, tensors: dict[str, torch.Tensor]) -> LayoutResult:
