@@ -129,12 +129,8 @@ def take_rows(free_rows: list[int], count: int) -> list[int]:
     """Take `count` rows from `free_rows` (kept sorted): the shortest run of consecutive free rows that holds them
     all, so that they are written with one copy per weight (`write_kernel_rows`), else the lowest free rows. Every
     tensor-parallel rank makes the same choice, as it makes the same calls."""
-    runs, start = [], 0  # (length, index in free_rows) of each run of consecutive free rows
-    for index in range(1, len(free_rows) + 1):
-        if index == len(free_rows) or free_rows[index] != free_rows[index - 1] + 1:
-            runs.append((index - start, start))
-            start = index
-    start = min((run for run in runs if run[0] >= count), default=(count, 0))[1]
+    fitting = [(length, offset) for _, length, offset in vllm.consecutive_runs(free_rows) if length >= count]
+    start = min(fitting, default=(count, 0))[1]
     taken = free_rows[start : start + count]
     del free_rows[start : start + count]
     return taken

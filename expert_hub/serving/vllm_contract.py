@@ -416,14 +416,15 @@ def write_kernel_rows(layer, rows: list[int], weights: tuple[torch.Tensor, torch
     targets: list[torch.Tensor] = []
     sources: list[torch.Tensor] = []
     for weight, stacked in zip(expert_weights(layer), weights):
-        for first, count, offset in _consecutive_runs(rows):
+        for first, count, offset in consecutive_runs(rows):
             targets.append(weight[first : first + count])
             sources.append(stacked[offset : offset + count])
     torch._foreach_copy_(targets, sources, non_blocking=weights[0].is_pinned())
 
 
-def _consecutive_runs(rows: list[int]) -> list[tuple[int, int, int]]:
-    """(first row, how many, offset in `rows`) of each run of consecutive rows in `rows`."""
+def consecutive_runs(rows: list[int]) -> list[tuple[int, int, int]]:
+    """(first row, how many, offset in `rows`) of each run of consecutive rows in `rows`: what one copy writes
+    (`write_kernel_rows`), and where the bank looks for room for a task (`bank.take_rows`)."""
     runs: list[tuple[int, int, int]] = []
     for offset, row in enumerate(rows):
         if runs and row == runs[-1][0] + runs[-1][1]:
