@@ -8,12 +8,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from expert_hub import ExpertAdapter, ExpertSelection, load_model
+from expert_hub import ExpertAdapter, ExpertSelection, checkpoint, load_model
 from expert_hub.adapter import METADATA_FILE, fingerprint_selection
 from expert_hub.checkpoint import checkpoint_fingerprint
 from expert_hub.errors import AdapterMismatchError, InvalidInputError
 from expert_hub.families import moe_layers, read_expert, split_parameters
 from expert_hub.models import load_base
+from expert_hub.testing import build_tiny_model
 
 
 def _trained_adapter(base_dir, selection: ExpertSelection, seed: int = 1) -> ExpertAdapter:
@@ -336,3 +337,17 @@ def test_the_fingerprint_read_from_a_checkpoint_equals_the_loaded_models(tiny_mo
         ExpertSelection({layers[-1].index: [1]}, shared_experts=True, non_expert_modules=True),
     ):
         assert checkpoint_fingerprint(str(tiny_models[family]), selection) == fingerprint_selection(base, selection)
+
+
+def test_a_sharded_checkpoints_fingerprint_opens_each_file_once(tmp_path, monkeypatch):
+    """A server checks each task's base at its first load: opening a file parses its whole header, so the check
+    reads every matrix through one handle per file, not one per matrix."""
+    directory = build_tiny_model("qwen3_moe", tmp_path / "base", max_shard_size="100KB")
+    base = load_base(str(directory))
+    selection = ExpertSelection({layer.index: [0, 3, 5] for layer in moe_layers(base)})
+    checkpoint_fingerprint(str(directory), selection)  # the headers are read once per server: not counted
+    opened = []
+    real_open = checkpoint.safe_open
+    monkeypatch.setattr(checkpoint, "safe_open", lambda file, *args: opened.append(file) or real_open(file, *args))
+    assert checkpoint_fingerprint(str(directory), selection) == fingerprint_selection(base, selection)
+    assert len(opened) == len(set(opened)) > 1  # every file once; the selection spans several shards
