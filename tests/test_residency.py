@@ -444,27 +444,52 @@ def test_a_task_from_the_hub_is_pulled_on_demand_only_when_allowed_and_once(tmp_
     assert asyncio.run(ask(("acme/*",), ["acme/law"]))[0].name == "acme/law" and len(pulls) == 2  # registered now
 
 
-def test_tasks_are_staged_on_the_cores_the_worker_does_not_compute_on(monkeypatch):
-    """vLLM binds its CPU worker to its compute cores; staging a task in the background while the model steps runs
-    on the server's other cores, so that it takes as little from the model's steps as the machine allows."""
+# Run in a process of its own, started with the OpenMP binding vLLM exports for its CPU worker: the stager's cores
+# at its start, in its first parallel region (the CPU kernel's prepacking) and after staging that task.
+_STAGER_CORES = """
+import json, os, sys, torch
+from expert_hub.serving import vllm_contract, worker
+server = set(json.loads(sys.argv[1]))
+vllm_contract.server_cores = lambda: server
+os.sched_setaffinity(0, {min(server)})  # the worker's main thread, bound to its compute core
+prepack = vllm_contract.internal("CPU expert prepacking")
+
+def first_parallel_region(*task):
+    weights = torch.zeros(1, 64, 64, dtype=torch.bfloat16)
+    prepack(weights, torch.empty_like(weights), "vec")
+    return sorted(os.sched_getaffinity(0))
+
+worker._kernel_rows_from_disk = first_parallel_region
+stager = worker._stager()
+cores = lambda: sorted(stager.submit(os.sched_getaffinity, 0).result())
+print(json.dumps([cores(), stager.submit(worker._staged, {}, "", None).result(), cores()]))
+"""
+
+
+def test_tasks_are_staged_on_the_cores_the_worker_does_not_compute_on():
+    """vLLM binds its CPU worker to its compute cores, and OpenMP binds any thread there at its first parallel
+    region; staging a task in the background while the model steps runs on the server's other cores all the same,
+    so that it takes as little from the model's steps as the machine allows."""
+    import json
     import os
-    from concurrent.futures import ThreadPoolExecutor
+    import subprocess
+    import sys
 
-    from expert_hub.serving import vllm_contract
-
-    server = os.sched_getaffinity(0)
+    server = sorted(os.sched_getaffinity(0))
     assert len(server) > 1, "the CI machine has 2 cores"
-    monkeypatch.setattr(vllm_contract, "server_cores", lambda: server)
-    compute = {min(server)}
-
-    def stager_cores_of_a_bound_worker() -> set[int]:
-        os.sched_setaffinity(0, compute)
-        worker._stager.cache_clear()
-        return worker._stager().submit(os.sched_getaffinity, 0).result()
-
-    with ThreadPoolExecutor(1) as vllm_worker:
-        assert vllm_worker.submit(stager_cores_of_a_bound_worker).result() == server - compute
-    worker._stager.cache_clear()
+    compute, spare = server[:1], server[1:]
+    binding = {"GOMP_CPU_AFFINITY": str(compute[0]), "OMP_NUM_THREADS": "1"}  # as vLLM sets them for its worker
+    run = subprocess.run(
+        [sys.executable, "-c", _STAGER_CORES, json.dumps(server)],
+        env=os.environ | binding,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    at_start, in_the_region, after = json.loads(run.stdout.splitlines()[-1])
+    assert in_the_region == compute  # what OpenMP does: the test would not see the stager stay there otherwise
+    assert at_start == after == spare
 
 
 def test_a_task_added_again_while_its_old_version_is_being_removed_waits_and_runs_its_own_experts(tmp_path):

@@ -228,6 +228,7 @@ def _staged(layers: dict[int, BankedLayer], directory: str, sha256: dict[str, st
         return _kernel_rows_from_disk(layers, directory, sha256)
     finally:
         _trim_heap()
+        _bind_to_spare_cores()
 
 
 def _trim_heap() -> None:
@@ -309,15 +310,32 @@ def _read_on_server_cores(function, *args):
 
 @functools.cache
 def _stager() -> ThreadPoolExecutor:
-    """The background thread that stages tasks while the model steps: on the cores the server has besides the
-    worker's compute cores (those vLLM keeps for its scheduler and API server), or on all of them where none are
-    left, so that it slows the model's steps as little as the machine allows."""
+    """The background thread that stages tasks while the model steps, on `_spare_cores`, so that it slows the
+    model's steps as little as the machine allows."""
     _map_large_buffers()
-    cores = vllm.server_cores()
-    if cores is None:
-        return ThreadPoolExecutor(1)
-    spare = cores - os.sched_getaffinity(0) or cores
-    return ThreadPoolExecutor(1, initializer=os.sched_setaffinity, initargs=(0, spare))
+    return ThreadPoolExecutor(1, initializer=_bind_to_spare_cores)
+
+
+@functools.cache
+def _spare_cores() -> set[int] | None:
+    """The cores the server has besides the worker's compute cores (those vLLM keeps for its scheduler and API
+    server), or all of them where none are left; None where the platform has no CPU affinity. Asked first by the
+    stager at its start, whose binding is still the one it inherited from the worker's main thread: the compute
+    cores."""
+    if (cores := vllm.server_cores()) is None:
+        return None
+    return cores - os.sched_getaffinity(0) or cores
+
+
+def _bind_to_spare_cores() -> None:
+    """Bind the calling thread to `_spare_cores`, at its start and again after each task it stages.
+
+    vLLM has OpenMP bind the worker's threads to its compute cores (`GOMP_CPU_AFFINITY` or `OMP_PLACES`), and
+    OpenMP binds any thread that way at its first parallel region: the stager's first prepacking for the CPU
+    kernel. Undone once, it stays undone; left alone, the stager staged every task on the model's own core, which
+    slowed the model's steps instead of taking the cores that wait for them."""
+    if (spare := _spare_cores()) is not None:
+        os.sched_setaffinity(0, spare)
 
 
 def _checked_experts(adapter: ExpertAdapter, layers: dict[int, BankedLayer]) -> dict[int, list[int]]:
