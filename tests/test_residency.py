@@ -354,6 +354,58 @@ def test_a_removed_task_leaves_neither_the_bank_nor_host_memory_and_its_waiters_
     assert not bank.TASK_ROWS and not len(worker._host_cache())
 
 
+def test_base_checks_run_beside_the_scheduler_one_at_a_time_and_a_task_trained_elsewhere_gets_a_422(
+    tmp_path, monkeypatch
+):
+    """A task's base check (the fingerprint of the base experts it replaces, read from the checkpoint at its first
+    load) runs beside the scheduler, one at a time in the order of the line: the first task is served once its own
+    check has passed, not after every check in line, and a task trained from other base weights is refused with a
+    422 while the others are served."""
+    import threading
+    import time
+
+    from expert_hub.errors import InvalidInputError
+    from expert_hub.serving import manager as manager_module
+
+    tasks = _tasks(tmp_path, {"a": {0: [0]}, "b": {0: [1]}, "c": {0: [2]}, "elsewhere": {0: [3]}})
+    events, running, lock = [], [0], threading.Lock()
+
+    def check_base_fingerprint(base: str, task: Task) -> None:
+        with lock:
+            running[0] += 1
+            events.append(("checking", task.name, running[0]))
+        time.sleep(0.1)  # reading and hashing the base experts
+        with lock:
+            running[0] -= 1
+        if task.name == "elsewhere":
+            raise InvalidInputError(f"task {task.name} was trained from other base weights than {base}")
+        task.base_checked = True
+        events.append(("checked", task.name))
+
+    monkeypatch.setattr(manager_module, "check_base_fingerprint", check_base_fingerprint)
+
+    async def scenario():
+        manager = _manager(tasks, spare=4, base=str(tmp_path / "base"), wait_timeout=10)
+
+        async def ask(name: str) -> str | TaskError:
+            try:
+                await manager.acquire(name)
+            except TaskError as error:
+                return error
+            events.append(("served", name))
+            manager.release(name)
+            return name
+
+        return await asyncio.gather(*(ask(name) for name in tasks))
+
+    *served, refused = asyncio.run(scenario())
+    assert served == ["a", "b", "c"] and isinstance(refused, TaskError)
+    assert refused.status == 422 and "other base weights" in str(refused)
+    assert [event[1] for event in events if event[0] == "checking"] == list(tasks)  # in the order of the line
+    assert all(event[2] == 1 for event in events if event[0] == "checking")  # one at a time
+    assert events.index(("served", "a")) < events.index(("checked", "c"))  # not after every check in line
+
+
 def test_a_task_larger_than_the_bank_is_refused_before_it_waits(tmp_path):
     tasks = _tasks(tmp_path, {"huge": {0: [0, 1, 2]}})
 

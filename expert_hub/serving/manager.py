@@ -76,6 +76,7 @@ class TaskManager:
         self._scheduler: asyncio.Task | None = None
         self._poll: asyncio.TimerHandle | None = None  # the next look at a task being staged
         self._staged: dict[str, str] = {}  # task key -> how far its staging got (`_stage`)
+        self._checks: dict[str, asyncio.Future] = {}  # task key -> its base check, running beside the scheduler
         self._read_from_disk: set[str] = set()  # keys of tasks staged from their files, not found in host memory
 
     @property
@@ -246,19 +247,17 @@ class TaskManager:
 
     async def _stage(self, tasks: list[Task]) -> str | None:
         """Have the worker read, check and convert `tasks` into its host-memory tier in the background, one after
-        another (model steps go on meanwhile; only the copy into the bank stops them), or ask how far they got.
-        The first task's status: "staging", "staged", "off" (the tier has no room for it: it is loaded from disk),
-        or None when it was refused (its waiters are told why, as are those of any other task refused)."""
+        another once their base checks have passed (model steps go on meanwhile; only the copy into the bank stops
+        them), or ask how far they got. The first task's status: "staging" (its base check or its staging runs),
+        "staged", "off" (the tier has no room for it: it is loaded from disk), or None when it was refused (its
+        waiters are told why, as are those of any other task refused)."""
         asked = []
         for task in tasks:
-            try:
-                if not task.directory.is_dir():  # `expert-hub rm`, or the adapter directory was deleted
-                    raise TaskError(f"task {task.name} is no longer servable: its adapter files were removed", 404)
-                await self._check_base(task)
-            except TaskError as error:
-                self._drop(task, error)
-                continue
-            if self._staged.get(task.key) != "off":
+            if not task.directory.is_dir():  # `expert-hub rm`, or the adapter directory was deleted
+                self._drop(
+                    task, TaskError(f"task {task.name} is no longer servable: its adapter files were removed", 404)
+                )
+            elif self._base_checked(task) and self._staged.get(task.key) != "off":
                 asked.append(task)
         try:
             results = await self.bank_client.stage_tasks(
@@ -275,14 +274,38 @@ class TaskManager:
             if result.status == "staging" and task.key not in self._staged:
                 self._read_from_disk.add(task.key)  # for the figures: staged, but read from disk all the same
             self._staged[task.key] = result.status
-        return self._staged.get(tasks[0].key) if self.known.get(tasks[0].name) is tasks[0] else None
+        if self.known.get(tasks[0].name) is not tasks[0]:
+            return None
+        checking = tasks[0].key in self._checks or not (tasks[0].base_checked or self.base is None)
+        return "staging" if checking else self._staged.get(tasks[0].key)
 
-    async def _check_base(self, task: Task) -> None:
-        """A task's base fingerprint, compared at its first load (`check_base_fingerprint`): a 422 if it differs."""
-        if task.base_checked or self.base is None:
-            return
+    def _base_checked(self, task: Task) -> bool:
+        """Whether `task`'s base check has passed. Checks run beside the scheduler (whose loads and grants go on),
+        one at a time in the order of the line, so that the next task's check overlaps the staging of the one
+        before it instead of delaying it (they share the cores); a check's end wakes the scheduler. A task whose
+        check failed is dropped, its waiters told why."""
+        if (check := self._checks.get(task.key)) is None:
+            if task.base_checked or self.base is None:
+                return True
+            if any(not running.done() for running in self._checks.values()):
+                return False
+            check = self._checks[task.key] = asyncio.ensure_future(self._check_base(task, self.base))
+            check.add_done_callback(lambda _: self._schedule())
+        if not check.done():
+            return False
+        del self._checks[task.key]
         try:
-            await asyncio.to_thread(check_base_fingerprint, self.base, task)
+            check.result()  # an unexpected error goes on to the scheduler's own handling
+        except TaskError as error:
+            self._drop(task, error)
+            return False
+        return True
+
+    @staticmethod
+    async def _check_base(task: Task, base: str) -> None:
+        """A task's base fingerprint, compared at its first load (`check_base_fingerprint`): a 422 if it differs."""
+        try:
+            await asyncio.to_thread(check_base_fingerprint, base, task)
         except ExpertHubError as error:
             raise TaskError(
                 f"cannot serve task {task.name}: {without_path(str(error), task.directory)}", 422
@@ -352,6 +375,7 @@ class TaskManager:
             del self.known[task.name]
         self._by_key.pop(task.key, None)
         self._staged.pop(task.key, None)
+        self._checks.pop(task.key, None)
 
     def _remember(self, task: Task) -> Task:
         current = self.known.setdefault(task.name, task)
