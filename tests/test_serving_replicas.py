@@ -260,14 +260,18 @@ def _placement(server, answers: dict) -> dict[str, str]:
 
 
 def _busiest_engine(server) -> psutil.Process:
-    """The vLLM engine of the replica server that used the most CPU time (its processes together) over the next
-    half second: one generating tokens."""
+    """The vLLM engine of the replica server whose model worker computed the most over half a second: one
+    generating tokens. Measured after a quiet second: vLLM's engine and worker poll each other busily for a second
+    after any call between them (and `GET /v1/tasks` reaches every replica's worker), so until then an idle
+    replica's processes burn as much CPU as a busy one's."""
+    time.sleep(1.2)
     processes = psutil.Process(server.process.pid).children(recursive=True)
     servers = [process for process in processes if "expert_hub.cli" in " ".join(_cmdline(process))]
     trees = {replica: [replica, *_descendants(replica)] for replica in servers}
-    start = {replica: sum(map(_cpu_seconds, tree)) for replica, tree in trees.items()}
+    workers = {replica: [p for p in tree if _name(p).startswith("VLLM::Worker")] for replica, tree in trees.items()}
+    start = {replica: sum(map(_cpu_seconds, workers[replica])) for replica in trees}
     time.sleep(0.5)
-    used = {replica: sum(map(_cpu_seconds, tree)) - start[replica] for replica, tree in trees.items()}
+    used = {replica: sum(map(_cpu_seconds, workers[replica])) - start[replica] for replica in trees}
     busiest = max(used, key=used.get, default=None)
     engines = [p for p in trees.get(busiest, []) if _name(p).startswith("VLLM::EngineCo")]
     assert len(engines) == 1 and used[busiest] > 0.1, (used, _process_tree(server))
