@@ -251,14 +251,15 @@ class TaskManager:
         them), or ask how far they got. The first task's status: "staging" (its base check or its staging runs),
         "staged", "off" (the tier has no room for it: it is loaded from disk), or None when it was refused (its
         waiters are told why, as are those of any other task refused)."""
-        asked = []
+        checked = []
         for task in tasks:
             if not task.directory.is_dir():  # `expert-hub rm`, or the adapter directory was deleted
                 self._drop(
                     task, TaskError(f"task {task.name} is no longer servable: its adapter files were removed", 404)
                 )
-            elif self._base_checked(task) and self._staged.get(task.key) != "off":
-                asked.append(task)
+            elif self._base_checked(task):
+                checked.append(task)
+        asked = [task for task in checked if self._staged.get(task.key) != "off"]
         try:
             results = await self.bank_client.stage_tasks(
                 [(task.key, str(task.directory), task.sha256) for task in asked]
@@ -276,8 +277,8 @@ class TaskManager:
             self._staged[task.key] = result.status
         if self.known.get(tasks[0].name) is not tasks[0]:
             return None
-        checking = tasks[0].key in self._checks or not (tasks[0].base_checked or self.base is None)
-        return "staging" if checking else self._staged.get(tasks[0].key)
+        head_checked = bool(checked) and checked[0] is tasks[0]
+        return self._staged.get(tasks[0].key) if head_checked else "staging"  # else: its base check runs
 
     def _base_checked(self, task: Task) -> bool:
         """Whether `task`'s base check has passed. Checks run beside the scheduler (whose loads and grants go on),
